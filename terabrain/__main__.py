@@ -1,0 +1,5 @@
+import sys
+
+from terabrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""`terabrain <command>`: parse arguments, call one function per command.
+
+Exit codes: 0 success, 2 bad usage or configuration (one message naming the field),
+1 a failure during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from terabrain import __version__
+from terabrain.errors import ConfigError, TrainingError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from terabrain.config.loader import load_experiment
+    from terabrain.train.run import default_run_dir, run_experiment
+
+    if args.resume is not None:
+        if args.experiment is not None or args.out is not None:
+            raise ConfigError("--resume DIR takes the experiment and the output from DIR; "
+                              "drop the EXPERIMENT argument and --out")
+        config_path = args.resume / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"--resume: {args.resume} is not a run directory (no config.yaml)")
+        config = load_experiment(str(config_path), args.set)
+        run_dir = args.resume
+    else:
+        config = load_experiment(args.experiment, args.set)
+        run_dir = args.out or default_run_dir(config)
+    print(f"terabrain: {config.name} -> {run_dir}")
+    results = run_experiment(config, run_dir)
+    _print_summary(results, run_dir)
+    return 0
+
+
+def _print_summary(results: dict, run_dir: Path) -> None:
+    features = results.get("features", {})
+    final = features.get("final", {})
+    if final:
+        print(f"features: {features['steps']} steps, final loss {final.get('loss', float('nan')):.5g}")
+    stats = features.get("filters")
+    if stats:
+        print(
+            "filters: spatial spread {spatial_spread_px:.2f} px (random {random_spatial_spread_px:.2f}), "
+            "response kurtosis {response_kurtosis:.2f} (random {random_response_kurtosis:.2f})".format(**stats)
+        )
+    supervised = results.get("supervised")
+    if supervised and "test_accuracy" in supervised:
+        print(f"supervised: test accuracy {supervised['test_accuracy']:.4f}")
+    elif supervised:
+        print(f"supervised: test mse {supervised['test_mse']:.5g}")
+    print(f"run directory: {run_dir} (filters.png, metrics.jsonl, tb/, results.json)")
+
+
+def _configs(args: argparse.Namespace) -> int:
+    from terabrain.config.loader import describe_builtins
+
+    entries = describe_builtins()
+    width = max(len(name) for name, _ in entries)
+    for name, description in entries:
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from terabrain.config.loader import load_experiment, to_yaml
+
+    print(to_yaml(load_experiment(args.name, args.set)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="terabrain", description="Large-scale unsupervised feature learning on PyTorch."
+    )
+    parser.add_argument("--version", action="version", version=f"terabrain {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train an experiment (default: natural-patches-rica)")
+    train.add_argument("experiment", nargs="?", help="a built-in name or an EXPERIMENT.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field, e.g. --set optimizer.lr=0.01 (repeatable)")
+    train.add_argument("--out", type=Path, help="run directory (default runs/<name>-<time>)")
+    train.add_argument("--resume", type=Path, metavar="DIR",
+                       help="continue the run in DIR from its last checkpoint")
+    train.set_defaults(handler=_train)
+
+    configs = commands.add_parser("configs", help="list the built-in experiments")
+    configs.set_defaults(handler=_configs)
+
+    show = commands.add_parser("show", help="print a built-in experiment as YAML")
+    show.add_argument("name", help="a built-in name or an EXPERIMENT.yaml")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.set_defaults(handler=_show)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"terabrain: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingError as error:
+        print(f"terabrain: run failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("terabrain: interrupted; resume with `terabrain train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Loading experiments: built-in names or YAML files, `--set` overrides, readable errors."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from terabrain.config.schema import ExperimentConfig
+from terabrain.errors import ConfigError
+
+EXPERIMENTS_PACKAGE = "terabrain.config.experiments"
+DEFAULT_EXPERIMENT = "natural-patches-rica"
+
+
+def builtin_names() -> list[str]:
+    files = resources.files(EXPERIMENTS_PACKAGE).iterdir()
+    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
+
+
+def builtin_text(name: str) -> str:
+    if name not in builtin_names():
+        raise ConfigError(
+            f"no built-in experiment {name!r}; available: {', '.join(builtin_names())}"
+        )
+    return resources.files(EXPERIMENTS_PACKAGE).joinpath(f"{name}.yaml").read_text()
+
+
+def _read_source(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if source.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"experiment file not found: {source}")
+        text = path.read_text()
+    else:
+        text = builtin_text(source)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: an experiment is a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` in place; ``value`` is parsed as YAML (numbers, lists, null)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optimizer.lr=0.01")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"--set {assignment!r}: {'.'.join(parts[: depth + 1])} is not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; `terabrain show NAME` lists the keys)"
+        elif item["type"] == "literal_error":
+            allowed = item.get("ctx", {}).get("expected", "")
+            message = f"got {item['input']!r}; allowed: {allowed}"
+        elif "input" in item and not isinstance(item["input"], dict):
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"{location}: {message}" if location else message)
+    return "invalid experiment: " + "; ".join(lines)
+
+
+def validate(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def load_experiment(source: str | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """A built-in name or a YAML path (None: the default experiment), with overrides."""
+    raw = _read_source(source or DEFAULT_EXPERIMENT)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate(raw)
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_builtins() -> list[tuple[str, str]]:
+    return [(name, load_experiment(name).description) for name in builtin_names()]

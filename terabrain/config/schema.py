@@ -1,0 +1,241 @@
+"""The experiment schema: every field a user can set, with what it means and what is allowed.
+
+Field descriptions are the reference documentation: `terabrain show NAME` prints a
+built-in experiment, and an error message quotes the field's path and allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+from terabrain.data.embedded import PHOTOS
+
+
+class Section(BaseModel):
+    """Unknown keys are errors, not silently ignored: a typo must not change an experiment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["photos", "digits", "npy"] = Field(
+        "photos",
+        description="photos: patches of the natural photographs bundled with scikit-image and "
+        "scikit-learn; digits: scikit-learn's 8x8 digits (with labels); npy: a float array of "
+        "shape (N, D) or (N, H, W[, C]) in a .npy file given by `path`.",
+    )
+    photos: list[str] = Field(
+        default_factory=lambda: [
+            "astronaut", "camera", "coffee", "chelsea", "rocket", "china", "flower",
+            "grass", "brick", "clock", "gravel",
+        ],
+        description=f"Bundled photographs to sample patches from (source: photos). "
+        f"Available: {', '.join(PHOTOS)}.",
+    )
+    path: Optional[Path] = Field(None, description="The .npy file (source: npy).")
+    labels_path: Optional[Path] = Field(
+        None, description="Optional .npy of integer labels, one per row of `path`."
+    )
+    color: bool = Field(False, description="Keep RGB channels; otherwise convert to grey.")
+    patch_size: PositiveInt = Field(
+        8, description="Side of the square patches sampled from photos (pixels)."
+    )
+    num_patches: PositiveInt = Field(
+        20000, description="Patches in the training set (source: photos)."
+    )
+    holdout_patches: PositiveInt = Field(
+        5000, description="Extra patches kept out of training, for evaluation and analysis."
+    )
+    test_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0,
+        description="Fraction of a labelled data set kept for testing (digits, npy).",
+    )
+    remove_mean: bool = Field(
+        True, description="Subtract each example's own mean (per channel) before whitening."
+    )
+    whitening: Literal["none", "zca"] = Field(
+        "zca", description="none, or ZCA whitening fitted on `whitening_fit_samples` rows."
+    )
+    whitening_epsilon: PositiveFloat = Field(
+        0.1,
+        description="ZCA regulariser, as a fraction of the mean eigenvalue; larger values "
+        "smooth the filters (a low-pass filter).",
+    )
+    whitening_fit_samples: PositiveInt = Field(
+        20000, description="Training rows used to fit the whitening."
+    )
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "DataConfig":
+        if self.source == "npy" and self.path is None:
+            raise ValueError("data.path is required when data.source is npy")
+        unknown = [name for name in self.photos if name not in PHOTOS]
+        if unknown:
+            raise ValueError(
+                f"data.photos: unknown photograph(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(PHOTOS)}"
+            )
+        for field in ("path", "labels_path"):
+            value = getattr(self, field)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"data.{field}: file not found: {value}")
+        return self
+
+
+class ModelConfig(Section):
+    kind: Literal["rica", "autoencoder"] = Field(
+        "rica",
+        description="rica: x -> alpha W x, reconstructed as W^T(alpha W x) + b, W's rows of "
+        "unit norm (seed 000, eq. 1); autoencoder: x -> act(W1 x + b1) -> W2 h + b2.",
+    )
+    hidden: PositiveInt = Field(128, description="Hidden units (features, filters).")
+    tied: bool = Field(True, description="autoencoder: decoder uses the encoder's W^T.")
+    activation: Literal["sigmoid", "tanh", "relu", "identity"] = Field(
+        "sigmoid", description="autoencoder: the hidden units' nonlinearity."
+    )
+    decoder_activation: Literal["identity", "sigmoid"] = Field(
+        "identity", description="autoencoder: nonlinearity of the reconstruction."
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout probability on the input of the encoder."
+    )
+
+
+class ObjectiveConfig(Section):
+    kind: Literal["rica", "sparse_autoencoder", "reconstruction"] = Field(
+        "rica",
+        description="rica (needs model.kind rica); sparse_autoencoder: squared error + "
+        "beta KL(rho || mean activation) + weight decay; reconstruction: squared error.",
+    )
+    sparsity_weight: float = Field(
+        0.1, ge=0.0, description="rica: lambda, the weight of the L1 sparsity of alpha W x."
+    )
+    sparsity_epsilon: PositiveFloat = Field(
+        0.01, description="rica: smooth L1 as sqrt(h^2 + epsilon), differentiable at 0."
+    )
+    rho: float = Field(
+        0.05, gt=0.0, lt=1.0, description="sparse_autoencoder: target mean activation."
+    )
+    beta: float = Field(3.0, ge=0.0, description="sparse_autoencoder: weight of the KL term.")
+    weight_decay: float = Field(
+        0.0, ge=0.0,
+        description="sparse_autoencoder / reconstruction: (weight_decay / 2) * sum of squared "
+        "weights, part of the objective (unlike optimizer.weight_decay).",
+    )
+
+
+class OptimizerConfig(Section):
+    name: Literal["sgd", "adagrad", "rmsprop", "adam", "adamw", "lbfgs"] = Field(
+        "lbfgs", description="An optimizer from torch.optim, by name."
+    )
+    lr: PositiveFloat = Field(1.0, description="Learning rate (L-BFGS: initial step length).")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd, rmsprop: momentum.")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0).")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled from the objective.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam, adamw: betas.")
+    max_iter: PositiveInt = Field(
+        25, description="lbfgs: iterations per training step (each on the full batch)."
+    )
+    history_size: PositiveInt = Field(20, description="lbfgs: curvature pairs kept.")
+    line_search: Literal["strong_wolfe", "none"] = Field(
+        "strong_wolfe", description="lbfgs: line search."
+    )
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimizerConfig":
+        if self.nesterov and self.momentum <= 0.0:
+            raise ValueError("optimizer.nesterov needs optimizer.momentum > 0")
+        return self
+
+
+class EarlyStoppingConfig(Section):
+    patience: int = Field(
+        0, ge=0, description="Stop after this many logged steps without improvement; 0: never."
+    )
+    min_delta: float = Field(
+        0.0, ge=0.0, description="Relative improvement of the loss that counts as progress."
+    )
+
+
+class TrainConfig(Section):
+    steps: PositiveInt = Field(12, description="Optimizer steps.")
+    batch_size: Optional[PositiveInt] = Field(
+        None, description="Examples per step; null: the full training set (L-BFGS)."
+    )
+    log_every: PositiveInt = Field(1, description="Steps between metrics lines.")
+    checkpoint_every: int = Field(
+        4, ge=0, description="Steps between checkpoints (0: only the final one)."
+    )
+    keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept on disk.")
+    histogram_every: int = Field(
+        0, ge=0, description="Steps between TensorBoard weight histograms (0: at the end)."
+    )
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    progress: bool = Field(True, description="Show a progress bar on an interactive terminal.")
+
+
+class SupervisedConfig(Section):
+    """A classifier or regressor trained on top of the learned features, with labels."""
+
+    task: Literal["classification", "regression"] = Field(
+        "classification",
+        description="classification: cross-entropy over classes; regression: squared error.",
+    )
+    fine_tune: bool = Field(
+        False, description="Also train the feature layer (otherwise it is frozen)."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the features.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=0.01)
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=300, batch_size=128, checkpoint_every=100)
+    )
+
+
+class ExperimentConfig(Section):
+    name: str = Field("experiment", description="Used in the run directory's name.")
+    description: str = Field("", description="One line shown by `terabrain configs`.")
+    seed: int = Field(0, description="Seeds data sampling, initialisation and batching.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when a GPU is present, else CPU."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast matmuls to bfloat16; weights stay fp32."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    supervised: Optional[SupervisedConfig] = Field(
+        None, description="Optional second stage on labels (digits, npy with labels_path)."
+    )
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "ExperimentConfig":
+        rica_model = self.model.kind == "rica"
+        rica_objective = self.objective.kind == "rica"
+        if rica_model != rica_objective:
+            allowed = "rica" if rica_model else "sparse_autoencoder, reconstruction"
+            raise ValueError(
+                f"objective.kind {self.objective.kind!r} does not fit model.kind "
+                f"{self.model.kind!r}; allowed: {allowed}"
+            )
+        if self.objective.kind == "sparse_autoencoder" and self.model.activation != "sigmoid":
+            raise ValueError(
+                "objective.kind sparse_autoencoder needs model.activation sigmoid "
+                "(the KL target rho is a firing probability)"
+            )
+        if self.supervised is not None and self.data.source == "photos":
+            raise ValueError("supervised needs labels: data.source digits or npy")
+        if (
+            self.supervised is not None
+            and self.data.source == "npy"
+            and self.data.labels_path is None
+        ):
+            raise ValueError("supervised with data.source npy needs data.labels_path")
+        return self

@@ -1,0 +1,1 @@
+"""Parallelism-free model code: layers and feature learners."""

@@ -1,0 +1,126 @@
+"""Training objectives. Each returns the loss to minimise and its named parts for logging.
+
+All are averaged over the examples of a batch (summed over input dimensions), so a learning
+rate does not depend on the batch size and a data-parallel mean of per-replica losses equals
+the loss of the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from terabrain.config.schema import ObjectiveConfig
+from terabrain.nn.autoencoder import RICA, Autoencoder
+
+Parts = dict[str, torch.Tensor]
+
+
+class Objective:
+    """``loss, parts = objective(model, x, y)``; ``after_step`` keeps constraints."""
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Parts]:
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step, outside autograd."""
+
+
+def _squared_error(reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (reconstruction.float() - x.float()).pow(2).sum(dim=1).mean()
+
+
+class RICAObjective(Objective):
+    """Seed 000, eq. 1: ``||W^T(alpha W x) + b - x||^2 + lambda sum_j sqrt((alpha W x)_j^2
+    + eps)`` subject to unit-norm rows of W. The square root is the smooth L1 penalty of
+    Le et al. (2011); ``eps`` makes it differentiable at zero."""
+
+    def __init__(self, sparsity_weight: float, epsilon: float):
+        self.sparsity_weight = sparsity_weight
+        self.epsilon = epsilon
+
+    def __call__(self, model: RICA, x, y=None):
+        codes, reconstruction = model(x)
+        error = _squared_error(reconstruction, x)
+        sparsity = torch.sqrt(codes.float().pow(2) + self.epsilon).sum(dim=1).mean()
+        loss = error + self.sparsity_weight * sparsity
+        return loss, {"reconstruction": error, "sparsity": sparsity}
+
+    def after_step(self, model: RICA) -> None:
+        model.normalize_()
+
+
+def _weight_decay(model: Autoencoder, weight: float) -> torch.Tensor:
+    return 0.5 * weight * sum(w.pow(2).sum() for w in model.weights())
+
+
+class ReconstructionObjective(Objective):
+    """Squared reconstruction error (plus optional weight decay)."""
+
+    def __init__(self, weight_decay: float = 0.0):
+        self.weight_decay = weight_decay
+
+    def __call__(self, model: Autoencoder, x, y=None):
+        _, reconstruction = model(x)
+        error = _squared_error(reconstruction, x)
+        decay = _weight_decay(model, self.weight_decay)
+        return error + decay, {"reconstruction": error, "weight_decay": decay}
+
+
+class SparseAutoencoderObjective(Objective):
+    """``0.5 ||x' - x||^2 + beta sum_j KL(rho || rho_hat_j) + (wd/2) ||W||^2`` with
+    ``rho_hat`` the mean activation of each hidden unit over the batch (UFLDL's form)."""
+
+    def __init__(self, rho: float, beta: float, weight_decay: float):
+        self.rho = rho
+        self.beta = beta
+        self.weight_decay = weight_decay
+
+    def __call__(self, model: Autoencoder, x, y=None):
+        codes, reconstruction = model(x)
+        error = 0.5 * _squared_error(reconstruction, x)
+        rho_hat = codes.float().mean(dim=0).clamp(1e-6, 1 - 1e-6)
+        rho = self.rho
+        kl = (
+            rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))
+        ).sum()
+        decay = _weight_decay(model, self.weight_decay)
+        loss = error + self.beta * kl + decay
+        return loss, {"reconstruction": error, "kl": kl, "weight_decay": decay}
+
+
+class ClassificationObjective(Objective):
+    """Cross-entropy on integer labels; also reports the batch accuracy."""
+
+    def __call__(self, model, x, y=None):
+        logits = model(x).float()
+        loss = F.cross_entropy(logits, y)
+        accuracy = (logits.argmax(dim=1) == y).float().mean()
+        return loss, {"accuracy": accuracy}
+
+
+class RegressionObjective(Objective):
+    """Mean squared error on real-valued targets (one or more per example)."""
+
+    def __call__(self, model, x, y=None):
+        prediction = model(x).float()
+        target = y.float().reshape(prediction.shape)
+        loss = F.mse_loss(prediction, target)
+        return loss, {"mse": loss.detach()}
+
+
+def build_objective(config: ObjectiveConfig) -> Objective:
+    if config.kind == "rica":
+        return RICAObjective(config.sparsity_weight, config.sparsity_epsilon)
+    if config.kind == "sparse_autoencoder":
+        return SparseAutoencoderObjective(config.rho, config.beta, config.weight_decay)
+    return ReconstructionObjective(config.weight_decay)
+
+
+def build_supervised_objective(task: str) -> Objective:
+    return ClassificationObjective() if task == "classification" else RegressionObjective()

@@ -1,0 +1,191 @@
+"""Checkpoints written with torch.distributed.checkpoint (DCP), atomically, loaded safely.
+
+Layout: ``checkpoints/step_<N>/`` (DCP files: one shard per rank plus ``.metadata``) and
+``checkpoints/latest`` (a one-line file naming the newest complete checkpoint).
+
+Atomicity: a checkpoint is written into ``.step_<N>.partial/``, its files fsynced, then
+renamed to ``step_<N>`` (a rename is atomic on POSIX file systems) and only then is
+``latest`` replaced (write a temporary file, fsync, ``os.replace``). A kill at any moment
+leaves either the old or the new checkpoint complete and named by ``latest``; leftover
+``.partial`` directories are removed by the next save.
+
+Safety: DCP stores its metadata with pickle. Loading goes through ``SafeFileSystemReader``,
+whose unpickler accepts only DCP's own metadata classes and a few torch value types, so a
+tampered checkpoint cannot run code. Tensor data is read by DCP with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+# DCP warns on every single-process save and load; that is how this toolkit runs on a laptop.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"),
+    ("torch", "strided"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+_ALLOWED_MODULES = {
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which a checkpoint never "
+            "contains; refusing to load it"
+        )
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """A DCP reader that never unpickles arbitrary objects."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        with open(self._get_metadata_path(rank), "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError("checkpoint metadata is not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _is_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints in one directory, keeping the newest ``keep``."""
+
+    def __init__(self, directory: Path, keep: int = 2):
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def steps(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = (_STEP_DIR.match(p.name) for p in self.directory.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint. Only complete checkpoints carry a ``step_<N>``
+        name, so this is the highest such step; the ``latest`` file says the same for
+        people and scripts, and may lag by one if a kill came between rename and update."""
+        complete = [s for s in self.steps() if (self.directory / f"step_{s}/.metadata").is_file()]
+        return self.directory / f"step_{complete[-1]}" if complete else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write ``state`` (nested dicts of tensors) as checkpoint ``step`` on every rank."""
+        final = self.directory / f"step_{step}"
+        partial = self.directory / f".step_{step}.partial"
+        if _is_rank_zero():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for leftover in self.directory.glob(".step_*.partial"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            if final.exists():
+                # Only after a resume from an older checkpoint; move it aside so that the
+                # name appears again only once the new one is complete.
+                stale = self.directory / f".step_{step}.stale"
+                os.rename(final, stale)
+                shutil.rmtree(stale)
+            partial.mkdir()
+        _barrier()
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial, sync_files=True))
+        _barrier()
+        if _is_rank_zero():
+            _fsync_dir(partial)
+            os.rename(partial, final)
+            _fsync_dir(self.directory)
+            _write_atomically(self.directory / "latest", final.name + "\n")
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        for step in self.steps()[: -self.keep]:
+            shutil.rmtree(self.directory / f"step_{step}", ignore_errors=True)
+
+
+def read_metadata(path: Path) -> Metadata:
+    return SafeFileSystemReader(path).read_metadata()
+
+
+def template_from_metadata(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Empty tensors shaped like the checkpoint's entries under ``prefix`` (flattened keys),
+    for state whose shape is only known from the checkpoint (optimizer history)."""
+    metadata = read_metadata(path)
+    out = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata):
+            out[key[len(prefix) :]] = torch.empty(
+                entry.size, dtype=entry.properties.dtype
+            )
+    return out
+
+
+def load(path: Path, state: dict[str, Any]) -> None:
+    """Fill ``state`` (same structure as saved) in place from the checkpoint at ``path``."""
+    dcp.load(state, storage_reader=SafeFileSystemReader(path))
+
+
+def restore(path: Path, trainer: Any) -> None:
+    """Load checkpoint ``path`` into a freshly built trainer (model, optimizer, step, RNG,
+    callbacks). The optimizer's template comes from the checkpoint's own metadata, since a
+    fresh optimizer has no state yet to be filled in place."""
+    saved = set(read_metadata(path).state_dict_metadata)
+    template = trainer.state_dict()
+    template["optimizer"] = template_from_metadata(path, "optimizer.")
+    if "trainer.cuda_rng" not in saved:
+        template["trainer"].pop("cuda_rng", None)
+    load(path, template)
+    trainer.load_state_dict(template)

@@ -1,0 +1,111 @@
+"""Optimizers from torch.optim by name, and their state as a flat dict of tensors.
+
+The flat form is what goes into a DCP checkpoint: every entry a tensor keyed by the
+parameter's name, so nothing needs pickling and the checkpoint is readable by key. Lists
+(L-BFGS's curvature history) are stacked into one tensor plus a length; Python numbers
+become 0-d tensors. Param groups are not saved: they come from the experiment's config.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from terabrain.config.schema import OptimizerConfig
+
+
+def build_optimizer(config: OptimizerConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    common = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            params, momentum=config.momentum, nesterov=config.nesterov, **common
+        )
+    if config.name == "adagrad":
+        return torch.optim.Adagrad(params, **common)
+    if config.name == "rmsprop":
+        return torch.optim.RMSprop(params, momentum=config.momentum, **common)
+    if config.name == "adam":
+        return torch.optim.Adam(params, betas=config.betas, **common)
+    if config.name == "adamw":
+        return torch.optim.AdamW(params, betas=config.betas, **common)
+    if config.weight_decay:
+        raise ValueError("optimizer.weight_decay is not supported by lbfgs; use the objective's")
+    return torch.optim.LBFGS(
+        params,
+        lr=config.lr,
+        max_iter=config.max_iter,
+        history_size=config.history_size,
+        line_search_fn=None if config.line_search == "none" else config.line_search,
+    )
+
+
+_LIST_LENGTH = "__length"
+_PYTHON_NUMBER = "__number"
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as ``{"<param>/<entry>": tensor}``."""
+    names = _param_names(model, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    flat: dict[str, torch.Tensor] = {}
+    for name, param in zip(names, params):
+        for key, value in optimizer.state.get(param, {}).items():
+            entry = f"{name}/{key}"
+            if isinstance(value, torch.Tensor):
+                flat[entry] = value.detach().clone()
+            elif isinstance(value, (list, tuple)):
+                # L-BFGS preallocates lists with None; the filled entries form a prefix.
+                filled = [torch.as_tensor(v) for v in value if v is not None]
+                flat[f"{entry}{_LIST_LENGTH}"] = torch.tensor(len(value))
+                if filled:
+                    flat[entry] = torch.stack(filled)
+            elif isinstance(value, (bool, int, float)):
+                dtype = torch.bool if isinstance(value, bool) else (
+                    torch.int64 if isinstance(value, int) else torch.float64
+                )
+                flat[f"{entry}{_PYTHON_NUMBER}"] = torch.tensor(value, dtype=dtype)
+            elif value is None:
+                continue
+            else:
+                raise TypeError(f"cannot checkpoint optimizer state {entry} of type {type(value)}")
+    return flat
+
+
+def load_optimizer_state_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]
+) -> None:
+    """Inverse of ``optimizer_state_tensors``."""
+    names = _param_names(model, optimizer)
+    params = {name: p for name, p in zip(names, (p for g in optimizer.param_groups for p in g["params"]))}
+    state: dict[nn.Parameter, dict] = {}
+
+    def slot(entry: str) -> tuple[dict, str]:
+        name, _, key = entry.rpartition("/")
+        if name not in params:
+            raise KeyError(f"checkpoint has optimizer state for unknown parameter {name!r}")
+        return state.setdefault(params[name], {}), key
+
+    for entry, value in flat.items():
+        if entry.endswith(_LIST_LENGTH):
+            entry = entry[: -len(_LIST_LENGTH)]
+            target, key = slot(entry)
+            filled = [v.clone() for v in flat[entry]] if entry in flat else []
+            target[key] = filled + [None] * (int(value) - len(filled))
+        elif entry.endswith(_PYTHON_NUMBER):
+            target, key = slot(entry[: -len(_PYTHON_NUMBER)])
+            target[key] = value.item()
+        elif f"{entry}{_LIST_LENGTH}" not in flat:
+            target, key = slot(entry)
+            target[key] = value
+    optimizer.state.clear()
+    optimizer.state.update(state)

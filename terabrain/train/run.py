@@ -1,0 +1,212 @@
+"""Run an experiment end to end in a run directory: data, feature learning, optional
+supervised stage, exports and pictures. Resuming re-enters the same path; finished stages
+are recorded in ``results.json`` and skipped.
+
+Run directory::
+
+    config.yaml            the fully resolved experiment
+    whitening.safetensors  the fitted ZCA transform (when whitening is on)
+    metrics.jsonl          one JSON object per logged step (field "stage")
+    tb/                    TensorBoard events
+    checkpoints/           DCP checkpoints of the feature-learning stage (+ ``latest``)
+    model.safetensors      final feature-learning weights
+    filters.png            the learned filters
+    supervised/            checkpoints/ and model.safetensors of the supervised stage
+    results.json           per-stage summary: losses, filter statistics, test accuracy
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from terabrain.analysis.filters import compare_with_random, filter_grid, save_filter_grid
+from terabrain.config.loader import to_yaml
+from terabrain.config.schema import ExperimentConfig, TrainConfig
+from terabrain.data.prepare import PreparedData, prepare_data
+from terabrain.errors import ConfigError
+from terabrain.nn.autoencoder import SupervisedHead, build_model
+from terabrain.objectives import build_objective, build_supervised_objective
+from terabrain.train import callbacks as cb
+from terabrain.train.checkpoint import CheckpointManager, restore
+from terabrain.train.optim import build_optimizer
+from terabrain.train.trainer import Trainer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but no CUDA device is available; allowed: auto, cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_run_dir(config: ExperimentConfig, root: Path = Path("runs")) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"{config.name}-{stamp}"
+
+
+class Results:
+    """``results.json``: written atomically after each stage; its keys are finished stages."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data
+
+    def record(self, stage: str, values: dict[str, Any]) -> None:
+        self.data[stage] = values
+        temporary = self.path.with_name(".results.json.tmp")
+        temporary.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(temporary, self.path)
+
+
+def _export(model: torch.nn.Module, path: Path) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(temporary))
+    os.replace(temporary, path)
+
+
+def _train_stage(
+    *,
+    stage: str,
+    run_dir: Path,
+    checkpoint_dir: Path,
+    model: torch.nn.Module,
+    objective,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: Optional[torch.Tensor],
+    train: TrainConfig,
+    config: ExperimentConfig,
+    device: torch.device,
+    filter_image=None,
+) -> Trainer:
+    manager = CheckpointManager(checkpoint_dir, keep=train.keep_checkpoints)
+    callbacks = [
+        cb.MetricsLogger(run_dir / "metrics.jsonl", stage),
+        cb.TensorBoardLogger(run_dir / "tb", stage, train.histogram_every, filter_image),
+        cb.ProgressBar(stage, train.progress),
+        cb.NaNGuard(manager),
+        cb.EarlyStopping(train.early_stopping.patience, train.early_stopping.min_delta),
+        cb.Checkpointing(manager, train.checkpoint_every),
+    ]
+    trainer = Trainer(
+        model, objective, optimizer, inputs, targets,
+        steps=train.steps, batch_size=train.batch_size, seed=config.seed, device=device,
+        precision=config.precision, log_every=train.log_every, callbacks=callbacks,
+    )
+    latest = manager.latest()
+    if latest is not None:
+        restore(latest, trainer)
+        print(f"[{stage}] resuming from {latest} (step {trainer.step})")
+    trainer.fit()
+    if trainer.stop_reason:
+        print(f"[{stage}] {trainer.stop_reason}")
+    return trainer
+
+
+def _last_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("stage") == stage:
+                last = record
+    return last
+
+
+def _feature_stage(
+    config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
+    results: Results,
+) -> torch.nn.Module:
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data.inputs)
+    if results.done("features"):
+        model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+        return model.to(device)
+    optimizer = build_optimizer(config.optimizer, model.parameters())
+    started = time.perf_counter()
+    trainer = _train_stage(
+        stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
+        model=model, objective=build_objective(config.objective), optimizer=optimizer,
+        inputs=data.train_x, targets=None, train=config.train, config=config, device=device,
+        filter_image=lambda: filter_grid(model.filters(), data.example_shape),
+    )
+    _export(model, run_dir / "model.safetensors")
+    save_filter_grid(run_dir / "filters.png", model.filters(), data.example_shape)
+    summary = {
+        "steps": trainer.step,
+        "stop_reason": trainer.stop_reason or "finished",
+        "final": _last_metrics(run_dir, "features"),
+        "seconds_this_session": time.perf_counter() - started,
+    }
+    summary["filters"] = compare_with_random(
+        model.filters().cpu(), data.example_shape, data.holdout_x, config.seed
+    )
+    results.record("features", summary)
+    return model
+
+
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> dict:
+    model.eval()
+    output = model(x).float()
+    if task == "classification":
+        return {"test_accuracy": float((output.argmax(dim=1) == y).float().mean())}
+    return {"test_mse": float(torch.nn.functional.mse_loss(output, y.float().reshape(output.shape)))}
+
+
+def _supervised_stage(
+    config: ExperimentConfig, data: PreparedData, features: torch.nn.Module, run_dir: Path,
+    device: torch.device, results: Results,
+) -> None:
+    settings = config.supervised
+    torch.manual_seed(config.seed + 1)
+    outputs = data.num_classes if settings.task == "classification" else (
+        1 if data.train_y.dim() == 1 else data.train_y.shape[1]
+    )
+    model = SupervisedHead(features, config.model.hidden, outputs, settings.dropout)
+    if not settings.fine_tune:
+        for parameter in model.features.parameters():
+            parameter.requires_grad_(False)
+    optimizer = build_optimizer(settings.optimizer, model.parameters())
+    trainer = _train_stage(
+        stage="supervised", run_dir=run_dir, checkpoint_dir=run_dir / "supervised" / "checkpoints",
+        model=model, objective=build_supervised_objective(settings.task), optimizer=optimizer,
+        inputs=data.train_x, targets=data.train_y, train=settings.train, config=config,
+        device=device,
+    )
+    _export(model, run_dir / "supervised" / "model.safetensors")
+    evaluation = _evaluate(model, data.holdout_x.to(device), data.holdout_y.to(device), settings.task)
+    results.record(
+        "supervised",
+        {"steps": trainer.step, "final": _last_metrics(run_dir, "supervised"), **evaluation},
+    )
+
+
+def run_experiment(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """Train ``config`` in ``run_dir``; continues from its checkpoints if it has any."""
+    device = resolve_device(config.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(config))
+    torch.manual_seed(config.seed)
+    data = prepare_data(config.data, config.seed)
+    if data.whitening is not None:
+        data.whitening.save(run_dir / "whitening.safetensors")
+    results = Results(run_dir / "results.json")
+    features = _feature_stage(config, data, run_dir, device, results)
+    if config.supervised is not None:
+        _supervised_stage(config, data, features, run_dir, device, results)
+    return results.data

@@ -1,0 +1,194 @@
+"""The training loop: batches, closure, optimizer step, constraint, callbacks. Nothing else.
+
+Everything a run needs to continue exactly after a restart is in ``state_dict()``: the
+model, the optimizer, the step, the RNG state (dropout) and each callback's own state. The
+order of batches is a pure function of (seed, step), so it needs no state.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from terabrain.objectives import Objective
+from terabrain.train.optim import load_optimizer_state_tensors, optimizer_state_tensors
+
+
+class BatchOrder:
+    """Which rows form the batch of each step: a fresh permutation every epoch, seeded by
+    (seed, epoch), incomplete last batch dropped. ``batch_size=None`` means all rows."""
+
+    def __init__(self, rows: int, batch_size: Optional[int], seed: int):
+        self.rows = rows
+        self.batch_size = min(batch_size or rows, rows)
+        self.per_epoch = rows // self.batch_size
+        self.seed = seed
+        self._epoch = -1
+        self._permutation: Optional[torch.Tensor] = None
+
+    def epoch(self, step: int) -> int:
+        return step // self.per_epoch
+
+    def indices(self, step: int) -> Optional[torch.Tensor]:
+        """Row indices for ``step``; None when the batch is the whole data set in order."""
+        if self.batch_size == self.rows:
+            return None
+        epoch, position = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._permutation = torch.randperm(self.rows, generator=generator)
+            self._epoch = epoch
+        start = position * self.batch_size
+        return self._permutation[start : start + self.batch_size]
+
+
+class Callback:
+    """Hooks into the loop. ``state_dict`` returns tensors to checkpoint, if any."""
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class StepTimes:
+    data_s: float = 0.0
+    compute_s: float = 0.0
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        optimizer: torch.optim.Optimizer,
+        inputs: torch.Tensor,
+        targets: Optional[torch.Tensor],
+        *,
+        steps: int,
+        batch_size: Optional[int],
+        seed: int,
+        device: torch.device,
+        precision: str = "fp32",
+        log_every: int = 1,
+        callbacks: Sequence[Callback] = (),
+    ):
+        self.model = model.to(device)
+        self.objective = objective
+        self.optimizer = optimizer
+        self.device = device
+        self.inputs = inputs.to(device)
+        self.targets = targets.to(device) if targets is not None else None
+        self.steps = steps
+        self.order = BatchOrder(len(inputs), batch_size, seed)
+        self.log_every = log_every
+        self.callbacks = list(callbacks)
+        self.step = 0
+        self.stop_reason: Optional[str] = None
+        self.times = StepTimes()
+        self._autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else nullcontext()
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.order.batch_size
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        rows = self.order.indices(step)
+        if rows is None:
+            return self.inputs, self.targets
+        rows = rows.to(self.device)
+        targets = self.targets[rows] if self.targets is not None else None
+        return self.inputs[rows], targets
+
+    def train_step(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimizer step. A closure serves every optimizer alike: L-BFGS calls it
+        several times per step, the others once."""
+        parts: dict[str, torch.Tensor] = {}
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast:
+                loss, named = self.objective(self.model, x, y)
+            loss.backward()
+            parts.clear()
+            parts.update({name: value.detach() for name, value in named.items()})
+            parts["loss"] = loss.detach()
+            return loss
+
+        self.model.train()
+        self.optimizer.step(closure)
+        with torch.no_grad():
+            self.objective.after_step(self.model)
+        return parts
+
+    def fit(self) -> None:
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        while self.step < self.steps and self.stop_reason is None:
+            begin = time.perf_counter()
+            x, y = self._batch(self.step)
+            fetched = time.perf_counter()
+            parts = self.train_step(x, y)
+            self.step += 1
+            # The loss is read every step (the NaN guard needs it); the other parts only on
+            # logged steps, since each read waits for the device.
+            metrics = {"step": self.step, "loss": float(parts["loss"])}
+            if self.is_log_step(self.step):
+                metrics.update({name: float(value) for name, value in parts.items()})
+            done = time.perf_counter()
+            self.times = StepTimes(fetched - begin, done - fetched)
+            for callback in self.callbacks:
+                callback.on_step_end(self, self.step, metrics)
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.steps
+
+    # --- checkpointed state -------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optimizer": optimizer_state_tensors(self.model, self.optimizer),
+            "trainer": {"step": torch.tensor(self.step), "rng": torch.get_rng_state()},
+            "callbacks": {},
+        }
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            state["trainer"]["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        for callback in self.callbacks:
+            own = callback.state_dict()
+            if own:
+                state["callbacks"][type(callback).__name__] = own
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        load_optimizer_state_tensors(self.model, self.optimizer, state["optimizer"])
+        self.step = int(state["trainer"]["step"])
+        torch.set_rng_state(state["trainer"]["rng"])
+        if "cuda_rng" in state["trainer"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["trainer"]["cuda_rng"], self.device)
+        for callback in self.callbacks:
+            own = state["callbacks"].get(type(callback).__name__)
+            if own:
+                callback.load_state_dict(own)
