@@ -1,0 +1,149 @@
+"""Objectives compute the formulas they name; constraints hold after every step."""
+
+import math
+
+import pytest
+import torch
+
+from terabrain.config.schema import OptimizerConfig
+from terabrain.nn.autoencoder import RICA, Autoencoder, SupervisedHead
+from terabrain.objectives import (
+    ClassificationObjective,
+    ReconstructionObjective,
+    RegressionObjective,
+    RICAObjective,
+    SparseAutoencoderObjective,
+)
+from terabrain.train.optim import build_optimizer
+
+torch.manual_seed(0)
+
+
+def test_rica_loss_is_seed_000_equation_1():
+    model = RICA(inputs=6, hidden=4)
+    with torch.no_grad():
+        model.alpha.fill_(0.7)
+        model.bias.normal_()
+    x = torch.randn(5, 6, dtype=torch.float32)
+    lam, eps = 0.3, 0.01
+    loss, parts = RICAObjective(lam, eps)(model, x)
+    W, a, b = model.weight.detach(), 0.7, model.bias.detach()
+    expected = 0.0
+    for xi in x:
+        h = a * (W @ xi)
+        expected += ((W.T @ h + b - xi) ** 2).sum() + lam * torch.sqrt(h**2 + eps).sum()
+    assert loss.item() == pytest.approx(expected.item() / len(x), rel=1e-5)
+    assert set(parts) == {"reconstruction", "sparsity"}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "lbfgs"])
+def test_rica_rows_stay_unit_norm_after_every_step(name):
+    model = RICA(inputs=16, hidden=8)
+    objective = RICAObjective(0.1, 0.01)
+    optimizer = build_optimizer(OptimizerConfig(name=name, lr=0.1 if name != "lbfgs" else 1.0), model.parameters())
+    x = torch.randn(64, 16)
+    for _ in range(3):
+        def closure():
+            optimizer.zero_grad()
+            loss, _ = objective(model, x)
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+        objective.after_step(model)
+        norms = model.weight.detach().norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+
+
+def test_sparse_autoencoder_kl_term():
+    model = Autoencoder(5, 3, tied=False, activation="sigmoid")
+    x = torch.rand(10, 5)
+    rho, beta, wd = 0.1, 2.0, 0.01
+    loss, parts = SparseAutoencoderObjective(rho, beta, wd)(model, x)
+    codes, reconstruction = model(x)
+    rho_hat = codes.mean(0)
+    kl = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    decay = 0.5 * wd * (model.encoder.weight.pow(2).sum() + model.decoder.weight.pow(2).sum())
+    error = 0.5 * (reconstruction - x).pow(2).sum(1).mean()
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((error + beta * kl + decay).item(), rel=1e-5)
+
+
+def test_kl_is_zero_when_mean_activation_equals_rho():
+    model = Autoencoder(4, 3, activation="sigmoid")
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.fill_(math.log(0.05 / 0.95))  # sigmoid(bias) = 0.05
+    _, parts = SparseAutoencoderObjective(0.05, 3.0, 0.0)(model, torch.rand(8, 4))
+    assert parts["kl"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_reconstruction_autoencoder_learns_identity_of_low_rank_data(tied):
+    torch.manual_seed(1)
+    basis = torch.randn(3, 12)
+    x = torch.randn(256, 3) @ basis
+    model = Autoencoder(12, 6, tied=tied, activation="identity")
+    objective = ReconstructionObjective()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    first = objective(model, x)[0].item()
+    for _ in range(400):
+        optimizer.zero_grad()
+        loss, _ = objective(model, x)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.01 * first
+    if tied:
+        assert not hasattr(model, "decoder")
+
+
+def test_supervised_objectives_on_a_head():
+    features = Autoencoder(4, 8, activation="relu")
+    model = SupervisedHead(features, hidden=8, outputs=3)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    loss, parts = ClassificationObjective()(model, x, y)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(), rel=1e-6)
+    assert 0.0 <= parts["accuracy"].item() <= 1.0
+    regressor = SupervisedHead(features, hidden=8, outputs=1)
+    target = torch.randn(32)
+    loss, _ = RegressionObjective()(regressor, x, target)
+    assert loss.item() == pytest.approx(((regressor(x).squeeze(1) - target) ** 2).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "config, kind",
+    [
+        (OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True), torch.optim.SGD),
+        (OptimizerConfig(name="adagrad", lr=0.1), torch.optim.Adagrad),
+        (OptimizerConfig(name="rmsprop", lr=0.01, momentum=0.5), torch.optim.RMSprop),
+        (OptimizerConfig(name="adam", lr=0.01), torch.optim.Adam),
+        (OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1), torch.optim.AdamW),
+        (OptimizerConfig(name="lbfgs"), torch.optim.LBFGS),
+    ],
+)
+def test_optimizers_come_from_torch_optim_and_lower_the_loss(config, kind):
+    torch.manual_seed(2)
+    model = Autoencoder(8, 4, activation="tanh")
+    optimizer = build_optimizer(config, model.parameters())
+    assert type(optimizer) is kind
+    if config.name == "sgd":
+        assert optimizer.param_groups[0]["nesterov"] is True
+    x = torch.randn(64, 8)
+    objective = ReconstructionObjective()
+    first = objective(model, x)[0].item()
+    for _ in range(20):
+        def closure():
+            optimizer.zero_grad()
+            loss, _ = objective(model, x)
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+    assert objective(model, x)[0].item() < first
+
+
+def test_dropout_is_active_in_training_only():
+    model = Autoencoder(100, 10, dropout=0.5)
+    x = torch.ones(4, 100)
+    model.train()
+    assert not torch.equal(model.encode(x), model.encode(x))
+    model.eval()
+    assert torch.equal(model.encode(x), model.encode(x))
