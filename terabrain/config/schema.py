@@ -21,6 +21,8 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
+    """Where examples come from and how they are preprocessed."""
+
     source: Literal["photos", "digits", "npy"] = Field(
         "photos",
         description="photos: patches of the natural photographs bundled with scikit-image and "
@@ -86,6 +88,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    """The feature learner: a plain module with no parallelism inside."""
+
     kind: Literal["rica", "autoencoder"] = Field(
         "rica",
         description="rica: x -> alpha W x, reconstructed as W^T(alpha W x) + b, W's rows of "
@@ -105,6 +109,8 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
+    """What the feature learner minimises."""
+
     kind: Literal["rica", "sparse_autoencoder", "reconstruction"] = Field(
         "rica",
         description="rica (needs model.kind rica); sparse_autoencoder: squared error + "
@@ -128,6 +134,8 @@ class ObjectiveConfig(Section):
 
 
 class OptimizerConfig(Section):
+    """A torch.optim optimizer and its settings."""
+
     name: Literal["sgd", "adagrad", "rmsprop", "adam", "adamw", "lbfgs"] = Field(
         "lbfgs", description="An optimizer from torch.optim, by name."
     )
@@ -152,6 +160,8 @@ class OptimizerConfig(Section):
 
 
 class EarlyStoppingConfig(Section):
+    """Stop when the loss has stopped improving."""
+
     patience: int = Field(
         0, ge=0, description="Stop after this many logged steps without improvement; 0: never."
     )
@@ -161,6 +171,8 @@ class EarlyStoppingConfig(Section):
 
 
 class TrainConfig(Section):
+    """Steps, batches, logging and checkpoints of one training stage."""
+
     steps: PositiveInt = Field(12, description="Optimizer steps.")
     batch_size: Optional[PositiveInt] = Field(
         None, description="Examples per step; null: the full training set (L-BFGS)."
@@ -197,6 +209,8 @@ class SupervisedConfig(Section):
 
 
 class ExperimentConfig(Section):
+    """One experiment: the same file runs on a laptop or on a cluster."""
+
     name: str = Field("experiment", description="Used in the run directory's name.")
     description: str = Field("", description="One line shown by `terabrain configs`.")
     seed: int = Field(0, description="Seeds data sampling, initialisation and batching.")

@@ -84,6 +84,7 @@ class TensorBoardLogger(Callback):
         self.histogram_every = histogram_every
         self.filter_image = filter_image
         self.writer = None
+        self._histogram_step = -1
 
     def on_train_start(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -100,6 +101,9 @@ class TensorBoardLogger(Callback):
             self._histograms(trainer, step)
 
     def _histograms(self, trainer: Trainer, step: int) -> None:
+        if step == self._histogram_step:
+            return
+        self._histogram_step = step
         for name, parameter in trainer.model.named_parameters():
             if parameter.numel() > 1:
                 self.writer.add_histogram(f"{self.stage}/{name}", parameter.detach().cpu(), step)

@@ -50,7 +50,7 @@ _ALLOWED_MODULES = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED_GLOBALS:
+        if "." not in name and (module in _ALLOWED_MODULES or (module, name) in _ALLOWED_GLOBALS):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)

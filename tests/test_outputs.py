@@ -1,0 +1,48 @@
+"""What a run leaves for people: TensorBoard events, docs in step with the code, bf16."""
+
+import json
+from pathlib import Path
+
+from terabrain.config.loader import load_experiment
+from terabrain.config.reference import markdown
+from terabrain.train.run import run_experiment
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = [
+    "data.num_patches=2000", "data.holdout_patches=500", "data.whitening_fit_samples=2000",
+    "model.hidden=16", "optimizer.max_iter=5", "train.steps=4", "train.checkpoint_every=0",
+    "train.histogram_every=2", "train.progress=false",
+]
+
+
+def test_tensorboard_has_scalars_histograms_and_filter_image(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_experiment(load_experiment(None, SMALL), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "histograms": 0}).Reload()
+    tags = events.Tags()
+    assert {"features/loss", "features/sparsity", "features/reconstruction"} <= set(tags["scalars"])
+    assert [e.value for e in events.Scalars("features/loss")] == [
+        json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert "features/weight" in tags["histograms"]
+    assert [e.step for e in events.Histograms("features/weight")] == [2, 4]
+    assert "features/filters" in tags["images"]
+
+
+def test_bf16_autocast_trains(tmp_path):
+    results = run_experiment(
+        load_experiment(None, SMALL + ["precision=bf16", "optimizer.name=adam",
+                                       "optimizer.lr=0.01", "train.batch_size=256",
+                                       "train.steps=30"]),
+        tmp_path,
+    )
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.8 * losses[0]
+    assert results["features"]["steps"] == 30
+
+
+def test_config_reference_is_current():
+    assert (REPO / "docs/config.md").read_text() == markdown(), (
+        "docs/config.md is stale: run `python -m terabrain.config.reference > docs/config.md`"
+    )
