@@ -17,24 +17,47 @@ from terabrain.errors import ConfigError, TrainingError
 
 def _train(args: argparse.Namespace) -> int:
     from terabrain.config.loader import load_experiment
-    from terabrain.train.run import default_run_dir, run_experiment
+    from terabrain.parallel import (
+        build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
+    )
+    from terabrain.train.run import default_run_dir, is_main_rank, run_experiment
 
-    if args.resume is not None:
-        if args.experiment is not None or args.out is not None:
-            raise ConfigError("--resume DIR takes the experiment and the output from DIR; "
-                              "drop the EXPERIMENT argument and --out")
-        config_path = args.resume / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(f"--resume: {args.resume} is not a run directory (no config.yaml)")
-        config = load_experiment(str(config_path), args.set)
-        run_dir = args.resume
-    else:
-        config = load_experiment(args.experiment, args.set)
-        run_dir = args.out or default_run_dir(config)
-    print(f"terabrain: {config.name} -> {run_dir}")
-    results = run_experiment(config, run_dir)
-    _print_summary(results, run_dir)
+    env = detect_launch_env()
+    with fail_fast(env):
+        if args.resume is not None:
+            if args.experiment is not None or args.out is not None:
+                raise ConfigError("--resume DIR takes the experiment and the output from DIR; "
+                                  "drop the EXPERIMENT argument and --out")
+            config_path = args.resume / "config.yaml"
+            if not config_path.is_file():
+                raise ConfigError(f"--resume: {args.resume} is not a run directory (no config.yaml)")
+            config = load_experiment(str(config_path), args.set)
+            run_dir = args.resume
+        else:
+            config = load_experiment(args.experiment, args.set)
+            run_dir = args.out or default_run_dir(config)
+        init_distributed(env, config.parallel.backend, config.parallel.timeout_s)
+        mesh = build_mesh(config.parallel.data, config.parallel.model, env)
+        run_dir = _same_on_every_rank(run_dir)
+        if is_main_rank():
+            where = f" on {env.world_size} ranks ({env.launcher})" if env.world_size > 1 else ""
+            print(f"terabrain: {config.name} -> {run_dir}{where}")
+        results = run_experiment(config, run_dir, mesh)
+        if is_main_rank():
+            _print_summary(results, run_dir)
+        shutdown_distributed()
     return 0
+
+
+def _same_on_every_rank(run_dir: Path) -> Path:
+    """Rank 0's run directory (default names carry a timestamp, which differs per rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return run_dir
+    holder = [str(run_dir)]
+    dist.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
 
 
 def _print_summary(results: dict, run_dir: Path) -> None:

@@ -189,6 +189,27 @@ class TrainConfig(Section):
     progress: bool = Field(True, description="Show a progress bar on an interactive terminal.")
 
 
+class ParallelConfig(Section):
+    """How ranks are laid out: a (data x model) mesh over the processes of the launcher."""
+
+    data: int = Field(
+        -1,
+        description="Data-parallel replicas: the global batch is split evenly across them and "
+        "gradients are averaged. -1: all ranks not used by `model`.",
+    )
+    model: int = Field(
+        1, description="Model-parallel ranks per replica (1: no model parallelism)."
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto: nccl when CUDA is available, else gloo."
+    )
+    timeout_s: PositiveFloat = Field(
+        300.0,
+        description="Collective timeout: when a rank dies or hangs, the others stop with a "
+        "message after at most this long.",
+    )
+
+
 class SupervisedConfig(Section):
     """A classifier or regressor trained on top of the learned features, with labels."""
 
@@ -225,6 +246,7 @@ class ExperimentConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     supervised: Optional[SupervisedConfig] = Field(
         None, description="Optional second stage on labels (digits, npy with labels_path)."
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from terabrain.analysis.filters import compare_with_random, filter_grid, save_filter_grid
@@ -34,10 +35,12 @@ from terabrain.data.prepare import PreparedData, prepare_data
 from terabrain.errors import ConfigError
 from terabrain.nn.autoencoder import SupervisedHead, build_model
 from terabrain.objectives import build_objective, build_supervised_objective
+from terabrain.parallel.data_parallel import DataParallel
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
 from terabrain.train.optim import build_optimizer
 from terabrain.train.trainer import Trainer
+from torch.distributed.device_mesh import DeviceMesh
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,6 +49,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def is_main_rank() -> bool:
+    """Only rank 0 writes the run directory's shared files; every rank writes its own
+    checkpoint shard."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def default_run_dir(config: ExperimentConfig, root: Path = Path("runs")) -> Path:
@@ -65,12 +74,16 @@ class Results:
 
     def record(self, stage: str, values: dict[str, Any]) -> None:
         self.data[stage] = values
+        if not is_main_rank():
+            return
         temporary = self.path.with_name(".results.json.tmp")
         temporary.write_text(json.dumps(self.data, indent=2) + "\n")
         os.replace(temporary, self.path)
 
 
 def _export(model: torch.nn.Module, path: Path) -> None:
+    if not is_main_rank():
+        return
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     temporary = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(temporary))
@@ -90,13 +103,23 @@ def _train_stage(
     train: TrainConfig,
     config: ExperimentConfig,
     device: torch.device,
+    data_parallel: Optional[DataParallel],
     filter_image=None,
 ) -> Trainer:
     manager = CheckpointManager(checkpoint_dir, keep=train.keep_checkpoints)
-    callbacks = [
+    global_batch = train.batch_size or len(inputs)
+    if data_parallel is not None and global_batch % data_parallel.size:
+        what = "train.batch_size" if train.batch_size else "the number of training examples"
+        raise ConfigError(
+            f"{what} ({global_batch}) must divide evenly among parallel.data = "
+            f"{data_parallel.size} replicas"
+        )
+    loggers = [
         cb.MetricsLogger(run_dir / "metrics.jsonl", stage),
         cb.TensorBoardLogger(run_dir / "tb", stage, train.histogram_every, filter_image),
         cb.ProgressBar(stage, train.progress),
+    ]
+    callbacks = (loggers if is_main_rank() else []) + [
         cb.NaNGuard(manager),
         cb.EarlyStopping(train.early_stopping.patience, train.early_stopping.min_delta),
         cb.Checkpointing(manager, train.checkpoint_every),
@@ -105,13 +128,15 @@ def _train_stage(
         model, objective, optimizer, inputs, targets,
         steps=train.steps, batch_size=train.batch_size, seed=config.seed, device=device,
         precision=config.precision, log_every=train.log_every, callbacks=callbacks,
+        data_parallel=data_parallel,
     )
     latest = manager.latest()
     if latest is not None:
         restore(latest, trainer)
-        print(f"[{stage}] resuming from {latest} (step {trainer.step})")
+        if is_main_rank():
+            print(f"[{stage}] resuming from {latest} (step {trainer.step})")
     trainer.fit()
-    if trainer.stop_reason:
+    if trainer.stop_reason and is_main_rank():
         print(f"[{stage}] {trainer.stop_reason}")
     return trainer
 
@@ -129,7 +154,7 @@ def _last_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
 
 def _feature_stage(
     config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
-    results: Results,
+    results: Results, data_parallel: Optional[DataParallel],
 ) -> torch.nn.Module:
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.inputs)
@@ -142,10 +167,11 @@ def _feature_stage(
         stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
         model=model, objective=build_objective(config.objective), optimizer=optimizer,
         inputs=data.train_x, targets=None, train=config.train, config=config, device=device,
-        filter_image=lambda: filter_grid(model.filters(), data.example_shape),
+        data_parallel=data_parallel, filter_image=lambda: filter_grid(model.filters(), data.example_shape),
     )
     _export(model, run_dir / "model.safetensors")
-    save_filter_grid(run_dir / "filters.png", model.filters(), data.example_shape)
+    if is_main_rank():
+        save_filter_grid(run_dir / "filters.png", model.filters(), data.example_shape)
     summary = {
         "steps": trainer.step,
         "stop_reason": trainer.stop_reason or "finished",
@@ -170,7 +196,7 @@ def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
 
 def _supervised_stage(
     config: ExperimentConfig, data: PreparedData, features: torch.nn.Module, run_dir: Path,
-    device: torch.device, results: Results,
+    device: torch.device, results: Results, data_parallel: Optional[DataParallel],
 ) -> None:
     settings = config.supervised
     torch.manual_seed(config.seed + 1)
@@ -186,7 +212,7 @@ def _supervised_stage(
         stage="supervised", run_dir=run_dir, checkpoint_dir=run_dir / "supervised" / "checkpoints",
         model=model, objective=build_supervised_objective(settings.task), optimizer=optimizer,
         inputs=data.train_x, targets=data.train_y, train=settings.train, config=config,
-        device=device,
+        device=device, data_parallel=data_parallel,
     )
     _export(model, run_dir / "supervised" / "model.safetensors")
     evaluation = _evaluate(model, data.holdout_x.to(device), data.holdout_y.to(device), settings.task)
@@ -196,17 +222,31 @@ def _supervised_stage(
     )
 
 
-def run_experiment(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """Train ``config`` in ``run_dir``; continues from its checkpoints if it has any."""
+def run_experiment(
+    config: ExperimentConfig, run_dir: Path, mesh: Optional[DeviceMesh] = None
+) -> dict[str, Any]:
+    """Train ``config`` in ``run_dir``; continues from its checkpoints if it has any.
+    ``mesh``: the (data, model) mesh when launched on several ranks (see terabrain.parallel)."""
+    if mesh is not None and mesh.size(mesh.mesh_dim_names.index("model")) > 1:
+        raise ConfigError(
+            "parallel.model > 1: model parallelism is not available in this version yet; "
+            "allowed: parallel.model=1 with parallel.data = the number of ranks"
+        )
+    data_parallel = DataParallel.from_mesh(mesh)
     device = resolve_device(config.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(config))
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if is_main_rank():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config))
     torch.manual_seed(config.seed)
     data = prepare_data(config.data, config.seed)
-    if data.whitening is not None:
+    if data.whitening is not None and is_main_rank():
         data.whitening.save(run_dir / "whitening.safetensors")
     results = Results(run_dir / "results.json")
-    features = _feature_stage(config, data, run_dir, device, results)
+    features = _feature_stage(config, data, run_dir, device, results, data_parallel)
     if config.supervised is not None:
-        _supervised_stage(config, data, features, run_dir, device, results)
+        _supervised_stage(config, data, features, run_dir, device, results, data_parallel)
+    if dist.is_initialized():
+        dist.barrier()
     return results.data

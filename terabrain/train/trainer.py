@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from terabrain.objectives import Objective
+from terabrain.parallel.data_parallel import DataParallel
 from terabrain.train.optim import load_optimizer_state_tensors, optimizer_state_tensors
 
 
@@ -84,6 +85,7 @@ class Trainer:
         precision: str = "fp32",
         log_every: int = 1,
         callbacks: Sequence[Callback] = (),
+        data_parallel: Optional[DataParallel] = None,
     ):
         self.model = model.to(device)
         self.objective = objective
@@ -95,6 +97,7 @@ class Trainer:
         self.order = BatchOrder(len(inputs), batch_size, seed)
         self.log_every = log_every
         self.callbacks = list(callbacks)
+        self.data_parallel = data_parallel
         self.step = 0
         self.stop_reason: Optional[str] = None
         self.times = StepTimes()
@@ -113,6 +116,8 @@ class Trainer:
 
     def _batch(self, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         rows = self.order.indices(step)
+        if self.data_parallel is not None:
+            rows = self.data_parallel.shard(torch.arange(self.order.rows) if rows is None else rows)
         if rows is None:
             return self.inputs, self.targets
         rows = rows.to(self.device)
@@ -130,8 +135,12 @@ class Trainer:
                 loss, named = self.objective(self.model, x, y)
             loss.backward()
             parts.clear()
-            parts.update({name: value.detach() for name, value in named.items()})
-            parts["loss"] = loss.detach()
+            parts.update({name: value.detach().clone() for name, value in named.items()})
+            parts["loss"] = loss.detach().clone()
+            if self.data_parallel is not None:
+                gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+                self.data_parallel.average_(gradients + list(parts.values()))
+                return parts["loss"]
             return loss
 
         self.model.train()
