@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "parallel_scripts"
 
 # Two-core CI machines: keep each test process from oversubscribing.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -26,3 +28,28 @@ def run_cli(*args: str, timeout: float = 300, check: bool = False) -> subprocess
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def clean_environ() -> dict[str, str]:
+    """This environment without launcher variables: the test may itself run under srun."""
+    prefixes = ("SLURM_", "OMPI_", "PMI_", "MPI_LOCAL", "TORCHELASTIC_")
+    names = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+             "MASTER_PORT"}
+    environ = {k: v for k, v in os.environ.items()
+               if k not in names and not k.startswith(prefixes)}
+    return {**environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N ARGS`` (a script, or ``-m terabrain ...``)
+    on CPU/gloo, one thread per rank."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), "--max-restarts", "0", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=clean_environ())

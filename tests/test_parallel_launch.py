@@ -7,7 +7,6 @@ one dies or hangs, to check that the other exits with a message instead of hangi
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,8 +20,7 @@ from terabrain.parallel import (
 )
 from terabrain.parallel.launch import first_host, tasks_on_node
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = Path(__file__).resolve().parent / "parallel_scripts"
+from conftest import REPO, SCRIPTS, clean_environ as _clean_environ, free_port as _free_port, torchrun
 
 # --- detection: torchrun ------------------------------------------------------------------
 
@@ -230,28 +228,8 @@ def test_single_process_exceptions_propagate_through_fail_fast():
 # --- real processes -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _clean_environ() -> dict[str, str]:
-    """This environment without launcher variables: the test may itself run under srun."""
-    prefixes = ("SLURM_", "OMPI_", "PMI_", "MPI_LOCAL", "TORCHELASTIC_")
-    names = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-             "MASTER_PORT"}
-    environ = {k: v for k, v in os.environ.items()
-               if k not in names and not k.startswith(prefixes)}
-    return {**environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(nproc), "--max-restarts", "0",
-               str(SCRIPTS / "mesh_collectives.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=_clean_environ())
+    return torchrun(nproc, str(SCRIPTS / "mesh_collectives.py"), *args, timeout=timeout)
 
 
 def test_four_ranks_2x2_mesh_and_its_variants():

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from terabrain.errors import TrainingError
+from terabrain.parallel.parallelism import local
 from terabrain.train.checkpoint import CheckpointManager
 from terabrain.train.trainer import Callback, Trainer
 
@@ -106,7 +107,7 @@ class TensorBoardLogger(Callback):
         self._histogram_step = step
         for name, parameter in trainer.model.named_parameters():
             if parameter.numel() > 1:
-                self.writer.add_histogram(f"{self.stage}/{name}", parameter.detach().cpu(), step)
+                self.writer.add_histogram(f"{self.stage}/{name}", local(parameter).detach().cpu(), step)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self._histograms(trainer, trainer.step)
@@ -206,7 +207,7 @@ class Checkpointing(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         for name, parameter in trainer.model.named_parameters():
-            if not torch.isfinite(parameter).all():
+            if not torch.isfinite(local(parameter)).all():
                 raise TrainingError(
                     f"parameter {name} is not finite at step {trainer.step}; not saving it. "
                     f"The last good checkpoint is {self.manager.latest()}."

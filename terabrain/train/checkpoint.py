@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from terabrain.train.optim import optimizer_state_template
+
 # DCP warns on every single-process save and load; that is how this toolkit runs on a laptop.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -160,17 +162,20 @@ def read_metadata(path: Path) -> Metadata:
     return SafeFileSystemReader(path).read_metadata()
 
 
-def template_from_metadata(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Empty tensors shaped like the checkpoint's entries under ``prefix`` (flattened keys),
-    for state whose shape is only known from the checkpoint (optimizer history)."""
+def saved_shapes(path: Path, prefix: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Shape and dtype of every tensor the checkpoint holds under ``prefix`` (flattened keys),
+    for state whose shape only the checkpoint knows (optimizer history)."""
     metadata = read_metadata(path)
-    out = {}
-    for key, entry in metadata.state_dict_metadata.items():
-        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata):
-            out[key[len(prefix) :]] = torch.empty(
-                entry.size, dtype=entry.properties.dtype
-            )
-    return out
+    return {
+        key[len(prefix) :]: (entry.size, entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+
+
+def template_from_metadata(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Plain empty tensors shaped like the checkpoint's entries under ``prefix``."""
+    return {key: torch.empty(size, dtype=dtype) for key, (size, dtype) in saved_shapes(path, prefix).items()}
 
 
 def load(path: Path, state: dict[str, Any]) -> None:
@@ -184,7 +189,9 @@ def restore(path: Path, trainer: Any) -> None:
     fresh optimizer has no state yet to be filled in place."""
     saved = set(read_metadata(path).state_dict_metadata)
     template = trainer.state_dict()
-    template["optimizer"] = template_from_metadata(path, "optimizer.")
+    template["optimizer"] = optimizer_state_template(
+        trainer.model, saved_shapes(path, "optimizer.")
+    )
     if "trainer.cuda_rng" not in saved:
         template["trainer"].pop("cuda_rng", None)
     load(path, template)

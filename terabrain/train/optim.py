@@ -12,6 +12,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import empty as dtensor_empty
 
 from terabrain.config.schema import OptimizerConfig
 
@@ -109,3 +111,30 @@ def load_optimizer_state_tensors(
             target[key] = value
     optimizer.state.clear()
     optimizer.state.update(state)
+
+
+def optimizer_state_template(
+    model: nn.Module, saved: dict[str, tuple[torch.Size, torch.dtype]]
+) -> dict[str, torch.Tensor]:
+    """Empty tensors to load saved optimizer state into, placed like this run's parameters.
+
+    A checkpoint may come from a different mesh, so placements are decided here, not read
+    from it: state shaped like its (sharded) parameter is sharded like it (Adam's moments);
+    other floating-point state of a sharded parameter is replicated (L-BFGS's flat history);
+    step counters and Python numbers are plain tensors, as torch.optim keeps them.
+    """
+    params = dict(model.named_parameters())
+    template: dict[str, torch.Tensor] = {}
+    for entry, (size, dtype) in saved.items():
+        name, _, key = entry.rpartition("/")
+        param = params.get(name)
+        bookkeeping = entry.endswith((_LIST_LENGTH, _PYTHON_NUMBER)) or key == "step"
+        if param is None or bookkeeping or not dtype.is_floating_point:
+            template[entry] = torch.empty(size, dtype=dtype)
+        elif isinstance(param, DTensor):
+            mesh = param.device_mesh
+            placements = param.placements if size == param.shape else [Replicate()] * mesh.ndim
+            template[entry] = dtensor_empty(size, dtype=dtype, device_mesh=mesh, placements=placements)
+        else:
+            template[entry] = torch.empty(size, dtype=dtype, device=param.device)
+    return template

@@ -35,7 +35,8 @@ from terabrain.data.prepare import PreparedData, prepare_data
 from terabrain.errors import ConfigError
 from terabrain.nn.autoencoder import SupervisedHead, build_model
 from terabrain.objectives import build_objective, build_supervised_objective
-from terabrain.parallel.data_parallel import DataParallel
+from terabrain.parallel.parallelism import Parallelism, full, local
+from terabrain.parallel.plans import check_divisible
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
 from terabrain.train.optim import build_optimizer
@@ -82,9 +83,11 @@ class Results:
 
 
 def _export(model: torch.nn.Module, path: Path) -> None:
+    """Unsharded weights as safetensors. Gathering sharded weights is a collective: every
+    rank calls this, rank 0 writes."""
+    tensors = {k: full(v.detach()).cpu().contiguous() for k, v in model.state_dict().items()}
     if not is_main_rank():
         return
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     temporary = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(temporary))
     os.replace(temporary, path)
@@ -103,16 +106,16 @@ def _train_stage(
     train: TrainConfig,
     config: ExperimentConfig,
     device: torch.device,
-    data_parallel: Optional[DataParallel],
+    parallel: Parallelism,
     filter_image=None,
 ) -> Trainer:
     manager = CheckpointManager(checkpoint_dir, keep=train.keep_checkpoints)
     global_batch = train.batch_size or len(inputs)
-    if data_parallel is not None and global_batch % data_parallel.size:
+    if global_batch % parallel.data_ranks:
         what = "train.batch_size" if train.batch_size else "the number of training examples"
         raise ConfigError(
             f"{what} ({global_batch}) must divide evenly among parallel.data = "
-            f"{data_parallel.size} replicas"
+            f"{parallel.data_ranks} replicas"
         )
     loggers = [
         cb.MetricsLogger(run_dir / "metrics.jsonl", stage),
@@ -128,7 +131,7 @@ def _train_stage(
         model, objective, optimizer, inputs, targets,
         steps=train.steps, batch_size=train.batch_size, seed=config.seed, device=device,
         precision=config.precision, log_every=train.log_every, callbacks=callbacks,
-        data_parallel=data_parallel,
+        parallel=parallel,
     )
     latest = manager.latest()
     if latest is not None:
@@ -154,24 +157,29 @@ def _last_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
 
 def _feature_stage(
     config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
-    results: Results, data_parallel: Optional[DataParallel],
+    results: Results, parallel: Parallelism,
 ) -> torch.nn.Module:
     torch.manual_seed(config.seed)
+    check_divisible(config.model.hidden, parallel.model_ranks)
     model = build_model(config.model, data.inputs)
     if results.done("features"):
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        return model.to(device)
+        return parallel.parallelize(model.to(device))
+    model = parallel.parallelize(model.to(device))
     optimizer = build_optimizer(config.optimizer, model.parameters())
     started = time.perf_counter()
     trainer = _train_stage(
         stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
         model=model, objective=build_objective(config.objective), optimizer=optimizer,
         inputs=data.train_x, targets=None, train=config.train, config=config, device=device,
-        data_parallel=data_parallel, filter_image=lambda: filter_grid(model.filters(), data.example_shape),
+        parallel=parallel,
+        # Rank 0's own shard of the filters: TensorBoard runs on rank 0 only.
+        filter_image=lambda: filter_grid(local(model.filters()), data.example_shape),
     )
     _export(model, run_dir / "model.safetensors")
+    filters = full(model.filters()).cpu()
     if is_main_rank():
-        save_filter_grid(run_dir / "filters.png", model.filters(), data.example_shape)
+        save_filter_grid(run_dir / "filters.png", filters, data.example_shape)
     summary = {
         "steps": trainer.step,
         "stop_reason": trainer.stop_reason or "finished",
@@ -179,7 +187,7 @@ def _feature_stage(
         "seconds_this_session": time.perf_counter() - started,
     }
     summary["filters"] = compare_with_random(
-        model.filters().cpu(), data.example_shape, data.holdout_x, config.seed
+        filters, data.example_shape, data.holdout_x, config.seed
     )
     results.record("features", summary)
     return model
@@ -188,7 +196,7 @@ def _feature_stage(
 @torch.no_grad()
 def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> dict:
     model.eval()
-    output = model(x).float()
+    output = full(model(x)).float()
     if task == "classification":
         return {"test_accuracy": float((output.argmax(dim=1) == y).float().mean())}
     return {"test_mse": float(torch.nn.functional.mse_loss(output, y.float().reshape(output.shape)))}
@@ -196,14 +204,15 @@ def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
 
 def _supervised_stage(
     config: ExperimentConfig, data: PreparedData, features: torch.nn.Module, run_dir: Path,
-    device: torch.device, results: Results, data_parallel: Optional[DataParallel],
+    device: torch.device, results: Results, parallel: Parallelism,
 ) -> None:
     settings = config.supervised
     torch.manual_seed(config.seed + 1)
     outputs = data.num_classes if settings.task == "classification" else (
         1 if data.train_y.dim() == 1 else data.train_y.shape[1]
     )
-    model = SupervisedHead(features, config.model.hidden, outputs, settings.dropout)
+    model = SupervisedHead(features, config.model.hidden, outputs, settings.dropout).to(device)
+    model = parallel.parallelize(model)
     if not settings.fine_tune:
         for parameter in model.features.parameters():
             parameter.requires_grad_(False)
@@ -212,10 +221,12 @@ def _supervised_stage(
         stage="supervised", run_dir=run_dir, checkpoint_dir=run_dir / "supervised" / "checkpoints",
         model=model, objective=build_supervised_objective(settings.task), optimizer=optimizer,
         inputs=data.train_x, targets=data.train_y, train=settings.train, config=config,
-        device=device, data_parallel=data_parallel,
+        device=device, parallel=parallel,
     )
     _export(model, run_dir / "supervised" / "model.safetensors")
-    evaluation = _evaluate(model, data.holdout_x.to(device), data.holdout_y.to(device), settings.task)
+    evaluation = _evaluate(
+        model, parallel.inputs(data.holdout_x.to(device)), data.holdout_y.to(device), settings.task
+    )
     results.record(
         "supervised",
         {"steps": trainer.step, "final": _last_metrics(run_dir, "supervised"), **evaluation},
@@ -227,12 +238,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Train ``config`` in ``run_dir``; continues from its checkpoints if it has any.
     ``mesh``: the (data, model) mesh when launched on several ranks (see terabrain.parallel)."""
-    if mesh is not None and mesh.size(mesh.mesh_dim_names.index("model")) > 1:
-        raise ConfigError(
-            "parallel.model > 1: model parallelism is not available in this version yet; "
-            "allowed: parallel.model=1 with parallel.data = the number of ranks"
-        )
-    data_parallel = DataParallel.from_mesh(mesh)
+    parallel = Parallelism(mesh)
     device = resolve_device(config.device)
     if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -244,9 +250,9 @@ def run_experiment(
     if data.whitening is not None and is_main_rank():
         data.whitening.save(run_dir / "whitening.safetensors")
     results = Results(run_dir / "results.json")
-    features = _feature_stage(config, data, run_dir, device, results, data_parallel)
+    features = _feature_stage(config, data, run_dir, device, results, parallel)
     if config.supervised is not None:
-        _supervised_stage(config, data, features, run_dir, device, results, data_parallel)
+        _supervised_stage(config, data, features, run_dir, device, results, parallel)
     if dist.is_initialized():
         dist.barrier()
     return results.data

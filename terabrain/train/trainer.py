@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from terabrain.objectives import Objective
-from terabrain.parallel.data_parallel import DataParallel
+from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.train.optim import load_optimizer_state_tensors, optimizer_state_tensors
 
 
@@ -85,7 +85,7 @@ class Trainer:
         precision: str = "fp32",
         log_every: int = 1,
         callbacks: Sequence[Callback] = (),
-        data_parallel: Optional[DataParallel] = None,
+        parallel: Optional[Parallelism] = None,
     ):
         self.model = model.to(device)
         self.objective = objective
@@ -97,7 +97,7 @@ class Trainer:
         self.order = BatchOrder(len(inputs), batch_size, seed)
         self.log_every = log_every
         self.callbacks = list(callbacks)
-        self.data_parallel = data_parallel
+        self.parallel = parallel or Parallelism(None)
         self.step = 0
         self.stop_reason: Optional[str] = None
         self.times = StepTimes()
@@ -116,13 +116,14 @@ class Trainer:
 
     def _batch(self, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         rows = self.order.indices(step)
-        if self.data_parallel is not None:
-            rows = self.data_parallel.shard(torch.arange(self.order.rows) if rows is None else rows)
+        if self.parallel.data is not None:
+            rows = self.parallel.rows(torch.arange(self.order.rows) if rows is None else rows)
         if rows is None:
-            return self.inputs, self.targets
-        rows = rows.to(self.device)
-        targets = self.targets[rows] if self.targets is not None else None
-        return self.inputs[rows], targets
+            x, y = self.inputs, self.targets
+        else:
+            rows = rows.to(self.device)
+            x, y = self.inputs[rows], (self.targets[rows] if self.targets is not None else None)
+        return self.parallel.inputs(x), self.parallel.inputs(y)
 
     def train_step(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimizer step. A closure serves every optimizer alike: L-BFGS calls it
@@ -137,9 +138,9 @@ class Trainer:
             parts.clear()
             parts.update({name: value.detach().clone() for name, value in named.items()})
             parts["loss"] = loss.detach().clone()
-            if self.data_parallel is not None:
+            if self.parallel.data is not None:
                 gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
-                self.data_parallel.average_(gradients + list(parts.values()))
+                self.parallel.synchronize(gradients, list(parts.values()))
                 return parts["loss"]
             return loss
 
@@ -160,9 +161,9 @@ class Trainer:
             self.step += 1
             # The loss is read every step (the NaN guard needs it); the other parts only on
             # logged steps, since each read waits for the device.
-            metrics = {"step": self.step, "loss": float(parts["loss"])}
+            metrics = {"step": self.step, "loss": float(full(parts["loss"]))}
             if self.is_log_step(self.step):
-                metrics.update({name: float(value) for name, value in parts.items()})
+                metrics.update({name: float(full(value)) for name, value in parts.items()})
             done = time.perf_counter()
             self.times = StepTimes(fetched - begin, done - fetched)
             for callback in self.callbacks:

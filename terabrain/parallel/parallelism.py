@@ -1,0 +1,66 @@
+"""What a run does differently on a (data x model) mesh, gathered in one object the trainer
+asks: which rows of a global batch are this replica's, how inputs enter a model-parallel
+model, how gradients are synchronized across replicas, and how to read a sharded value.
+
+A single process uses ``Parallelism(None)``, for which every method is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
+
+from terabrain.parallel.data_parallel import DataParallel
+from terabrain.parallel.plans import apply_hidden_unit_plan
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (its shard, or the whole tensor if plain)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value as a plain tensor. A collective for a sharded DTensor: every rank of
+    its mesh must call it."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+class Parallelism:
+    def __init__(self, mesh: Optional[DeviceMesh]):
+        self.mesh = mesh
+        self.data = DataParallel.from_mesh(mesh)
+        model_ranks = mesh.size(mesh.mesh_dim_names.index("model")) if mesh is not None else 1
+        self.model_mesh = mesh["model"] if model_ranks > 1 else None
+
+    @property
+    def model_ranks(self) -> int:
+        return self.model_mesh.size() if self.model_mesh is not None else 1
+
+    @property
+    def data_ranks(self) -> int:
+        return self.data.size if self.data is not None else 1
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Apply the model-parallel plan (hidden units across the model axis), if any."""
+        if self.model_mesh is None:
+            return model
+        return apply_hidden_unit_plan(model, self.model_mesh)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This replica's share of a global batch's row indices (same for a model group)."""
+        return self.data.shard(rows) if self.data is not None else rows
+
+    def inputs(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A batch as the model expects it: replicated over the model axis."""
+        if tensor is None or self.model_mesh is None:
+            return tensor
+        return DTensor.from_local(tensor, self.model_mesh, [Replicate()], run_check=False)
+
+    def synchronize(self, gradients: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Average gradients and logged values across data-parallel replicas, in place."""
+        if self.data is not None:
+            self.data.average_([local(t) for t in gradients + values])
