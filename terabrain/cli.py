@@ -79,6 +79,26 @@ def _print_summary(results: dict, run_dir: Path) -> None:
     print(f"run directory: {run_dir} (filters.png, metrics.jsonl, tb/, results.json)")
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """`terabrain launch --nproc N train ...`: torchrun on this machine, for convenience."""
+    import os
+    import subprocess
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    if not args.command_args or args.command_args[0] != "train":
+        raise ConfigError("terabrain launch --nproc N train [EXPERIMENT] [--set ...]: "
+                          "only `train` runs on several processes")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(args.nproc), "--max-restarts", "0",
+               "-m", "terabrain", *args.command_args]
+    environ = dict(os.environ)
+    # Each rank gets its share of the cores instead of all of them (torchrun would say 1).
+    cores = os.cpu_count() or 1
+    environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // args.nproc)))
+    return subprocess.call(command, env=environ)
+
+
 def _configs(args: argparse.Namespace) -> int:
     from terabrain.config.loader import describe_builtins
 
@@ -111,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="DIR",
                        help="continue the run in DIR from its last checkpoint")
     train.set_defaults(handler=_train)
+
+    launch = commands.add_parser(
+        "launch", help="run `train` on N local processes (torchrun --standalone)",
+        description="terabrain launch --nproc 4 train natural-patches-rica --set parallel.model=2",
+    )
+    launch.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start")
+    launch.add_argument("command_args", nargs=argparse.REMAINDER, metavar="train ...")
+    launch.set_defaults(handler=_launch)
 
     configs = commands.add_parser("configs", help="list the built-in experiments")
     configs.set_defaults(handler=_configs)

@@ -120,3 +120,12 @@ def test_a_rank_killed_mid_run_stops_the_others_with_a_message(tmp_path):
     assert ranks[0].returncode == 1, output
     assert "terabrain: rank 0 failed:" in output
     assert elapsed < timeout_s + 10
+
+
+def test_terabrain_launch_runs_data_parallel_training_on_local_processes(tmp_path):
+    result = _ok(run_cli("launch", "--nproc", "2", "train", "--out", str(tmp_path), *ADAM_MINIBATCH,
+                         "--set", "train.steps=2"))
+    assert "on 2 ranks (torchrun)" in result.stdout
+    assert len(_losses(tmp_path)) == 2 and (tmp_path / "checkpoints/step_2/.metadata").is_file()
+    # One shard file per rank: every rank writes its own part of the checkpoint.
+    assert len(list((tmp_path / "checkpoints/step_2").glob("*.distcp"))) == 2
