@@ -71,6 +71,14 @@ class SafeFileSystemReader(dcp.FileSystemReader):
             metadata = _MetadataUnpickler(stream).load()
         if not isinstance(metadata, Metadata):
             raise pickle.UnpicklingError("checkpoint metadata is not DCP metadata")
+        # DCP reads non-tensor ("bytes") entries with torch.load(weights_only=False); our
+        # checkpoints hold tensors only, so any such entry means a tampered checkpoint.
+        for key, entry in metadata.state_dict_metadata.items():
+            if not isinstance(entry, TensorStorageMetadata):
+                raise pickle.UnpicklingError(
+                    f"checkpoint entry {key!r} is not a tensor; terabrain checkpoints hold "
+                    "tensors only, refusing to load it"
+                )
         if getattr(metadata, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
