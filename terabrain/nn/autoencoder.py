@@ -1,18 +1,45 @@
 """Single-layer feature learners: RICA and the (sparse) autoencoder, plus a supervised head.
 
-Models are plain modules: no parallelism, no loss. Each exposes ``encode`` (the features)
-and ``filters()`` (one row per hidden unit, in input space, for pictures).
+Models are plain modules: no parallelism, no loss. Each exposes ``encode`` (the features),
+``filters()`` (one row per hidden unit, in input space, for pictures), and for the
+initialisation by hidden unit (terabrain.nn.init): ``hidden_unit_dims`` (the dimension of
+each parameter that indexes hidden units) and ``init_parameter_`` (fill one parameter, or
+the slice of it holding units ``first_unit, ...``). A parallel plan shards exactly those
+dimensions and initialises each shard in place.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from terabrain.config.schema import ModelConfig
+from terabrain.nn.init import init_by_unit_
+
+
+def _draw_seed(seed: Optional[int]) -> int:
+    """An explicit seed, or one drawn from torch's global RNG (so torch.manual_seed works)."""
+    return int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else seed
+
+
+class UnitInitialized(nn.Module):
+    """Shared by the models: parameters initialised unit by unit from one seed."""
+
+    hidden_unit_dims: dict[str, int] = {}
+    init_seed: int = 0
+
+    def init_parameter_(self, name: str, tensor: torch.Tensor, first_unit: int = 0) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for name, parameter in self.named_parameters():
+            if parameter.device.type != "meta":
+                self.init_parameter_(name, parameter.data, 0)
 
 _ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
@@ -22,7 +49,7 @@ _ACTIVATIONS = {
 }
 
 
-class RICA(nn.Module):
+class RICA(UnitInitialized):
     """Reconstruction ICA with scale and offset (seed 000, eq. 1):
     codes ``h = alpha W x``, reconstruction ``W^T h + b``, rows of ``W`` of unit norm.
 
@@ -32,13 +59,26 @@ class RICA(nn.Module):
     (L-BFGS) and momentum then move along the constraint instead of fighting it.
     """
 
-    def __init__(self, inputs: int, hidden: int, dropout: float = 0.0):
+    hidden_unit_dims = {"weight": 0}
+
+    def __init__(self, inputs: int, hidden: int, dropout: float = 0.0, seed: Optional[int] = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(hidden, inputs))
-        self.alpha = nn.Parameter(torch.ones(()))
-        self.bias = nn.Parameter(torch.zeros(inputs))
+        self.init_seed = _draw_seed(seed)
+        self.weight = nn.Parameter(torch.empty(hidden, inputs))
+        self.alpha = nn.Parameter(torch.empty(()))
+        self.bias = nn.Parameter(torch.empty(inputs))
         self.dropout = nn.Dropout(dropout)
-        self.normalize_()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def init_parameter_(self, name: str, tensor: torch.Tensor, first_unit: int = 0) -> None:
+        if name == "weight":  # random directions: Gaussian rows scaled to unit norm
+            init_by_unit_(tensor, 0, first_unit, self.init_seed, 0, "normal", 1.0)
+            tensor.div_(tensor.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        elif name == "alpha":
+            tensor.fill_(1.0)
+        else:
+            tensor.zero_()
 
     def unit_weight(self) -> torch.Tensor:
         return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -59,7 +99,7 @@ class RICA(nn.Module):
         return self.unit_weight().detach()
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(UnitInitialized):
     """``h = act(W1 x + b1)``, ``x' = out(W2 h + b2)`` with ``W2 = W1^T`` when tied."""
 
     def __init__(
@@ -70,22 +110,32 @@ class Autoencoder(nn.Module):
         activation: str = "sigmoid",
         decoder_activation: str = "identity",
         dropout: float = 0.0,
+        seed: Optional[int] = None,
     ):
         super().__init__()
-        bound = math.sqrt(6.0 / (inputs + hidden + 1))  # Glorot, as in the UFLDL SAE
+        self.init_seed = _draw_seed(seed)
+        self.bound = math.sqrt(6.0 / (inputs + hidden + 1))  # Glorot, as in the UFLDL SAE
         self.encoder = nn.Linear(inputs, hidden)
-        nn.init.uniform_(self.encoder.weight, -bound, bound)
-        nn.init.zeros_(self.encoder.bias)
         self.tied = tied
         if tied:
-            self.decoder_bias = nn.Parameter(torch.zeros(inputs))
+            self.decoder_bias = nn.Parameter(torch.empty(inputs))
+            self.hidden_unit_dims = {"encoder.weight": 0, "encoder.bias": 0}
         else:
             self.decoder = nn.Linear(hidden, inputs)
-            nn.init.uniform_(self.decoder.weight, -bound, bound)
-            nn.init.zeros_(self.decoder.bias)
+            self.hidden_unit_dims = {"encoder.weight": 0, "encoder.bias": 0, "decoder.weight": 1}
         self.activation = _ACTIVATIONS[activation]
         self.decoder_activation = _ACTIVATIONS[decoder_activation]
         self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def init_parameter_(self, name: str, tensor: torch.Tensor, first_unit: int = 0) -> None:
+        if name == "encoder.weight":
+            init_by_unit_(tensor, 0, first_unit, self.init_seed, 1, "uniform", self.bound)
+        elif name == "decoder.weight":
+            init_by_unit_(tensor, 1, first_unit, self.init_seed, 2, "uniform", self.bound)
+        else:
+            tensor.zero_()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.encoder(self.dropout(x)))
@@ -109,22 +159,48 @@ class Autoencoder(nn.Module):
         return self.encoder.weight.detach()
 
 
-class SupervisedHead(nn.Module):
+class SupervisedHead(UnitInitialized):
     """A linear classifier or regressor on the features of a trained feature learner."""
 
-    def __init__(self, features: nn.Module, hidden: int, outputs: int, dropout: float = 0.0):
+    def __init__(
+        self, features: UnitInitialized, hidden: int, outputs: int, dropout: float = 0.0,
+        seed: Optional[int] = None,
+    ):
         super().__init__()
+        self.init_seed = _draw_seed(seed)
         self.features = features
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden, outputs)
+        self.head = nn.Linear(hidden, outputs, device=next(features.parameters()).device)
+        self.hidden_unit_dims = {
+            **{f"features.{k}": v for k, v in features.hidden_unit_dims.items()},
+            "head.weight": 1,
+        }
+        self.bound = 1.0 / math.sqrt(hidden)  # nn.Linear's default scale
+        self.reset_head()
+
+    @torch.no_grad()
+    def reset_head(self) -> None:
+        """Only the head: the features arrive trained."""
+        for name, parameter in self.head.named_parameters():
+            if parameter.device.type != "meta" and not hasattr(parameter, "placements"):
+                self.init_parameter_(f"head.{name}", parameter.data, 0)
+
+    @torch.no_grad()
+    def init_parameter_(self, name: str, tensor: torch.Tensor, first_unit: int = 0) -> None:
+        if name.startswith("features."):
+            self.features.init_parameter_(name[len("features."):], tensor, first_unit)
+        elif name == "head.weight":
+            init_by_unit_(tensor, 1, first_unit, self.init_seed, 3, "uniform", self.bound)
+        else:
+            tensor.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features.encode(x)))
 
 
-def build_model(config: ModelConfig, inputs: int) -> nn.Module:
+def build_model(config: ModelConfig, inputs: int, seed: Optional[int] = None) -> UnitInitialized:
     if config.kind == "rica":
-        return RICA(inputs, config.hidden, config.dropout)
+        return RICA(inputs, config.hidden, config.dropout, seed=seed)
     return Autoencoder(
         inputs,
         config.hidden,
@@ -132,4 +208,5 @@ def build_model(config: ModelConfig, inputs: int) -> nn.Module:
         activation=config.activation,
         decoder_activation=config.decoder_activation,
         dropout=config.dropout,
+        seed=seed,
     )

@@ -44,11 +44,12 @@ class Parallelism:
     def data_ranks(self) -> int:
         return self.data.size if self.data is not None else 1
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        """Apply the model-parallel plan (hidden units across the model axis), if any."""
+    def parallelize(self, model: nn.Module, device: torch.device = torch.device("cpu")) -> nn.Module:
+        """Apply the model-parallel plan (hidden units across the model axis), if any. A model
+        built on the meta device is materialised shard by shard on ``device``."""
         if self.model_mesh is None:
-            return model
-        return apply_hidden_unit_plan(model, self.model_mesh)
+            return model.to_empty(device=device).apply(_reset) if _on_meta(model) else model
+        return apply_hidden_unit_plan(model, self.model_mesh, device)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """This replica's share of a global batch's row indices (same for a model group)."""
@@ -64,3 +65,12 @@ class Parallelism:
         """Average gradients and logged values across data-parallel replicas, in place."""
         if self.data is not None:
             self.data.average_([local(t) for t in gradients + values])
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def _reset(module: nn.Module) -> None:
+    if hasattr(module, "hidden_unit_dims"):
+        module.reset_parameters()

@@ -20,36 +20,30 @@ curvature pairs the global inner products.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
 from terabrain.errors import ConfigError
-from terabrain.nn.autoencoder import RICA, Autoencoder, SupervisedHead
 
-HIDDEN_ROWS = Shard(0)  # (hidden, inputs) weights and (hidden,) biases
-HIDDEN_COLUMNS = Shard(1)  # (inputs, hidden) decoders and (outputs, hidden) heads
 REPLICATED = Replicate()
 
 
 def hidden_unit_plan(model: nn.Module) -> dict[str, Placement]:
-    """Placement on the model axis of every parameter of ``model``, by name."""
-    if isinstance(model, RICA):
-        return {"weight": HIDDEN_ROWS, "alpha": REPLICATED, "bias": REPLICATED}
-    if isinstance(model, Autoencoder):
-        plan = {"encoder.weight": HIDDEN_ROWS, "encoder.bias": HIDDEN_ROWS}
-        if model.tied:
-            plan["decoder_bias"] = REPLICATED
-        else:
-            plan.update({"decoder.weight": HIDDEN_COLUMNS, "decoder.bias": REPLICATED})
-        return plan
-    if isinstance(model, SupervisedHead):
-        inner = {f"features.{k}": v for k, v in hidden_unit_plan(model.features).items()}
-        return {**inner, "head.weight": HIDDEN_COLUMNS, "head.bias": REPLICATED}
-    raise ConfigError(
-        f"parallel.model > 1: no model-parallel plan for {type(model).__name__}; "
-        "allowed: rica and autoencoder models"
-    )
+    """Placement on the model axis of every parameter of ``model``, by name: sharded along
+    the dimension that indexes hidden units (the model's ``hidden_unit_dims``), replicated
+    otherwise (RICA's alpha, decoder biases)."""
+    dims = getattr(model, "hidden_unit_dims", None)
+    if dims is None:
+        raise ConfigError(
+            f"parallel.model > 1: no model-parallel plan for {type(model).__name__}; "
+            "allowed: rica and autoencoder models"
+        )
+    return {
+        name: Shard(dims[name]) if name in dims else REPLICATED
+        for name, _ in model.named_parameters()
+    }
 
 
 def check_divisible(hidden: int, ranks: int) -> None:
@@ -60,18 +54,33 @@ def check_divisible(hidden: int, ranks: int) -> None:
         )
 
 
-def apply_hidden_unit_plan(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def apply_hidden_unit_plan(
+    model: nn.Module, mesh: DeviceMesh, device: torch.device = torch.device("cpu")
+) -> nn.Module:
     """Replace ``model``'s parameters, in place, by DTensors placed on the 1-D model mesh.
 
-    Every rank builds the same full model from the same seed, so each keeps its own slice;
-    ``distribute_tensor`` scatters from rank 0, which also guarantees identical replicas.
+    Parameters on the meta device (a model built with ``torch.device("meta")``) are created
+    shard by shard on ``device`` and initialised in place by the model's own
+    ``init_parameter_``, so no rank ever holds the full matrix; the values equal a
+    single-process model's with the same seed. Real parameters are scattered from rank 0.
     """
     plan = hidden_unit_plan(model)
+    rank, ranks = mesh.get_local_rank(), mesh.size()
     for name, parameter in list(model.named_parameters()):
         if isinstance(parameter, DTensor):
             continue  # already placed (the trained feature learner under a new head)
+        placement = plan[name]
+        if parameter.device.type == "meta":
+            shape, first_unit = list(parameter.shape), 0
+            if isinstance(placement, Shard):
+                shape[placement.dim] //= ranks
+                first_unit = rank * shape[placement.dim]
+            local = torch.empty(shape, dtype=parameter.dtype, device=device)
+            model.init_parameter_(name, local, first_unit)
+            placed = DTensor.from_local(local, mesh, [placement], run_check=False)
+        else:
+            placed = distribute_tensor(parameter.detach(), mesh, [placement])
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        placed = distribute_tensor(parameter.detach(), mesh, [plan[name]])
         owner.register_parameter(leaf, nn.Parameter(placed, requires_grad=parameter.requires_grad))
     return model

@@ -161,11 +161,14 @@ def _feature_stage(
 ) -> torch.nn.Module:
     torch.manual_seed(config.seed)
     check_divisible(config.model.hidden, parallel.model_ranks)
-    model = build_model(config.model, data.inputs)
     if results.done("features"):
+        model = build_model(config.model, data.inputs, seed=config.seed)
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        return parallel.parallelize(model.to(device))
-    model = parallel.parallelize(model.to(device))
+        return parallel.parallelize(model.to(device), device)
+    # Built without memory, then each rank creates and initialises only its own shard.
+    with torch.device("meta"):
+        model = build_model(config.model, data.inputs, seed=config.seed)
+    model = parallel.parallelize(model, device)
     optimizer = build_optimizer(config.optimizer, model.parameters())
     started = time.perf_counter()
     trainer = _train_stage(
@@ -211,8 +214,8 @@ def _supervised_stage(
     outputs = data.num_classes if settings.task == "classification" else (
         1 if data.train_y.dim() == 1 else data.train_y.shape[1]
     )
-    model = SupervisedHead(features, config.model.hidden, outputs, settings.dropout).to(device)
-    model = parallel.parallelize(model)
+    model = SupervisedHead(features, config.model.hidden, outputs, settings.dropout, seed=config.seed + 1)
+    model = parallel.parallelize(model.to(device), device)
     if not settings.fine_tune:
         for parameter in model.features.parameters():
             parameter.requires_grad_(False)

@@ -25,17 +25,17 @@ INPUTS, HIDDEN, ROWS, BATCH, STEPS = 24, 8, 96, 32, 3
 
 CASES = {
     # name: (model factory, objective, optimizer, weight tolerance, needs labels)
-    "rica-sgd-nesterov": (lambda: RICA(INPUTS, HIDDEN), RICAObjective(0.1, 0.01),
+    "rica-sgd-nesterov": (lambda: RICA(INPUTS, HIDDEN, seed=5), RICAObjective(0.1, 0.01),
                           OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True), 1e-5, False),
-    "rica-lbfgs": (lambda: RICA(INPUTS, HIDDEN), RICAObjective(0.1, 0.01),
+    "rica-lbfgs": (lambda: RICA(INPUTS, HIDDEN, seed=5), RICAObjective(0.1, 0.01),
                    OptimizerConfig(name="lbfgs", max_iter=5), 1e-3, False),
-    "tied-ae-adam": (lambda: Autoencoder(INPUTS, HIDDEN, tied=True, activation="tanh"),
+    "tied-ae-adam": (lambda: Autoencoder(INPUTS, HIDDEN, tied=True, activation="tanh", seed=5),
                      ReconstructionObjective(1e-3), OptimizerConfig(name="adam", lr=0.01), 1e-5, False),
-    "untied-ae-rmsprop": (lambda: Autoencoder(INPUTS, HIDDEN, tied=False, activation="relu"),
+    "untied-ae-rmsprop": (lambda: Autoencoder(INPUTS, HIDDEN, tied=False, activation="relu", seed=5),
                           ReconstructionObjective(), OptimizerConfig(name="rmsprop", lr=0.01), 1e-5, False),
-    "sparse-ae-adagrad": (lambda: Autoencoder(INPUTS, HIDDEN, tied=False), SparseAutoencoderObjective(0.1, 3.0, 1e-3),
+    "sparse-ae-adagrad": (lambda: Autoencoder(INPUTS, HIDDEN, tied=False, seed=5), SparseAutoencoderObjective(0.1, 3.0, 1e-3),
                           OptimizerConfig(name="adagrad", lr=0.05), 1e-5, False),
-    "classifier-head-adam": (lambda: SupervisedHead(Autoencoder(INPUTS, HIDDEN), HIDDEN, 3),
+    "classifier-head-adam": (lambda: SupervisedHead(Autoencoder(INPUTS, HIDDEN, seed=5), HIDDEN, 3, seed=6),
                              ClassificationObjective(), OptimizerConfig(name="adam", lr=0.01), 1e-5, True),
 }
 
@@ -71,7 +71,9 @@ def run_case(name, parallel, rank):
     torch.manual_seed(0)
     reference = trainer(factory(), objective, optimizer_config, x, y)
     torch.manual_seed(0)
-    sharded = trainer(parallel.parallelize(factory()), objective, optimizer_config, x, y, parallel)
+    with torch.device("meta"):  # each rank then creates and initialises only its shard
+        unplaced = factory()
+    sharded = trainer(parallel.parallelize(unplaced), objective, optimizer_config, x, y, parallel)
     with torch.no_grad():
         first = x[:BATCH]
         expected = reference.model(first)
