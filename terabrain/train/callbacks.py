@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from terabrain.errors import TrainingError
+from terabrain.files import write_text_atomically
 from terabrain.parallel.parallelism import local
 from terabrain.train.checkpoint import CheckpointManager
 from terabrain.train.trainer import Callback, Trainer
@@ -47,7 +48,7 @@ class MetricsLogger(Callback):
                 if record.get("stage") == self.stage and record.get("step", 0) > trainer.step:
                     continue
                 kept.append(line)
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+            write_text_atomically(self.path, "".join(f"{line}\n" for line in kept))
         self._start = self._last_time = time.perf_counter()
         self._last_step = trainer.step
 

@@ -27,8 +27,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from terabrain.errors import TrainingError
+from terabrain.files import fsync_dir, write_text_atomically
 from terabrain.train.optim import optimizer_state_template
 
 # DCP warns on every single-process save and load; that is how this toolkit runs on a laptop.
@@ -52,8 +55,12 @@ _ALLOWED_MODULES = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if "." not in name and (module in _ALLOWED_MODULES or (module, name) in _ALLOWED_GLOBALS):
+        if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if module in _ALLOWED_MODULES and "." not in name:
+            found = super().find_class(module, name)
+            if isinstance(found, type):  # metadata classes only, never a function
+                return found
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(
@@ -96,24 +103,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
-
-
 class CheckpointManager:
     """Saves and finds checkpoints in one directory, keeping the newest ``keep``."""
 
@@ -153,10 +142,10 @@ class CheckpointManager:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(partial, sync_files=True))
         _barrier()
         if _is_rank_zero():
-            _fsync_dir(partial)
+            fsync_dir(partial)
             os.rename(partial, final)
-            _fsync_dir(self.directory)
-            _write_atomically(self.directory / "latest", final.name + "\n")
+            fsync_dir(self.directory)
+            write_text_atomically(self.directory / "latest", final.name + "\n")
             self._prune()
         _barrier()
         return final
@@ -187,19 +176,33 @@ def template_from_metadata(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def load(path: Path, state: dict[str, Any]) -> None:
-    """Fill ``state`` (same structure as saved) in place from the checkpoint at ``path``."""
-    dcp.load(state, storage_reader=SafeFileSystemReader(path))
+    """Fill ``state`` (same structure as saved) in place from the checkpoint at ``path``.
+    A damaged or tampered checkpoint is a TrainingError naming it."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path))
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        raise TrainingError(f"cannot load checkpoint {path}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    failures = getattr(error, "failures", None)  # CheckpointException: per-rank causes
+    if failures:
+        error = next(iter(failures.values()))
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def restore(path: Path, trainer: Any) -> None:
     """Load checkpoint ``path`` into a freshly built trainer (model, optimizer, step, RNG,
     callbacks). The optimizer's template comes from the checkpoint's own metadata, since a
     fresh optimizer has no state yet to be filled in place."""
-    saved = set(read_metadata(path).state_dict_metadata)
+    try:
+        saved = set(read_metadata(path).state_dict_metadata)
+        shapes = saved_shapes(path, "optimizer.")
+    except (OSError, pickle.UnpicklingError, EOFError) as error:
+        raise TrainingError(f"cannot load checkpoint {path}: {_first_line(error)}") from error
     template = trainer.state_dict()
-    template["optimizer"] = optimizer_state_template(
-        trainer.model, saved_shapes(path, "optimizer.")
-    )
+    template["optimizer"] = optimizer_state_template(trainer.model, shapes)
     if "trainer.cuda_rng" not in saved:
         template["trainer"].pop("cuda_rng", None)
     load(path, template)

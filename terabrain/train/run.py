@@ -18,7 +18,6 @@ Run directory::
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +32,7 @@ from terabrain.config.loader import to_yaml
 from terabrain.config.schema import ExperimentConfig, TrainConfig
 from terabrain.data.prepare import PreparedData, prepare_data
 from terabrain.errors import ConfigError
+from terabrain.files import replace_atomically, write_text_atomically
 from terabrain.nn.autoencoder import SupervisedHead, build_model
 from terabrain.objectives import build_objective, build_supervised_objective
 from terabrain.parallel.parallelism import Parallelism, full, local
@@ -50,6 +50,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+# Above this many parameters, final weights are not gathered into one file (nor filters
+# drawn): that would need the whole model in every rank's memory.
+GATHER_LIMIT = 2**30
 
 
 def is_main_rank() -> bool:
@@ -75,22 +80,16 @@ class Results:
 
     def record(self, stage: str, values: dict[str, Any]) -> None:
         self.data[stage] = values
-        if not is_main_rank():
-            return
-        temporary = self.path.with_name(".results.json.tmp")
-        temporary.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(temporary, self.path)
+        if is_main_rank():
+            write_text_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
 def _export(model: torch.nn.Module, path: Path) -> None:
     """Unsharded weights as safetensors. Gathering sharded weights is a collective: every
     rank calls this, rank 0 writes."""
     tensors = {k: full(v.detach()).cpu().contiguous() for k, v in model.state_dict().items()}
-    if not is_main_rank():
-        return
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(temporary))
-    os.replace(temporary, path)
+    if is_main_rank():
+        replace_atomically(path, lambda temporary: save_file(tensors, str(temporary)))
 
 
 def _train_stage(
@@ -179,16 +178,23 @@ def _feature_stage(
         # Rank 0's own shard of the filters: TensorBoard runs on rank 0 only.
         filter_image=lambda: filter_grid(local(model.filters()), data.example_shape),
     )
-    _export(model, run_dir / "model.safetensors")
-    filters = full(model.filters()).cpu()
-    if is_main_rank():
-        save_filter_grid(run_dir / "filters.png", filters, data.example_shape)
     summary = {
         "steps": trainer.step,
         "stop_reason": trainer.stop_reason or "finished",
         "final": _last_metrics(run_dir, "features"),
         "seconds_this_session": time.perf_counter() - started,
     }
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters > GATHER_LIMIT:
+        # Gathering would put the whole model on every rank; the sharded checkpoint is the
+        # model's export at this size.
+        summary["export"] = f"skipped: {parameters:,} parameters; use {run_dir}/checkpoints"
+        results.record("features", summary)
+        return model
+    _export(model, run_dir / "model.safetensors")
+    filters = full(model.filters()).cpu()
+    if is_main_rank():
+        save_filter_grid(run_dir / "filters.png", filters, data.example_shape)
     summary["filters"] = compare_with_random(
         filters, data.example_shape, data.holdout_x, config.seed
     )
@@ -247,11 +253,14 @@ def run_experiment(
         device = torch.device("cuda", torch.cuda.current_device())
     if is_main_rank():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
+        resolved = to_yaml(config)
+        path = run_dir / "config.yaml"
+        if not path.exists() or path.read_text() != resolved:
+            write_text_atomically(path, resolved)
     torch.manual_seed(config.seed)
     data = prepare_data(config.data, config.seed)
     if data.whitening is not None and is_main_rank():
-        data.whitening.save(run_dir / "whitening.safetensors")
+        replace_atomically(run_dir / "whitening.safetensors", data.whitening.save)
     results = Results(run_dir / "results.json")
     features = _feature_stage(config, data, run_dir, device, results, parallel)
     if config.supervised is not None:
