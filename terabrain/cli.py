@@ -116,6 +116,19 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """`terabrain plan EXPERIMENT --gpus N --gpu-memory 80GB`: memory per rank and bytes sent
+    per step for every (data, model) split of N devices; the model is never allocated."""
+    from terabrain.config.loader import load_experiment
+    from terabrain.plan import format_plan, parse_memory, plan_experiment
+
+    memory = parse_memory(args.gpu_memory, "--gpu-memory")
+    config = load_experiment(args.experiment, args.set)
+    plan = plan_experiment(config, args.gpus, memory, batch=args.batch, headroom=args.headroom)
+    print(plan.to_json() if args.json else format_plan(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="terabrain", description="Large-scale unsupervised feature learning on PyTorch."
@@ -147,6 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name", help="a built-in name or an EXPERIMENT.yaml")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     show.set_defaults(handler=_show)
+
+    plan = commands.add_parser(
+        "plan", help="memory per rank and traffic per step for each (data, model) split",
+        description="terabrain plan lbann-ae-50k --gpus 8 --gpu-memory 80GB",
+    )
+    plan.add_argument("experiment", nargs="?", help="a built-in name or an EXPERIMENT.yaml")
+    plan.add_argument("--gpus", type=int, required=True, metavar="N",
+                      help="devices (ranks) to split the experiment over")
+    plan.add_argument("--gpu-memory", required=True, metavar="SIZE",
+                      help="memory per device: 80GB (10^9 bytes), 80GiB (2^30), 512MB, ...")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field, e.g. --set model.hidden=100000 (repeatable)")
+    plan.add_argument("--batch", type=int, metavar="N",
+                      help="global batch size (default: train.batch_size)")
+    plan.add_argument("--headroom", type=float, default=0.9,
+                      help="fraction of the device memory the plan may use (default 0.9)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_plan)
     return parser
 
 
