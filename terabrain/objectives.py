@@ -56,6 +56,9 @@ class RICAObjective(Objective):
 
 
 def _weight_decay(model: Autoencoder, weight: float) -> torch.Tensor:
+    if weight == 0.0:
+        # Not computed at all: even multiplied by 0 it would cost a weight-sized gradient.
+        return torch.zeros((), device=model.encoder.weight.device)
     return 0.5 * weight * sum(w.pow(2).sum() for w in model.weights())
 
 

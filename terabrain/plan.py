@@ -36,11 +36,10 @@ Bytes each rank sends per closure evaluation (ring collectives: an all-reduce of
 over k ranks sends 2 (k-1)/k * S per rank, an all-gather of a tensor of S bytes (k-1)/k * S):
 
 - model axis: the reconstruction is a partial sum over hidden units, all-reduced:
-  2 (m-1)/m * b * n * 4, in the forward pass. The mathematics needs nothing in the backward
-  pass: the residual's gradient is replicated, so the gradients of the sharded codes and
-  weights are local products. DTensor nevertheless reduces the residual a second time in the
-  backward pass (``pow``'s backward reads the saved *partial* residual), measured with
-  CommDebugMode, so the planner counts 2 such all-reduces. Sums over hidden units add
+  2 (m-1)/m * b * n * 4, in the forward pass, as it leaves the model (the plan makes partial
+  outputs whole there). The backward pass needs nothing more: the residual's gradient is
+  replicated, so the gradients of the sharded codes and weights are local products. Sums
+  over hidden units add
   scalars: one for an autoencoder's loss (weight decay and KL), b + 1 for RICA (each row's
   L1, and the gradient of its replicated alpha). L-BFGS also all-gathers the sharded
   gradient into its replicated flat vector: (m-1)/m * 4 * (sharded elements).
@@ -67,7 +66,7 @@ from terabrain.errors import ConfigError
 
 FP32 = 4
 DEFAULT_HEADROOM = 0.9
-RECONSTRUCTION_ALL_REDUCES = 2  # forward, and DTensor's re-reduction in the backward pass
+RECONSTRUCTION_ALL_REDUCES = 1  # forward only: the plan makes the reconstruction whole
 
 _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -158,24 +157,26 @@ def parameters_of(config: ExperimentConfig, inputs: int) -> list[ParameterInfo]:
     plan = hidden_unit_plan(model)
     return [
         ParameterInfo(
-            name, list(p.shape), p.numel(), repr(plan[name]), _gradient_copies(model, name)
+            name, list(p.shape), p.numel(), repr(plan[name]),
+            _gradient_copies(model, name, config.objective.weight_decay > 0),
         )
         for name, p in model.named_parameters()
         if p.requires_grad
     ]
 
 
-def _gradient_copies(model: torch.nn.Module, name: str) -> int:
+def _gradient_copies(model: torch.nn.Module, name: str, weight_decay: bool) -> int:
     """A weight used k times in the graph has k partial gradients and their sum alive at
-    once (measured with MemTracker; see the module docstring)."""
+    once (measured with MemTracker; see the module docstring). The weight-decay term, when
+    on, is one more use."""
     from terabrain.nn.autoencoder import RICA, Autoencoder
 
     if isinstance(model, RICA) and name == "weight":
         return 5
     if isinstance(model, Autoencoder) and name == "encoder.weight":
-        return 3 if model.tied else 2
+        return (3 if model.tied else 2) + weight_decay
     if isinstance(model, Autoencoder) and name == "decoder.weight":
-        return 2
+        return 2 + weight_decay
     return 1
 
 
@@ -371,7 +372,12 @@ def plan_experiment(
         # Sums over hidden units, as DTensor issues them: an autoencoder's loss reduces one
         # scalar (its weight decay and KL sums meet in it); RICA reduces each row's L1 and
         # the gradient of its replicated scale alpha.
-        scalars = rows + 1 if config.model.kind == "rica" else 1
+        # Sums over hidden units: RICA's per-row L1 and alpha's gradient; an autoencoder's
+        # weight decay and KL terms (none without them).
+        autoencoder_sums = int(config.objective.weight_decay > 0) or int(
+            config.objective.kind == "sparse_autoencoder"
+        )
+        scalars = rows + 1 if config.model.kind == "rica" else autoencoder_sums
         per_eval_model = _ring_all_reduce(
             model_ranks, RECONSTRUCTION_ALL_REDUCES * FP32 * rows * n
         ) + _ring_all_reduce(model_ranks, FP32 * scalars)
@@ -452,12 +458,12 @@ def _notes(plan: Plan, config: ExperimentConfig) -> list[str]:
         "(1x with momentum), adam 2x, rmsprop 1x (+1x), adagrad 1x, lbfgs replicated flat vectors",
         "activ: 4 B x batch/data x (3 hidden/model + 5 inputs); other: the training set, which "
         "every rank keeps on its device (+ autocast's bf16 weight copy)",
-        "sent:model: 2 ring all-reduces of the (batch/data x inputs) reconstruction residual per "
-        "forward+backward, 2(m-1)/m x rows x inputs x 4 B each (DTensor repeats the forward's in "
-        "the backward); sent:data: one ring all-reduce of the local gradients, "
+        "sent:model: one ring all-reduce of the (batch/data x inputs) reconstruction per "
+        "forward+backward, 2(m-1)/m x rows x inputs x 4 B; sent:data: one ring all-reduce of "
+        "the local gradients, "
         "2(d-1)/d x local parameters x 4 B",
         "not counted: at the end of the stage every rank gathers the full weights "
-        "(model.safetensors, filters.png)",
+        "(model.safetensors, filters.png), skipped above 2^30 parameters",
     ]
     return notes
 

@@ -132,15 +132,15 @@ def test_bytes_sent_for_a_hand_computed_case():
     # data 2 x model 2: 3 rows per rank; local = 128/2 + 8/2 + 16 = 84 parameters.
     s = split(plan, 2, 2)
     assert s.local_parameters == 84
-    # model axis: 2 all-reduces (forward, and DTensor's again in the backward) of the
-    # 3 x 16 fp32 residual, ring 2(m-1)/m = 1: 2 * 192 B, + 1 loss scalar (4 B).
-    assert s.model_axis_sent == 2 * 3 * 16 * 4 + 4 == 388
+    # model axis: 1 all-reduce of the 3 x 16 fp32 reconstruction (made whole as it leaves the
+    # model), ring 2(m-1)/m = 1: 192 B; no weight decay, so no sum over hidden units.
+    assert s.model_axis_sent == 3 * 16 * 4 == 192
     # data axis: local gradients + 3 logged values, ring 2(d-1)/d = 1: (84 + 3) * 4 B.
     assert s.data_axis_sent == (84 + 3) * 4 == 348
-    assert s.sent == 736
+    assert s.sent == 192 + 348
     # data 1 x model 4: 6 rows; ring factor 2 * 3/4 = 1.5.
     s = split(plan, 1, 4)
-    assert s.model_axis_sent == 1.5 * (2 * 6 * 16 * 4 + 4) == 1158
+    assert s.model_axis_sent == 1.5 * (6 * 16 * 4) == 576
     assert s.data_axis_sent == 0
     # data 4 x model 1 cannot split a batch of 6 four ways.
     assert split(plan, 4, 1).status == "no: data does not divide batch (6)"
@@ -150,7 +150,7 @@ def test_bytes_sent_for_a_hand_computed_case():
         "lbann-ae-small", TINY + ["optimizer.name=lbfgs", "optimizer.max_iter=4",
                                   "optimizer.momentum=0"]), 4, GB)
     assert lbfgs.evaluations_per_step == 5
-    assert split(lbfgs, 2, 2).model_axis_sent == 5 * (388 + 136 * 4 / 2)
+    assert split(lbfgs, 2, 2).model_axis_sent == 5 * (192 + 136 * 4 / 2)
 
 
 class _Collectives(torch.utils._python_dispatch.TorchDispatchMode):

@@ -83,4 +83,20 @@ def apply_hidden_unit_plan(
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         owner.register_parameter(leaf, nn.Parameter(placed, requires_grad=parameter.requires_grad))
+    if not getattr(model, "_outputs_made_whole", False):
+        model.register_forward_hook(_partial_outputs_made_whole)
+        model._outputs_made_whole = True
     return model
+
+
+def _partial_outputs_made_whole(module: nn.Module, inputs, outputs):
+    """Sum partial outputs (the reconstruction, a head's logits) across the model axis as
+    they leave the model. Left partial, DTensor would sum them where the objective first
+    needs them, after saving the partial residual for the backward pass, and sum it again
+    there: twice the model axis traffic of this one all-reduce."""
+    def whole(value):
+        if isinstance(value, DTensor) and any(p.is_partial() for p in value.placements):
+            return value.redistribute(placements=[REPLICATED] * value.device_mesh.ndim)
+        return value
+
+    return tuple(whole(v) for v in outputs) if isinstance(outputs, tuple) else whole(outputs)
