@@ -19,6 +19,16 @@ from terabrain.train.optim import build_optimizer
 torch.manual_seed(0)
 
 
+def _step(optimizer, objective, model, x):
+    """One optimizer step through a closure, the way the trainer drives every optimizer."""
+    def closure():
+        optimizer.zero_grad()
+        loss, _ = objective(model, x)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+
+
 def test_rica_loss_is_seed_000_equation_1():
     model = RICA(inputs=6, hidden=4)
     with torch.no_grad():
@@ -43,12 +53,7 @@ def test_rica_rows_stay_unit_norm_after_every_step(name):
     optimizer = build_optimizer(OptimizerConfig(name=name, lr=0.1 if name != "lbfgs" else 1.0), model.parameters())
     x = torch.randn(64, 16)
     for _ in range(3):
-        def closure():
-            optimizer.zero_grad()
-            loss, _ = objective(model, x)
-            loss.backward()
-            return loss
-        optimizer.step(closure)
+        _step(optimizer, objective, model, x)
         objective.after_step(model)
         norms = model.weight.detach().norm(dim=1)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
@@ -131,12 +136,7 @@ def test_optimizers_come_from_torch_optim_and_lower_the_loss(config, kind):
     objective = ReconstructionObjective()
     first = objective(model, x)[0].item()
     for _ in range(20):
-        def closure():
-            optimizer.zero_grad()
-            loss, _ = objective(model, x)
-            loss.backward()
-            return loss
-        optimizer.step(closure)
+        _step(optimizer, objective, model, x)
     assert objective(model, x)[0].item() < first
 
 
