@@ -114,7 +114,8 @@ class Trainer:
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def batch(self, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This rank's inputs and targets for ``step``, as the model expects them."""
         rows = self.order.indices(step)
         if self.parallel.data is not None:
             rows = self.parallel.rows(torch.arange(self.order.rows) if rows is None else rows)
@@ -155,7 +156,7 @@ class Trainer:
             callback.on_train_start(self)
         while self.step < self.steps and self.stop_reason is None:
             begin = time.perf_counter()
-            x, y = self._batch(self.step)
+            x, y = self.batch(self.step)
             fetched = time.perf_counter()
             parts = self.train_step(x, y)
             self.step += 1

@@ -83,8 +83,8 @@ def run_case(name, parallel, rank):
             assert torch.allclose(e, full(g), rtol=1e-5, atol=1e-6), f"{name}: forward differs"
     losses, grads, weights = [], [], []
     for step in range(STEPS):
-        a = reference.train_step(*reference._batch(step))
-        b = sharded.train_step(*sharded._batch(step))
+        a = reference.train_step(*reference.batch(step))
+        b = sharded.train_step(*sharded.batch(step))
         losses.append(abs(a["loss"].item() - full(b["loss"]).item()) / max(abs(a["loss"].item()), 1e-6))
         grads.append(max_difference(reference.model, sharded.model, "grad"))
         weights.append(max_difference(reference.model, sharded.model, "data"))
