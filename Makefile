@@ -27,6 +27,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_overhead.py
+	$(BIN)/python bench/scaling.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

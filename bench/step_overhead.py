@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from _common import OtherLoad  # bench/ is on sys.path: scripts run as bench/NAME.py
+
 from terabrain.config.schema import OptimizerConfig
 from terabrain.nn.autoencoder import Autoencoder
 from terabrain.objectives import ReconstructionObjective
@@ -175,33 +177,6 @@ class TerabrainLoop:
             raise RuntimeError(f"terabrain stopped at step {trainer.step}: {trainer.stop_reason}")
         self.last_loss = json.loads(metrics.read_text().splitlines()[-1])["loss"]
         return seconds
-
-
-class OtherLoad:
-    """CPU time other processes used while measuring, in cores (Linux; None elsewhere):
-    with 2 cores, anything else running skews both sides and the GEMM ceiling."""
-
-    def __init__(self):
-        self.start = self._snapshot()
-
-    @staticmethod
-    def _snapshot():
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        except OSError:
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-        ticks = os.sysconf("SC_CLK_TCK")
-        busy = (user + nice + system + irq + softirq + steal) / ticks
-        own = os.times()
-        return busy, own.user + own.system, time.monotonic()
-
-    def cores(self) -> float | None:
-        end = self._snapshot()
-        if self.start is None or end is None:
-            return None
-        busy, own, wall = (b - a for a, b in zip(self.start, end))
-        return max(busy - own, 0.0) / wall
 
 
 def timed(fn, device: torch.device) -> float:
