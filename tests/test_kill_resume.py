@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -240,23 +240,23 @@ def _newest_checkpoint(run_dir: Path) -> int:
     return int(latest.name.split("_")[1]) if latest is not None else 0
 
 
-def _run_until(run_dir: Path, log: Path, kill: Kill) -> bool:
-    """Start or resume the run and SIGKILL it at ``kill``; False if it finished first."""
-    baseline = _newest_checkpoint(run_dir)
+def _run_and_kill_when(
+    run_dir: Path, log: Path, due: Callable[[float], bool], poll_s: float,
+    timeout: float = RUN_TIMEOUT_S,
+) -> bool:
+    """Start or resume the run, polling every ``poll_s`` seconds, and SIGKILL it the first
+    time ``due(seconds since start)`` is true. False if the run finished first."""
     process = _start(run_dir, log)
     begin = time.monotonic()
-    deadline = None if kill.checkpoints else begin + kill.after_s
     try:
         while process.poll() is None:
-            now = time.monotonic()
-            if now - begin > RUN_TIMEOUT_S:
-                pytest.fail(f"run did not finish in {RUN_TIMEOUT_S} s:\n{log.read_text()}")
-            if deadline is None and _newest_checkpoint(run_dir) >= baseline + kill.checkpoints:
-                deadline = now + kill.after_s
-            if deadline is not None and now >= deadline:
+            elapsed = time.monotonic() - begin
+            if elapsed > timeout:
+                pytest.fail(f"run did not finish in {timeout} s:\n{log.read_text()}")
+            if due(elapsed):
                 _kill(process)
                 break
-            time.sleep(0.002)
+            time.sleep(poll_s)
     finally:
         if process.poll() is None:
             _kill(process)
@@ -264,6 +264,20 @@ def _run_until(run_dir: Path, log: Path, kill: Kill) -> bool:
         return False
     assert process.returncode == -signal.SIGKILL, log.read_text()
     return True
+
+
+def _run_until(run_dir: Path, log: Path, kill: Kill) -> bool:
+    """Start or resume the run and SIGKILL it at ``kill``; False if it finished first."""
+    baseline = _newest_checkpoint(run_dir)
+    deadline = None if kill.checkpoints else kill.after_s
+
+    def due(elapsed: float) -> bool:
+        nonlocal deadline
+        if deadline is None and _newest_checkpoint(run_dir) >= baseline + kill.checkpoints:
+            deadline = elapsed + kill.after_s
+        return deadline is not None and elapsed >= deadline
+
+    return _run_and_kill_when(run_dir, log, due, poll_s=0.002)
 
 
 def _kill_and_resume(
@@ -323,28 +337,18 @@ def _kill_when_partial_appears(
     ``.step_*.partial`` directory appears. Returns whether a partial directory was still
     there after the kill (the kill hit a save in progress), or None if the run finished."""
     checkpoints = run_dir / "checkpoints"
-    process = _start(run_dir, log)
     seen: set[str] = set()
-    begin = time.monotonic()
-    try:
-        while process.poll() is None:
-            if time.monotonic() - begin > timeout:
-                pytest.fail(f"run did not finish in {timeout} s:\n{log.read_text()}")
-            try:
-                partials = {e.name for e in os.scandir(checkpoints) if e.name.endswith(".partial")}
-            except FileNotFoundError:
-                partials = set()
-            seen |= partials
-            if len(seen) >= nth and partials:
-                os.killpg(process.pid, signal.SIGKILL)
-                break
-            time.sleep(0.0005)
-    finally:
-        if process.poll() is None:
-            _kill(process)
-    if process.returncode == 0:
+
+    def due(elapsed: float) -> bool:
+        try:
+            partials = {e.name for e in os.scandir(checkpoints) if e.name.endswith(".partial")}
+        except FileNotFoundError:
+            partials = set()
+        seen.update(partials)
+        return len(seen) >= nth and bool(partials)
+
+    if not _run_and_kill_when(run_dir, log, due, poll_s=0.0005, timeout=timeout):
         return None
-    assert process.returncode == -signal.SIGKILL, log.read_text()
     return bool(list(checkpoints.glob(".step_*.partial")))
 
 

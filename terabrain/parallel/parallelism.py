@@ -48,7 +48,10 @@ class Parallelism:
         """Apply the model-parallel plan (hidden units across the model axis), if any. A model
         built on the meta device is materialised shard by shard on ``device``."""
         if self.model_mesh is None:
-            return model.to_empty(device=device).apply(_reset) if _on_meta(model) else model
+            if _on_meta(model):
+                model.to_empty(device=device)
+                model.reset_parameters()  # the root initialises every parameter by name
+            return model
         return apply_hidden_unit_plan(model, self.model_mesh, device)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -69,8 +72,3 @@ class Parallelism:
 
 def _on_meta(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
-
-
-def _reset(module: nn.Module) -> None:
-    if hasattr(module, "hidden_unit_dims"):
-        module.reset_parameters()

@@ -162,7 +162,10 @@ def read_metadata(path: Path) -> Metadata:
 def saved_shapes(path: Path, prefix: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Shape and dtype of every tensor the checkpoint holds under ``prefix`` (flattened keys),
     for state whose shape only the checkpoint knows (optimizer history)."""
-    metadata = read_metadata(path)
+    return _shapes(read_metadata(path), prefix)
+
+
+def _shapes(metadata: Metadata, prefix: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
     return {
         key[len(prefix) :]: (entry.size, entry.properties.dtype)
         for key, entry in metadata.state_dict_metadata.items()
@@ -197,8 +200,9 @@ def restore(path: Path, trainer: Any) -> None:
     callbacks). The optimizer's template comes from the checkpoint's own metadata, since a
     fresh optimizer has no state yet to be filled in place."""
     try:
-        saved = set(read_metadata(path).state_dict_metadata)
-        shapes = saved_shapes(path, "optimizer.")
+        metadata = read_metadata(path)
+        saved = set(metadata.state_dict_metadata)
+        shapes = _shapes(metadata, "optimizer.")
     except (OSError, pickle.UnpicklingError, EOFError) as error:
         raise TrainingError(f"cannot load checkpoint {path}: {_first_line(error)}") from error
     template = trainer.state_dict()

@@ -192,12 +192,12 @@ def _feature_stage(
         results.record("features", summary)
         return model
     _export(model, run_dir / "model.safetensors")
-    filters = full(model.filters()).cpu()
+    filters = full(model.filters()).cpu()  # a collective: every rank takes part
     if is_main_rank():
         save_filter_grid(run_dir / "filters.png", filters, data.example_shape)
-    summary["filters"] = compare_with_random(
-        filters, data.example_shape, data.holdout_x, config.seed
-    )
+        summary["filters"] = compare_with_random(
+            filters, data.example_shape, data.holdout_x, config.seed
+        )
     results.record("features", summary)
     return model
 
