@@ -16,7 +16,9 @@ from terabrain.nn.autoencoder import RICA, Autoencoder, SupervisedHead
 from terabrain.objectives import (
     ClassificationObjective, ReconstructionObjective, RICAObjective, SparseAutoencoderObjective,
 )
-from terabrain.parallel import build_mesh, detect_launch_env, fail_fast, init_distributed
+from terabrain.parallel import (
+    build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
+)
 from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.train.optim import build_optimizer
 from terabrain.train.trainer import Trainer
@@ -103,6 +105,9 @@ def main(shape: str) -> None:
         parallel = Parallelism(build_mesh(data, model, env))
         for name in CASES:
             run_case(name, parallel, env.rank)
+        # Leave the group before exit: gloo's threads torn down at interpreter exit can
+        # abort the process (seen as "terminate called without an active exception").
+        shutdown_distributed()
     print(f"rank {env.rank}: all cases ok", flush=True)
 
 
