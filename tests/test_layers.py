@@ -162,9 +162,9 @@ def test_lcn_output_has_zero_local_mean_and_unit_local_contrast():
     # exactly, as the divisor varies across the window.
     assert mean_out.abs().mean() < 0.04 and mean_out.abs().max() < 0.2
     # Divisive step: local contrast ~1 where the input's contrast is above the floor, and
-    # evened out (20x apart before).
+    # evened out (3x apart across the rows compared, before).
     inner = (slice(None), slice(4, -4), slice(4, -4))
-    assert contrast_in[inner][:, -6:].mean() / contrast_in[inner][:, :6].mean() > 5
+    assert contrast_in[inner][:, -6:].mean() / contrast_in[inner][:, :6].mean() > 2.5
     strong = contrast_out[inner][:, -10:]
     assert 0.85 < strong.median() < 1.15, strong.median()
     assert (strong - 1).abs().max() < 0.35
