@@ -35,6 +35,18 @@ def _squared_error(reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return (reconstruction.float() - x.float()).pow(2).sum(dim=1).mean()
 
 
+def rica_loss(
+    codes: torch.Tensor, reconstruction: torch.Tensor, x: torch.Tensor,
+    sparsity_weight: float, epsilon: float,
+) -> tuple[torch.Tensor, Parts]:
+    """Seed 000, eq. 1, per example and averaged over the batch; any shapes (images too):
+    everything but the batch dimension is summed."""
+    error = _squared_error(reconstruction.flatten(1), x.flatten(1))
+    sparsity = torch.sqrt(codes.float().flatten(1).pow(2) + epsilon).sum(dim=1).mean()
+    loss = error + sparsity_weight * sparsity
+    return loss, {"reconstruction": error, "sparsity": sparsity}
+
+
 class RICAObjective(Objective):
     """Seed 000, eq. 1: ``||W^T(alpha W x) + b - x||^2 + lambda sum_j sqrt((alpha W x)_j^2
     + eps)`` subject to unit-norm rows of W. The square root is the smooth L1 penalty of
@@ -46,10 +58,7 @@ class RICAObjective(Objective):
 
     def __call__(self, model: RICA, x, y=None):
         codes, reconstruction = model(x)
-        error = _squared_error(reconstruction, x)
-        sparsity = torch.sqrt(codes.float().pow(2) + self.epsilon).sum(dim=1).mean()
-        loss = error + self.sparsity_weight * sparsity
-        return loss, {"reconstruction": error, "sparsity": sparsity}
+        return rica_loss(codes, reconstruction, x, self.sparsity_weight, self.epsilon)
 
     def after_step(self, model: RICA) -> None:
         model.normalize_()

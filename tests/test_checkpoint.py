@@ -359,4 +359,4 @@ def test_continuing_after_restore_is_bit_identical(tmp_path, name, stop_at):
         optimizer_state_tensors(uninterrupted.model, uninterrupted.optimizer),
         optimizer_state_tensors(resumed.model, resumed.optimizer),
     )
-    assert resumed.callbacks[0].best == uninterrupted.callbacks[0].best
+    assert resumed.callbacks[0].plateau.best == uninterrupted.callbacks[0].plateau.best

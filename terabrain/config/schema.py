@@ -90,10 +90,11 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """The feature learner: a plain module with no parallelism inside."""
 
-    kind: Literal["rica", "autoencoder"] = Field(
+    kind: Literal["rica", "autoencoder", "deep"] = Field(
         "rica",
         description="rica: x -> alpha W x, reconstructed as W^T(alpha W x) + b, W's rows of "
-        "unit norm (seed 000, eq. 1); autoencoder: x -> act(W1 x + b1) -> W2 h + b2.",
+        "unit norm (seed 000, eq. 1); autoencoder: x -> act(W1 x + b1) -> W2 h + b2; deep: "
+        "a stack of RICA layers (model.layers) trained layer by layer.",
     )
     hidden: PositiveInt = Field(128, description="Hidden units (features, filters).")
     tied: bool = Field(True, description="autoencoder: decoder uses the encoder's W^T.")
@@ -105,6 +106,78 @@ class ModelConfig(Section):
     )
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout probability on the input of the encoder."
+    )
+    layers: list[LayerConfig] = Field(
+        default_factory=list,
+        description="model.kind deep: the layers, bottom first, each trained with RICA "
+        "(seed 000's networks); see docs/deep.md.",
+    )
+    input_shape: Optional[tuple[PositiveInt, PositiveInt, PositiveInt]] = Field(
+        None,
+        description="model.kind deep: (channels, height, width) of the input images; null: "
+        "from the data. Needed by `terabrain plan` for networks larger than any data here.",
+    )
+
+    @model_validator(mode="after")
+    def _deep_needs_layers(self) -> "ModelConfig":
+        if self.kind == "deep" and not self.layers:
+            raise ValueError("model.layers: model.kind deep needs at least one layer")
+        if self.kind != "deep" and self.layers:
+            raise ValueError("model.layers is only used with model.kind deep")
+        return self
+
+
+class LCNConfig(Section):
+    """Local contrast normalization after a layer (seed 000; Jarrett et al. 2009)."""
+
+    kernel: PositiveInt = Field(9, description="Side of the Gaussian window, in positions.")
+    sigma: Optional[PositiveFloat] = Field(
+        None, description="Width of the Gaussian window; null: kernel / 4."
+    )
+
+    @model_validator(mode="after")
+    def _odd(self) -> "LCNConfig":
+        if self.kernel % 2 == 0:
+            raise ValueError(f"lcn.kernel must be odd (a centred window), got {self.kernel}")
+        return self
+
+
+class PoolConfig(Section):
+    """Pooling after a layer (before LCN)."""
+
+    kind: Literal["l2", "max", "avg"] = Field(
+        "l2", description="l2: sqrt of the sum of squares in the window (Le et al. 2012)."
+    )
+    kernel: PositiveInt = Field(5, description="Window side.")
+    stride: Optional[PositiveInt] = Field(None, description="null: the window side.")
+
+
+class LayerConfig(Section):
+    """One layer of a deep network, trained layer-wise with its own RICA objective."""
+
+    kind: Literal["local", "conv", "dense"] = Field(
+        "local",
+        description="local: untied locally connected (a separate filter bank at every "
+        "location); conv: shared filters (torch conv2d); dense: fully connected.",
+    )
+    maps: PositiveInt = Field(
+        8, description="local/conv: output maps (filters per location); dense: hidden units."
+    )
+    kernel: PositiveInt = Field(8, description="local/conv: receptive field side.")
+    stride: PositiveInt = Field(1, description="local/conv: step between receptive fields.")
+    padding: int = Field(0, ge=0, description="local/conv: zeros added on every side.")
+    tied: bool = Field(
+        True,
+        description="Decoder is the encoder's transpose (RICA). false: a separate decoder "
+        "matrix, as in Le et al. 2012 (twice the weights).",
+    )
+    sparsity_weight: Optional[float] = Field(
+        None, ge=0.0, description="This layer's lambda; null: objective.sparsity_weight."
+    )
+    pool: Optional[PoolConfig] = Field(None, description="Pooling after the layer.")
+    lcn: Optional[LCNConfig] = Field(None, description="LCN after the layer (and pooling).")
+    steps: Optional[PositiveInt] = Field(
+        None, description="This layer's budget in layer-wise training; null: train.steps."
     )
 
 
@@ -186,6 +259,19 @@ class TrainConfig(Section):
         0, ge=0, description="Steps between TensorBoard weight histograms (0: at the end)."
     )
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    schedule: Literal["greedy", "pipelined"] = Field(
+        "greedy",
+        description="model.kind deep: greedy trains layer L+1 once layer L has finished (its "
+        "budget or early stopping); pipelined starts it once layer L has trained "
+        "train.start_after steps, feeding it from a copy of layer L refreshed every "
+        "train.sync_every steps (seed 000, section 3.1).",
+    )
+    start_after: PositiveInt = Field(
+        100, description="pipelined: steps layer L trains before layer L+1 starts."
+    )
+    sync_every: PositiveInt = Field(
+        10, description="pipelined: steps between refreshes of layer L's forward copy."
+    )
     progress: bool = Field(True, description="Show a progress bar on an interactive terminal.")
 
 
@@ -253,7 +339,7 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _compatible(self) -> "ExperimentConfig":
-        rica_model = self.model.kind == "rica"
+        rica_model = self.model.kind in ("rica", "deep")
         rica_objective = self.objective.kind == "rica"
         if rica_model != rica_objective:
             allowed = "rica" if rica_model else "sparse_autoencoder, reconstruction"
@@ -265,6 +351,16 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "objective.kind sparse_autoencoder needs model.activation sigmoid "
                 "(the KL target rho is a firing probability)"
+            )
+        if (
+            self.model.kind == "deep"
+            and self.train.schedule == "pipelined"
+            and self.optimizer.name == "lbfgs"
+        ):
+            raise ValueError(
+                "train.schedule pipelined trains several layers in one step and needs a "
+                "per-parameter optimizer; optimizer.name allowed: sgd, adagrad, rmsprop, adam, "
+                "adamw (or train.schedule greedy)"
             )
         if self.supervised is not None and self.data.source == "photos":
             raise ValueError("supervised needs labels: data.source digits or npy")

@@ -166,9 +166,8 @@ class NaNGuard(Callback):
         )
 
 
-class EarlyStopping(Callback):
-    """Stops when the loss has not improved by ``min_delta`` (relative) for ``patience``
-    logged steps. Its counters are checkpointed so a resumed run stops at the same step."""
+class Plateau:
+    """Counts logged losses that failed to improve on the best by ``min_delta`` (relative)."""
 
     def __init__(self, patience: int, min_delta: float):
         self.patience = patience
@@ -176,27 +175,42 @@ class EarlyStopping(Callback):
         self.best = math.inf
         self.waited = 0
 
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if not self.patience or not trainer.is_log_step(step):
-            return
-        loss = metrics["loss"]
+    def update(self, loss: float) -> bool:
+        """Records ``loss``; True once ``patience`` losses in a row brought no progress."""
         if loss < self.best - self.min_delta * abs(self.best if math.isfinite(self.best) else 0):
             self.best, self.waited = loss, 0
+        else:
+            self.waited += 1
+        return bool(self.patience) and self.waited >= self.patience
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.best, dtype=torch.float64), torch.tensor(self.waited)
+
+    def load(self, best: torch.Tensor, waited: torch.Tensor) -> None:
+        self.best, self.waited = float(best), int(waited)
+
+
+class EarlyStopping(Callback):
+    """Stops when the loss has not improved by ``min_delta`` (relative) for ``patience``
+    logged steps. Its counters are checkpointed so a resumed run stops at the same step."""
+
+    def __init__(self, patience: int, min_delta: float):
+        self.plateau = Plateau(patience, min_delta)
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if not self.plateau.patience or not trainer.is_log_step(step):
             return
-        self.waited += 1
-        if self.waited >= self.patience:
+        if self.plateau.update(metrics["loss"]):
             trainer.request_stop(
-                f"early stopping: no improvement of the loss for {self.waited} logged steps"
+                f"early stopping: no improvement of the loss for {self.plateau.waited} logged steps"
             )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "best": torch.tensor(self.best, dtype=torch.float64),
-            "waited": torch.tensor(self.waited),
-        }
+        best, waited = self.plateau.state()
+        return {"best": best, "waited": waited}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.best, self.waited = float(state["best"]), int(state["waited"])
+        self.plateau.load(state["best"], state["waited"])
 
 
 class Checkpointing(Callback):

@@ -18,6 +18,7 @@ Run directory::
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -34,11 +35,13 @@ from terabrain.data.prepare import PreparedData, prepare_data
 from terabrain.errors import ConfigError
 from terabrain.files import replace_atomically, write_text_atomically
 from terabrain.nn.autoencoder import SupervisedHead, build_model
+from terabrain.nn.deep import DeepNetwork, input_shape_from
 from terabrain.objectives import build_objective, build_supervised_objective
 from terabrain.parallel.parallelism import Parallelism, full, local
 from terabrain.parallel.plans import check_divisible
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
+from terabrain.train.layerwise import LayerSchedule, LayerwiseModel, LayerwiseObjective
 from terabrain.train.optim import build_optimizer
 from terabrain.train.trainer import Trainer
 from torch.distributed.device_mesh import DeviceMesh
@@ -107,7 +110,10 @@ def _train_stage(
     device: torch.device,
     parallel: Parallelism,
     filter_image=None,
+    schedule: Optional[LayerSchedule] = None,
 ) -> Trainer:
+    """``schedule``: a layer-wise schedule, which replaces the stage-wide early stopping
+    (each layer stops on its own) and decides the number of steps."""
     manager = CheckpointManager(checkpoint_dir, keep=train.keep_checkpoints)
     global_batch = train.batch_size or len(inputs)
     if global_batch % parallel.data_ranks:
@@ -121,14 +127,17 @@ def _train_stage(
         cb.TensorBoardLogger(run_dir / "tb", stage, train.histogram_every, filter_image),
         cb.ProgressBar(stage, train.progress),
     ]
+    stopping = schedule or cb.EarlyStopping(
+        train.early_stopping.patience, train.early_stopping.min_delta
+    )
     callbacks = (loggers if is_main_rank() else []) + [
         cb.NaNGuard(manager),
-        cb.EarlyStopping(train.early_stopping.patience, train.early_stopping.min_delta),
+        stopping,
         cb.Checkpointing(manager, train.checkpoint_every),
     ]
     trainer = Trainer(
         model, objective, optimizer, inputs, targets,
-        steps=train.steps, batch_size=train.batch_size, seed=config.seed, device=device,
+        steps=schedule.total_budget if schedule is not None else train.steps, batch_size=train.batch_size, seed=config.seed, device=device,
         precision=config.precision, log_every=train.log_every, callbacks=callbacks,
         parallel=parallel,
     )
@@ -154,10 +163,72 @@ def _last_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
     return last
 
 
+def build_network(config: ExperimentConfig, example_shape: tuple[int, ...]) -> DeepNetwork:
+    """The deep network of ``config`` for examples of ``example_shape``."""
+    shape = input_shape_from(example_shape)
+    declared = config.model.input_shape
+    if declared is not None and tuple(declared) != shape:
+        raise ConfigError(
+            f"model.input_shape {list(declared)} does not match the data's images {list(shape)} "
+            f"(channels, height, width); set it to null or to {list(shape)}"
+        )
+    try:
+        return DeepNetwork(config.model.layers, shape, seed=config.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _deep_feature_stage(
+    config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
+    results: Results, parallel: Parallelism,
+) -> torch.nn.Module:
+    """Layer-wise training of model.kind deep (terabrain.train.layerwise)."""
+    torch.manual_seed(config.seed)
+    network = build_network(config, data.example_shape).to(device)
+    if results.done("features"):
+        network.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+        return network
+    layers, train = config.model.layers, config.train
+    model = LayerwiseModel(network)
+    schedule = LayerSchedule(
+        model, [layer.steps or train.steps for layer in layers], train.schedule,
+        train.start_after, train.sync_every,
+        train.early_stopping.patience, train.early_stopping.min_delta,
+    )
+    objective = LayerwiseObjective(
+        schedule,
+        [config.objective.sparsity_weight if layer.sparsity_weight is None else layer.sparsity_weight
+         for layer in layers],
+        config.objective.sparsity_epsilon,
+    )
+    started = time.perf_counter()
+    trainer = _train_stage(
+        stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
+        model=model, objective=objective,
+        optimizer=build_optimizer(config.optimizer, network.parameters()),
+        inputs=data.train_x, targets=None, train=train, config=config, device=device,
+        parallel=parallel, schedule=schedule,
+        filter_image=lambda: filter_grid(*network.first_layer_filters()),
+    )
+    _export(network, run_dir / "model.safetensors")
+    if is_main_rank():
+        save_filter_grid(run_dir / "filters.png", *network.first_layer_filters())
+    results.record("features", {
+        "steps": trainer.step,
+        "stop_reason": trainer.stop_reason or "finished",
+        "layers": schedule.summary(),
+        "final": _last_metrics(run_dir, "features"),
+        "seconds_this_session": time.perf_counter() - started,
+    })
+    return network
+
+
 def _feature_stage(
     config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
     results: Results, parallel: Parallelism,
 ) -> torch.nn.Module:
+    if config.model.kind == "deep":
+        return _deep_feature_stage(config, data, run_dir, device, results, parallel)
     torch.manual_seed(config.seed)
     check_divisible(config.model.hidden, parallel.model_ranks)
     if results.done("features"):
@@ -220,7 +291,10 @@ def _supervised_stage(
     outputs = data.num_classes if settings.task == "classification" else (
         1 if data.train_y.dim() == 1 else data.train_y.shape[1]
     )
-    model = SupervisedHead(features, config.model.hidden, outputs, settings.dropout, seed=config.seed + 1)
+    hidden = (
+        math.prod(features.output_shape) if isinstance(features, DeepNetwork) else config.model.hidden
+    )
+    model = SupervisedHead(features, hidden, outputs, settings.dropout, seed=config.seed + 1)
     model = parallel.parallelize(model.to(device), device)
     if not settings.fine_tune:
         for parameter in model.features.parameters():

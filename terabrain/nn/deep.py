@@ -1,0 +1,298 @@
+"""Deep unsupervised networks: a stack of RICA layers on images, each followed by optional
+pooling and local contrast normalization (seed 000's 3-layer network, the 9-layer network
+of Le et al. 2012, the COTS-HPC networks of seed 003).
+
+A layer is one of
+- local: untied locally connected filters (terabrain.nn.local), the seeds' choice;
+- conv: the same filters shared over positions (torch's conv2d);
+- dense: fully connected on the flattened input.
+Every layer is RICA (seed 000, eq. 1): codes ``alpha W x`` with W's rows (one per hidden
+unit) of unit norm, reconstruction ``D^T codes + b`` with ``D = W`` (tied) or a separate
+decoder (untied, as Le et al.). Nothing here knows how it is trained (terabrain.train.
+layerwise) or split over ranks (terabrain.parallel).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from terabrain.config.schema import LayerConfig
+from terabrain.nn.autoencoder import UnitInitialized, _draw_seed
+from terabrain.nn.init import init_by_unit_
+from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
+from terabrain.nn.normalization import LocalContrastNorm
+from terabrain.nn.pooling import L2Pool2d
+
+Shape = tuple[int, int, int]  # (channels, height, width)
+
+
+def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
+    return weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class FilterBank(nn.Module):
+    """The linear map of one layer and its adjoint, given (possibly normalized) weights.
+    ``weight``'s last dimension is one hidden unit's filter."""
+
+    weight: nn.Parameter
+    out_shape: Shape
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adjoint(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LocalBank(FilterBank):
+    def __init__(self, in_shape: Shape, maps: int, kernel: int, stride: int, seed: int):
+        super().__init__()
+        channels, height, width = in_shape
+        self.layer = LocallyConnected2d(channels, maps, (height, width), kernel, stride, seed=seed)
+        self.out_shape = (maps, *self.layer.output_size)
+
+    @property
+    def weight(self) -> nn.Parameter:  # registered once, in the layer (state_dict keys unique)
+        return self.layer.weight
+
+    def apply(self, x, weight):
+        layer = self.layer
+        return locally_connected(x, weight, layer.kernel_size, layer.stride, layer.output_size,
+                                 layer.block_bytes)
+
+    def adjoint(self, y, weight):
+        layer = self.layer
+        return locally_connected_transpose(y, weight, layer.kernel_size, layer.stride,
+                                           layer.input_size, layer.block_bytes)
+
+
+class ConvBank(FilterBank):
+    def __init__(self, in_shape: Shape, maps: int, kernel: int, stride: int, seed: int):
+        super().__init__()
+        channels, height, width = in_shape
+        if kernel > min(height, width):
+            raise ValueError(f"kernel {kernel} is larger than the input {height}x{width}")
+        self.kernel, self.stride, self.in_shape = kernel, stride, in_shape
+        self.weight = nn.Parameter(torch.empty(maps, channels * kernel * kernel))
+        if self.weight.device.type != "meta":
+            init_by_unit_(self.weight.data, 0, 0, seed, 5, "normal", 1.0)
+        self.out_shape = (maps, (height - kernel) // stride + 1, (width - kernel) // stride + 1)
+
+    def _kernel(self, weight):
+        return weight.view(weight.shape[0], self.in_shape[0], self.kernel, self.kernel)
+
+    def apply(self, x, weight):
+        return F.conv2d(x, self._kernel(weight), stride=self.stride)
+
+    def adjoint(self, y, weight):
+        _, height, width = self.in_shape
+        used = [(n - 1) * self.stride + self.kernel for n in self.out_shape[1:]]
+        return F.conv_transpose2d(y, self._kernel(weight), stride=self.stride,
+                                  output_padding=(height - used[0], width - used[1]))
+
+
+class DenseBank(FilterBank):
+    def __init__(self, in_shape: Shape, maps: int, seed: int):
+        super().__init__()
+        self.in_shape = in_shape
+        self.weight = nn.Parameter(torch.empty(maps, in_shape[0] * in_shape[1] * in_shape[2]))
+        if self.weight.device.type != "meta":
+            init_by_unit_(self.weight.data, 0, 0, seed, 5, "normal", 1.0)
+        self.out_shape = (maps, 1, 1)
+
+    def apply(self, x, weight):
+        return F.linear(x.flatten(1), weight)[:, :, None, None]
+
+    def adjoint(self, y, weight):
+        return (y.flatten(1) @ weight).view(-1, *self.in_shape)
+
+
+def _bank(config: LayerConfig, in_shape: Shape, seed: int) -> FilterBank:
+    if config.kind == "local":
+        return LocalBank(in_shape, config.maps, config.kernel, config.stride, seed)
+    if config.kind == "conv":
+        return ConvBank(in_shape, config.maps, config.kernel, config.stride, seed)
+    return DenseBank(in_shape, config.maps, seed)
+
+
+class RICALayer(UnitInitialized):
+    """One layer of the stack: ``codes = alpha W pad(x)``, ``reconstruction = D^T codes + b``
+    (cropped back to ``x``'s size). Rows are normalized in the forward pass as in
+    terabrain.nn.autoencoder.RICA, and kept at unit norm after every step (``normalize_``)."""
+
+    def __init__(self, config: LayerConfig, in_shape: Shape, seed: Optional[int] = None):
+        super().__init__()
+        self.init_seed = _draw_seed(seed)
+        self.in_shape = tuple(in_shape)
+        self.padding = config.padding if config.kind != "dense" else 0
+        channels, height, width = in_shape
+        padded = (channels, height + 2 * self.padding, width + 2 * self.padding)
+        self.encoder = _bank(config, padded, self.init_seed)
+        self.decoder = None if config.tied else _bank(config, padded, self.init_seed + 1)
+        self.alpha = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(self.in_shape))
+        self.out_shape: Shape = self.encoder.out_shape
+        self.normalize_()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for bank in (self.encoder, self.decoder):
+            if bank is not None and isinstance(bank, LocalBank):
+                bank.layer.reset_parameters()
+            elif bank is not None and bank.weight.device.type != "meta":
+                init_by_unit_(bank.weight.data, 0, 0, self.init_seed, 5, "normal", 1.0)
+        if self.alpha.device.type != "meta":
+            self.alpha.fill_(1.0)
+            self.bias.zero_()
+        self.normalize_()
+
+    def banks(self) -> list[FilterBank]:
+        return [bank for bank in (self.encoder, self.decoder) if bank is not None]
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, [self.padding] * 4) if self.padding else x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * self.encoder.apply(self._pad(x), _unit_rows(self.encoder.weight))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.encode(x)
+        decoder = self.decoder or self.encoder
+        reconstruction = decoder.adjoint(codes, _unit_rows(decoder.weight))
+        if self.padding:
+            p = self.padding
+            reconstruction = reconstruction[..., p:-p, p:-p]
+        return codes, reconstruction + self.bias
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        for bank in self.banks():
+            if bank.weight.device.type != "meta":
+                bank.weight.div_(bank.weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def filters(self) -> torch.Tensor:
+        """Every hidden unit's filter as a row, (C, k, k) flattened (the encoder's)."""
+        weight = _unit_rows(self.encoder.weight.detach())
+        return weight.reshape(-1, weight.shape[-1])
+
+
+def _pooled(size: int, kernel: int, stride: int) -> int:
+    return (size - kernel) // stride + 1
+
+
+def _post(config: LayerConfig, shape: Shape) -> tuple[nn.Module, Shape]:
+    """Pooling then LCN after a layer, and the shape that comes out."""
+    steps: list[nn.Module] = []
+    if config.pool is not None:
+        kernel, stride = config.pool.kernel, config.pool.stride or config.pool.kernel
+        if kernel > min(shape[1:]):
+            raise ValueError(f"pool.kernel {kernel} is larger than the layer's output {shape}")
+        pool = {"l2": L2Pool2d, "max": nn.MaxPool2d, "avg": nn.AvgPool2d}[config.pool.kind]
+        steps.append(pool(kernel, stride))
+        shape = (shape[0], _pooled(shape[1], kernel, stride), _pooled(shape[2], kernel, stride))
+    if config.lcn is not None:
+        steps.append(LocalContrastNorm(config.lcn.kernel, config.lcn.sigma))
+    return nn.Sequential(*steps), shape
+
+
+class DeepNetwork(UnitInitialized):
+    """RICA layers, bottom first, each with its pooling and LCN (``post``).
+
+    Inputs are rows of flattened images in the data's layout, (H, W) or (H, W, C) — what
+    terabrain.data produces — or image tensors (N, C, H, W).
+    """
+
+    def __init__(self, layers: Sequence[LayerConfig], input_shape: Shape, seed: Optional[int] = None):
+        super().__init__()
+        self.init_seed = _draw_seed(seed)
+        self.input_shape: Shape = tuple(input_shape)
+        self.layers = nn.ModuleList()
+        self.post = nn.ModuleList()
+        self.shapes: list[Shape] = [self.input_shape]
+        shape = self.input_shape
+        for index, config in enumerate(layers):
+            try:
+                layer = RICALayer(config, shape, seed=self.init_seed + 7919 * (index + 1))
+                post, shape = _post(config, layer.out_shape)
+            except ValueError as error:
+                raise ValueError(f"model.layers[{index}]: {error} (its input is {shape})") from None
+            self.layers.append(layer)
+            self.post.append(post)
+            self.shapes.append(shape)
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.shapes[-1]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for layer in self.layers:
+            layer.reset_parameters()
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return x
+        channels, height, width = self.input_shape
+        return x.view(len(x), height, width, channels).permute(0, 3, 1, 2)
+
+    def features(self, x: torch.Tensor, upto: Optional[int] = None) -> torch.Tensor:
+        """The images after layers 1..``upto`` (all by default), each with its post-processing."""
+        h = self.to_images(x)
+        for layer, post in list(zip(self.layers, self.post))[: upto if upto is not None else None]:
+            h = post(layer.encode(h))
+        return h
+
+    def encode(self, x: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
+        """Flattened rows. ``layer=N`` (1-based): the codes of layer N's hidden units (before
+        its pooling and LCN), the neurons analysis looks at. No ``layer``: the network's
+        output features (after the top layer's post-processing), what a classifier uses."""
+        if layer is None:
+            return self.features(x).flatten(1)
+        if not 1 <= layer <= len(self.layers):
+            raise ValueError(f"layer {layer}: the network has layers 1..{len(self.layers)}")
+        return self.layers[layer - 1].encode(self.features(x, layer - 1)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)
+
+    def normalize_(self) -> None:
+        for layer in self.layers:
+            layer.normalize_()
+
+    def filters(self) -> torch.Tensor:
+        return self.layers[0].filters()
+
+    def first_layer_filters(self, limit: int = 256) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Up to ``limit`` first-layer filters as rows in image layout (k, k[, C]) and that
+        shape, for pictures. A local layer has a filter bank per location: the banks of
+        evenly spaced locations are shown, all maps of each."""
+        layer = self.layers[0]
+        channels = layer.in_shape[0]
+        weight = _unit_rows(layer.encoder.weight.detach())
+        if isinstance(layer.encoder, DenseBank):
+            _, height, width = layer.in_shape
+            rows = weight[:limit]
+        else:
+            kernel = layer.encoder.layer.kernel_size if isinstance(layer.encoder, LocalBank) else layer.encoder.kernel
+            height = width = kernel
+            if weight.dim() == 3:  # (locations, maps, K)
+                locations = max(1, min(weight.shape[0], limit // weight.shape[1]))
+                picked = torch.linspace(0, weight.shape[0] - 1, locations).round().long()
+                weight = weight[picked]
+            rows = weight.reshape(-1, weight.shape[-1])[:limit]
+        rows = rows.view(len(rows), channels, height, width).permute(0, 2, 3, 1).reshape(len(rows), -1)
+        shape = (height, width) if channels == 1 else (height, width, channels)
+        return rows, shape
+
+
+def input_shape_from(example_shape: tuple[int, ...]) -> Shape:
+    """The data's example shape (H, W) or (H, W, C) as the network's (C, H, W)."""
+    if len(example_shape) == 2:
+        return (1, example_shape[0], example_shape[1])
+    if len(example_shape) == 3:
+        return (example_shape[2], example_shape[0], example_shape[1])
+    raise ValueError(f"model.kind deep needs image examples, got rows of shape {example_shape}")

@@ -1,0 +1,185 @@
+"""Layer-wise training of a deep network: greedy, and pipelined as in seed 000, section 3.1.
+
+Each Trainer step trains every *active* layer once on the same batch. An active layer's
+input is what the layers below it produce through their *forward copies* — separate, frozen
+instances of those layers, refreshed from the weights being trained (seed 000 runs "two
+instances of layer L: one which continues training and one that uses up-to-date parameters
+to forward propagate data ... periodically synchronized"). Inputs are detached, so the
+gradient of the summed losses is each layer's own gradient: with a per-parameter optimizer
+(SGD, Adam, ...) this is independent training of each layer, interleaved step by step.
+
+- greedy: layer L+1 starts when layer L has finished: its budget (``layers[L].steps`` or
+  ``train.steps``) is spent, or its loss has not improved by ``early_stopping.min_delta``
+  for ``early_stopping.patience`` logged steps. Its forward copy is refreshed then, once.
+  The optimizer's state is cleared when a layer starts (L-BFGS's curvature history belongs
+  to the layer before).
+- pipelined: layer L+1 starts once layer L has trained ``train.start_after`` steps; layer
+  L keeps training, and its forward copy is refreshed every ``train.sync_every`` of its steps
+  and when it finishes.
+
+Everything the schedule decides is in its checkpointed state and the forward copies are
+part of the model's state, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from terabrain.nn.deep import DeepNetwork
+from terabrain.objectives import Objective, rica_loss
+from terabrain.train.callbacks import Plateau
+from terabrain.train.trainer import Callback, Trainer
+
+
+class LayerwiseModel(nn.Module):
+    """The network being trained and the frozen forward copies of its layers."""
+
+    def __init__(self, network: DeepNetwork):
+        super().__init__()
+        self.network = network
+        self.forward_copies = copy.deepcopy(network.layers)
+        for parameter in self.forward_copies.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def sync_(self, index: int) -> None:
+        """Layer ``index``'s forward copy takes the trained weights."""
+        source = dict(self.network.layers[index].named_parameters())
+        for name, parameter in self.forward_copies[index].named_parameters():
+            parameter.copy_(source[name])
+
+    def filters(self) -> torch.Tensor:
+        return self.network.filters()
+
+
+class LayerSchedule(Callback):
+    """Which layers train at each step; starts, finishes and refreshes them."""
+
+    def __init__(
+        self,
+        model: LayerwiseModel,
+        budgets: Sequence[int],
+        schedule: str,
+        start_after: int,
+        sync_every: int,
+        patience: int = 0,
+        min_delta: float = 0.0,
+    ):
+        if schedule not in ("greedy", "pipelined"):
+            raise ValueError(f"train.schedule {schedule!r}; allowed: greedy, pipelined")
+        self.model = model
+        self.budgets = list(budgets)
+        self.schedule = schedule
+        self.start_after = start_after
+        self.sync_every = sync_every
+        count = len(self.budgets)
+        self.started_at = [-1] * count  # the trainer step at which each layer started
+        self.trained = [0] * count
+        self.finished = [False] * count
+        self.plateaus = [Plateau(patience, min_delta) for _ in range(count)]
+        self.stop_reasons = [""] * count
+        self.started_at[0] = 0
+
+    @property
+    def total_budget(self) -> int:
+        return sum(self.budgets)
+
+    def active(self) -> list[int]:
+        return [k for k, at in enumerate(self.started_at) if at >= 0 and not self.finished[k]]
+
+    def _finish(self, index: int, reason: str) -> None:
+        self.finished[index] = True
+        self.stop_reasons[index] = reason
+        self.model.sync_(index)
+
+    def _start(self, trainer: Trainer, index: int, step: int) -> None:
+        self.started_at[index] = step
+        self.model.sync_(index - 1)
+        if self.schedule == "greedy":
+            trainer.optimizer.state.clear()
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        for k in self.active():
+            self.trained[k] += 1
+            loss = metrics.get(f"layer{k + 1}/loss")
+            if loss is not None and self.plateaus[k].update(loss):
+                self._finish(k, f"no improvement for {self.plateaus[k].waited} logged steps")
+            elif self.trained[k] >= self.budgets[k]:
+                self._finish(k, "budget")
+            elif self.schedule == "pipelined" and self.trained[k] % self.sync_every == 0:
+                self.model.sync_(k)
+        for k in range(1, len(self.budgets)):
+            if self.started_at[k] >= 0:
+                continue
+            below_ready = self.finished[k - 1] or (
+                self.schedule == "pipelined" and self.trained[k - 1] >= self.start_after
+            )
+            if below_ready and self.started_at[k - 1] >= 0:
+                self._start(trainer, k, step)
+        if all(self.finished):
+            trainer.request_stop("every layer has finished")
+
+    def summary(self) -> list[dict]:
+        return [
+            {"layer": k + 1, "started_at_step": self.started_at[k], "steps": self.trained[k],
+             "stopped": self.stop_reasons[k] or "not finished"}
+            for k in range(len(self.budgets))
+        ]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        best, waited = zip(*(plateau.state() for plateau in self.plateaus))
+        return {
+            "started_at": torch.tensor(self.started_at),
+            "trained": torch.tensor(self.trained),
+            "finished": torch.tensor(self.finished),
+            "best": torch.stack(best),
+            "waited": torch.stack(waited),
+            # Why each layer stopped, as codes: checkpoints hold tensors only.
+            "stopped_by_plateau": torch.tensor([r.startswith("no improvement") for r in self.stop_reasons]),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.started_at = [int(v) for v in state["started_at"]]
+        self.trained = [int(v) for v in state["trained"]]
+        self.finished = [bool(v) for v in state["finished"]]
+        for plateau, best, waited in zip(self.plateaus, state["best"], state["waited"]):
+            plateau.load(best, waited)
+        self.stop_reasons = [
+            ("no improvement (before restart)" if plateau else "budget") if done else ""
+            for done, plateau in zip(self.finished, state["stopped_by_plateau"].tolist())
+        ]
+
+
+class LayerwiseObjective(Objective):
+    """The sum of the active layers' RICA losses, each on the forward copies' output of the
+    layers below. Logs ``layerN/loss``, ``layerN/reconstruction``, ``layerN/sparsity``."""
+
+    def __init__(self, schedule: LayerSchedule, sparsity_weights: Sequence[float], epsilon: float):
+        self.schedule = schedule
+        self.sparsity_weights = list(sparsity_weights)
+        self.epsilon = epsilon
+
+    def __call__(self, model: LayerwiseModel, x: torch.Tensor, y: Optional[torch.Tensor] = None):
+        active = self.schedule.active()
+        network = model.network
+        h = network.to_images(x)
+        total = torch.zeros((), device=x.device)
+        parts: dict[str, torch.Tensor] = {}
+        for k in range(max(active) + 1):
+            if k in active:
+                codes, reconstruction = network.layers[k](h)
+                loss, named = rica_loss(codes, reconstruction, h, self.sparsity_weights[k], self.epsilon)
+                total = total + loss
+                parts[f"layer{k + 1}/loss"] = loss.detach()
+                parts.update({f"layer{k + 1}/{name}": value.detach() for name, value in named.items()})
+            if k < max(active):
+                with torch.no_grad():
+                    h = network.post[k](model.forward_copies[k].encode(h))
+        return total, parts
+
+    def after_step(self, model: LayerwiseModel) -> None:
+        model.network.normalize_()

@@ -1,0 +1,101 @@
+"""Deep networks trained layer by layer: every layer's objective falls under both schedules,
+a resumed pipelined run continues exactly, the stack fine-tunes with a supervised head."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from terabrain.config.loader import load_experiment
+from terabrain.train import layerwise
+from terabrain.errors import ConfigError
+from terabrain.train.run import build_network, run_experiment
+
+SMALL_DEEP = [
+    "data.patch_size=24", "data.num_patches=768", "data.holdout_patches=96",
+    "train.batch_size=96", "train.steps=12", "train.log_every=2", "train.checkpoint_every=6",
+    "train.start_after=6", "train.sync_every=2", "train.progress=false",
+]
+
+
+def _layer_losses(run_dir):
+    losses: dict[str, list[float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        for key, value in json.loads(line).items():
+            if key.endswith("/loss"):
+                losses.setdefault(key, []).append(value)
+    return losses
+
+
+@pytest.mark.parametrize("schedule", ["greedy", "pipelined"])
+def test_every_layer_objective_falls(tmp_path, schedule):
+    config = load_experiment("yfcc-15b-small", SMALL_DEEP + [f"train.schedule={schedule}"])
+    results = run_experiment(config, tmp_path)
+    losses = _layer_losses(tmp_path)
+    assert sorted(losses) == ["layer1/loss", "layer2/loss", "layer3/loss"]
+    for key, values in losses.items():
+        assert values[-1] < 0.9 * values[0], (key, values)
+    layers = results["features"]["layers"]
+    assert [layer["steps"] for layer in layers] == [12, 12, 12]
+    starts = [layer["started_at_step"] for layer in layers]
+    # greedy: each layer starts when the one below has spent its budget; pipelined: after
+    # start_after of its steps, while the one below goes on training.
+    assert starts == ([0, 12, 24] if schedule == "greedy" else [0, 6, 12])
+    assert results["features"]["steps"] == (36 if schedule == "greedy" else 24)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert not any("forward_copies" in key for key in weights)
+    assert (tmp_path / "filters.png").exists()
+
+
+def test_pipelined_run_resumes_exactly(tmp_path, monkeypatch):
+    overrides = SMALL_DEEP + ["train.schedule=pipelined", "train.checkpoint_every=4"]
+    run_experiment(load_experiment("yfcc-15b-small", overrides), tmp_path / "whole")
+
+    original = layerwise.LayerSchedule.on_step_end
+
+    def crash_at_step_10(self, trainer, step, metrics):
+        original(self, trainer, step, metrics)
+        if step == 10:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(layerwise.LayerSchedule, "on_step_end", crash_at_step_10)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_experiment(load_experiment("yfcc-15b-small", overrides), tmp_path / "resumed")
+    monkeypatch.setattr(layerwise.LayerSchedule, "on_step_end", original)
+    results = run_experiment(load_experiment("yfcc-15b-small", overrides), tmp_path / "resumed")
+
+    assert results["features"]["steps"] == 24
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_deep_stack_fine_tunes_with_a_classifier(tmp_path):
+    config = load_experiment("digits-sae", [
+        "model.kind=deep", "objective.kind=rica", "optimizer.name=adam", "optimizer.lr=0.01",
+        "data.remove_mean=false", "data.whitening=none",
+        'model.layers=[{kind: local, maps: 8, kernel: 4, stride: 2}, {kind: dense, maps: 32}]',
+        "train.steps=20", "train.batch_size=128", "train.progress=false",
+        "supervised.fine_tune=true", "supervised.train.steps=150", "supervised.train.progress=false",
+    ])
+    results = run_experiment(config, tmp_path)
+    assert results["supervised"]["test_accuracy"] > 0.85
+
+
+def test_bad_deep_configs_name_the_field(cli):
+    result = cli("train", "yfcc-15b-small", "--set", "train.schedule=pipelined",
+                 "--set", "optimizer.name=lbfgs")
+    assert result.returncode == 2 and "optimizer.name" in result.stderr
+    result = cli("train", "yfcc-15b-small", "--set", "model.layers.0.lcn.kernel=4")
+    assert result.returncode == 2 and "lcn.kernel" in result.stderr
+
+
+def test_a_layer_that_does_not_fit_its_input_is_a_config_error():
+    config = load_experiment("yfcc-15b-small", ["data.patch_size=6"])
+    with pytest.raises(ConfigError, match=r"model.layers\[0\]: kernel_size 8 is larger"):
+        build_network(config, (6, 6, 3))
+    config = load_experiment("yfcc-15b-small", ["model.input_shape=[1, 48, 48]"])
+    with pytest.raises(ConfigError, match="model.input_shape"):
+        build_network(config, (48, 48, 3))
