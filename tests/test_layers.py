@@ -22,16 +22,24 @@ def double_precision():
     torch.set_default_dtype(previous)
 
 
+def unfold_order(layer):
+    """The weight with filter values in F.unfold's (C, kh, kw) order (the layer's are
+    (kh, kw, C))."""
+    k, c = layer.kernel_size, layer.in_channels
+    w = layer.weight
+    return w.reshape(w.shape[0], w.shape[1], k, k, c).permute(0, 1, 4, 2, 3).reshape(w.shape)
+
+
 def reference_forward(layer, x):
     """Explicit unfolding: every location's patch times its own filters."""
     cols = F.unfold(x, layer.kernel_size, stride=layer.stride)  # (N, K, L)
-    y = torch.einsum("nkl,lfk->nfl", cols, layer.weight)
+    y = torch.einsum("nkl,lfk->nfl", cols, unfold_order(layer))
     y = y.reshape(x.shape[0], layer.out_channels, *layer.output_size)
     return y if layer.bias is None else y + layer.bias
 
 
 def reference_transpose(layer, y):
-    cols = torch.einsum("nfl,lfk->nkl", y.flatten(2), layer.weight)
+    cols = torch.einsum("nfl,lfk->nkl", y.flatten(2), unfold_order(layer))
     return F.fold(cols, layer.input_size, layer.kernel_size, stride=layer.stride)
 
 

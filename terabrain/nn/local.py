@@ -1,25 +1,32 @@
 """The untied locally connected layer of seeds 000 and 003: every output location has its own
 filters over its own k x k receptive field (no weight sharing, no padding).
 
-How it is computed (seed 003, "small dense multiplies"): the ``out_channels`` units at one
-location share a receptive field, so a location is one dense GEMM ``(N, K) @ (K, F)`` with
-``K = C k k``, and all locations are one batched GEMM ``(L, N, K) @ (L, K, F)``. The
-patches are cut from the input with one strided view and one copy (no ``F.unfold`` plus
-permute: that is two copies). Neither a loop over locations in Python nor a dense masked
+How it is computed (seed 003, "small dense multiplies"): the ``F = out_channels`` units at
+one location share a receptive field, so a location is one dense GEMM
+``(F, K) @ (K, N)`` with ``K = k k C``, and a block of locations is one batched GEMM
+``(L, F, K) @ (L, K, N)``. Neither a loop over locations in Python nor a dense masked
 ``(C H W) x (F L)`` matrix, which would be mostly zeros.
 
-Memory: the patches of the whole input (``N L K`` values: 16x the input for 16x16 fields at
+Layout: the layer computes batch-last, ``(H, W, C, N)``. A kernel row of a field is then
+``k C N`` consecutive values, so cutting the patches is a copy of long contiguous runs (in
+``(N, C, H, W)`` the runs are ``k`` values long: ~5x slower here), and the output of a block
+of locations, ``(L, F, N)``, is already the next layer's batch-last input. Inputs and outputs
+are ``(N, C, H, W)`` tensors; outputs are views of the batch-last buffer (no copy), which a
+following locally connected layer reads without a copy.
+
+Filter values are in (kh, kw, C) order, the (height, width, channels) order of terabrain's
+image patches and filter pictures.
+
+Memory: the patches of the whole input (``L K N`` values: 16x the input for 16x16 fields at
 stride 4) are never all held, nor saved for the backward pass. Locations are processed in
 blocks of output rows whose patches fit ``block_bytes``; the backward pass cuts each
 block's patches again from the saved input. That costs one more copy of the patches and
-saves ``N L K`` values per layer for the backward pass — what lets a seed-000 layer (192
+saves ``L K N`` values per layer for the backward pass — what lets a seed-000 layer (192
 images, 72 x 72 fields of 768 values: 3 GB of patches) train at all.
 
 ``transpose`` is the adjoint map (reconstruction ``W^T h`` for RICA and the decoder of an
-untied autoencoder): every location's ``(N, F) @ (F, K)`` product is added back into the
-input pixels of its field. Overlapping fields sum. The adjoint of cutting patches is
-scattering them back, done as ``ceil(k/s)^2`` additions of non-overlapping tiles instead of
-``k^2`` (or one per location).
+untied autoencoder): every location's ``(K, F) @ (F, N)`` product is added back into the
+input pixels of its field; overlapping fields sum.
 """
 
 from __future__ import annotations
@@ -33,65 +40,147 @@ from torch import nn
 from terabrain.nn.autoencoder import UnitInitialized, _draw_seed
 from terabrain.nn.init import init_by_unit_
 
-DEFAULT_BLOCK_BYTES = 32 * 2**20  # per block of patches; small enough to stay in cache-ish
+DEFAULT_BLOCK_BYTES = 4 * 2**20  # patches per block: stays in cache from copy to GEMM
 
 
 def output_length(size: int, kernel_size: int, stride: int) -> int:
     return (size - kernel_size) // stride + 1
 
 
-def _rows_per_block(rows: int, per_row_bytes: int, block_bytes: int) -> int:
-    return max(1, min(rows, block_bytes // max(per_row_bytes, 1)))
+def location_blocks(out_rows: int, out_width: int, location_bytes: int, block_bytes: int):
+    """Blocks of locations whose patches take at most ``block_bytes`` (at least one
+    location): ``(row, rows, col, cols)``, either whole rows or a run within one row, so
+    each block is a contiguous range of (row-major) locations."""
+    per_block = max(1, block_bytes // max(location_bytes, 1))
+    if per_block >= out_width:
+        step = min(out_rows, per_block // out_width)
+        for row in range(0, out_rows, step):
+            yield row, min(step, out_rows - row), 0, out_width
+    else:
+        for row in range(out_rows):
+            for col in range(0, out_width, per_block):
+                yield row, 1, col, min(per_block, out_width - col)
 
 
-def cut_patches(x: torch.Tensor, kernel_size: int, stride: int, first_row: int, rows: int,
-                out_width: int) -> torch.Tensor:
-    """The receptive fields of output rows ``first_row .. first_row + rows`` as one
-    ``(rows * out_width, N, C k k)`` tensor (location-major, patch values in (C, kh, kw)
-    order, as ``F.unfold``)."""
-    n, c = x.shape[:2]
-    sn, sc, sh, sw = x.stride()
+def batch_last(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> contiguous (H, W, C, N): the layout the layer computes in. Free when
+    ``x`` is already a view of such a buffer (the output of another locally connected
+    layer)."""
+    return x.permute(2, 3, 1, 0).contiguous()
+
+
+def batch_first(x: torch.Tensor) -> torch.Tensor:
+    """(H, W, C, N) -> an (N, C, H, W) view, no copy."""
+    return x.permute(3, 2, 0, 1)
+
+
+def cut_patches(x: torch.Tensor, kernel_size: int, stride: int, row: int, rows: int, col: int,
+                cols: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The receptive fields of the locations in output rows ``row .. row + rows`` and
+    columns ``col .. col + cols`` of ``x`` (H, W, C, N) as one ``(rows * cols, k k C, N)``
+    tensor (into ``out`` if given): per location, the ``(K, N)`` operand of its GEMM,
+    values in (kh, kw, C) order.
+
+    Batch-last is what makes this copy cheap: one kernel row of one field is ``k C N``
+    consecutive values, so the copy moves long contiguous runs, where the (N, C, H, W)
+    layout would move runs of ``k`` values."""
+    width, channels, n = x.shape[1:]
     k, s = kernel_size, stride
+    pixel = channels * n
     fields = x.as_strided(
-        (rows, out_width, n, c, k, k),
-        (s * sh, s * sw, sn, sc, sh, sw),
-        x.storage_offset() + first_row * s * sh,
+        (rows, cols, k, k * pixel),
+        (s * width * pixel, s * pixel, width * pixel, 1),
+        x.storage_offset() + (row * s * width + col * s) * pixel,
     )
-    return fields.reshape(rows * out_width, n, c * k * k)
+    shape = (rows * cols, k * k * channels, n)
+    if out is None:
+        return fields.reshape(shape)
+    out = out.view(shape)
+    out.view(rows, cols, k, k * pixel).copy_(fields)
+    return out
 
 
 def add_patches_(out: torch.Tensor, patches: torch.Tensor, kernel_size: int, stride: int,
-                 first_row: int, rows: int, out_width: int) -> None:
-    """The adjoint of ``cut_patches``: add each location's patch values into the pixels of
-    its field in ``out`` (N, C, H, W), overlaps summed.
+                 row: int, rows: int, col: int, cols: int) -> None:
+    """The adjoint of ``cut_patches``: add each location's ``(K, N)`` patch values into the
+    pixels of its field in ``out`` (H, W, C, N), overlaps summed.
 
     Kernel offsets are taken in tiles of ``stride x stride``; within one tile the fields of
-    all locations cover disjoint pixels, so each tile is a single strided in-place add."""
-    n, c = out.shape[:2]
-    sn, sc, sh, sw = out.stride()
+    all locations cover disjoint pixels, so each tile is one strided in-place add
+    (``ceil(k/s)^2`` adds, not ``k^2`` nor one per location)."""
+    width, channels, n = out.shape[1:]
     k, s = kernel_size, stride
-    values = patches.view(rows, out_width, n, c, k, k).permute(2, 3, 0, 4, 1, 5)
+    row_stride, pixel = width * channels * n, channels * n
+    values = patches.view(rows, cols, k, k, channels, n)
     for i in range(0, k, s):
         tile_h = min(s, k - i)
         for j in range(0, k, s):
             tile_w = min(s, k - j)
             target = out.as_strided(
-                (n, c, rows, tile_h, out_width, tile_w),
-                (sn, sc, s * sh, sh, s * sw, sw),
-                out.storage_offset() + (first_row * s + i) * sh + j * sw,
+                (rows, tile_h, cols, tile_w, channels, n),
+                (s * row_stride, row_stride, s * pixel, pixel, n, 1),
+                out.storage_offset() + (row * s + i) * row_stride + (col * s + j) * pixel,
             )
-            target.add_(values[:, :, :, i:i + tile_h, :, j:j + tile_w])
+            target.add_(values[:, :, i:i + tile_h, j:j + tile_w].permute(0, 2, 1, 3, 4, 5))
 
 
-def _locations_to_image(values: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    """(L, N, F) -> (N, F, rows, width)."""
-    return values.view(rows, width, *values.shape[1:]).permute(2, 3, 0, 1)
+def _blocks(x_or_y: torch.Tensor, weight: torch.Tensor, out_rows: int, out_width: int,
+            batch: int, block_bytes: int):
+    """(locations slice, row, rows, col, cols) per block, and one reusable patch buffer: big
+    fresh buffers cost page faults on every call, and small blocks stay in cache between
+    the copy and the GEMM."""
+    location_bytes = weight.shape[2] * batch * x_or_y.element_size()
+    blocks = list(location_blocks(out_rows, out_width, location_bytes, block_bytes))
+    largest = max(rows * cols for _, rows, _, cols in blocks)
+    buffer = x_or_y.new_empty(largest * weight.shape[2] * batch)
+    return [(slice(row * out_width + col, row * out_width + col + rows * cols), row, rows, col, cols)
+            for row, rows, col, cols in blocks], buffer
 
 
-def _image_to_locations(values: torch.Tensor) -> torch.Tensor:
-    """(N, F, rows, width) -> contiguous (L, N, F)."""
-    n, f, rows, width = values.shape
-    return values.permute(2, 3, 0, 1).reshape(rows * width, n, f)
+def _apply(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
+           out_rows: int, out_width: int, block_bytes: int) -> torch.Tensor:
+    """y[l, f, n] = sum_k W[l, f, k] patch_l(x)[k, n]: (H, W, C, N) -> (Ho, Wo, F, N)."""
+    n, maps = x.shape[3], weight.shape[1]
+    out = torch.empty(out_rows * out_width, maps, n, dtype=x.dtype, device=x.device)
+    blocks, buffer = _blocks(x, weight, out_rows, out_width, n, block_bytes)
+    for locations, row, rows, col, cols in blocks:
+        patches = cut_patches(x, kernel_size, stride, row, rows, col, cols,
+                              buffer[: (locations.stop - locations.start) * weight.shape[2] * n])
+        torch.bmm(weight[locations], patches, out=out[locations])
+    return out.view(out_rows, out_width, maps, n)
+
+
+def _apply_transpose(y: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
+                     input_size: tuple[int, int], block_bytes: int) -> torch.Tensor:
+    """x[field_l, :, n] += sum_f W[l, f, :] y[l, f, n]: (Ho, Wo, F, N) -> (H, W, C, N), the
+    adjoint of ``_apply``."""
+    out_rows, out_width, maps, n = y.shape
+    channels = weight.shape[2] // (kernel_size * kernel_size)
+    x = torch.zeros(*input_size, channels, n, dtype=y.dtype, device=y.device)
+    codes = y.view(out_rows * out_width, maps, n)
+    blocks, buffer = _blocks(y, weight, out_rows, out_width, n, block_bytes)
+    for locations, row, rows, col, cols in blocks:
+        count = locations.stop - locations.start
+        patches = buffer[: count * weight.shape[2] * n].view(count, weight.shape[2], n)
+        torch.bmm(weight[locations].transpose(1, 2), codes[locations], out=patches)
+        add_patches_(x, patches, kernel_size, stride, row, rows, col, cols)
+    return x
+
+
+def _weight_gradient(x: torch.Tensor, y: torch.Tensor, kernel_size: int, stride: int,
+                     block_bytes: int) -> torch.Tensor:
+    """dW[l] = y_l patch_l(x)^T for the bilinear map y = W x: (L, F, K), from x (H, W, C, N)
+    and y (Ho, Wo, F, N)."""
+    out_rows, out_width, maps, n = y.shape
+    k_total = x.shape[2] * kernel_size * kernel_size
+    codes = y.view(out_rows * out_width, maps, n)
+    grad = torch.empty(out_rows * out_width, maps, k_total, dtype=x.dtype, device=x.device)
+    blocks, buffer = _blocks(x, grad, out_rows, out_width, n, block_bytes)
+    for locations, row, rows, col, cols in blocks:
+        patches = cut_patches(x, kernel_size, stride, row, rows, col, cols,
+                              buffer[: (locations.stop - locations.start) * k_total * n])
+        torch.bmm(codes[locations], patches.transpose(1, 2), out=grad[locations])
+    return grad
 
 
 def _check_input(x: torch.Tensor, kernel_size: int, stride: int, out_rows: int, out_width: int):
@@ -107,71 +196,25 @@ def _check_input(x: torch.Tensor, kernel_size: int, stride: int, out_rows: int, 
             f"{out_rows}x{out_width}")
 
 
-def _apply(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
-           out_rows: int, out_width: int, block_bytes: int) -> torch.Tensor:
-    """y[n, f, l] = sum_k W[l, f, k] patch_l(x)[n, k], as (N, F, out_rows, out_width)."""
-    n, k_total = x.shape[0], weight.shape[2]
-    out = torch.empty(out_rows * out_width, n, weight.shape[1], dtype=x.dtype, device=x.device)
-    step = _rows_per_block(out_rows, out_width * n * k_total * x.element_size(), block_bytes)
-    for row in range(0, out_rows, step):
-        rows = min(step, out_rows - row)
-        block = slice(row * out_width, (row + rows) * out_width)
-        patches = cut_patches(x, kernel_size, stride, row, rows, out_width)
-        torch.bmm(patches, weight[block].transpose(1, 2), out=out[block])
-    return _locations_to_image(out, out_rows, out_width)
-
-
-def _apply_transpose(y: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
-                     input_size: tuple[int, int], block_bytes: int) -> torch.Tensor:
-    """x[n, :, field_l] += sum_f y[n, f, l] W[l, f, :]: the adjoint of ``_apply``."""
-    n, _, out_rows, out_width = y.shape
-    channels = weight.shape[2] // (kernel_size * kernel_size)
-    x = torch.zeros(n, channels, *input_size, dtype=y.dtype, device=y.device)
-    codes = _image_to_locations(y)
-    step = _rows_per_block(out_rows, out_width * n * weight.shape[2] * y.element_size(), block_bytes)
-    for row in range(0, out_rows, step):
-        rows = min(step, out_rows - row)
-        block = slice(row * out_width, (row + rows) * out_width)
-        patches = torch.bmm(codes[block], weight[block])
-        add_patches_(x, patches, kernel_size, stride, row, rows, out_width)
-    return x
-
-
-def _weight_gradient(x: torch.Tensor, y: torch.Tensor, kernel_size: int, stride: int,
-                     block_bytes: int) -> torch.Tensor:
-    """dW[l] = y_l^T patch_l(x) for the bilinear map y = W x: (L, F, K)."""
-    n, f, out_rows, out_width = y.shape
-    k_total = x.shape[1] * kernel_size * kernel_size
-    codes = _image_to_locations(y)
-    grad = torch.empty(out_rows * out_width, f, k_total, dtype=x.dtype, device=x.device)
-    step = _rows_per_block(out_rows, out_width * n * k_total * x.element_size(), block_bytes)
-    for row in range(0, out_rows, step):
-        rows = min(step, out_rows - row)
-        block = slice(row * out_width, (row + rows) * out_width)
-        patches = cut_patches(x, kernel_size, stride, row, rows, out_width)
-        torch.bmm(codes[block].transpose(1, 2), patches, out=grad[block])
-    return grad
-
-
 class _LocalForward(torch.autograd.Function):
-    """y = A(W) x with A cutting patches; saves x and W only (patches are cut again)."""
+    """y = A(W) x with A cutting patches; saves x (batch-last) and W, not the patches."""
 
     @staticmethod
     def forward(ctx, x, weight, kernel_size, stride, out_rows, out_width, block_bytes):
-        x = x.contiguous()
+        x = batch_last(x)
         ctx.save_for_backward(x, weight)
         ctx.geometry = (kernel_size, stride, block_bytes)
-        return _apply(x, weight, kernel_size, stride, out_rows, out_width, block_bytes)
+        return batch_first(_apply(x, weight, kernel_size, stride, out_rows, out_width, block_bytes))
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         kernel_size, stride, block_bytes = ctx.geometry
-        grad_y = grad_y.contiguous()
+        grad_y = batch_last(grad_y)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _apply_transpose(grad_y, weight, kernel_size, stride, tuple(x.shape[2:]),
-                                      block_bytes)
+            grad_x = batch_first(_apply_transpose(grad_y, weight, kernel_size, stride,
+                                                  tuple(x.shape[:2]), block_bytes))
         if ctx.needs_input_grad[1]:
             grad_w = _weight_gradient(x, grad_y, kernel_size, stride, block_bytes)
         return grad_x, grad_w, None, None, None, None, None
@@ -182,20 +225,21 @@ class _LocalTranspose(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, weight, kernel_size, stride, input_size, block_bytes):
-        y = y.contiguous()
+        y = batch_last(y)
         ctx.save_for_backward(y, weight)
         ctx.geometry = (kernel_size, stride, block_bytes)
-        return _apply_transpose(y, weight, kernel_size, stride, input_size, block_bytes)
+        return batch_first(_apply_transpose(y, weight, kernel_size, stride, input_size,
+                                            block_bytes))
 
     @staticmethod
     def backward(ctx, grad_x):
         y, weight = ctx.saved_tensors
         kernel_size, stride, block_bytes = ctx.geometry
-        grad_x = grad_x.contiguous()
+        grad_x = batch_last(grad_x)
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_y = _apply(grad_x, weight, kernel_size, stride, y.shape[2], y.shape[3],
-                            block_bytes)
+            grad_y = batch_first(_apply(grad_x, weight, kernel_size, stride, y.shape[0],
+                                        y.shape[1], block_bytes))
         if ctx.needs_input_grad[1]:
             grad_w = _weight_gradient(grad_x, y, kernel_size, stride, block_bytes)
         return grad_y, grad_w, None, None, None, None
@@ -204,7 +248,7 @@ class _LocalTranspose(torch.autograd.Function):
 def locally_connected(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
                       out_size: tuple[int, int],
                       block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
-    """(N, C, H, W) -> (N, F, Ho, Wo) with ``weight`` (Ho*Wo, F, C k k); no bias."""
+    """(N, C, H, W) -> (N, F, Ho, Wo) with ``weight`` (Ho*Wo, F, k k C); no bias."""
     _check_input(x, kernel_size, stride, *out_size)
     return _LocalForward.apply(x, weight, kernel_size, stride, out_size[0], out_size[1],
                                block_bytes)
@@ -224,8 +268,8 @@ class LocallyConnected2d(UnitInitialized):
     """Untied local receptive fields: ``out_channels`` units at each of ``Ho x Wo``
     locations, each unit with its own ``in_channels x k x k`` filter.
 
-    ``weight`` is ``(Ho*Wo, out_channels, in_channels*k*k)``: one row per hidden unit,
-    locations in row-major order. Initialisation follows terabrain.nn.init by hidden unit
+    ``weight`` is ``(Ho*Wo, out_channels, k*k*in_channels)``: one row per hidden unit,
+    locations in row-major order, values in (kh, kw, C) order. Initialisation follows terabrain.nn.init by hidden unit
     (unit ``l * out_channels + f``), uniform in ``±1/sqrt(C k k)`` as nn.Linear; so the
     locations of a block of output rows, initialised alone (``init_parameter_`` with
     ``first_unit`` = its first location), equal those rows of the whole layer. The bias
@@ -288,7 +332,8 @@ class LocallyConnected2d(UnitInitialized):
         self.weight.div_(self.weight.norm(dim=2, keepdim=True).clamp_min(1e-12))
 
     def filters(self) -> torch.Tensor:
-        """One row per hidden unit (location-major), ``in_channels * k * k`` values each."""
+        """One row per hidden unit (location-major), ``k * k * in_channels`` values each in
+        (kh, kw, C) order, as terabrain.analysis.filters draws them."""
         return self.weight.detach().reshape(-1, self.weight.shape[-1])
 
     def extra_repr(self) -> str:

@@ -1,0 +1,148 @@
+"""One rank of a multi-process test, run under torchrun: locally connected layers split by
+output rows across all ranks (the spatial plan) against the same layers in one process.
+
+Each rank builds the whole layer (same seed) as the reference and the partitioned one
+(from a meta-device build for some cases, so its rows are initialised where they live).
+For each case it compares, gathered across ranks: the forward output, ``transpose``, and
+the gradients of the weights, bias and input of a RICA-style reconstruction loss
+``|T(F(x)) - x|^2 + <F(x), u>``. Prints `rank R: CASE ok (max diff)` per case and
+`rank R: all cases ok` at the end.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from terabrain.nn.local import LocallyConnected2d
+from terabrain.parallel import (
+    build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
+)
+from terabrain.parallel.spatial import gather_rows, partition_spatially, split_rows
+
+BATCH = 3
+
+CASES = {
+    # name: (in, out, (H, W), kernel, stride, bias, from meta)
+    "overlap-k4-s2": (3, 4, (21, 9), 4, 2, False, False),
+    "overlap-bias-meta": (2, 3, (18, 10), 5, 3, True, True),
+    "gaps-k2-s3": (2, 2, (20, 7), 2, 3, True, False),
+    "wide-halo-k7-s1": (1, 2, (12, 8), 7, 1, False, True),  # halo spans several ranks
+}
+
+
+def build(case, meta):
+    cin, cout, size, kernel, stride, bias, _ = case
+    if meta:
+        with torch.device("meta"):
+            return LocallyConnected2d(cin, cout, size, kernel, stride, bias=bias, seed=7)
+    return LocallyConnected2d(cin, cout, size, kernel, stride, bias=bias, seed=7)
+
+
+def reconstruction_loss(layer, x, u):
+    codes = layer(x)
+    return (layer.transpose(codes) - x).pow(2).sum() + (codes * u).sum(), codes
+
+
+def largest_difference(a, b):
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+
+def check_case(name, case, mesh, group):
+    torch.manual_seed(0)
+    reference = build(case, meta=False)
+    if reference.bias is not None:
+        nn.init.normal_(reference.bias)
+    x = torch.randn(BATCH, case[0], *case[2])
+    u = torch.randn(BATCH, case[1], *reference.output_size)
+    codes_in = torch.randn(BATCH, case[1], *reference.output_size)
+
+    full_x = x.clone().requires_grad_()
+    loss, codes = reference_loss = reconstruction_loss(reference, full_x, u)
+    loss.backward()
+    full_transpose = reference.transpose(codes_in)
+
+    layer = partition_spatially(build(case, meta=case[6]), mesh)
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.copy_(split_rows(reference.bias[None], layer.block.output_rows)[0])
+    block = layer.block
+    local_x = split_rows(x, block.owned_rows).clone().requires_grad_()
+    local_u = split_rows(u, block.output_rows)
+    local_loss, local_codes = reconstruction_loss(layer, local_x, local_u)
+    local_loss.backward()
+    total = local_loss.detach().clone()
+    dist.all_reduce(total, group=group)
+
+    width = reference.output_size[1]
+    output_blocks = [b.output_rows for b in layer.blocks]
+    location_blocks = [(a * width, b * width) for a, b in output_blocks]
+    owned_blocks = [b.owned_rows for b in layer.blocks]
+    local_transpose = layer.transpose(split_rows(codes_in, block.output_rows))
+    comparisons = {
+        "loss": (total, loss.detach()),
+        "forward": (gather_rows(local_codes.detach(), output_blocks, group), codes.detach()),
+        "transpose": (gather_rows(local_transpose, owned_blocks, group), full_transpose.detach()),
+        "weight": (gather_rows(layer.weight.detach(), location_blocks, group, dim=0),
+                   reference.weight.detach()),
+        "weight grad": (gather_rows(layer.weight.grad, location_blocks, group, dim=0),
+                        reference.weight.grad),
+        "input grad": (gather_rows(local_x.grad, owned_blocks, group), full_x.grad),
+    }
+    if reference.bias is not None:
+        comparisons["bias grad"] = (gather_rows(layer.bias.grad, output_blocks, group, dim=1),
+                                    reference.bias.grad)
+    worst = 0.0
+    for what, (got, want) in comparisons.items():
+        assert got.shape == want.shape, (name, what, got.shape, want.shape)
+        difference = largest_difference(got, want)
+        assert difference < 1e-5, f"{name}: {what} differs by {difference:.2e}"
+        worst = max(worst, difference)
+    return worst
+
+
+def check_stack(mesh, group):
+    """Two layers in a row: the second reads the first's output rows as its own input rows,
+    so only halos move between them."""
+    torch.manual_seed(1)
+    stack = nn.Sequential(LocallyConnected2d(2, 3, (26, 10), 4, 2, seed=3),
+                          LocallyConnected2d(3, 2, (12, 4), 3, 1, seed=4))
+    x = torch.randn(BATCH, 2, 26, 10)
+    full_x = x.clone().requires_grad_()
+    stack(full_x).pow(2).sum().backward()
+    reference_grads = [p.grad.clone() for p in stack.parameters()]
+    expected = stack(x).detach()
+
+    parted = partition_spatially(stack, mesh)
+    first, second = parted[0], parted[1]
+    assert [b.owned_rows for b in second.blocks] == [b.output_rows for b in first.blocks]
+    local_x = split_rows(x, first.block.owned_rows).clone().requires_grad_()
+    local_y = parted(local_x)
+    local_y.pow(2).sum().backward()
+    got = gather_rows(local_y.detach(), [b.output_rows for b in second.blocks], group)
+    worst = largest_difference(got, expected)
+    for layer, want in zip((first, second), reference_grads):
+        width = layer.output_size[1]
+        blocks = [(a * width, b * width) for a, b in (b.output_rows for b in layer.blocks)]
+        worst = max(worst, largest_difference(gather_rows(layer.weight.grad, blocks, group, dim=0), want))
+    grad_x = gather_rows(local_x.grad, [b.owned_rows for b in first.blocks], group)
+    worst = max(worst, largest_difference(grad_x, full_x.grad))
+    assert worst < 1e-5, f"stack differs by {worst:.2e}"
+    return worst
+
+
+def main():
+    env = detect_launch_env()
+    with fail_fast(env):
+        init_distributed(env, timeout_s=60)
+        mesh = build_mesh(1, env.world_size, env)
+        group = mesh.get_group("model")
+        for name, case in CASES.items():
+            worst = check_case(name, case, mesh, group)
+            print(f"rank {env.rank}: {name} ok ({worst:.1e})", flush=True)
+        print(f"rank {env.rank}: stack ok ({check_stack(mesh, group):.1e})", flush=True)
+        shutdown_distributed()
+    print(f"rank {env.rank}: all cases ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()
