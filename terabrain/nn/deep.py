@@ -83,7 +83,8 @@ class ConvBank(FilterBank):
         self.out_shape = (maps, (height - kernel) // stride + 1, (width - kernel) // stride + 1)
 
     def _kernel(self, weight):
-        return weight.view(weight.shape[0], self.in_shape[0], self.kernel, self.kernel)
+        # Rows in (kh, kw, C) order, as the locally connected layer's and the pictures'.
+        return weight.view(weight.shape[0], self.kernel, self.kernel, self.in_shape[0]).permute(0, 3, 1, 2)
 
     def apply(self, x, weight):
         return F.conv2d(x, self._kernel(weight), stride=self.stride)
@@ -175,7 +176,8 @@ class RICALayer(UnitInitialized):
                 bank.weight.div_(bank.weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def filters(self) -> torch.Tensor:
-        """Every hidden unit's filter as a row, (C, k, k) flattened (the encoder's)."""
+        """Every hidden unit's filter as a row (the encoder's): (kh, kw, C) order for local
+        and conv layers, the input's (C, H, W) order for dense ones."""
         weight = _unit_rows(self.encoder.weight.detach())
         return weight.reshape(-1, weight.shape[-1])
 
@@ -273,9 +275,9 @@ class DeepNetwork(UnitInitialized):
         layer = self.layers[0]
         channels = layer.in_shape[0]
         weight = _unit_rows(layer.encoder.weight.detach())
-        if isinstance(layer.encoder, DenseBank):
+        if isinstance(layer.encoder, DenseBank):  # rows in the input's (C, H, W) order
             _, height, width = layer.in_shape
-            rows = weight[:limit]
+            rows = weight[:limit].view(-1, channels, height, width).permute(0, 2, 3, 1)
         else:
             kernel = layer.encoder.layer.kernel_size if isinstance(layer.encoder, LocalBank) else layer.encoder.kernel
             height = width = kernel
@@ -284,7 +286,7 @@ class DeepNetwork(UnitInitialized):
                 picked = torch.linspace(0, weight.shape[0] - 1, locations).round().long()
                 weight = weight[picked]
             rows = weight.reshape(-1, weight.shape[-1])[:limit]
-        rows = rows.view(len(rows), channels, height, width).permute(0, 2, 3, 1).reshape(len(rows), -1)
+        rows = rows.reshape(len(rows), -1)
         shape = (height, width) if channels == 1 else (height, width, channels)
         return rows, shape
 
