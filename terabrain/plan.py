@@ -234,6 +234,8 @@ class Plan:
     headroom: float
     splits: list[Split]
     notes: list[str] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    """model.kind deep: one row per layer (terabrain.plan_deep.layer_table)."""
 
     @property
     def usable_memory(self) -> int:
@@ -331,6 +333,10 @@ def plan_experiment(
     if batch is not None and batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {batch}")
 
+    if config.model.kind == "deep":
+        from terabrain.plan_deep import plan_deep
+
+        return plan_deep(config, devices, device_memory, batch, headroom)
     inputs, train_rows = data_shape(config.data)
     params = parameters_of(config, inputs)
     total = sum(p.numel for p in params)
@@ -483,6 +489,15 @@ def format_plan(plan: Plan) -> str:
         "per rank, decimal units, sent = bytes each rank sends per step",
         "",
     ]
+    if plan.layers:
+        lines.append("layer  kind   input -> codes -> output            parameters  GFLOP/example")
+        for row in plan.layers:
+            shapes = " -> ".join("x".join(map(str, row[k])) for k in ("input", "codes", "output"))
+            lines.append(
+                f"{row['layer']:>5}  {row['kind']:<5}  {shapes:<32}  "
+                f"{format_count(row['parameters']):>10}  {row['forward_flops_per_example'] / 1e9:>13.2f}"
+            )
+        lines.append("")
     header = ["data", "model", "weights", "grads", "optim", "activ", "other", "total",
               "fits", "sent:model", "sent:data", "sent", ""]
     rows = []

@@ -7,9 +7,11 @@ built-in experiment, and an error message quotes the field's path and allowed va
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator,
+)
 
 from terabrain.data.embedded import PHOTOS
 
@@ -165,7 +167,11 @@ class LayerConfig(Section):
     )
     kernel: PositiveInt = Field(8, description="local/conv: receptive field side.")
     stride: PositiveInt = Field(1, description="local/conv: step between receptive fields.")
-    padding: int = Field(0, ge=0, description="local/conv: zeros added on every side.")
+    padding: Union[NonNegativeInt, tuple[NonNegativeInt, NonNegativeInt]] = Field(
+        0,
+        description="local/conv: zero rows and columns added around the input: n on every "
+        "side, or [before, after] (top and left, bottom and right).",
+    )
     tied: bool = Field(
         True,
         description="Decoder is the encoder's transpose (RICA). false: a separate decoder "

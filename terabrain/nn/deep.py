@@ -129,9 +129,11 @@ class RICALayer(UnitInitialized):
         super().__init__()
         self.init_seed = _draw_seed(seed)
         self.in_shape = tuple(in_shape)
-        self.padding = config.padding if config.kind != "dense" else 0
+        padding = 0 if config.kind == "dense" else config.padding
+        self.padding: tuple[int, int] = (padding, padding) if isinstance(padding, int) else tuple(padding)
         channels, height, width = in_shape
-        padded = (channels, height + 2 * self.padding, width + 2 * self.padding)
+        added = sum(self.padding)
+        padded = (channels, height + added, width + added)
         self.encoder = _bank(config, padded, self.init_seed)
         self.decoder = None if config.tied else _bank(config, padded, self.init_seed + 1)
         self.alpha = nn.Parameter(torch.ones(()))
@@ -155,7 +157,8 @@ class RICALayer(UnitInitialized):
         return [bank for bank in (self.encoder, self.decoder) if bank is not None]
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, [self.padding] * 4) if self.padding else x
+        before, after = self.padding
+        return F.pad(x, [before, after, before, after]) if before or after else x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.alpha * self.encoder.apply(self._pad(x), _unit_rows(self.encoder.weight))
@@ -164,9 +167,10 @@ class RICALayer(UnitInitialized):
         codes = self.encode(x)
         decoder = self.decoder or self.encoder
         reconstruction = decoder.adjoint(codes, _unit_rows(decoder.weight))
-        if self.padding:
-            p = self.padding
-            reconstruction = reconstruction[..., p:-p, p:-p]
+        if any(self.padding):
+            _, height, width = self.in_shape
+            top = self.padding[0]
+            reconstruction = reconstruction[..., top : top + height, top : top + width]
         return codes, reconstruction + self.bias
 
     @torch.no_grad()
