@@ -99,3 +99,18 @@ def test_a_layer_that_does_not_fit_its_input_is_a_config_error():
     config = load_experiment("yfcc-15b-small", ["model.input_shape=[1, 48, 48]"])
     with pytest.raises(ConfigError, match="model.input_shape"):
         build_network(config, (48, 48, 3))
+
+
+def test_data_parallel_deep_run_equals_one_process(tmp_path, cli):
+    from conftest import torchrun
+
+    overrides = SMALL_DEEP + ["train.schedule=pipelined", "train.steps=6", "train.start_after=3"]
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    cli("train", "yfcc-15b-small", *sets, "--out", str(tmp_path / "one"), check=True)
+    result = torchrun(2, "-m", "terabrain", "train", "yfcc-15b-small", *sets,
+                      "--set", "parallel.data=2", "--out", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)

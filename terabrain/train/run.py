@@ -183,6 +183,12 @@ def _deep_feature_stage(
     results: Results, parallel: Parallelism,
 ) -> torch.nn.Module:
     """Layer-wise training of model.kind deep (terabrain.train.layerwise)."""
+    if parallel.model_ranks > 1:
+        raise ConfigError(
+            f"parallel.model: {parallel.model_ranks} model-parallel ranks are not supported for "
+            "model.kind deep yet; allowed: 1 (use parallel.data for more ranks). The spatial "
+            "split of a locally connected layer exists on its own (terabrain.parallel.spatial)."
+        )
     torch.manual_seed(config.seed)
     network = build_network(config, data.example_shape).to(device)
     if results.done("features"):
