@@ -90,3 +90,10 @@ def test_cli_configs_and_show(cli):
     shown = yaml.safe_load(cli("show", "digits-sae", check=True).stdout)
     assert shown["objective"]["kind"] == "sparse_autoencoder"
     assert shown["supervised"]["task"] == "classification"
+
+
+def test_set_reaches_into_lists_by_index():
+    config = load_experiment("yfcc-15b-small", ["model.layers.0.steps=7", "model.layers.2.maps=32"])
+    assert config.model.layers[0].steps == 7 and config.model.layers[2].maps == 32
+    with pytest.raises(ConfigError, match=r"model.layers.5: index out of range; the list has 3"):
+        load_experiment("yfcc-15b-small", ["model.layers.5.steps=1"])

@@ -15,7 +15,7 @@ from terabrain.train.run import build_network, run_experiment
 SMALL_DEEP = [
     "data.patch_size=24", "data.num_patches=768", "data.holdout_patches=96",
     "train.batch_size=96", "train.steps=12", "train.log_every=2", "train.checkpoint_every=6",
-    "train.start_after=6", "train.sync_every=2", "train.progress=false",
+    "train.start_after=6", "train.sync_every=2", "train.progress=false", "model.layers.0.steps=null",
 ]
 
 

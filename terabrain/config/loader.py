@@ -58,17 +58,25 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     except yaml.YAMLError:
         value = text
     parts = key.split(".")
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(
-                f"--set {assignment!r}: {'.'.join(parts[: depth + 1])} is not a section"
-            )
-        node = child
-    node[parts[-1]] = value
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):  # model.layers.0.steps: an index into a list
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"--set {assignment!r}: {where}: index out of range; the list has "
+                    f"{len(node)} items (0..{len(node) - 1})"
+                )
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[:depth])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
 
 
 def format_validation_error(error: ValidationError) -> str:
