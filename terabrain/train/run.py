@@ -107,8 +107,11 @@ def _train_stage(
     device: torch.device,
     parallel: Parallelism,
     filter_image=None,
+    stream=None,
 ) -> Trainer:
     manager = CheckpointManager(checkpoint_dir, keep=train.keep_checkpoints)
+    # A streamed collection: this rank's batches come from its own reader (checks its sizes).
+    batches = stream.open(train.batch_size, parallel, device) if stream is not None else None
     global_batch = train.batch_size or len(inputs)
     if global_batch % parallel.data_ranks:
         what = "train.batch_size" if train.batch_size else "the number of training examples"
@@ -130,7 +133,7 @@ def _train_stage(
         model, objective, optimizer, inputs, targets,
         steps=train.steps, batch_size=train.batch_size, seed=config.seed, device=device,
         precision=config.precision, log_every=train.log_every, callbacks=callbacks,
-        parallel=parallel,
+        parallel=parallel, batches=batches,
     )
     latest = manager.latest()
     if latest is not None:
@@ -174,7 +177,7 @@ def _feature_stage(
         stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
         model=model, objective=build_objective(config.objective), optimizer=optimizer,
         inputs=data.train_x, targets=None, train=config.train, config=config, device=device,
-        parallel=parallel,
+        parallel=parallel, stream=data.stream,
         # Rank 0's own shard of the filters: TensorBoard runs on rank 0 only.
         filter_image=lambda: filter_grid(local(model.filters()), data.example_shape),
     )
@@ -262,7 +265,11 @@ def run_experiment(
     if data.whitening is not None and is_main_rank():
         replace_atomically(run_dir / "whitening.safetensors", data.whitening.save)
     results = Results(run_dir / "results.json")
-    features = _feature_stage(config, data, run_dir, device, results, parallel)
+    try:
+        features = _feature_stage(config, data, run_dir, device, results, parallel)
+    finally:
+        if data.stream is not None:
+            data.stream.close()  # stops background staging
     if config.supervised is not None:
         _supervised_stage(config, data, features, run_dir, device, results, parallel)
     if dist.is_initialized():
