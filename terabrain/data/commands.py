@@ -16,7 +16,7 @@ def register(commands) -> None:
     )
     pack.add_argument("source", type=Path, metavar="SRC", help="a folder of images (recursive)")
     pack.add_argument("dest", type=Path, metavar="DEST", help="a new directory for the shards")
-    pack.add_argument("--shard-size", default="1GB", metavar="SIZE", help="bytes per shard (default 1GB)")
+    pack.add_argument("--shard-size", default="1GB", metavar="SIZE", help="bytes of members per shard (default 1GB; tar's end padding adds <= 10 KiB)")
     pack.add_argument("--workers", type=int, default=4, help="threads decoding images to check them")
     pack.set_defaults(handler=run_pack)
     stats = sub.add_parser(

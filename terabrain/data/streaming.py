@@ -101,6 +101,15 @@ class StreamSource:
         rng = np.random.default_rng(seed)
         permutation = rng.permutation(len(self.read))
         held = max(1, min(math.ceil(config.holdout_patches / self.read.per_sample), len(self.read) // 10))
+        # Damaged files are never in the held-out set: more candidates are taken until it
+        # has a readable example (at most half the collection is tried).
+        holdout = self._read_rows(permutation[:held], "held-out set", allow_empty=True)
+        while len(holdout) == 0 and held < max(len(self.read) // 2, 2):
+            more = permutation[held : held + max(1, held)]
+            held += len(more)
+            holdout = self._read_rows(more, "held-out set", allow_empty=True)
+        if len(holdout) == 0:
+            raise TrainingError("no readable example for the held-out set" + self._problem_hint())
         self.holdout_ids = np.sort(permutation[:held])
         self.train_ids = np.sort(permutation[held:])  # collection order: blocks read shards sequentially
         self.example_shape = self.read.example_shape
@@ -120,7 +129,6 @@ class StreamSource:
             whitening = ZCA.fit(sample[: config.whitening_fit_samples], config.whitening_epsilon)
         self.whitening = whitening
         self.transform = RowTransform(config.remove_mean, self.channels, whitening)
-        holdout = self._read_rows(self.holdout_ids, "held-out set") if held else np.zeros((0, self.read.dim), np.float32)
         self.holdout_x = torch.from_numpy(self.transform(holdout).astype(np.float32))
         self.stager: Optional[Stager] = None
 
@@ -137,7 +145,7 @@ class StreamSource:
         for name, reason in self.problems[:10]:
             print(f"  {name}: {reason}", file=sys.stderr)
 
-    def _read_rows(self, ids: np.ndarray, purpose: str) -> np.ndarray:
+    def _read_rows(self, ids: np.ndarray, purpose: str, allow_empty: bool = False) -> np.ndarray:
         def one(index: int):
             try:
                 return self.read(int(index), OUTSIDE_TRAINING)
@@ -149,6 +157,8 @@ class StreamSource:
         with ThreadPoolExecutor(max(1, self.config.workers)) as pool:
             rows = [r for r in pool.map(one, ids) if r is not None]
         if not rows:
+            if allow_empty:
+                return np.zeros((0, self.read.dim), np.float32)
             raise TrainingError(f"no readable example for the {purpose}" + self._problem_hint())
         return np.concatenate(rows).astype(np.float32, copy=False)
 
