@@ -80,29 +80,30 @@ def unreadable_reason(error: Exception) -> str:
 
 
 def _preprocess(image, spec: ImageSpec) -> np.ndarray:
+    """Scale the smaller side to ``crop`` and keep the centre ``crop`` x ``crop``, then
+    resize to ``size``: done in one step as "scale the smaller side to ``side`` and keep the
+    centre ``side`` x ``side``", the same region of the photograph, resampled once."""
     from PIL import Image
 
     width, height = image.size
     if width < 1 or height < 1:
         raise ValueError(f"image of size {width}x{height}")
     mode = "RGB" if spec.color else "L"
-    scale = spec.crop / min(width, height)
+    side = spec.side
     # JPEG can decode directly at 1/2, 1/4, 1/8 scale (never below the requested size):
-    # most of the decode cost of a large photograph disappears, the result is the same
-    # crop at the same resolution.
+    # most of the decode cost of a large photograph disappears when the output is small.
+    scale = side / min(width, height)
     image.draft(mode, (math.ceil(width * scale), math.ceil(height * scale)))
     image.load()  # raises on a truncated or corrupt file
     image = image.convert(mode)
     width, height = image.size
-    scale = spec.crop / min(width, height)
-    scaled = (max(spec.crop, round(width * scale)), max(spec.crop, round(height * scale)))
-    if scaled != image.size:
-        image = image.resize(scaled, Image.Resampling.BILINEAR, reducing_gap=None)
-    left = (scaled[0] - spec.crop) // 2
-    top = (scaled[1] - spec.crop) // 2
-    image = image.crop((left, top, left + spec.crop, top + spec.crop))
-    if spec.size is not None and spec.size != spec.crop:
-        image = image.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    # The centre square of the (possibly draft-scaled) image, in its own pixels.
+    # Cropped before resampling, so no pixel outside the square leaks in at its edges.
+    square = min(width, height)
+    left, top = (width - square) // 2, (height - square) // 2
+    image = image.crop((left, top, left + square, top + square))
+    if square != side:
+        image = image.resize((side, side), Image.Resampling.BILINEAR)
     array = np.asarray(image, dtype=np.float32)
     return array * np.float32(1.0 / 255.0)
 
