@@ -262,6 +262,9 @@ def run_experiment(
             write_text_atomically(path, resolved)
     torch.manual_seed(config.seed)
     data = prepare_data(config.data, config.seed)
+    if data.stream is not None and config.supervised is not None:
+        raise ConfigError("supervised: the supervised stage needs labelled data in memory; "
+                          "set data.stream false (npy) or drop supervised")
     if data.whitening is not None and is_main_rank():
         replace_atomically(run_dir / "whitening.safetensors", data.whitening.save)
     results = Results(run_dir / "results.json")
