@@ -27,7 +27,6 @@ Target: reader >= 3x consumption.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil

@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -35,8 +34,8 @@ from terabrain.train.trainer import Trainer  # noqa: E402
 BATCH, STEPS, CHECKPOINT_AT = 8, 7, 4
 
 
-class Recorder(cb.Callback):
-    """Records the images of each step's batch (read back from the trainer's last batch)."""
+class Recorder:
+    """The images of each step's batch, as the trainer received them."""
 
     def __init__(self):
         self.steps = {}
