@@ -116,3 +116,20 @@ def test_training_on_staged_shards_via_the_cli(packed, cli, tmp_path):
     for shard in index["shards"]:
         assert (staged / f"{shard['name']}.sha256").read_text().strip() == shard["sha256"]
         assert hashlib.sha256((staged / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+
+
+def test_damaged_files_are_counted_in_metrics_and_tensorboard(packed, cli, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base, _ = packed
+    run = tmp_path / "run"
+    result = cli(*TRAIN, "--set", "data.source=folder", "--set", f"data.root={base / 'images'}",
+                 "--set", "train.batch_size=32", "--set", "data.holdout_patches=4", "--out", str(run))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "README.txt" in result.stderr and "skipped" in result.stderr
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [line["data_skipped"] for line in lines]
+    assert skipped == sorted(skipped) and 0 < skipped[-1] <= 4 * 3  # 3 damaged files, 4 steps
+    assert all(line["data_unusable"] == 1 for line in lines)  # README.txt
+    events = EventAccumulator(str(run / "tb")).Reload()
+    assert [e.value for e in events.Scalars("features/data_skipped")] == skipped

@@ -60,7 +60,7 @@ class FolderCatalog(Catalog):
                 if is_image_name(file):
                     self.paths.append(path)
                 else:
-                    self.problems.append((str(self.root / path), "not an image file (skipped)"))
+                    self.problems.append((str(self.root / path), "not an image (file name extension)"))
         self.paths.sort()
 
     def __len__(self) -> int:
