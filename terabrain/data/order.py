@@ -44,16 +44,16 @@ class SampleOrder:
     def global_batch(self, step: int) -> torch.Tensor:
         """Example indices of the global batch of ``step`` (int64)."""
         epoch, position = divmod(step, self.per_epoch)
+        cached = self._cached  # read once: the loader thread and the trainer's thread both ask
+        if cached[0] != epoch:
+            count = self.samples if self.block is None else self.samples // self.block
+            cached = self._cached = (epoch, torch.randperm(count, generator=self._generator(epoch)))
         if self.block is None:
-            if self._cached[0] != epoch:
-                self._cached = (epoch, torch.randperm(self.samples, generator=self._generator(epoch)))
             start = position * self.batch
-            return self._cached[1][start : start + self.batch]
-        if self._cached[0] != epoch:
-            self._cached = (epoch, torch.randperm(self.samples // self.block, generator=self._generator(epoch)))
+            return cached[1][start : start + self.batch]
         per_block = self.block // self.batch
         which, inside = divmod(position, per_block)
-        block = int(self._cached[1][which])
+        block = int(cached[1][which])
         shuffle = np.random.default_rng([self.seed, epoch, block]).permutation(self.block)
         start = inside * self.batch
         return torch.from_numpy(block * self.block + shuffle[start : start + self.batch])

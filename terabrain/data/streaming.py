@@ -53,6 +53,8 @@ class RowTransform:
             rows = remove_patch_mean(rows, self.channels)
         if self.whitening is not None:
             rows = self.whitening.apply(rows)
+        # HOOK(lcn): local contrast normalisation (terabrain.nn) goes here, on rows reshaped
+        # to the example shape, when `data.lcn` is set.
         return rows
 
 
@@ -230,3 +232,5 @@ class StreamSource:
         if self.stager is not None:
             self.stager.stop()
             self.stager = None
+        if isinstance(self.catalog, ShardCatalog):
+            self.catalog.close()  # open shard descriptors; reopened if read again
