@@ -71,12 +71,14 @@ def test_stats_reports_counts_sizes_unreadable_and_checksums(packed, cli, tmp_pa
     assert tampered.returncode == 1 and f"MISMATCH {first}" in tampered.stdout
 
 
-def test_pack_refuses_an_existing_pack_and_bad_sizes(packed, cli):
+def test_pack_refuses_an_existing_pack_and_bad_sizes(packed, capsys):
+    from terabrain.cli import main
+
     base, _ = packed
-    again = cli("data", "pack", str(base / "images"), str(base / "shards"))
-    assert again.returncode == 2 and "already holds packed shards" in again.stderr
-    size = cli("data", "pack", str(base / "images"), str(base / "other"), "--shard-size", "lots")
-    assert size.returncode == 2 and "--shard-size" in size.stderr
+    assert main(["data", "pack", str(base / "images"), str(base / "shards")]) == 2
+    assert "already holds packed shards" in capsys.readouterr().err
+    assert main(["data", "pack", str(base / "images"), str(base / "other"), "--shard-size", "lots"]) == 2
+    assert "--shard-size" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, named", [

@@ -129,13 +129,13 @@ class _Hanging:
 
     def __call__(self, index: int, epoch: int) -> np.ndarray:
         if index >= 8:
-            time.sleep(3)
+            time.sleep(1.5)
         return self.rows[index : index + 1]
 
 
 def test_a_hanging_read_stops_the_run_instead_of_waiting_forever():
     rows = np.random.default_rng(0).random((16, 4), dtype=np.float32)
-    stream = BatchStream(_Hanging(rows), SampleOrder(16, 4, seed=0), workers=2, timeout_s=0.5)
+    stream = BatchStream(_Hanging(rows), SampleOrder(16, 4, seed=0), workers=2, timeout_s=0.3)
     began = time.monotonic()
     with pytest.raises(TrainingError, match="read_timeout_s"):
         for step in range(4):
