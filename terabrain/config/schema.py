@@ -22,14 +22,37 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LCNConfig(Section):
+    """Local contrast normalization (seed 000; Jarrett et al. 2009): subtract a Gaussian-
+    weighted local mean, divide by the local standard deviation."""
+
+    kernel: PositiveInt = Field(9, description="Side of the Gaussian window, in positions.")
+    sigma: Optional[PositiveFloat] = Field(
+        None, description="Width of the Gaussian window; null: kernel / 4."
+    )
+
+    @model_validator(mode="after")
+    def _odd(self) -> "LCNConfig":
+        if self.kernel % 2 == 0:
+            raise ValueError(f"lcn.kernel must be odd (a centred window), got {self.kernel}")
+        return self
+
+
 class DataConfig(Section):
     """Where examples come from and how they are preprocessed."""
 
-    source: Literal["photos", "digits", "npy"] = Field(
+    source: Literal[
+        "photos", "digits", "npy", "lfw", "fashion-mnist", "folder", "shards", "yfcc"
+    ] = Field(
         "photos",
         description="photos: patches of the natural photographs bundled with scikit-image and "
         "scikit-learn; digits: scikit-learn's 8x8 digits (with labels); npy: a float array of "
-        "shape (N, D) or (N, H, W[, C]) in a .npy file given by `path`.",
+        "shape (N, D) or (N, H, W[, C]) in a .npy file given by `path`; lfw: scikit-image's "
+        "200 LFW 25x25 crops (faces / non-faces labels); fashion-mnist: Fashion-MNIST from "
+        "Debian's dataset-fashion-mnist (train for training, test held out); folder: the images "
+        "under `root`; shards: tar shards in `root` (see `terabrain data pack`); yfcc: a "
+        "YFCC100M metadata file `metadata` with its images under `root`. folder, shards and "
+        "yfcc are streamed (see docs/data.md).",
     )
     photos: list[str] = Field(
         default_factory=lambda: [
@@ -60,6 +83,11 @@ class DataConfig(Section):
     remove_mean: bool = Field(
         True, description="Subtract each example's own mean (per channel) before whitening."
     )
+    lcn: Optional[LCNConfig] = Field(
+        None,
+        description="Local contrast normalization of every example, after mean removal and "
+        "before whitening (the preprocessing of Le et al. 2012 that seed 000 follows).",
+    )
     whitening: Literal["none", "zca"] = Field(
         "zca", description="none, or ZCA whitening fitted on `whitening_fit_samples` rows."
     )
@@ -71,6 +99,91 @@ class DataConfig(Section):
     whitening_fit_samples: PositiveInt = Field(
         20000, description="Training rows used to fit the whitening."
     )
+    # --- streamed collections (docs/data.md) -----------------------------------------
+    root: Optional[Path] = Field(
+        None, description="folder: the image folder; shards: a directory of tar shards (or one "
+        ".tar); yfcc: the image root.",
+    )
+    metadata: Optional[Path] = Field(
+        None, description="yfcc: the YFCC100M metadata file (tab-separated, 23 or 25 columns; "
+        ".bz2 and .gz are read directly).",
+    )
+    yfcc_media: Literal["photo", "video", "any"] = Field(
+        "photo", description="yfcc: keep photos, videos (their still images) or both."
+    )
+    yfcc_tags_any: list[str] = Field(
+        default_factory=list, description="yfcc: keep lines with at least one of these user tags."
+    )
+    yfcc_tags_all: list[str] = Field(
+        default_factory=list, description="yfcc: keep lines with all of these user tags."
+    )
+    yfcc_tags_none: list[str] = Field(
+        default_factory=list, description="yfcc: drop lines with any of these user tags."
+    )
+    yfcc_layout: Literal["hash", "id"] = Field(
+        "hash", description="yfcc: image paths under `root`: hash: <h[:3]>/<h[3:6]>/<h>.jpg "
+        "(Multimedia Commons mirror, 25-column file); id: <photo id>.<extension>.",
+    )
+    crop_size: PositiveInt = Field(
+        300, description="Images: the smaller side is scaled to this and the centre "
+        "crop_size x crop_size kept (seed 000: 300).",
+    )
+    image_size: Optional[PositiveInt] = Field(
+        None, description="Images: resize the crop to image_size x image_size (null: keep crop_size).",
+    )
+    patches_per_image: int = Field(
+        0, ge=0, description="Images: 0 makes each image one example; k > 0 takes k random "
+        "patch_size patches from each image (positions seeded by seed, epoch, image).",
+    )
+    block_size: Optional[PositiveInt] = Field(
+        None, description="Streamed: read in blocks of this many images, blocks in random order, "
+        "shuffled inside (seed 000: 960 with train.batch_size 192); a multiple of the batch.",
+    )
+    stream: Optional[bool] = Field(
+        None, description="npy: true streams rows from the memory map instead of loading the "
+        "array (null: stream folder, shards and yfcc; load the others).",
+    )
+    workers: int = Field(
+        4, ge=0, description="Streamed: parallel decoding workers per rank (0: decode in the "
+        "training thread, no prefetch).",
+    )
+    worker_kind: Literal["thread", "process"] = Field(
+        "thread", description="Streamed: thread pool, or DataLoader worker processes.",
+    )
+    prefetch: PositiveInt = Field(4, description="Streamed: batches read ahead per rank.")
+    read_timeout_s: PositiveFloat = Field(
+        300.0, description="Streamed: stop with an error when no batch arrives for this long.",
+    )
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="Unreadable examples: skip and count them (metrics data_skipped), "
+        "or stop the run naming the file.",
+    )
+    stage_dir: Optional[Path] = Field(
+        None, description="shards: copy shards to this node-local directory in the background, "
+        "verify their checksums, read the local copies once complete.",
+    )
+
+    @model_validator(mode="after")
+    def _collection_needs(self) -> "DataConfig":
+        needs = {"folder": ("root",), "shards": ("root",), "yfcc": ("metadata", "root")}
+        for name in needs.get(self.source, ()):
+            if getattr(self, name) is None:
+                raise ValueError(f"data.{name} is required when data.source is {self.source}")
+        if self.source in ("folder", "yfcc") and not Path(self.root).is_dir():
+            raise ValueError(f"data.root: not a directory: {self.root}")
+        if self.source == "shards" and not Path(self.root).exists():
+            raise ValueError(f"data.root: not found: {self.root}")
+        if self.metadata is not None and not Path(self.metadata).is_file():
+            raise ValueError(f"data.metadata: file not found: {self.metadata}")
+        if self.stage_dir is not None and self.source != "shards":
+            raise ValueError("data.stage_dir works with data.source shards (packed with "
+                             "`terabrain data pack`, which writes the checksums)")
+        if self.image_size is not None and self.image_size > self.crop_size:
+            raise ValueError(f"data.image_size ({self.image_size}) must not exceed data.crop_size ({self.crop_size})")
+        if self.patches_per_image and self.patch_size > (self.image_size or self.crop_size):
+            raise ValueError(f"data.patch_size ({self.patch_size}) is larger than the "
+                             f"{self.image_size or self.crop_size}-pixel images")
+        return self
 
     @model_validator(mode="after")
     def _source_needs(self) -> "DataConfig":
@@ -126,21 +239,6 @@ class ModelConfig(Section):
             raise ValueError("model.layers: model.kind deep needs at least one layer")
         if self.kind != "deep" and self.layers:
             raise ValueError("model.layers is only used with model.kind deep")
-        return self
-
-
-class LCNConfig(Section):
-    """Local contrast normalization after a layer (seed 000; Jarrett et al. 2009)."""
-
-    kernel: PositiveInt = Field(9, description="Side of the Gaussian window, in positions.")
-    sigma: Optional[PositiveFloat] = Field(
-        None, description="Width of the Gaussian window; null: kernel / 4."
-    )
-
-    @model_validator(mode="after")
-    def _odd(self) -> "LCNConfig":
-        if self.kernel % 2 == 0:
-            raise ValueError(f"lcn.kernel must be odd (a centred window), got {self.kernel}")
         return self
 
 
@@ -368,8 +466,8 @@ class ExperimentConfig(Section):
                 "per-parameter optimizer; optimizer.name allowed: sgd, adagrad, rmsprop, adam, "
                 "adamw (or train.schedule greedy)"
             )
-        if self.supervised is not None and self.data.source == "photos":
-            raise ValueError("supervised needs labels: data.source digits or npy")
+        if self.supervised is not None and self.data.source in ("photos", "folder", "shards", "yfcc"):
+            raise ValueError("supervised needs labels: data.source digits, npy, lfw or fashion-mnist")
         if (
             self.supervised is not None
             and self.data.source == "npy"

@@ -7,16 +7,21 @@ rebuilds exactly the same data instead of storing it in the checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from terabrain.config.schema import DataConfig
 from terabrain.data.embedded import load_digits, load_photo
+from terabrain.data.labelled import load_fashion_mnist, load_lfw_subset
+from terabrain.data.contrast import normalize_contrast
 from terabrain.data.patches import remove_patch_mean, sample_patches
 from terabrain.data.whitening import ZCA
 from terabrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from terabrain.data.streaming import StreamSource
 
 
 @dataclass
@@ -28,9 +33,14 @@ class PreparedData:
     train_y: Optional[torch.Tensor] = None
     holdout_y: Optional[torch.Tensor] = None
     whitening: Optional[ZCA] = None
+    stream: Optional["StreamSource"] = None
+    """Set for streamed collections: ``train_x`` is then None and training reads batches
+    from ``stream.open(...)`` (see terabrain.data.streaming)."""
 
     @property
     def inputs(self) -> int:
+        if self.train_x is None:
+            return int(np.prod(self.example_shape))
         return self.train_x.shape[1]
 
     @property
@@ -66,7 +76,33 @@ def _load_npy(config: DataConfig) -> tuple[np.ndarray, Optional[np.ndarray], tup
     return data, labels, shape
 
 
+def _prepare_stream(config: DataConfig, seed: int) -> PreparedData:
+    from terabrain.data.streaming import StreamSource
+
+    source = StreamSource(config, seed)
+    return PreparedData(None, source.holdout_x, source.example_shape,
+                        whitening=source.whitening, stream=source)
+
+
+def _load_labelled(config: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    if config.source == "digits":
+        data, labels = load_digits()
+        return data, labels, (8, 8)
+    if config.source == "lfw":
+        images, labels = load_lfw_subset()
+    else:
+        try:
+            images, labels = load_fashion_mnist("train")
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"data.source fashion-mnist: {error}") from None
+    return images.reshape(len(images), -1), labels, tuple(images.shape[1:])
+
+
 def prepare_data(config: DataConfig, seed: int) -> PreparedData:
+    from terabrain.data.streaming import is_streamed
+
+    if is_streamed(config):
+        return _prepare_stream(config, seed)
     rng = np.random.default_rng(seed)
     labels = None
     if config.source == "photos":
@@ -77,20 +113,28 @@ def prepare_data(config: DataConfig, seed: int) -> PreparedData:
         train, holdout = patches[: config.num_patches], patches[config.num_patches :]
         shape = (config.patch_size, config.patch_size) + ((3,) if config.color else ())
     else:
-        if config.source == "digits":
-            data, labels = load_digits()
-            shape = (8, 8)
-        else:
+        if config.source == "npy":
             data, labels, shape = _load_npy(config)
-        train_rows, test_rows = _split(len(data), config.test_fraction, rng)
-        train, holdout = data[train_rows], data[test_rows]
-        if labels is not None:
-            labels = (labels[train_rows], labels[test_rows])
+        else:
+            data, labels, shape = _load_labelled(config)
+        if config.source == "fashion-mnist":
+            # The published split: train for training, test held out.
+            test_images, test_labels = load_fashion_mnist("test")
+            train, holdout = data, test_images.reshape(len(test_images), -1)
+            labels = (labels, test_labels)
+        else:
+            train_rows, test_rows = _split(len(data), config.test_fraction, rng)
+            train, holdout = data[train_rows], data[test_rows]
+            if labels is not None:
+                labels = (labels[train_rows], labels[test_rows])
 
     channels = shape[2] if len(shape) == 3 else 1
     if config.remove_mean:
         train = remove_patch_mean(train, channels)
         holdout = remove_patch_mean(holdout, channels)
+    if config.lcn is not None:
+        train = normalize_contrast(train, shape, config.lcn.kernel, config.lcn.sigma)
+        holdout = normalize_contrast(holdout, shape, config.lcn.kernel, config.lcn.sigma)
     whitening = None
     if config.whitening == "zca":
         whitening = ZCA.fit(train[: config.whitening_fit_samples], config.whitening_epsilon)

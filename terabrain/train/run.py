@@ -111,10 +111,13 @@ def _train_stage(
     parallel: Parallelism,
     filter_image=None,
     schedule: Optional[LayerSchedule] = None,
+    stream=None,
 ) -> Trainer:
     """``schedule``: a layer-wise schedule, which replaces the stage-wide early stopping
     (each layer stops on its own) and decides the number of steps."""
     manager = CheckpointManager(checkpoint_dir, keep=train.keep_checkpoints)
+    # A streamed collection: this rank's batches come from its own reader (checks its sizes).
+    batches = stream.open(train.batch_size, parallel, device) if stream is not None else None
     global_batch = train.batch_size or len(inputs)
     if global_batch % parallel.data_ranks:
         what = "train.batch_size" if train.batch_size else "the number of training examples"
@@ -137,9 +140,10 @@ def _train_stage(
     ]
     trainer = Trainer(
         model, objective, optimizer, inputs, targets,
-        steps=schedule.total_budget if schedule is not None else train.steps, batch_size=train.batch_size, seed=config.seed, device=device,
+        steps=schedule.total_budget if schedule is not None else train.steps,
+        batch_size=train.batch_size, seed=config.seed, device=device,
         precision=config.precision, log_every=train.log_every, callbacks=callbacks,
-        parallel=parallel,
+        parallel=parallel, batches=batches,
     )
     latest = manager.latest()
     if latest is not None:
@@ -213,7 +217,7 @@ def _deep_feature_stage(
         model=model, objective=objective,
         optimizer=build_optimizer(config.optimizer, network.parameters()),
         inputs=data.train_x, targets=None, train=train, config=config, device=device,
-        parallel=parallel, schedule=schedule,
+        parallel=parallel, schedule=schedule, stream=data.stream,
         filter_image=lambda: filter_grid(*network.first_layer_filters()),
     )
     _export(network, run_dir / "model.safetensors")
@@ -251,7 +255,7 @@ def _feature_stage(
         stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
         model=model, objective=build_objective(config.objective), optimizer=optimizer,
         inputs=data.train_x, targets=None, train=config.train, config=config, device=device,
-        parallel=parallel,
+        parallel=parallel, stream=data.stream,
         # Rank 0's own shard of the filters: TensorBoard runs on rank 0 only.
         filter_image=lambda: filter_grid(local(model.filters()), data.example_shape),
     )
@@ -339,10 +343,17 @@ def run_experiment(
             write_text_atomically(path, resolved)
     torch.manual_seed(config.seed)
     data = prepare_data(config.data, config.seed)
+    if data.stream is not None and config.supervised is not None:
+        raise ConfigError("supervised: the supervised stage needs labelled data in memory; "
+                          "set data.stream false (npy) or drop supervised")
     if data.whitening is not None and is_main_rank():
         replace_atomically(run_dir / "whitening.safetensors", data.whitening.save)
     results = Results(run_dir / "results.json")
-    features = _feature_stage(config, data, run_dir, device, results, parallel)
+    try:
+        features = _feature_stage(config, data, run_dir, device, results, parallel)
+    finally:
+        if data.stream is not None:
+            data.stream.close()  # stops background staging
     if config.supervised is not None:
         _supervised_stage(config, data, features, run_dir, device, results, parallel)
     if dist.is_initialized():

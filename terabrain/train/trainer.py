@@ -1,8 +1,9 @@
 """The training loop: batches, closure, optimizer step, constraint, callbacks. Nothing else.
 
 Everything a run needs to continue exactly after a restart is in ``state_dict()``: the
-model, the optimizer, the step, the RNG state (dropout) and each callback's own state. The
-order of batches is a pure function of (seed, step), so it needs no state.
+model, the optimizer, the step, the RNG state (dropout), each callback's own state and, for
+a streamed collection, the batch source's counters. The order of batches is a pure function
+of (seed, step), so the step is the data position: a resumed run continues mid-epoch.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +49,25 @@ class BatchOrder:
         return self._permutation[start : start + self.batch_size]
 
 
+class BatchSource(Protocol):
+    """Where batches come from when the data set is not one in-memory tensor (a streamed
+    collection: terabrain.data.stream.BatchStream). ``batch(step)`` returns this rank's
+    share of the global batch of ``step``, a pure function of (seed, step, rank);
+    ``metrics()`` is called on every rank at logged steps (it may be a collective)."""
+
+    batch_size: int
+
+    def batch(self, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Callback:
     """Hooks into the loop. ``state_dict`` returns tensors to checkpoint, if any."""
 
@@ -75,7 +95,7 @@ class Trainer:
         model: nn.Module,
         objective: Objective,
         optimizer: torch.optim.Optimizer,
-        inputs: torch.Tensor,
+        inputs: Optional[torch.Tensor],
         targets: Optional[torch.Tensor],
         *,
         steps: int,
@@ -86,15 +106,18 @@ class Trainer:
         log_every: int = 1,
         callbacks: Sequence[Callback] = (),
         parallel: Optional[Parallelism] = None,
+        batches: Optional[BatchSource] = None,
     ):
         self.model = model.to(device)
         self.objective = objective
         self.optimizer = optimizer
         self.device = device
-        self.inputs = inputs.to(device)
-        self.targets = targets.to(device) if targets is not None else None
+        self.batches = batches
+        if batches is None:
+            self.inputs = inputs.to(device)
+            self.targets = targets.to(device) if targets is not None else None
+            self.order = BatchOrder(len(inputs), batch_size, seed)
         self.steps = steps
-        self.order = BatchOrder(len(inputs), batch_size, seed)
         self.log_every = log_every
         self.callbacks = list(callbacks)
         self.parallel = parallel or Parallelism(None)
@@ -109,13 +132,16 @@ class Trainer:
 
     @property
     def batch_size(self) -> int:
-        return self.order.batch_size
+        return self.batches.batch_size if self.batches is not None else self.order.batch_size
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
 
     def batch(self, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """This rank's inputs and targets for ``step``, as the model expects them."""
+        if self.batches is not None:
+            x, y = self.batches.batch(step)
+            return self.parallel.inputs(x), self.parallel.inputs(y)
         rows = self.order.indices(step)
         if self.parallel.data is not None:
             rows = self.parallel.rows(torch.arange(self.order.rows) if rows is None else rows)
@@ -154,6 +180,15 @@ class Trainer:
     def fit(self) -> None:
         for callback in self.callbacks:
             callback.on_train_start(self)
+        try:
+            self._loop()
+        finally:
+            if self.batches is not None:
+                self.batches.close()  # stops prefetching; a later batch() starts it again
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+
+    def _loop(self) -> None:
         while self.step < self.steps and self.stop_reason is None:
             begin = time.perf_counter()
             x, y = self.batch(self.step)
@@ -165,12 +200,12 @@ class Trainer:
             metrics = {"step": self.step, "loss": float(full(parts["loss"]))}
             if self.is_log_step(self.step):
                 metrics.update({name: float(full(value)) for name, value in parts.items()})
+                if self.batches is not None:
+                    metrics.update(self.batches.metrics())
             done = time.perf_counter()
             self.times = StepTimes(fetched - begin, done - fetched)
             for callback in self.callbacks:
                 callback.on_step_end(self, self.step, metrics)
-        for callback in self.callbacks:
-            callback.on_train_end(self)
 
     def is_log_step(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.steps
@@ -184,6 +219,8 @@ class Trainer:
             "trainer": {"step": torch.tensor(self.step), "rng": torch.get_rng_state()},
             "callbacks": {},
         }
+        if self.batches is not None:
+            state["data"] = self.batches.state_dict()
         if torch.cuda.is_available() and self.device.type == "cuda":
             state["trainer"]["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         for callback in self.callbacks:
@@ -199,6 +236,8 @@ class Trainer:
         torch.set_rng_state(state["trainer"]["rng"])
         if "cuda_rng" in state["trainer"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["trainer"]["cuda_rng"], self.device)
+        if self.batches is not None and "data" in state:
+            self.batches.load_state_dict(state["data"])
         for callback in self.callbacks:
             own = state["callbacks"].get(type(callback).__name__)
             if own:

@@ -1,0 +1,75 @@
+"""From a catalog entry to training rows: decode + seed-000 preprocessing, then either the
+whole image as one example or ``patches`` random square patches of it, flattened.
+
+Patch positions are drawn from a generator seeded by (seed, epoch, example), so the rows an
+example yields do not depend on which worker decoded it, how many workers there are, or
+whether the run was resumed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from terabrain.data.catalogs import Catalog
+from terabrain.data.decode import ImageSpec, decode
+
+# "Epoch" used for rows that are not training rows (whitening fit, held-out set).
+OUTSIDE_TRAINING = -1
+
+
+class ImageExamples:
+    def __init__(self, catalog: Catalog, spec: ImageSpec, seed: int,
+                 patch_size: Optional[int] = None, patches: int = 0):
+        if patches and patch_size > spec.side:
+            raise ValueError(f"patch_size {patch_size} is larger than the {spec.side}-pixel images")
+        self.catalog = catalog
+        self.spec = spec
+        self.seed = seed
+        self.patch_size = patch_size
+        self.patches = patches
+
+    @property
+    def per_sample(self) -> int:
+        return self.patches or 1
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        if not self.patches:
+            return self.spec.shape
+        return (self.patch_size, self.patch_size) + self.spec.shape[2:]
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.example_shape))
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    def __call__(self, index: int, epoch: int) -> np.ndarray:
+        image = decode(self.catalog.read(index), self.catalog.name(index), self.spec)
+        if not self.patches:
+            return image.reshape(1, -1)
+        rng = np.random.default_rng([self.seed, epoch + 1, index])
+        side = self.patch_size
+        top = rng.integers(0, image.shape[0] - side + 1, size=self.patches)
+        left = rng.integers(0, image.shape[1] - side + 1, size=self.patches)
+        return np.stack([image[y : y + side, x : x + side].reshape(-1) for y, x in zip(top, left)])
+
+
+class ArrayExamples:
+    """Rows of an array (a ``.npy`` memory map: only the rows a batch needs are read)."""
+
+    def __init__(self, array: np.ndarray, name: str):
+        self.array = array
+        self.name = name
+        self.example_shape = tuple(array.shape[1:])
+        self.dim = int(np.prod(self.example_shape))
+        self.per_sample = 1
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __call__(self, index: int, epoch: int) -> np.ndarray:
+        return np.asarray(self.array[index], dtype=np.float32).reshape(1, -1)

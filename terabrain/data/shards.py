@@ -1,0 +1,154 @@
+"""WebDataset-style tar shards: reading their member table safely, and the index that
+``terabrain data pack`` writes beside them.
+
+A shard is a plain POSIX tar file; each image is one member, read by offset without
+unpacking. Members whose path is absolute or contains ``..`` are refused (a shard must
+never name a file outside itself), as are links and devices. A truncated shard keeps the
+members that lie wholly inside the file; an empty shard has none. Each such problem is
+reported, never silently dropped.
+
+``index.json`` (written last, atomically: its presence means the pack is complete)::
+
+    {"format": "terabrain-shards/1",
+     "shards": [{"name": "shard-000000.tar", "bytes": N, "sha256": "...",
+                 "members": [[name, data_offset, size], ...]}, ...],
+     "unreadable": [[source_path, reason], ...]}
+
+``SHA256SUMS`` holds the same checksums in ``sha256sum -c`` format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from terabrain.data.decode import is_image_name
+
+INDEX_NAME = "index.json"
+SUMS_NAME = "SHA256SUMS"
+INDEX_FORMAT = "terabrain-shards/1"
+
+
+@dataclass
+class ShardTable:
+    """The image members of one shard: names, data offsets and sizes."""
+
+    path: Path
+    names: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    bytes: int = 0
+    sha256: Optional[str] = None
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    other_members: int = 0
+
+
+def unsafe_member_name(name: str) -> Optional[str]:
+    """Why ``name`` may not be read from a shard, or None when it is fine."""
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "absolute path in a shard (refused)"
+    parts = posixpath.normpath(name).split("/")
+    if ".." in name.replace("\\", "/").split("/") or ".." in parts:
+        return "path escapes the shard with '..' (refused)"
+    return None
+
+
+def scan_shard(path: Path) -> ShardTable:
+    """Read the member table of a tar shard (headers only)."""
+    table = ShardTable(Path(path))
+    try:
+        size = table.bytes = os.path.getsize(path)
+    except OSError as error:
+        table.problems.append((str(path), f"unreadable shard ({error.strerror or error})"))
+        return table
+    if size == 0:
+        table.problems.append((str(path), "empty shard (0 bytes)"))
+        return table
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            for member in archive:
+                label = f"{path}:{member.name}"
+                why = unsafe_member_name(member.name)
+                if why is not None:
+                    table.problems.append((label, why))
+                    continue
+                if not member.isfile():
+                    if not member.isdir():
+                        table.problems.append((label, "not a regular file (link or device; refused)"))
+                    continue
+                if not is_image_name(member.name):
+                    table.other_members += 1  # WebDataset side files (.cls, .json, .txt)
+                    continue
+                if member.offset_data + member.size > size:
+                    table.problems.append((label, "member cut short: the shard is truncated"))
+                    continue
+                table.names.append(member.name)
+                table.offsets.append(member.offset_data)
+                table.sizes.append(member.size)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        reason = "truncated or corrupt shard" if table.names else "not a readable tar file"
+        table.problems.append((str(path), f"{reason} ({error}); {len(table.names)} member(s) before it kept"))
+    return table
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_index(directory: Path) -> Optional[dict]:
+    path = Path(directory) / INDEX_NAME
+    if not path.is_file():
+        return None
+    with open(path) as stream:
+        index = json.load(stream)
+    if index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: format {index.get('format')!r}, expected {INDEX_FORMAT!r}")
+    return index
+
+
+def load_tables(location: Path) -> list[ShardTable]:
+    """The shards at ``location``: a directory written by ``terabrain data pack`` (its index
+    is trusted while each shard's size matches it; a shard whose size differs is rescanned
+    and reported), a directory of ``*.tar`` files, or one ``.tar`` file."""
+    location = Path(location)
+    if location.is_file():
+        return [scan_shard(location)]
+    index = read_index(location)
+    if index is None:
+        return [scan_shard(path) for path in sorted(location.glob("*.tar"))]
+    tables = []
+    for entry in index["shards"]:
+        path = location / entry["name"]
+        why = unsafe_member_name(entry["name"])
+        if why is not None or "/" in entry["name"]:
+            raise ValueError(f"{location / INDEX_NAME}: shard name {entry['name']!r} is not a plain file name")
+        try:
+            actual = os.path.getsize(path)
+        except OSError:
+            actual = -1
+        if actual != entry["bytes"]:
+            table = scan_shard(path) if actual > 0 else ShardTable(path)
+            table.problems.insert(0, (str(path), f"{actual} bytes, the index says {entry['bytes']}"
+                                      if actual >= 0 else "missing shard listed in the index"))
+            tables.append(table)
+            continue
+        table = ShardTable(path, bytes=entry["bytes"], sha256=entry["sha256"])
+        for name, offset, size in entry["members"]:
+            if unsafe_member_name(name) is None:
+                table.names.append(name)
+                table.offsets.append(int(offset))
+                table.sizes.append(int(size))
+            else:
+                table.problems.append((f"{path}:{name}", unsafe_member_name(name)))
+        tables.append(table)
+    return tables

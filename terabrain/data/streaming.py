@@ -1,0 +1,241 @@
+"""Collections too large for memory (image folders, tar shards, YFCC100M, ``.npy`` memory
+maps): everything ``prepare_data`` does for them, except reading the training examples,
+which a ``BatchStream`` does while training runs.
+
+Held-out examples (for the filter statistics) are a seeded choice of at most a tenth of the
+collection, read once here and never trained on. Whitening is fitted on a seeded sample of
+training examples; both are deterministic for a given seed, like the in-memory path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from terabrain.config.schema import DataConfig, LCNConfig
+from terabrain.data.catalogs import Catalog, FolderCatalog, ShardCatalog, YFCCCatalog
+from terabrain.data.contrast import normalize_contrast
+from terabrain.data.decode import BadSample, ImageSpec
+from terabrain.data.examples import OUTSIDE_TRAINING, ArrayExamples, ImageExamples
+from terabrain.data.order import SampleOrder
+from terabrain.data.patches import remove_patch_mean
+from terabrain.data.staging import Stager
+from terabrain.data.stream import BatchStream, ReplicaShare
+from terabrain.data.whitening import ZCA
+from terabrain.data.yfcc import YFCCFilter
+from terabrain.errors import ConfigError, TrainingError
+
+# A D x D whitening matrix above this many dimensions is too large to be useful here.
+MAX_WHITENING_DIM = 4096
+
+
+def is_streamed(config: DataConfig) -> bool:
+    if config.source in ("folder", "shards", "yfcc"):
+        return True
+    return config.source == "npy" and bool(config.stream)
+
+
+class RowTransform:
+    """What every batch goes through after decoding: per-example mean removal, local
+    contrast normalization (``data.lcn``), whitening."""
+
+    def __init__(self, remove_mean: bool, example_shape: tuple[int, ...],
+                 lcn: Optional[LCNConfig], whitening: Optional[ZCA]):
+        self.remove_mean, self.example_shape = remove_mean, example_shape
+        self.channels = example_shape[2] if len(example_shape) == 3 else 1
+        self.lcn, self.whitening = lcn, whitening
+
+    def before_whitening(self, rows: np.ndarray) -> np.ndarray:
+        if self.remove_mean:
+            rows = remove_patch_mean(rows, self.channels)
+        if self.lcn is not None:
+            rows = normalize_contrast(rows, self.example_shape, self.lcn.kernel, self.lcn.sigma)
+        return rows
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = self.before_whitening(rows)
+        return self.whitening.apply(rows) if self.whitening is not None else rows
+
+
+def build_catalog(config: DataConfig) -> Catalog:
+    if config.source == "folder":
+        return FolderCatalog(config.root)
+    if config.source == "shards":
+        try:
+            return ShardCatalog(config.root)
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"data.root: {error}") from None
+    keep = YFCCFilter(config.yfcc_media, tuple(t.lower() for t in config.yfcc_tags_any),
+                      tuple(t.lower() for t in config.yfcc_tags_all),
+                      tuple(t.lower() for t in config.yfcc_tags_none))
+    return YFCCCatalog(config.metadata, config.root, keep, config.yfcc_layout)
+
+
+class StreamSource:
+    """A prepared streamed collection: the reader, the training examples and the transform;
+    ``open`` makes the per-rank ``BatchStream`` of a training stage."""
+
+    def __init__(self, config: DataConfig, seed: int):
+        self.config = config
+        self.seed = seed
+        self.catalog: Optional[Catalog] = None
+        if config.source == "npy":
+            array = np.load(config.path, mmap_mode="r", allow_pickle=False)
+            if array.ndim < 2:
+                raise ConfigError(f"data.path: expected (N, D) or (N, H, W[, C]), got {array.shape}")
+            self.read = ArrayExamples(array, str(config.path))
+            self.problems: list[tuple[str, str]] = []
+        else:
+            self.catalog = build_catalog(config)
+            self.problems = list(self.catalog.problems)
+            spec = ImageSpec(config.crop_size, config.image_size, config.color)
+            self.read = ImageExamples(self.catalog, spec, seed, config.patch_size, config.patches_per_image)
+        where = config.path if config.source == "npy" else config.root
+        if len(self.read) < 2:
+            raise ConfigError(f"data.root: {where} holds {len(self.read)} usable example(s); "
+                              f"at least 2 are needed" + self._problem_hint())
+        if self.problems and config.on_error == "fail":
+            name, reason = self.problems[0]
+            raise TrainingError(f"{name}: {reason} (data.on_error is fail; "
+                                f"{len(self.problems)} such problem(s) in the collection)")
+        self._report_problems()
+        rng = np.random.default_rng(seed)
+        permutation = rng.permutation(len(self.read))
+        held = max(1, min(math.ceil(config.holdout_patches / self.read.per_sample), len(self.read) // 10))
+        # Damaged files are never in the held-out set: more candidates are taken until it
+        # has a readable example (at most half the collection is tried).
+        holdout = self._read_rows(permutation[:held], "held-out set", allow_empty=True)
+        while len(holdout) == 0 and held < max(len(self.read) // 2, 2):
+            more = permutation[held : held + max(1, held)]
+            held += len(more)
+            holdout = self._read_rows(more, "held-out set", allow_empty=True)
+        if len(holdout) == 0:
+            raise TrainingError("no readable example for the held-out set" + self._problem_hint())
+        self.holdout_ids = np.sort(permutation[:held])
+        self.train_ids = np.sort(permutation[held:])  # collection order: blocks read shards sequentially
+        self.example_shape = self.read.example_shape
+        self.channels = self.example_shape[2] if len(self.example_shape) == 3 else 1
+        whitening = None
+        if config.whitening == "zca":
+            if self.read.dim > MAX_WHITENING_DIM:
+                raise ConfigError(
+                    f"data.whitening: zca on {self.read.dim}-dimensional examples would need a "
+                    f"{self.read.dim}x{self.read.dim} matrix; use data.patches_per_image, a small "
+                    f"data.image_size, or data.whitening none")
+            count = math.ceil(config.whitening_fit_samples / self.read.per_sample)
+            fit_ids = np.sort(rng.permutation(self.train_ids)[:count])
+            sample = self._read_rows(fit_ids, "whitening fit")
+            sample = RowTransform(config.remove_mean, self.example_shape, config.lcn, None)(sample)
+            whitening = ZCA.fit(sample[: config.whitening_fit_samples], config.whitening_epsilon)
+        self.whitening = whitening
+        self.transform = RowTransform(config.remove_mean, self.example_shape, config.lcn, whitening)
+        self.holdout_x = torch.from_numpy(self.transform(holdout).astype(np.float32))
+        self.stager: Optional[Stager] = None
+
+    def _problem_hint(self) -> str:
+        if not self.problems:
+            return ""
+        return f" ({len(self.problems)} unusable, e.g. {self.problems[0][0]}: {self.problems[0][1]})"
+
+    def _report_problems(self) -> None:
+        if not self.problems or (dist.is_initialized() and dist.get_rank() != 0):
+            return
+        print(f"terabrain: {len(self.problems)} unusable entr{'y' if len(self.problems) == 1 else 'ies'} "
+              f"in the collection (counted as data_unusable):", file=sys.stderr)
+        for name, reason in self.problems[:10]:
+            print(f"  {name}: {reason}", file=sys.stderr)
+
+    def _read_rows(self, ids: np.ndarray, purpose: str, allow_empty: bool = False) -> np.ndarray:
+        def one(index: int):
+            try:
+                return self.read(int(index), OUTSIDE_TRAINING)
+            except BadSample as bad:
+                if self.config.on_error == "fail":
+                    raise BadSample(bad.name, f"{bad.reason} (reading the {purpose}; data.on_error is fail)") from None
+                return None
+
+        with ThreadPoolExecutor(max(1, self.config.workers)) as pool:
+            rows = [r for r in pool.map(one, ids) if r is not None]
+        if not rows:
+            if allow_empty:
+                return np.zeros((0, self.read.dim), np.float32)
+            raise TrainingError(f"no readable example for the {purpose}" + self._problem_hint())
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+    @property
+    def per_sample(self) -> int:
+        return self.read.per_sample
+
+    def open(self, batch_size: Optional[int], parallel, device: torch.device) -> BatchStream:
+        """This rank's stream for a stage with global batch ``batch_size`` (examples)."""
+        config = self.config
+        if batch_size is None:
+            raise ConfigError("train.batch_size: a streamed collection needs a batch size "
+                              "(null means the whole data set, which is not held in memory)")
+        if batch_size % self.per_sample:
+            raise ConfigError(f"train.batch_size ({batch_size}) must be a multiple of "
+                              f"data.patches_per_image ({self.per_sample})")
+        images = batch_size // self.per_sample
+        replicas = parallel.data_ranks if parallel is not None else 1
+        if images % replicas:
+            raise ConfigError(f"train.batch_size: {images} images per batch do not divide among "
+                              f"parallel.data = {replicas} replicas")
+        if images > len(self.train_ids):
+            raise ConfigError(f"train.batch_size ({batch_size}) needs {images} images per batch; "
+                              f"the collection has {len(self.train_ids)} for training")
+        if config.block_size is not None and (config.block_size % images or config.block_size > len(self.train_ids)):
+            raise ConfigError(f"data.block_size ({config.block_size}) must be a multiple of the "
+                              f"{images} images of a batch and at most the {len(self.train_ids)} "
+                              "training images")
+        order = SampleOrder(len(self.train_ids), images, self.seed, config.block_size)
+        data = parallel.data if parallel is not None else None
+        share = ReplicaShare(data.rank, data.size) if data is not None else None
+        reduce_sum = (lambda t: dist.all_reduce(t, group=data.group)) if data is not None else None
+        stream = BatchStream(
+            self.read, order, ids=self.train_ids, share=share, reduce_sum=reduce_sum,
+            transform=self.transform, workers=config.workers, kind=config.worker_kind,
+            prefetch=config.prefetch, timeout_s=config.read_timeout_s, on_error=config.on_error,
+            device=device, per_sample=self.per_sample, unusable=len(self.problems),
+        )
+        if config.stage_dir is not None and self.stager is None:
+            self._start_staging(stream)
+        return stream
+
+    def _start_staging(self, stream: BatchStream) -> None:
+        catalog = self.catalog
+        assert isinstance(catalog, ShardCatalog)
+        # Shards in the order this rank first needs them in the current epoch's first steps.
+        need: list[int] = []
+        seen: set[int] = set()
+        for step in range(min(stream.order.per_epoch, 256)):
+            for shard in catalog.shards_of(stream.local_ids(step)):
+                if int(shard) not in seen:
+                    seen.add(int(shard))
+                    need.append(int(shard))
+        need += [s for s in range(len(catalog.tables)) if s not in seen]
+        try:
+            self.stager = Stager(
+                catalog.tables, self.config.stage_dir, need, source=self.config.root,
+                local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+            )
+        except ValueError as error:
+            raise ConfigError(f"data.stage_dir: {error}") from None
+        except OSError as error:
+            raise ConfigError(f"data.stage_dir: cannot use {self.config.stage_dir}: {error}") from None
+        catalog.locate = self.stager.locate
+        self.stager.start()
+
+    def close(self) -> None:
+        if self.stager is not None:
+            self.stager.stop()
+            self.stager = None
+        if isinstance(self.catalog, ShardCatalog):
+            self.catalog.close()  # open shard descriptors; reopened if read again

@@ -1,0 +1,231 @@
+"""The streaming loader on collections the tests write (with damaged files): every readable
+example exactly once per epoch, across 1 and 2 real gloo ranks; a resumed epoch continues
+where it stopped, through a real DCP checkpoint; bad files skipped and counted, or the run
+stops naming the file; never a hang."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from collections_for_tests import image_id, write_folder
+from conftest import SCRIPTS, torchrun
+from terabrain.config.schema import DataConfig, OptimizerConfig
+from terabrain.data.catalogs import FolderCatalog
+from terabrain.data.decode import BadSample
+from terabrain.data.examples import ArrayExamples
+from terabrain.data.order import SampleOrder
+from terabrain.data.stream import BatchStream
+from terabrain.data.streaming import StreamSource
+from terabrain.errors import TrainingError
+from terabrain.nn.autoencoder import RICA
+from terabrain.objectives import RICAObjective
+from terabrain.train import callbacks as cb
+from terabrain.train.checkpoint import CheckpointManager, restore
+from terabrain.train.optim import build_optimizer
+from terabrain.train.trainer import Trainer
+
+GOOD = 39  # + 3 damaged = 42 entries; 2 held out -> 40 training entries, 5 batches of 8
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("collection") / "images"
+    write_folder(root, GOOD)
+    return root
+
+
+def catalog_image_ids(root: Path) -> dict[int, int | None]:
+    """Catalog index -> image id it holds (None for a damaged file)."""
+    catalog = FolderCatalog(root)
+    ids = {}
+    for index, path in enumerate(catalog.paths):
+        match = re.search(r"img(\d+)\.", path)
+        ids[index] = int(match.group(1)) if match else None
+    return ids
+
+
+def config(root: Path, **changes) -> DataConfig:
+    settings = dict(source="folder", root=root, crop_size=16, remove_mean=False, whitening="none",
+                    holdout_patches=2, workers=2)
+    settings.update(changes)
+    return DataConfig(**settings)
+
+
+def damaged_in_training(root: Path, source: StreamSource) -> int:
+    ids = catalog_image_ids(root)
+    return sum(1 for i in source.train_ids if ids[int(i)] is None)
+
+
+def expected_training_images(root: Path, source: StreamSource) -> set[int]:
+    ids = catalog_image_ids(root)
+    return {ids[int(i)] for i in source.train_ids if ids[int(i)] is not None}
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_every_readable_image_once_per_epoch_and_damaged_files_counted(collection, kind):
+    source = StreamSource(config(collection, worker_kind=kind), seed=3)
+    stream = source.open(8, None, torch.device("cpu"))
+    assert stream.order.per_epoch == 5
+    expected = expected_training_images(collection, source)
+    damaged = damaged_in_training(collection, source)
+    assert len(expected) + damaged == 40
+    batches = {step: [image_id(row) for row in stream.batch(step)[0].numpy()] for step in range(10)}
+    epochs = [[i for s in range(e * 5, e * 5 + 5) for i in batches[s]] for e in (0, 1)]
+    for seen in epochs:
+        assert Counter(seen) == Counter(expected)
+    assert epochs[0] != epochs[1], "each epoch has its own order"
+    # Each damaged training file once per epoch; README.txt is unusable (not an image name).
+    assert stream.metrics() == {"data_skipped": 2.0 * damaged, "data_unusable": 1.0}
+    stream.close()
+    # Same seed, fresh stream: the same batches (deterministic for a given seed and epoch).
+    again = source.open(8, None, torch.device("cpu"))
+    assert [image_id(r) for r in again.batch(7)[0].numpy()] == batches[7]
+    again.close()
+
+
+def test_seed_000_blocks_keep_each_batch_inside_one_block(collection):
+    source = StreamSource(config(collection, block_size=16), seed=0)
+    stream = source.open(8, None, torch.device("cpu"))
+    assert stream.order.per_epoch == 4  # 40 // 16 blocks, two batches each
+    position = {int(c): p for p, c in enumerate(source.train_ids)}
+    covered = []
+    for step in range(4):
+        members = [position[int(i)] for i in stream.local_ids(step)]
+        assert len({m // 16 for m in members}) == 1, "a batch is drawn from one block"
+        covered += members
+    assert len(covered) == len(set(covered)) == 32
+    assert {m // 16 for m in covered} == {0, 1}  # both whole blocks, the last 8 entries left out
+    stream.close()
+
+
+def test_fail_mode_names_the_file(collection):
+    with pytest.raises(TrainingError, match=r"README\.txt.*on_error is fail"):
+        StreamSource(config(collection, on_error="fail"), seed=1)
+    root = collection.parent / "only-images"
+    write_folder(root, 12, damaged=False)
+    (root / "zz-truncated.jpg").write_bytes((root / "part0" / "img000.jpg").read_bytes()[:200])
+    source = StreamSource(config(root, on_error="fail", holdout_patches=1), seed=0)
+    stream = source.open(4, None, torch.device("cpu"))
+    with pytest.raises(BadSample, match=r"zz-truncated\.jpg.*on_error is fail"):
+        for step in range(stream.order.per_epoch):
+            stream.batch(step)
+    stream.close()
+
+
+class _Hanging:
+    """A reader whose file system stops answering after a few examples."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+        self.per_sample = 1
+
+    def __call__(self, index: int, epoch: int) -> np.ndarray:
+        if index >= 8:
+            time.sleep(1.5)
+        return self.rows[index : index + 1]
+
+
+def test_a_hanging_read_stops_the_run_instead_of_waiting_forever():
+    rows = np.random.default_rng(0).random((16, 4), dtype=np.float32)
+    stream = BatchStream(_Hanging(rows), SampleOrder(16, 4, seed=0), workers=2, timeout_s=0.3)
+    began = time.monotonic()
+    with pytest.raises(TrainingError, match="read_timeout_s"):
+        for step in range(4):
+            stream.batch(step)
+    assert time.monotonic() - began < 10
+    stream.close()
+
+
+def _trainer(x, batches=None, steps=6):
+    model = RICA(x.shape[1], 6, seed=1)
+    optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.01), model.parameters())
+    return Trainer(model, RICAObjective(0.1, 0.01), optimizer, None if batches else x, None,
+                   steps=steps, batch_size=8, seed=5, device=torch.device("cpu"), batches=batches)
+
+
+def test_streamed_array_trains_exactly_like_the_in_memory_tensor(tmp_path):
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((40, 12)).astype(np.float32))
+    np.save(tmp_path / "x.npy", x.numpy())
+    memory = _trainer(x)
+    memory.fit()
+    array = np.load(tmp_path / "x.npy", mmap_mode="r")
+    stream = BatchStream(ArrayExamples(array, "x.npy"), SampleOrder(40, 8, seed=5), workers=2)
+    streamed = _trainer(x, stream)
+    streamed.fit()
+    for a, b in zip(memory.model.parameters(), streamed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resumed_epoch_continues_through_a_checkpoint(collection, tmp_path):
+    source = StreamSource(config(collection), seed=4)
+    x_dim = 16 * 16
+
+    def run(steps, manager, resume=False):
+        seen = {}
+        stream = source.open(8, None, torch.device("cpu"))
+        model = RICA(x_dim, 6, seed=1)
+        optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.01), model.parameters())
+        trainer = Trainer(model, RICAObjective(0.1, 0.01), optimizer, None, None, steps=steps,
+                          batch_size=8, seed=4, device=torch.device("cpu"), batches=stream,
+                          callbacks=[cb.Checkpointing(manager, 3)])
+        original = trainer.batch
+
+        def recording(step):
+            x, y = original(step)
+            seen[step] = [image_id(r) for r in x.numpy()]
+            return x, y
+
+        trainer.batch = recording
+        if resume:
+            restore(manager.latest(), trainer)
+        trainer.fit()
+        return trainer, seen
+
+    whole, whole_seen = run(8, CheckpointManager(tmp_path / "a"))
+    manager = CheckpointManager(tmp_path / "b")
+    _, first = run(3, manager)  # stops after the checkpoint at step 3, mid-epoch
+    resumed, second = run(8, manager, resume=True)
+    assert sorted(first) == [0, 1, 2] and sorted(second) == [3, 4, 5, 6, 7]
+    assert {**first, **second} == whole_seen
+    epoch = [i for s in range(5) for i in {**first, **second}[s]]
+    assert len(epoch) == len(set(epoch)), "no image repeated within the resumed epoch"
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    # The skip counter continues across the restart instead of starting again from zero.
+    assert resumed.batches.metrics()["data_skipped"] == whole.batches.metrics()["data_skipped"]
+
+
+def test_two_gloo_ranks_split_every_epoch_and_resume_mid_epoch(collection, tmp_path):
+    result = torchrun(2, str(SCRIPTS / "stream_ranks.py"), str(collection), str(tmp_path), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ids = catalog_image_ids(collection)
+    expected = Counter(ids[i] for i in ranks[0]["train_ids"] if ids[i] is not None)
+    assert ranks[0]["per_epoch"] == 5
+    for epoch in range(2):
+        both = Counter(ranks[0]["epochs"][epoch]) + Counter(ranks[1]["epochs"][epoch])
+        assert both == expected, f"epoch {epoch}: each readable image once across the two ranks"
+        assert not set(ranks[0]["epochs"][epoch]) & set(ranks[1]["epochs"][epoch])
+    # The skip counter is the global one (both ranks report the same total).
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    damaged = sum(1 for i in ranks[0]["train_ids"] if ids[i] is None)
+    assert ranks[0]["metrics"]["data_skipped"] == 2.0 * damaged
+    for rank in ranks:
+        assert rank["resumed_at"] == 4
+        steps = {int(k): v for k, v in {**rank["first"], **rank["second"]}.items()}
+        assert sorted(steps) == list(range(7))
+        assert sorted(int(k) for k in rank["second"]) == [4, 5, 6]
+    # Across ranks and the restart, epoch 0 (steps 0-4) still holds each image once.
+    epoch0 = Counter()
+    for rank in ranks:
+        steps = {int(k): v for k, v in {**rank["first"], **rank["second"]}.items()}
+        epoch0 += Counter(i for s in range(5) for i in steps[s])
+    assert epoch0 == expected
