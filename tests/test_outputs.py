@@ -46,3 +46,19 @@ def test_config_reference_is_current():
     assert (REPO / "docs/config.md").read_text() == markdown(), (
         "docs/config.md is stale: run `python -m terabrain.config.reference > docs/config.md`"
     )
+
+
+def test_flat_npy_examples_get_pictures_and_statistics(tmp_path):
+    import numpy as np
+
+    from terabrain.config.loader import load_experiment
+    from terabrain.train.run import run_experiment
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((120, 10), dtype=np.float32))
+    config = load_experiment(None, [
+        "data.source=npy", f"data.path={tmp_path / 'x.npy'}", "data.whitening=none",
+        "model.hidden=4", "train.steps=2", "train.progress=false",
+    ])
+    results = run_experiment(config, tmp_path / "run")
+    assert (tmp_path / "run" / "filters.png").exists()
+    assert results["features"]["filters"]["spatial_spread_px"] > 0

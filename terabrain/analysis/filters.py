@@ -11,6 +11,14 @@ import torch
 from PIL import Image
 
 
+def as_image_shape(example_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Flat examples (D,) drawn as a square when D is one, else as a 1 x D strip."""
+    if len(example_shape) != 1:
+        return tuple(example_shape)
+    side = math.isqrt(example_shape[0])
+    return (side, side) if side * side == example_shape[0] else (1, example_shape[0])
+
+
 def filter_grid(
     filters: torch.Tensor, example_shape: tuple[int, ...], min_cell_px: int = 32
 ) -> np.ndarray:
@@ -22,9 +30,7 @@ def filter_grid(
     """
     weights = filters.detach().float().cpu().numpy()
     count = weights.shape[0]
-    if len(example_shape) == 1:
-        side = math.isqrt(example_shape[0])
-        example_shape = (side, side) if side * side == example_shape[0] else (1, example_shape[0])
+    example_shape = as_image_shape(example_shape)
     height, width = example_shape[:2]
     channels = example_shape[2] if len(example_shape) == 3 else 1
     columns = math.ceil(math.sqrt(count))
@@ -52,7 +58,7 @@ def spatial_spread(filters: torch.Tensor, example_shape: tuple[int, ...]) -> np.
     """Per filter: the root-mean-square distance (pixels) of its energy ``w^2`` from the
     energy's centroid. A filter spread evenly over an 8x8 patch scores about 3.2; a
     localized edge detector much less."""
-    height, width = example_shape[:2]
+    height, width = as_image_shape(example_shape)[:2]
     energy = filters.detach().float().cpu().numpy().reshape(len(filters), height, width, -1)
     energy = (energy**2).sum(axis=3)
     energy /= energy.sum(axis=(1, 2), keepdims=True) + 1e-12
