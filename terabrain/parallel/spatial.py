@@ -33,7 +33,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.errors import ConfigError
 from terabrain.nn.local import (
-    DEFAULT_BLOCK_BYTES, LocallyConnected2d, locally_connected, locally_connected_transpose,
+    DEFAULT_BLOCK_BYTES, LocallyConnected2d, batch_first, batch_last, locally_connected,
+    locally_connected_transpose,
 )
 
 Rows = tuple[int, int]  # [start, stop)
@@ -138,37 +139,33 @@ def _exchange(outgoing: list[tuple[int, torch.Tensor]], incoming: list[tuple[int
 
 
 def _rows(x: torch.Tensor, rows: Rows, origin: int) -> torch.Tensor:
-    return x[:, :, rows[0] - origin : rows[1] - origin]
+    """Rows of a batch-last (H, W, C, N) tensor whose first row is ``origin``: a contiguous
+    slice, so messages are sent from and received into place, without packing."""
+    return x[rows[0] - origin : rows[1] - origin]
 
 
 def gather_halo(x: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's owned input rows -> the needed rows (owned ones + halo from peers)."""
-    shape = (*x.shape[:2], block.needed_rows[1] - block.needed_rows[0], x.shape[3])
-    needed = x.new_zeros(shape)
+    """This rank's owned input rows -> the needed rows (owned ones + halo from peers), both
+    batch-last (rows, W, C, N)."""
+    needed = x.new_empty((block.needed_rows[1] - block.needed_rows[0], *x.shape[1:]))
     mine = _intersect(block.owned_rows, block.needed_rows)
     if mine:
         _rows(needed, mine, block.needed_rows[0]).copy_(_rows(x, mine, block.owned_rows[0]))
-    outgoing = [(peer, _rows(x, rows, block.owned_rows[0]).contiguous())
-                for peer, rows in block.sends]
-    incoming = [(peer, x.new_empty((*x.shape[:2], rows[1] - rows[0], x.shape[3])))
-                for peer, rows in block.receives]
+    outgoing = [(peer, _rows(x, rows, block.owned_rows[0])) for peer, rows in block.sends]
+    incoming = [(peer, _rows(needed, rows, block.needed_rows[0])) for peer, rows in block.receives]
     _exchange(outgoing, incoming, group)
-    for (_, rows), (_, values) in zip(block.receives, incoming):
-        _rows(needed, rows, block.needed_rows[0]).copy_(values)
     return needed
 
 
 def scatter_add_halo(needed: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> torch.Tensor:
     """The adjoint of ``gather_halo``: values on the needed rows -> owned rows, each halo
-    row's values added to its owner's."""
-    shape = (*needed.shape[:2], block.owned_rows[1] - block.owned_rows[0], needed.shape[3])
-    owned = needed.new_zeros(shape)
+    row's values added to its owner's (batch-last)."""
+    owned = needed.new_zeros((block.owned_rows[1] - block.owned_rows[0], *needed.shape[1:]))
     mine = _intersect(block.owned_rows, block.needed_rows)
     if mine:
         _rows(owned, mine, block.owned_rows[0]).copy_(_rows(needed, mine, block.needed_rows[0]))
-    outgoing = [(peer, _rows(needed, rows, block.needed_rows[0]).contiguous())
-                for peer, rows in block.receives]
-    incoming = [(peer, needed.new_empty((*needed.shape[:2], rows[1] - rows[0], needed.shape[3])))
+    outgoing = [(peer, _rows(needed, rows, block.needed_rows[0])) for peer, rows in block.receives]
+    incoming = [(peer, needed.new_empty((rows[1] - rows[0], *needed.shape[1:])))
                 for peer, rows in block.sends]
     _exchange(outgoing, incoming, group)
     for (_, rows), (_, values) in zip(block.sends, incoming):
@@ -177,25 +174,28 @@ def scatter_add_halo(needed: torch.Tensor, block: RowBlock, group: dist.ProcessG
 
 
 class _GatherHalo(torch.autograd.Function):
+    """(N, C, owned rows, W) -> (N, C, needed rows, W); exchanged batch-last, the layout the
+    locally connected layer computes in, so neither side copies to change layout."""
+
     @staticmethod
     def forward(ctx, x, block, group):
         ctx.block, ctx.group = block, group
-        return gather_halo(x.contiguous(), block, group)
+        return batch_first(gather_halo(batch_last(x), block, group))
 
     @staticmethod
     def backward(ctx, grad):
-        return scatter_add_halo(grad.contiguous(), ctx.block, ctx.group), None, None
+        return batch_first(scatter_add_halo(batch_last(grad), ctx.block, ctx.group)), None, None
 
 
 class _ScatterAddHalo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, needed, block, group):
         ctx.block, ctx.group = block, group
-        return scatter_add_halo(needed.contiguous(), block, group)
+        return batch_first(scatter_add_halo(batch_last(needed), block, group))
 
     @staticmethod
     def backward(ctx, grad):
-        return gather_halo(grad.contiguous(), ctx.block, ctx.group), None, None
+        return batch_first(gather_halo(batch_last(grad), ctx.block, ctx.group)), None, None
 
 
 # --- the partitioned layer -------------------------------------------------------------------
@@ -321,6 +321,26 @@ def partition_spatially(model: nn.Module, mesh: DeviceMesh,
 def split_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     """This rank's rows of a full (N, C, H, W) tensor every rank holds (differentiable)."""
     return x[:, :, rows[0] : rows[1]]
+
+
+def scatter_rows(x: Optional[torch.Tensor], blocks: Sequence[Rows], group: dist.ProcessGroup,
+                 src: int = 0) -> torch.Tensor:
+    """Rank ``src`` (of ``group``) holds the full (N, C, H, W) tensor and sends every other
+    rank its block of rows; returns this rank's rows (shape and dtype from ``src``'s
+    tensor, broadcast first). Not differentiable."""
+    rank = dist.get_rank(group)
+    meta = torch.tensor(list(x.shape) if rank == src else [0, 0, 0, 0], dtype=torch.long)
+    dist.broadcast(meta, dist.get_global_rank(group, src), group=group)
+    n, c, _, w = meta.tolist()
+    start, stop = blocks[rank]
+    if rank == src:
+        outgoing = [(peer, batch_last(x[:, :, a:b]).contiguous())
+                    for peer, (a, b) in enumerate(blocks) if peer != src]
+        _exchange(outgoing, [], group)
+        return x[:, :, start:stop].clone()
+    local = torch.empty(stop - start, w, c, n, dtype=dtype)
+    _exchange([], [(src, local)], group)
+    return batch_first(local)
 
 
 def gather_rows(local: torch.Tensor, blocks: Sequence[Rows], group: dist.ProcessGroup,

@@ -17,7 +17,7 @@ from terabrain.nn.local import LocallyConnected2d
 from terabrain.parallel import (
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
-from terabrain.parallel.spatial import gather_rows, partition_spatially, split_rows
+from terabrain.parallel.spatial import gather_rows, partition_spatially, scatter_rows, split_rows
 
 BATCH = 3
 
@@ -67,6 +67,9 @@ def check_case(name, case, mesh, group):
             layer.bias.copy_(split_rows(reference.bias[None], layer.block.output_rows)[0])
     block = layer.block
     local_x = split_rows(x, block.owned_rows).clone().requires_grad_()
+    scattered = scatter_rows(x if dist.get_rank(group) == 0 else None,
+                             [b.owned_rows for b in layer.blocks], group)
+    assert torch.equal(scattered, local_x.detach()), f"{name}: scatter_rows"
     local_u = split_rows(u, block.output_rows)
     local_loss, local_codes = reconstruction_loss(layer, local_x, local_u)
     local_loss.backward()
