@@ -326,12 +326,12 @@ def split_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
 def scatter_rows(x: Optional[torch.Tensor], blocks: Sequence[Rows], group: dist.ProcessGroup,
                  src: int = 0) -> torch.Tensor:
     """Rank ``src`` (of ``group``) holds the full (N, C, H, W) tensor and sends every other
-    rank its block of rows; returns this rank's rows (shape and dtype from ``src``'s
-    tensor, broadcast first). Not differentiable."""
+    rank its block of rows; returns this rank's rows (shape and dtype come from ``src``).
+    Not differentiable."""
     rank = dist.get_rank(group)
-    meta = torch.tensor(list(x.shape) if rank == src else [0, 0, 0, 0], dtype=torch.long)
-    dist.broadcast(meta, dist.get_global_rank(group, src), group=group)
-    n, c, _, w = meta.tolist()
+    meta = [(tuple(x.shape), x.dtype) if rank == src else None]
+    dist.broadcast_object_list(meta, dist.get_global_rank(group, src), group=group)
+    (n, c, _, w), dtype = meta[0]
     start, stop = blocks[rank]
     if rank == src:
         outgoing = [(peer, batch_last(x[:, :, a:b]).contiguous())
