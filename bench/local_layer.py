@@ -24,7 +24,7 @@ location (the seed has 4 x 4 x 24 = 384 per field):
 
     python bench/local_layer.py                       # defaults
     python bench/local_layer.py --maps 24 --size 64   # one map set per field: small GEMMs
-    python bench/local_layer.py --no-dense --size 300 --maps 384 --batch 16   # seed-sized field grid
+    python bench/local_layer.py --threads 2 --block-mb 16   # both cores, bigger blocks
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--maps", type=int, default=96, help="units per location")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per repetition")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--block-mb", type=float, default=0,
+                        help="terabrain's patch block size in MiB (0: the layer's default)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense masked version")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0: torch's default). Default 1: on a shared machine "
@@ -168,6 +170,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     layer = LocallyConnected2d(args.channels, args.maps, (args.size, args.size), args.kernel,
                                args.stride, seed=0).to(device)
+    if args.block_mb:
+        layer.block_bytes = int(args.block_mb * 2**20)
     ho, wo = layer.output_size
     locations, k_total = ho * wo, args.channels * args.kernel ** 2
     useful = 3 * 2 * args.batch * k_total * locations * args.maps

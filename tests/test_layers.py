@@ -54,7 +54,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}f{c[1]}k{c[3]}s{c[4]}b{int(c[5])}")
-@pytest.mark.parametrize("block_bytes", [1, 2**30], ids=["row-blocks", "one-block"])
+@pytest.mark.parametrize("block_bytes", [1, 5000, 40000, 2**30],
+                         ids=["one-location", "runs-in-a-row", "several-rows", "one-block"])
 def test_locally_connected_equals_unfolding_reference(case, block_bytes):
     cin, cout, size, kernel, stride, bias = case
     layer = LocallyConnected2d(cin, cout, size, kernel, stride, bias=bias, seed=3,

@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.errors import ConfigError
 from terabrain.nn.local import (
-    DEFAULT_BLOCK_BYTES, LocallyConnected2d, batch_first, batch_last, locally_connected,
+    LocallyConnected2d, batch_first, batch_last, locally_connected,
     locally_connected_transpose,
 )
 
@@ -216,7 +216,7 @@ class RowPartitionedLocallyConnected2d(nn.Module):
         self.kernel_size, self.stride = layer.kernel_size, layer.stride
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.input_size, self.output_size = layer.input_size, layer.output_size
-        self.block_bytes = getattr(layer, "block_bytes", DEFAULT_BLOCK_BYTES)
+        self.block_bytes = layer.block_bytes
         self.init_seed = layer.init_seed
         first, last = self.block.output_rows
         width = layer.output_size[1]
