@@ -110,16 +110,18 @@ def row_partition(input_rows: int, kernel_size: int, stride: int, ranks: int,
 
 
 def halo_bytes(input_size: tuple[int, int], channels: int, kernel_size: int, stride: int,
-               ranks: int, batch: int, bytes_per_value: int = 4) -> list[dict[str, int]]:
+               ranks: int, batch: int, bytes_per_value: int = 4,
+               owned: Optional[Sequence[Rows]] = None) -> list[dict[str, int]]:
     """Per rank, bytes sent and received by one forward pass of one layer (the backward
-    pass sends the same amounts the other way; ``transpose`` likewise)."""
+    pass sends the same amounts the other way; ``transpose`` likewise). ``owned`` as in
+    ``row_partition`` (a stacked layer owns the previous layer's output rows)."""
     height, width = input_size
     row_bytes = batch * channels * width * bytes_per_value
     return [
         {"rank": block.rank,
          "sent": sum(stop - start for _, (start, stop) in block.sends) * row_bytes,
          "received": sum(stop - start for _, (start, stop) in block.receives) * row_bytes}
-        for block in row_partition(height, kernel_size, stride, ranks)
+        for block in row_partition(height, kernel_size, stride, ranks, owned)
     ]
 
 
@@ -253,6 +255,19 @@ class RowPartitionedLocallyConnected2d(nn.Module):
     @torch.no_grad()
     def normalize_(self) -> None:
         self.weight.div_(self.weight.norm(dim=2, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """The whole layer's parameters on every rank, as a single-process
+        ``LocallyConnected2d``'s state dict (a collective over the model axis): for
+        exporting weights and pictures."""
+        width = self.output_size[1]
+        rows = [block.output_rows for block in self.blocks]
+        full = {"weight": gather_rows(self.weight, [(a * width, b * width) for a, b in rows],
+                                      self.group, dim=0)}
+        if self.bias is not None:
+            full["bias"] = gather_rows(self.bias, rows, self.group, dim=1)
+        return full
 
     def filters(self) -> torch.Tensor:
         """This rank's units' rows (its locations, row-major)."""

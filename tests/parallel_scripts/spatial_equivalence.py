@@ -91,7 +91,10 @@ def check_case(name, case, mesh, group):
                         reference.weight.grad),
         "input grad": (gather_rows(local_x.grad, owned_blocks, group), full_x.grad),
     }
+    full = layer.full_parameters()
+    comparisons["full_parameters weight"] = (full["weight"], reference.weight.detach())
     if reference.bias is not None:
+        comparisons["full_parameters bias"] = (full["bias"], reference.bias.detach())
         comparisons["bias grad"] = (gather_rows(layer.bias.grad, output_blocks, group, dim=1),
                                     reference.bias.grad)
     worst = 0.0
