@@ -130,6 +130,8 @@ def test_wrong_input_size_is_a_clear_error():
     layer = LocallyConnected2d(3, 4, (10, 10), 4, 3, seed=2)
     with pytest.raises(ValueError, match=r"expected input \(N, 3, 10, 10\), got \(1, 3, 12, 10\)"):
         layer(torch.randn(1, 3, 12, 10))
+    with pytest.raises(ValueError, match="2 input channels, but the filters hold 3"):
+        locally_connected(torch.randn(1, 2, 10, 10), layer.weight, 4, 3, (3, 3))
 
 
 # --- local contrast normalization ----------------------------------------------------------

@@ -264,6 +264,9 @@ def locally_connected(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, s
                       block_bytes: Optional[int] = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
     """(N, C, H, W) -> (N, F, Ho, Wo) with ``weight`` (Ho*Wo, F, k k C); no bias."""
     _check_input(x, kernel_size, stride, *out_size)
+    if x.shape[1] * kernel_size * kernel_size != weight.shape[2]:
+        raise ValueError(f"locally connected layer: {x.shape[1]} input channels, but the "
+                         f"filters hold {weight.shape[2] // (kernel_size * kernel_size)}")
     return _LocalForward.apply(x, weight, kernel_size, stride, out_size[0], out_size[1],
                                block_bytes)
 
