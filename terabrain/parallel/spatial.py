@@ -23,181 +23,22 @@ amount back. For seed 000's first layer (k 16, s 4) that is 12 input rows per bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as distributed
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from terabrain.errors import ConfigError
-from terabrain.nn.local import (
-    LocallyConnected2d, batch_first, batch_last, locally_connected,
-    locally_connected_transpose,
+from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
+from terabrain.nn.normalization import (
+    LocalContrastNorm, centre_and_spread, divide, gaussian_window, window_sigma,
 )
-
-Rows = tuple[int, int]  # [start, stop)
-
-
-@dataclass(frozen=True)
-class RowBlock:
-    """One rank's share of a layer, in rows of the full maps."""
-
-    rank: int
-    output_rows: Rows   # output rows (locations) it computes and holds the filters of
-    owned_rows: Rows    # input rows it holds
-    needed_rows: Rows   # input rows its fields read: owned ones and the halo
-    receives: tuple[tuple[int, Rows], ...]  # (from rank, input rows) that it lacks
-    sends: tuple[tuple[int, Rows], ...]     # (to rank, input rows) of its own that others need
-
-    @property
-    def halo_rows(self) -> int:
-        return sum(stop - start for _, (start, stop) in self.receives)
-
-
-def split_evenly(total: int, parts: int) -> list[Rows]:
-    """``total`` rows in ``parts`` contiguous blocks, the first ``total % parts`` one longer."""
-    base, extra = divmod(total, parts)
-    blocks, start = [], 0
-    for part in range(parts):
-        stop = start + base + (part < extra)
-        blocks.append((start, stop))
-        start = stop
-    return blocks
-
-
-def _intersect(a: Rows, b: Rows) -> Optional[Rows]:
-    start, stop = max(a[0], b[0]), min(a[1], b[1])
-    return (start, stop) if start < stop else None
-
-
-def row_partition(input_rows: int, kernel_size: int, stride: int, ranks: int,
-                  owned: Optional[Sequence[Rows]] = None) -> list[RowBlock]:
-    """Each rank's output rows, owned input rows, needed input rows and halo messages.
-
-    Output rows are split evenly. Unless ``owned`` gives the input rows each rank already
-    holds (say, the previous layer's output rows), rank ``i`` owns the input rows from its
-    first field's start up to the next rank's (the last rank: to the bottom edge), so only
-    overlapping fields need a halo. Raises ConfigError when there are fewer output rows than
-    ranks: a rank would hold nothing."""
-    output_rows = (input_rows - kernel_size) // stride + 1
-    if output_rows < ranks:
-        raise ConfigError(
-            f"parallel.model ({ranks}) is larger than the {output_rows} output rows of a "
-            f"locally connected layer (input {input_rows} rows, kernel {kernel_size}, stride "
-            f"{stride}): spatial model parallelism splits output rows across ranks")
-    outputs = split_evenly(output_rows, ranks)
-    if owned is None:
-        starts = [first * stride for first, _ in outputs] + [input_rows]
-        owned = [(starts[r], starts[r + 1]) for r in range(ranks)]
-    else:
-        owned = [tuple(block) for block in owned]
-        covered = sorted(owned)
-        if len(owned) != ranks or covered[0][0] != 0 or covered[-1][1] != input_rows or any(
-                a[1] != b[0] for a, b in zip(covered, covered[1:])):
-            raise ValueError(f"owned input rows {owned} must tile 0..{input_rows} across "
-                             f"{ranks} ranks")
-    needed = [(first * stride, (last - 1) * stride + kernel_size) for first, last in outputs]
-    blocks = []
-    for rank in range(ranks):
-        receives = tuple((peer, rows) for peer in range(ranks) if peer != rank
-                         for rows in [_intersect(owned[peer], needed[rank])] if rows)
-        sends = tuple((peer, rows) for peer in range(ranks) if peer != rank
-                      for rows in [_intersect(owned[rank], needed[peer])] if rows)
-        blocks.append(RowBlock(rank, outputs[rank], owned[rank], needed[rank], receives, sends))
-    return blocks
-
-
-def halo_bytes(input_size: tuple[int, int], channels: int, kernel_size: int, stride: int,
-               ranks: int, batch: int, bytes_per_value: int = 4,
-               owned: Optional[Sequence[Rows]] = None) -> list[dict[str, int]]:
-    """Per rank, bytes sent and received by one forward pass of one layer (the backward
-    pass sends the same amounts the other way; ``transpose`` likewise). ``owned`` as in
-    ``row_partition`` (a stacked layer owns the previous layer's output rows)."""
-    height, width = input_size
-    row_bytes = batch * channels * width * bytes_per_value
-    return [
-        {"rank": block.rank,
-         "sent": sum(stop - start for _, (start, stop) in block.sends) * row_bytes,
-         "received": sum(stop - start for _, (start, stop) in block.receives) * row_bytes}
-        for block in row_partition(height, kernel_size, stride, ranks, owned)
-    ]
-
-
-# --- the exchange ----------------------------------------------------------------------------
-
-
-def _exchange(outgoing: list[tuple[int, torch.Tensor]], incoming: list[tuple[int, torch.Tensor]],
-              group: dist.ProcessGroup) -> None:
-    """Post every send and receive at once (no ordering deadlock), then wait for all."""
-    ops = [dist.P2POp(dist.isend, tensor, dist.get_global_rank(group, peer), group)
-           for peer, tensor in outgoing]
-    ops += [dist.P2POp(dist.irecv, tensor, dist.get_global_rank(group, peer), group)
-            for peer, tensor in incoming]
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-
-
-def _rows(x: torch.Tensor, rows: Rows, origin: int) -> torch.Tensor:
-    """Rows of a batch-last (H, W, C, N) tensor whose first row is ``origin``: a contiguous
-    slice, so messages are sent from and received into place, without packing."""
-    return x[rows[0] - origin : rows[1] - origin]
-
-
-def gather_halo(x: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's owned input rows -> the needed rows (owned ones + halo from peers), both
-    batch-last (rows, W, C, N)."""
-    needed = x.new_empty((block.needed_rows[1] - block.needed_rows[0], *x.shape[1:]))
-    mine = _intersect(block.owned_rows, block.needed_rows)
-    if mine:
-        _rows(needed, mine, block.needed_rows[0]).copy_(_rows(x, mine, block.owned_rows[0]))
-    outgoing = [(peer, _rows(x, rows, block.owned_rows[0])) for peer, rows in block.sends]
-    incoming = [(peer, _rows(needed, rows, block.needed_rows[0])) for peer, rows in block.receives]
-    _exchange(outgoing, incoming, group)
-    return needed
-
-
-def scatter_add_halo(needed: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> torch.Tensor:
-    """The adjoint of ``gather_halo``: values on the needed rows -> owned rows, each halo
-    row's values added to its owner's (batch-last)."""
-    owned = needed.new_zeros((block.owned_rows[1] - block.owned_rows[0], *needed.shape[1:]))
-    mine = _intersect(block.owned_rows, block.needed_rows)
-    if mine:
-        _rows(owned, mine, block.owned_rows[0]).copy_(_rows(needed, mine, block.needed_rows[0]))
-    outgoing = [(peer, _rows(needed, rows, block.needed_rows[0])) for peer, rows in block.receives]
-    incoming = [(peer, needed.new_empty((rows[1] - rows[0], *needed.shape[1:])))
-                for peer, rows in block.sends]
-    _exchange(outgoing, incoming, group)
-    for (_, rows), (_, values) in zip(block.sends, incoming):
-        _rows(owned, rows, block.owned_rows[0]).add_(values)
-    return owned
-
-
-class _GatherHalo(torch.autograd.Function):
-    """(N, C, owned rows, W) -> (N, C, needed rows, W); exchanged batch-last, the layout the
-    locally connected layer computes in, so neither side copies to change layout."""
-
-    @staticmethod
-    def forward(ctx, x, block, group):
-        ctx.block, ctx.group = block, group
-        return batch_first(gather_halo(batch_last(x), block, group))
-
-    @staticmethod
-    def backward(ctx, grad):
-        return batch_first(scatter_add_halo(batch_last(grad), ctx.block, ctx.group)), None, None
-
-
-class _ScatterAddHalo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, needed, block, group):
-        ctx.block, ctx.group = block, group
-        return batch_first(scatter_add_halo(batch_last(needed), block, group))
-
-    @staticmethod
-    def backward(ctx, grad):
-        return batch_first(gather_halo(batch_last(grad), ctx.block, ctx.group)), None, None
+from terabrain.parallel.halo import (  # noqa: F401  (re-exported: the spatial plan's API)
+    RowBlock, Rows, exchange_plan, gather_halo, gather_rows, halo_bytes, row_partition,
+    scatter_add_halo, scatter_rows, split_evenly, split_rows,
+)
 
 
 # --- the partitioned layer -------------------------------------------------------------------
@@ -228,6 +69,14 @@ class RowPartitionedLocallyConnected2d(nn.Module):
             layer, "bias", first, last - first, device))
 
     @property
+    def output_blocks(self) -> list[Rows]:
+        return [block.output_rows for block in self.blocks]
+
+    @property
+    def output_rows_total(self) -> int:
+        return self.output_size[0]
+
+    @property
     def local_output_size(self) -> tuple[int, int]:
         first, last = self.block.output_rows
         return last - first, self.output_size[1]
@@ -242,7 +91,7 @@ class RowPartitionedLocallyConnected2d(nn.Module):
         if x.dim() != 4 or x.shape[2] != expected:
             raise ValueError(f"rank {self.block.rank}: expected its {expected} input rows "
                              f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
-        needed = _GatherHalo.apply(x, self.block, self.group)
+        needed = gather_halo(x, self.block, self.group)
         y = locally_connected(needed, self.weight, self.kernel_size, self.stride,
                               self.local_output_size, self.block_bytes)
         return y if self.bias is None else y + self.bias
@@ -250,7 +99,7 @@ class RowPartitionedLocallyConnected2d(nn.Module):
     def transpose(self, y: torch.Tensor) -> torch.Tensor:
         needed = locally_connected_transpose(y, self.weight, self.kernel_size, self.stride,
                                              self.needed_size, self.block_bytes)
-        return _ScatterAddHalo.apply(needed, self.block, self.group)
+        return scatter_add_halo(needed, self.block, self.group)
 
     @torch.no_grad()
     def normalize_(self) -> None:
@@ -306,68 +155,88 @@ def _model_group(mesh: DeviceMesh) -> dist.ProcessGroup:
 
 def partition_spatially(model: nn.Module, mesh: DeviceMesh,
                         device: Optional[torch.device] = None) -> nn.Module:
-    """Apply the spatial plan: every ``LocallyConnected2d`` in ``model`` (or ``model``
-    itself) is replaced by this rank's ``RowPartitionedLocallyConnected2d`` along the mesh's
-    model axis. Returns the model (a new module when ``model`` is itself the layer).
+    """Apply the spatial plan along the mesh's model axis: every ``LocallyConnected2d`` in
+    ``model`` (or ``model`` itself) becomes this rank's ``RowPartitionedLocallyConnected2d``
+    and every ``LocalContrastNorm`` a ``RowPartitionedLocalContrastNorm``. Returns the
+    model (a new module when ``model`` is itself one of those layers).
 
-    A layer whose input rows are the previous replaced layer's output rows keeps the
-    previous layer's row blocks as its input ownership, so stacked layers pass their
-    outputs on without re-partitioning (only halos move)."""
+    Modules are taken in registration order (execution order for ``nn.Sequential``). A
+    module whose input rows are the previous partitioned module's output rows keeps that
+    module's row blocks as its own input rows, so stacked layers pass their outputs on
+    without re-partitioning (only halos move). An LCN before the first locally connected
+    layer works on that layer's input rows."""
     group = _model_group(mesh)
     if isinstance(model, LocallyConnected2d):
         return RowPartitionedLocallyConnected2d(model, group, device=device)
-    previous: Optional[RowPartitionedLocallyConnected2d] = None
-    for name, child in list(model.named_modules()):
-        if not isinstance(child, LocallyConnected2d):
-            continue
-        owned = None
-        if previous is not None and previous.output_size[0] == child.input_size[0]:
-            owned = [block.output_rows for block in previous.blocks]
-        replacement = RowPartitionedLocallyConnected2d(child, group, owned, device)
+    if isinstance(model, LocalContrastNorm):
+        raise ValueError("spatial plan: a LocalContrastNorm alone has no row blocks to follow; "
+                         "partition the model it belongs to")
+    layers = [(name, child) for name, child in model.named_modules()
+              if isinstance(child, (LocallyConnected2d, LocalContrastNorm))]
+    previous: Optional[nn.Module] = None  # the last partitioned module
+    for index, (name, child) in enumerate(layers):
+        if isinstance(child, LocallyConnected2d):
+            owned = None
+            if previous is not None and previous.output_rows_total == child.input_size[0]:
+                owned = previous.output_blocks
+            replacement = RowPartitionedLocallyConnected2d(child, group, owned, device)
+        else:
+            if previous is not None:
+                owned, height = previous.output_blocks, previous.output_rows_total
+            else:
+                following = next((c for _, c in layers[index:] if isinstance(c, LocallyConnected2d)),
+                                 None)
+                if following is None:
+                    continue  # no spatially split layer: nothing to follow
+                ranks = dist.get_world_size(group)
+                height = following.input_size[0]
+                owned = [b.owned_rows for b in row_partition(
+                    height, following.kernel_size, following.stride, ranks)]
+            replacement = RowPartitionedLocalContrastNorm(child, group, owned, height)
         owner_name, _, leaf = name.rpartition(".")
         (model.get_submodule(owner_name) if owner_name else model).register_module(leaf, replacement)
         previous = replacement
     return model
 
 
-# --- moving whole maps in and out ------------------------------------------------------------
+class RowPartitionedLocalContrastNorm(nn.Module):
+    """``LocalContrastNorm`` on this rank's rows of a map split by rows: the same values as
+    on the whole map. The Gaussian windows reach ``r = kernel_size // 2`` rows across block
+    edges twice (local mean, then local spread), so a halo of ``2 r`` rows comes from each
+    side; the per-image mean spread, LCN's floor, is one all-reduce of ``N`` sums."""
 
+    def __init__(self, lcn: LocalContrastNorm, group: dist.ProcessGroup, owned: Sequence[Rows],
+                 height: int):
+        super().__init__()
+        reach = 2 * (lcn.kernel_size // 2)
+        needed = [(max(0, start - reach), min(height, stop + reach)) for start, stop in owned]
+        self.blocks = exchange_plan(owned, needed)
+        self.block, self.group = self.blocks[dist.get_rank(group)], group
+        self.kernel_size, self.sigma, self.eps = lcn.kernel_size, lcn.sigma, lcn.eps
+        self.height = height
 
-def split_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """This rank's rows of a full (N, C, H, W) tensor every rank holds (differentiable)."""
-    return x[:, :, rows[0] : rows[1]]
+    @property
+    def output_blocks(self) -> list[Rows]:
+        return [block.owned_rows for block in self.blocks]
 
+    @property
+    def output_rows_total(self) -> int:
+        return self.height
 
-def scatter_rows(x: Optional[torch.Tensor], blocks: Sequence[Rows], group: dist.ProcessGroup,
-                 src: int = 0) -> torch.Tensor:
-    """Rank ``src`` (of ``group``) holds the full (N, C, H, W) tensor and sends every other
-    rank its block of rows; returns this rank's rows (shape and dtype come from ``src``).
-    Not differentiable."""
-    rank = dist.get_rank(group)
-    meta = [(tuple(x.shape), x.dtype) if rank == src else None]
-    dist.broadcast_object_list(meta, dist.get_global_rank(group, src), group=group)
-    (n, c, _, w), dtype = meta[0]
-    start, stop = blocks[rank]
-    if rank == src:
-        outgoing = [(peer, batch_last(x[:, :, a:b]).contiguous())
-                    for peer, (a, b) in enumerate(blocks) if peer != src]
-        _exchange(outgoing, [], group)
-        return x[:, :, start:stop].clone()
-    local = torch.empty(stop - start, w, c, n, dtype=dtype)
-    _exchange([], [(src, local)], group)
-    return batch_first(local)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start, stop = self.block.owned_rows
+        if x.dim() != 4 or x.shape[2] != stop - start:
+            raise ValueError(f"rank {self.block.rank}: expected its {stop - start} rows "
+                             f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
+        band = gather_halo(x, self.block, self.group)
+        taps = gaussian_window(self.kernel_size, window_sigma(self.kernel_size, self.sigma),
+                               x.dtype, x.device)
+        centred, spread = centre_and_spread(band, taps)
+        mine = slice(start - self.block.needed_rows[0], stop - self.block.needed_rows[0])
+        centred, spread = centred[:, :, mine], spread[:, :, mine]
+        total = distributed.all_reduce(spread.sum(dim=(2, 3), keepdim=True), group=self.group)
+        return divide(centred, spread, total / (self.height * x.shape[3]), self.eps)
 
-
-def gather_rows(local: torch.Tensor, blocks: Sequence[Rows], group: dist.ProcessGroup,
-                dim: int = 2) -> torch.Tensor:
-    """The full tensor on every rank from each rank's block of rows along ``dim`` (uneven
-    blocks allowed; not differentiable)."""
-    longest = max(stop - start for start, stop in blocks)
-    shape = list(local.shape)
-    shape[dim] = longest
-    padded = local.new_zeros(shape)
-    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
-    pieces = [torch.empty_like(padded) for _ in blocks]
-    dist.all_gather(pieces, padded.contiguous(), group=group)
-    return torch.cat([piece.narrow(dim, 0, stop - start)
-                      for piece, (start, stop) in zip(pieces, blocks)], dim=dim)
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, sigma={self.sigma}, rank {self.block.rank}: "
+                f"rows {self.block.owned_rows} + halo {self.block.halo_rows}")
