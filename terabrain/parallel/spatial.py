@@ -11,10 +11,13 @@ the owner, which adds it to its own. ``transpose`` (the reconstruction) runs the
 exchange the other way round: each rank's fields write into the halo rows too, and those
 partial sums go to the rows' owners.
 
-The layout math lives in pure functions (``row_partition``, ``halo_bytes``) so a planner
-can count rows and bytes without a process group. Parallelism is applied as a plan,
-``partition_spatially(model, mesh)``, which swaps each ``LocallyConnected2d`` for a
-``RowPartitionedLocallyConnected2d`` holding this rank's rows; the model code is unchanged.
+The layout math lives in pure functions (``row_partition``, ``halo_bytes``, in
+terabrain/parallel/halo.py with the exchange itself) so a planner can count rows and bytes
+without a process group. Parallelism is applied as a plan, ``partition_spatially(model,
+mesh)``, which swaps each ``LocallyConnected2d`` for a ``RowPartitionedLocallyConnected2d``
+holding this rank's rows, and each ``LocalContrastNorm`` (seed 000 normalises after every
+layer) for a ``RowPartitionedLocalContrastNorm`` on the same rows; the model code is
+unchanged.
 
 Per layer and forward pass a rank receives ``N C W (k - s)`` values (one halo) and sends as
 many, against ``N C W H / P`` values of its own input; the backward pass moves the same
@@ -28,13 +31,16 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as distributed
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from terabrain.errors import ConfigError
 from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
 from terabrain.nn.normalization import (
     LocalContrastNorm, centre_and_spread, divide, gaussian_window, window_sigma,
 )
+from terabrain.nn.pooling import L2Pool2d, l2_pool2d
 from terabrain.parallel.halo import (  # noqa: F401  (re-exported: the spatial plan's API)
     RowBlock, Rows, exchange_plan, gather_halo, gather_rows, halo_bytes, row_partition,
     scatter_add_halo, scatter_rows, split_evenly, split_rows,
@@ -64,9 +70,10 @@ class RowPartitionedLocallyConnected2d(nn.Module):
         first, last = self.block.output_rows
         width = layer.output_size[1]
         self.weight = nn.Parameter(_rows_of_parameter(
-            layer, "weight", first * width, (last - first) * width, device))
+            layer, "weight", first * width, (last - first) * width, device),
+            requires_grad=layer.weight.requires_grad)  # a frozen layer stays frozen
         self.bias = None if layer.bias is None else nn.Parameter(_rows_of_parameter(
-            layer, "bias", first, last - first, device))
+            layer, "bias", first, last - first, device), requires_grad=layer.bias.requires_grad)
 
     @property
     def output_blocks(self) -> list[Rows]:
@@ -172,7 +179,7 @@ def partition_spatially(model: nn.Module, mesh: DeviceMesh,
         raise ValueError("spatial plan: a LocalContrastNorm alone has no row blocks to follow; "
                          "partition the model it belongs to")
     layers = [(name, child) for name, child in model.named_modules()
-              if isinstance(child, (LocallyConnected2d, LocalContrastNorm))]
+              if isinstance(child, (LocallyConnected2d, LocalContrastNorm, L2Pool2d))]
     previous: Optional[nn.Module] = None  # the last partitioned module
     for index, (name, child) in enumerate(layers):
         if isinstance(child, LocallyConnected2d):
@@ -180,6 +187,12 @@ def partition_spatially(model: nn.Module, mesh: DeviceMesh,
             if previous is not None and previous.output_rows_total == child.input_size[0]:
                 owned = previous.output_blocks
             replacement = RowPartitionedLocallyConnected2d(child, group, owned, device)
+        elif isinstance(child, L2Pool2d):
+            if previous is None:
+                raise ValueError(f"spatial plan: {name} (L2 pooling) comes before any locally "
+                                 "connected layer, so its rows are not known")
+            replacement = RowPartitionedL2Pool2d(child, group, previous.output_blocks,
+                                                 previous.output_rows_total)
         else:
             if previous is not None:
                 owned, height = previous.output_blocks, previous.output_rows_total
@@ -240,3 +253,48 @@ class RowPartitionedLocalContrastNorm(nn.Module):
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, sigma={self.sigma}, rank {self.block.rank}: "
                 f"rows {self.block.owned_rows} + halo {self.block.halo_rows}")
+
+
+class RowPartitionedL2Pool2d(nn.Module):
+    """``L2Pool2d`` on a map split by rows: output rows split evenly, each rank gathering the
+    input rows its windows read (a halo where windows cross block edges) and padding only
+    at the map's own top and bottom edges."""
+
+    def __init__(self, pool: L2Pool2d, group: dist.ProcessGroup, owned: Sequence[Rows],
+                 height: int):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.kernel = pair(pool.kernel_size)
+        self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.padding, self.eps, self.height = pair(pool.padding), pool.eps, height
+        (kh, _), (sh, _), (ph, _) = self.kernel, self.stride, self.padding
+        self.out_rows = (height + 2 * ph - kh) // sh + 1
+        ranks = dist.get_world_size(group)
+        if self.out_rows < ranks:
+            raise ConfigError(f"parallel.model ({ranks}) is larger than the {self.out_rows} "
+                              "output rows of an L2 pooling layer")
+        outputs = split_evenly(self.out_rows, ranks)
+        needed = [(max(0, a * sh - ph), min(height, (b - 1) * sh - ph + kh)) for a, b in outputs]
+        self.blocks = exchange_plan(owned, needed, outputs)
+        self.block, self.group = self.blocks[dist.get_rank(group)], group
+
+    @property
+    def output_blocks(self) -> list[Rows]:
+        return [block.output_rows for block in self.blocks]
+
+    @property
+    def output_rows_total(self) -> int:
+        return self.out_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start, stop = self.block.owned_rows
+        if x.dim() != 4 or x.shape[2] != stop - start:
+            raise ValueError(f"rank {self.block.rank}: expected its {stop - start} rows "
+                             f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
+        band = gather_halo(x, self.block, self.group)
+        (kh, _), (sh, _), (ph, pw) = self.kernel, self.stride, self.padding
+        first, last = self.block.output_rows
+        top = max(0, ph - first * sh)
+        bottom = max(0, (last - 1) * sh - ph + kh - self.height)
+        band = F.pad(band, (0, 0, top, bottom))
+        return l2_pool2d(band, self.kernel, self.stride, (0, pw), self.eps)

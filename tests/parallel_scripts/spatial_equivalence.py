@@ -15,6 +15,7 @@ from torch import nn
 
 from terabrain.nn.local import LocallyConnected2d
 from terabrain.nn.normalization import LocalContrastNorm
+from terabrain.nn.pooling import L2Pool2d
 from terabrain.parallel import (
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
@@ -108,12 +109,14 @@ def check_case(name, case, mesh, group):
 
 
 def check_stack(mesh, group):
-    """LCN, layer, LCN, layer, LCN, as in seed 000: each reads the previous one's output rows
-    as its own input rows, so only halos (and LCN's per-image sums) move between them."""
+    """LCN, layer, L2 pooling, LCN, layer, L2 pooling (stride 2), LCN (seeds 000 and Le et al.
+    2012): each reads the previous one's output rows as its own input rows, so only halos
+    (and LCN's per-image sums) move between them."""
     torch.manual_seed(1)
     stack = nn.Sequential(LocalContrastNorm(5), LocallyConnected2d(2, 3, (26, 10), 4, 2, seed=3),
-                          LocalContrastNorm(5), LocallyConnected2d(3, 2, (12, 4), 3, 1, seed=4),
-                          LocalContrastNorm(3))
+                          L2Pool2d(3, 1, 1), LocalContrastNorm(5),
+                          LocallyConnected2d(3, 2, (12, 4), 3, 1, seed=4),
+                          L2Pool2d(2, 2), LocalContrastNorm(3))
     x = torch.randn(BATCH, 2, 26, 10)
     full_x = x.clone().requires_grad_()
     stack(full_x).pow(2).sum().backward()
@@ -122,14 +125,15 @@ def check_stack(mesh, group):
     expected = stack(x).detach()
 
     parted = partition_spatially(stack, mesh)
-    first, second = parted[1], parted[3]
+    first, second = parted[1], parted[4]
     assert [b.owned_rows for b in parted[0].blocks] == [b.owned_rows for b in first.blocks]
-    assert [b.owned_rows for b in second.blocks] == [b.output_rows for b in first.blocks]
-    assert [b.owned_rows for b in parted[4].blocks] == [b.output_rows for b in second.blocks]
+    assert [b.owned_rows for b in parted[2].blocks] == [b.output_rows for b in first.blocks]
+    assert [b.owned_rows for b in second.blocks] == [b.output_rows for b in parted[2].blocks]
+    assert [b.owned_rows for b in parted[6].blocks] == [b.output_rows for b in parted[5].blocks]
     local_x = split_rows(x, first.block.owned_rows).clone().requires_grad_()
     local_y = parted(local_x)
     local_y.pow(2).sum().backward()
-    got = gather_rows(local_y.detach(), [b.output_rows for b in second.blocks], group)
+    got = gather_rows(local_y.detach(), [b.owned_rows for b in parted[6].blocks], group)
     assert got.shape == expected.shape
     worst = largest_difference(got, expected)
     for layer, want in zip((first, second), reference_grads):
