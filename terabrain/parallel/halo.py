@@ -26,6 +26,7 @@ from terabrain.nn.local import batch_first, batch_last
 
 Rows = tuple[int, int]  # [start, stop)
 
+
 @dataclass(frozen=True)
 class RowBlock:
     """One rank's share of a layer, in rows of the full maps."""

@@ -156,6 +156,12 @@ def main():
             worst = check_case(name, case, mesh, group)
             print(f"rank {env.rank}: {name} ok ({worst:.1e})", flush=True)
         print(f"rank {env.rank}: stack ok ({check_stack(mesh, group):.1e})", flush=True)
+        if env.world_size == 4:
+            # Data x model 2 x 2: halos travel inside each model group (global ranks {0, 1}
+            # and {2, 3}), while the other group does the same.
+            grid = build_mesh(2, 2, env)
+            worst = check_case("overlap-k4-s2", CASES["overlap-k4-s2"], grid, grid.get_group("model"))
+            print(f"rank {env.rank}: 2x2 mesh ok ({worst:.1e})", flush=True)
         shutdown_distributed()
     print(f"rank {env.rank}: all cases ok", flush=True)
 
