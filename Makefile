@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/io.py
+	$(BIN)/python bench/local_layer.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -54,7 +54,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}f{c[1]}k{c[3]}s{c[4]}b{int(c[5])}")
-@pytest.mark.parametrize("block_bytes", [1, 2**30], ids=["row-blocks", "one-block"])
+@pytest.mark.parametrize("block_bytes", [1, 5000, 40000, 2**30],
+                         ids=["one-location", "runs-in-a-row", "several-rows", "one-block"])
 def test_locally_connected_equals_unfolding_reference(case, block_bytes):
     cin, cout, size, kernel, stride, bias = case
     layer = LocallyConnected2d(cin, cout, size, kernel, stride, bias=bias, seed=3,
@@ -129,6 +130,8 @@ def test_wrong_input_size_is_a_clear_error():
     layer = LocallyConnected2d(3, 4, (10, 10), 4, 3, seed=2)
     with pytest.raises(ValueError, match=r"expected input \(N, 3, 10, 10\), got \(1, 3, 12, 10\)"):
         layer(torch.randn(1, 3, 12, 10))
+    with pytest.raises(ValueError, match="2 input channels, but the filters hold 3"):
+        locally_connected(torch.randn(1, 2, 10, 10), layer.weight, 4, 3, (3, 3))
 
 
 # --- local contrast normalization ----------------------------------------------------------

@@ -40,7 +40,20 @@ from torch import nn
 from terabrain.nn.autoencoder import UnitInitialized, _draw_seed
 from terabrain.nn.init import init_by_unit_
 
-DEFAULT_BLOCK_BYTES = 4 * 2**20  # patches per block: stays in cache from copy to GEMM
+DEFAULT_BLOCK_BYTES = None  # per device and thread count: see block_bytes_for
+
+
+def block_bytes_for(device: torch.device, block_bytes: Optional[int]) -> int:
+    """Patch bytes per block of locations. One CPU thread: 4 MiB, which stays in cache
+    from the copy to the GEMM. Several threads: 32 MiB, since every copy, GEMM and add of
+    a block is a parallel region that waits for its slowest thread, and on a busy machine
+    (measured here: 2 threads, other load) small blocks were 3x slower than large ones.
+    CUDA: 256 MiB, fewer and larger kernels. Memory stays bounded either way."""
+    if block_bytes is not None:
+        return block_bytes
+    if device.type == "cuda":
+        return 256 * 2**20
+    return 4 * 2**20 if torch.get_num_threads() == 1 else 32 * 2**20
 
 
 def output_length(size: int, kernel_size: int, stride: int) -> int:
@@ -125,11 +138,12 @@ def add_patches_(out: torch.Tensor, patches: torch.Tensor, kernel_size: int, str
 
 
 def _blocks(x_or_y: torch.Tensor, weight: torch.Tensor, out_rows: int, out_width: int,
-            batch: int, block_bytes: int):
+            batch: int, block_bytes: Optional[int]):
     """(locations slice, row, rows, col, cols) per block, and one reusable patch buffer: big
     fresh buffers cost page faults on every call, and small blocks stay in cache between
     the copy and the GEMM."""
     location_bytes = weight.shape[2] * batch * x_or_y.element_size()
+    block_bytes = block_bytes_for(x_or_y.device, block_bytes)
     blocks = list(location_blocks(out_rows, out_width, location_bytes, block_bytes))
     largest = max(rows * cols for _, rows, _, cols in blocks)
     buffer = x_or_y.new_empty(largest * weight.shape[2] * batch)
@@ -138,7 +152,7 @@ def _blocks(x_or_y: torch.Tensor, weight: torch.Tensor, out_rows: int, out_width
 
 
 def _apply(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
-           out_rows: int, out_width: int, block_bytes: int) -> torch.Tensor:
+           out_rows: int, out_width: int, block_bytes: Optional[int]) -> torch.Tensor:
     """y[l, f, n] = sum_k W[l, f, k] patch_l(x)[k, n]: (H, W, C, N) -> (Ho, Wo, F, N)."""
     n, maps = x.shape[3], weight.shape[1]
     out = torch.empty(out_rows * out_width, maps, n, dtype=x.dtype, device=x.device)
@@ -151,7 +165,7 @@ def _apply(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
 
 
 def _apply_transpose(y: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
-                     input_size: tuple[int, int], block_bytes: int) -> torch.Tensor:
+                     input_size: tuple[int, int], block_bytes: Optional[int]) -> torch.Tensor:
     """x[field_l, :, n] += sum_f W[l, f, :] y[l, f, n]: (Ho, Wo, F, N) -> (H, W, C, N), the
     adjoint of ``_apply``."""
     out_rows, out_width, maps, n = y.shape
@@ -168,7 +182,7 @@ def _apply_transpose(y: torch.Tensor, weight: torch.Tensor, kernel_size: int, st
 
 
 def _weight_gradient(x: torch.Tensor, y: torch.Tensor, kernel_size: int, stride: int,
-                     block_bytes: int) -> torch.Tensor:
+                     block_bytes: Optional[int]) -> torch.Tensor:
     """dW[l] = y_l patch_l(x)^T for the bilinear map y = W x: (L, F, K), from x (H, W, C, N)
     and y (Ho, Wo, F, N)."""
     out_rows, out_width, maps, n = y.shape
@@ -247,16 +261,19 @@ class _LocalTranspose(torch.autograd.Function):
 
 def locally_connected(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
                       out_size: tuple[int, int],
-                      block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+                      block_bytes: Optional[int] = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
     """(N, C, H, W) -> (N, F, Ho, Wo) with ``weight`` (Ho*Wo, F, k k C); no bias."""
     _check_input(x, kernel_size, stride, *out_size)
+    if x.shape[1] * kernel_size * kernel_size != weight.shape[2]:
+        raise ValueError(f"locally connected layer: {x.shape[1]} input channels, but the "
+                         f"filters hold {weight.shape[2] // (kernel_size * kernel_size)}")
     return _LocalForward.apply(x, weight, kernel_size, stride, out_size[0], out_size[1],
                                block_bytes)
 
 
 def locally_connected_transpose(y: torch.Tensor, weight: torch.Tensor, kernel_size: int,
                                 stride: int, input_size: tuple[int, int],
-                                block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+                                block_bytes: Optional[int] = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
     """The adjoint of ``locally_connected``: (N, F, Ho, Wo) -> (N, C, H, W)."""
     if y.dim() != 4 or y.shape[1] != weight.shape[1] or y.shape[2] * y.shape[3] != weight.shape[0]:
         raise ValueError(f"locally connected transpose: expected (N, {weight.shape[1]}, Ho, Wo) "
@@ -282,7 +299,7 @@ class LocallyConnected2d(UnitInitialized):
 
     def __init__(self, in_channels: int, out_channels: int, input_size: tuple[int, int],
                  kernel_size: int, stride: int = 1, bias: bool = False,
-                 seed: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES):
+                 seed: Optional[int] = None, block_bytes: Optional[int] = DEFAULT_BLOCK_BYTES):
         super().__init__()
         height, width = input_size
         if kernel_size < 1 or stride < 1:

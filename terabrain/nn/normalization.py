@@ -56,15 +56,32 @@ def local_contrast_normalize(x: torch.Tensor, kernel_size: int = 9,
     if x.dim() != 4:
         raise ValueError(f"local contrast normalization: expected (N, C, H, W) or (C, H, W), "
                          f"got {tuple(x.shape)}")
+    taps = gaussian_window(kernel_size, window_sigma(kernel_size, sigma), x.dtype, x.device)
+    centred, spread = centre_and_spread(x, taps)
+    y = divide(centred, spread, spread.mean(dim=(2, 3), keepdim=True), eps)
+    return y.squeeze(0) if single else y
+
+
+def window_sigma(kernel_size: int, sigma: Optional[float]) -> float:
     sigma = kernel_size / 4 if sigma is None else sigma
     if not (sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"local contrast normalization: sigma must be positive, got {sigma}")
-    taps = gaussian_window(kernel_size, sigma, x.dtype, x.device)
+    return sigma
+
+
+def centre_and_spread(x: torch.Tensor, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two local steps: ``v = x - G * x`` and ``s = sqrt(G * v^2)``. Where ``x`` is a
+    band of rows of a larger map, ``v`` is exact ``r = len(taps) // 2`` rows in from a cut
+    that is not the map's edge, and ``s`` ``2 r`` rows in (what spatial parallelism uses)."""
     centred = x - _local_average(x.mean(dim=1, keepdim=True), taps)
     spread = _local_average(centred.pow(2).mean(dim=1, keepdim=True), taps).clamp_min(0).sqrt()
-    floor = spread.mean(dim=(2, 3), keepdim=True).clamp_min(eps)
-    y = centred / torch.maximum(spread, floor)
-    return y.squeeze(0) if single else y
+    return centred, spread
+
+
+def divide(centred: torch.Tensor, spread: torch.Tensor, mean_spread: torch.Tensor,
+           eps: float) -> torch.Tensor:
+    """The divisive step: ``v / max(s, mean(s), eps)``."""
+    return centred / torch.maximum(spread, mean_spread.clamp_min(eps))
 
 
 class LocalContrastNorm(nn.Module):

@@ -11,10 +11,13 @@ the owner, which adds it to its own. ``transpose`` (the reconstruction) runs the
 exchange the other way round: each rank's fields write into the halo rows too, and those
 partial sums go to the rows' owners.
 
-The layout math lives in pure functions (``row_partition``, ``halo_bytes``) so a planner
-can count rows and bytes without a process group. Parallelism is applied as a plan,
-``partition_spatially(model, mesh)``, which swaps each ``LocallyConnected2d`` for a
-``RowPartitionedLocallyConnected2d`` holding this rank's rows; the model code is unchanged.
+The layout math lives in pure functions (``row_partition``, ``halo_bytes``, in
+terabrain/parallel/halo.py with the exchange itself) so a planner can count rows and bytes
+without a process group. Parallelism is applied as a plan, ``partition_spatially(model,
+mesh)``, which swaps each ``LocallyConnected2d`` for a ``RowPartitionedLocallyConnected2d``
+holding this rank's rows, and each ``LocalContrastNorm`` (seed 000 normalises after every
+layer) for a ``RowPartitionedLocalContrastNorm`` on the same rows; the model code is
+unchanged.
 
 Per layer and forward pass a rank receives ``N C W (k - s)`` values (one halo) and sends as
 many, against ``N C W H / P`` values of its own input; the backward pass moves the same
@@ -23,179 +26,25 @@ amount back. For seed 000's first layer (k 16, s 4) that is 12 input rows per bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as distributed
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.errors import ConfigError
-from terabrain.nn.local import (
-    DEFAULT_BLOCK_BYTES, LocallyConnected2d, locally_connected, locally_connected_transpose,
+from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
+from terabrain.nn.normalization import (
+    LocalContrastNorm, centre_and_spread, divide, gaussian_window, window_sigma,
 )
-
-Rows = tuple[int, int]  # [start, stop)
-
-
-@dataclass(frozen=True)
-class RowBlock:
-    """One rank's share of a layer, in rows of the full maps."""
-
-    rank: int
-    output_rows: Rows   # output rows (locations) it computes and holds the filters of
-    owned_rows: Rows    # input rows it holds
-    needed_rows: Rows   # input rows its fields read: owned ones and the halo
-    receives: tuple[tuple[int, Rows], ...]  # (from rank, input rows) that it lacks
-    sends: tuple[tuple[int, Rows], ...]     # (to rank, input rows) of its own that others need
-
-    @property
-    def halo_rows(self) -> int:
-        return sum(stop - start for _, (start, stop) in self.receives)
-
-
-def split_evenly(total: int, parts: int) -> list[Rows]:
-    """``total`` rows in ``parts`` contiguous blocks, the first ``total % parts`` one longer."""
-    base, extra = divmod(total, parts)
-    blocks, start = [], 0
-    for part in range(parts):
-        stop = start + base + (part < extra)
-        blocks.append((start, stop))
-        start = stop
-    return blocks
-
-
-def _intersect(a: Rows, b: Rows) -> Optional[Rows]:
-    start, stop = max(a[0], b[0]), min(a[1], b[1])
-    return (start, stop) if start < stop else None
-
-
-def row_partition(input_rows: int, kernel_size: int, stride: int, ranks: int,
-                  owned: Optional[Sequence[Rows]] = None) -> list[RowBlock]:
-    """Each rank's output rows, owned input rows, needed input rows and halo messages.
-
-    Output rows are split evenly. Unless ``owned`` gives the input rows each rank already
-    holds (say, the previous layer's output rows), rank ``i`` owns the input rows from its
-    first field's start up to the next rank's (the last rank: to the bottom edge), so only
-    overlapping fields need a halo. Raises ConfigError when there are fewer output rows than
-    ranks: a rank would hold nothing."""
-    output_rows = (input_rows - kernel_size) // stride + 1
-    if output_rows < ranks:
-        raise ConfigError(
-            f"parallel.model ({ranks}) is larger than the {output_rows} output rows of a "
-            f"locally connected layer (input {input_rows} rows, kernel {kernel_size}, stride "
-            f"{stride}): spatial model parallelism splits output rows across ranks")
-    outputs = split_evenly(output_rows, ranks)
-    if owned is None:
-        starts = [first * stride for first, _ in outputs] + [input_rows]
-        owned = [(starts[r], starts[r + 1]) for r in range(ranks)]
-    else:
-        owned = [tuple(block) for block in owned]
-        covered = sorted(owned)
-        if len(owned) != ranks or covered[0][0] != 0 or covered[-1][1] != input_rows or any(
-                a[1] != b[0] for a, b in zip(covered, covered[1:])):
-            raise ValueError(f"owned input rows {owned} must tile 0..{input_rows} across "
-                             f"{ranks} ranks")
-    needed = [(first * stride, (last - 1) * stride + kernel_size) for first, last in outputs]
-    blocks = []
-    for rank in range(ranks):
-        receives = tuple((peer, rows) for peer in range(ranks) if peer != rank
-                         for rows in [_intersect(owned[peer], needed[rank])] if rows)
-        sends = tuple((peer, rows) for peer in range(ranks) if peer != rank
-                      for rows in [_intersect(owned[rank], needed[peer])] if rows)
-        blocks.append(RowBlock(rank, outputs[rank], owned[rank], needed[rank], receives, sends))
-    return blocks
-
-
-def halo_bytes(input_size: tuple[int, int], channels: int, kernel_size: int, stride: int,
-               ranks: int, batch: int, bytes_per_value: int = 4) -> list[dict[str, int]]:
-    """Per rank, bytes sent and received by one forward pass of one layer (the backward
-    pass sends the same amounts the other way; ``transpose`` likewise)."""
-    height, width = input_size
-    row_bytes = batch * channels * width * bytes_per_value
-    return [
-        {"rank": block.rank,
-         "sent": sum(stop - start for _, (start, stop) in block.sends) * row_bytes,
-         "received": sum(stop - start for _, (start, stop) in block.receives) * row_bytes}
-        for block in row_partition(height, kernel_size, stride, ranks)
-    ]
-
-
-# --- the exchange ----------------------------------------------------------------------------
-
-
-def _exchange(outgoing: list[tuple[int, torch.Tensor]], incoming: list[tuple[int, torch.Tensor]],
-              group: dist.ProcessGroup) -> None:
-    """Post every send and receive at once (no ordering deadlock), then wait for all."""
-    ops = [dist.P2POp(dist.isend, tensor, dist.get_global_rank(group, peer), group)
-           for peer, tensor in outgoing]
-    ops += [dist.P2POp(dist.irecv, tensor, dist.get_global_rank(group, peer), group)
-            for peer, tensor in incoming]
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-
-
-def _rows(x: torch.Tensor, rows: Rows, origin: int) -> torch.Tensor:
-    return x[:, :, rows[0] - origin : rows[1] - origin]
-
-
-def gather_halo(x: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's owned input rows -> the needed rows (owned ones + halo from peers)."""
-    shape = (*x.shape[:2], block.needed_rows[1] - block.needed_rows[0], x.shape[3])
-    needed = x.new_zeros(shape)
-    mine = _intersect(block.owned_rows, block.needed_rows)
-    if mine:
-        _rows(needed, mine, block.needed_rows[0]).copy_(_rows(x, mine, block.owned_rows[0]))
-    outgoing = [(peer, _rows(x, rows, block.owned_rows[0]).contiguous())
-                for peer, rows in block.sends]
-    incoming = [(peer, x.new_empty((*x.shape[:2], rows[1] - rows[0], x.shape[3])))
-                for peer, rows in block.receives]
-    _exchange(outgoing, incoming, group)
-    for (_, rows), (_, values) in zip(block.receives, incoming):
-        _rows(needed, rows, block.needed_rows[0]).copy_(values)
-    return needed
-
-
-def scatter_add_halo(needed: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> torch.Tensor:
-    """The adjoint of ``gather_halo``: values on the needed rows -> owned rows, each halo
-    row's values added to its owner's."""
-    shape = (*needed.shape[:2], block.owned_rows[1] - block.owned_rows[0], needed.shape[3])
-    owned = needed.new_zeros(shape)
-    mine = _intersect(block.owned_rows, block.needed_rows)
-    if mine:
-        _rows(owned, mine, block.owned_rows[0]).copy_(_rows(needed, mine, block.needed_rows[0]))
-    outgoing = [(peer, _rows(needed, rows, block.needed_rows[0]).contiguous())
-                for peer, rows in block.receives]
-    incoming = [(peer, needed.new_empty((*needed.shape[:2], rows[1] - rows[0], needed.shape[3])))
-                for peer, rows in block.sends]
-    _exchange(outgoing, incoming, group)
-    for (_, rows), (_, values) in zip(block.sends, incoming):
-        _rows(owned, rows, block.owned_rows[0]).add_(values)
-    return owned
-
-
-class _GatherHalo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, block, group):
-        ctx.block, ctx.group = block, group
-        return gather_halo(x.contiguous(), block, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return scatter_add_halo(grad.contiguous(), ctx.block, ctx.group), None, None
-
-
-class _ScatterAddHalo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, needed, block, group):
-        ctx.block, ctx.group = block, group
-        return scatter_add_halo(needed.contiguous(), block, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return gather_halo(grad.contiguous(), ctx.block, ctx.group), None, None
+from terabrain.nn.pooling import L2Pool2d, l2_pool2d
+from terabrain.parallel.halo import (  # noqa: F401  (re-exported: the spatial plan's API)
+    RowBlock, Rows, exchange_plan, gather_halo, gather_rows, halo_bytes, row_partition,
+    scatter_add_halo, scatter_rows, split_evenly, split_rows,
+)
 
 
 # --- the partitioned layer -------------------------------------------------------------------
@@ -216,14 +65,23 @@ class RowPartitionedLocallyConnected2d(nn.Module):
         self.kernel_size, self.stride = layer.kernel_size, layer.stride
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.input_size, self.output_size = layer.input_size, layer.output_size
-        self.block_bytes = getattr(layer, "block_bytes", DEFAULT_BLOCK_BYTES)
+        self.block_bytes = layer.block_bytes
         self.init_seed = layer.init_seed
         first, last = self.block.output_rows
         width = layer.output_size[1]
         self.weight = nn.Parameter(_rows_of_parameter(
-            layer, "weight", first * width, (last - first) * width, device))
+            layer, "weight", first * width, (last - first) * width, device),
+            requires_grad=layer.weight.requires_grad)  # a frozen layer stays frozen
         self.bias = None if layer.bias is None else nn.Parameter(_rows_of_parameter(
-            layer, "bias", first, last - first, device))
+            layer, "bias", first, last - first, device), requires_grad=layer.bias.requires_grad)
+
+    @property
+    def output_blocks(self) -> list[Rows]:
+        return [block.output_rows for block in self.blocks]
+
+    @property
+    def output_rows_total(self) -> int:
+        return self.output_size[0]
 
     @property
     def local_output_size(self) -> tuple[int, int]:
@@ -240,7 +98,7 @@ class RowPartitionedLocallyConnected2d(nn.Module):
         if x.dim() != 4 or x.shape[2] != expected:
             raise ValueError(f"rank {self.block.rank}: expected its {expected} input rows "
                              f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
-        needed = _GatherHalo.apply(x, self.block, self.group)
+        needed = gather_halo(x, self.block, self.group)
         y = locally_connected(needed, self.weight, self.kernel_size, self.stride,
                               self.local_output_size, self.block_bytes)
         return y if self.bias is None else y + self.bias
@@ -248,11 +106,24 @@ class RowPartitionedLocallyConnected2d(nn.Module):
     def transpose(self, y: torch.Tensor) -> torch.Tensor:
         needed = locally_connected_transpose(y, self.weight, self.kernel_size, self.stride,
                                              self.needed_size, self.block_bytes)
-        return _ScatterAddHalo.apply(needed, self.block, self.group)
+        return scatter_add_halo(needed, self.block, self.group)
 
     @torch.no_grad()
     def normalize_(self) -> None:
         self.weight.div_(self.weight.norm(dim=2, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """The whole layer's parameters on every rank, as a single-process
+        ``LocallyConnected2d``'s state dict (a collective over the model axis): for
+        exporting weights and pictures."""
+        width = self.output_size[1]
+        rows = [block.output_rows for block in self.blocks]
+        full = {"weight": gather_rows(self.weight, [(a * width, b * width) for a, b in rows],
+                                      self.group, dim=0)}
+        if self.bias is not None:
+            full["bias"] = gather_rows(self.bias, rows, self.group, dim=1)
+        return full
 
     def filters(self) -> torch.Tensor:
         """This rank's units' rows (its locations, row-major)."""
@@ -291,48 +162,139 @@ def _model_group(mesh: DeviceMesh) -> dist.ProcessGroup:
 
 def partition_spatially(model: nn.Module, mesh: DeviceMesh,
                         device: Optional[torch.device] = None) -> nn.Module:
-    """Apply the spatial plan: every ``LocallyConnected2d`` in ``model`` (or ``model``
-    itself) is replaced by this rank's ``RowPartitionedLocallyConnected2d`` along the mesh's
-    model axis. Returns the model (a new module when ``model`` is itself the layer).
+    """Apply the spatial plan along the mesh's model axis: every ``LocallyConnected2d`` in
+    ``model`` (or ``model`` itself) becomes this rank's ``RowPartitionedLocallyConnected2d``
+    and every ``LocalContrastNorm`` a ``RowPartitionedLocalContrastNorm``. Returns the
+    model (a new module when ``model`` is itself one of those layers).
 
-    A layer whose input rows are the previous replaced layer's output rows keeps the
-    previous layer's row blocks as its input ownership, so stacked layers pass their
-    outputs on without re-partitioning (only halos move)."""
+    Modules are taken in registration order (execution order for ``nn.Sequential``). A
+    module whose input rows are the previous partitioned module's output rows keeps that
+    module's row blocks as its own input rows, so stacked layers pass their outputs on
+    without re-partitioning (only halos move). An LCN before the first locally connected
+    layer works on that layer's input rows."""
     group = _model_group(mesh)
     if isinstance(model, LocallyConnected2d):
         return RowPartitionedLocallyConnected2d(model, group, device=device)
-    previous: Optional[RowPartitionedLocallyConnected2d] = None
-    for name, child in list(model.named_modules()):
-        if not isinstance(child, LocallyConnected2d):
-            continue
-        owned = None
-        if previous is not None and previous.output_size[0] == child.input_size[0]:
-            owned = [block.output_rows for block in previous.blocks]
-        replacement = RowPartitionedLocallyConnected2d(child, group, owned, device)
+    if isinstance(model, LocalContrastNorm):
+        raise ValueError("spatial plan: a LocalContrastNorm alone has no row blocks to follow; "
+                         "partition the model it belongs to")
+    layers = [(name, child) for name, child in model.named_modules()
+              if isinstance(child, (LocallyConnected2d, LocalContrastNorm, L2Pool2d))]
+    previous: Optional[nn.Module] = None  # the last partitioned module
+    for index, (name, child) in enumerate(layers):
+        if isinstance(child, LocallyConnected2d):
+            owned = None
+            if previous is not None and previous.output_rows_total == child.input_size[0]:
+                owned = previous.output_blocks
+            replacement = RowPartitionedLocallyConnected2d(child, group, owned, device)
+        elif isinstance(child, L2Pool2d):
+            if previous is None:
+                raise ValueError(f"spatial plan: {name} (L2 pooling) comes before any locally "
+                                 "connected layer, so its rows are not known")
+            replacement = RowPartitionedL2Pool2d(child, group, previous.output_blocks,
+                                                 previous.output_rows_total)
+        else:
+            if previous is not None:
+                owned, height = previous.output_blocks, previous.output_rows_total
+            else:
+                following = next((c for _, c in layers[index:] if isinstance(c, LocallyConnected2d)),
+                                 None)
+                if following is None:
+                    continue  # no spatially split layer: nothing to follow
+                ranks = dist.get_world_size(group)
+                height = following.input_size[0]
+                owned = [b.owned_rows for b in row_partition(
+                    height, following.kernel_size, following.stride, ranks)]
+            replacement = RowPartitionedLocalContrastNorm(child, group, owned, height)
         owner_name, _, leaf = name.rpartition(".")
         (model.get_submodule(owner_name) if owner_name else model).register_module(leaf, replacement)
         previous = replacement
     return model
 
 
-# --- moving whole maps in and out ------------------------------------------------------------
+class RowPartitionedLocalContrastNorm(nn.Module):
+    """``LocalContrastNorm`` on this rank's rows of a map split by rows: the same values as
+    on the whole map. The Gaussian windows reach ``r = kernel_size // 2`` rows across block
+    edges twice (local mean, then local spread), so a halo of ``2 r`` rows comes from each
+    side; the per-image mean spread, LCN's floor, is one all-reduce of ``N`` sums."""
+
+    def __init__(self, lcn: LocalContrastNorm, group: dist.ProcessGroup, owned: Sequence[Rows],
+                 height: int):
+        super().__init__()
+        reach = 2 * (lcn.kernel_size // 2)
+        needed = [(max(0, start - reach), min(height, stop + reach)) for start, stop in owned]
+        self.blocks = exchange_plan(owned, needed)
+        self.block, self.group = self.blocks[dist.get_rank(group)], group
+        self.kernel_size, self.sigma, self.eps = lcn.kernel_size, lcn.sigma, lcn.eps
+        self.height = height
+
+    @property
+    def output_blocks(self) -> list[Rows]:
+        return [block.owned_rows for block in self.blocks]
+
+    @property
+    def output_rows_total(self) -> int:
+        return self.height
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start, stop = self.block.owned_rows
+        if x.dim() != 4 or x.shape[2] != stop - start:
+            raise ValueError(f"rank {self.block.rank}: expected its {stop - start} rows "
+                             f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
+        band = gather_halo(x, self.block, self.group)
+        taps = gaussian_window(self.kernel_size, window_sigma(self.kernel_size, self.sigma),
+                               x.dtype, x.device)
+        centred, spread = centre_and_spread(band, taps)
+        mine = slice(start - self.block.needed_rows[0], stop - self.block.needed_rows[0])
+        centred, spread = centred[:, :, mine], spread[:, :, mine]
+        total = distributed.all_reduce(spread.sum(dim=(2, 3), keepdim=True), group=self.group)
+        return divide(centred, spread, total / (self.height * x.shape[3]), self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, sigma={self.sigma}, rank {self.block.rank}: "
+                f"rows {self.block.owned_rows} + halo {self.block.halo_rows}")
 
 
-def split_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """This rank's rows of a full (N, C, H, W) tensor every rank holds (differentiable)."""
-    return x[:, :, rows[0] : rows[1]]
+class RowPartitionedL2Pool2d(nn.Module):
+    """``L2Pool2d`` on a map split by rows: output rows split evenly, each rank gathering the
+    input rows its windows read (a halo where windows cross block edges) and padding only
+    at the map's own top and bottom edges."""
 
+    def __init__(self, pool: L2Pool2d, group: dist.ProcessGroup, owned: Sequence[Rows],
+                 height: int):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.kernel = pair(pool.kernel_size)
+        self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.padding, self.eps, self.height = pair(pool.padding), pool.eps, height
+        (kh, _), (sh, _), (ph, _) = self.kernel, self.stride, self.padding
+        self.out_rows = (height + 2 * ph - kh) // sh + 1
+        ranks = dist.get_world_size(group)
+        if self.out_rows < ranks:
+            raise ConfigError(f"parallel.model ({ranks}) is larger than the {self.out_rows} "
+                              "output rows of an L2 pooling layer")
+        outputs = split_evenly(self.out_rows, ranks)
+        needed = [(max(0, a * sh - ph), min(height, (b - 1) * sh - ph + kh)) for a, b in outputs]
+        self.blocks = exchange_plan(owned, needed, outputs)
+        self.block, self.group = self.blocks[dist.get_rank(group)], group
 
-def gather_rows(local: torch.Tensor, blocks: Sequence[Rows], group: dist.ProcessGroup,
-                dim: int = 2) -> torch.Tensor:
-    """The full tensor on every rank from each rank's block of rows along ``dim`` (uneven
-    blocks allowed; not differentiable)."""
-    longest = max(stop - start for start, stop in blocks)
-    shape = list(local.shape)
-    shape[dim] = longest
-    padded = local.new_zeros(shape)
-    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
-    pieces = [torch.empty_like(padded) for _ in blocks]
-    dist.all_gather(pieces, padded.contiguous(), group=group)
-    return torch.cat([piece.narrow(dim, 0, stop - start)
-                      for piece, (start, stop) in zip(pieces, blocks)], dim=dim)
+    @property
+    def output_blocks(self) -> list[Rows]:
+        return [block.output_rows for block in self.blocks]
+
+    @property
+    def output_rows_total(self) -> int:
+        return self.out_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start, stop = self.block.owned_rows
+        if x.dim() != 4 or x.shape[2] != stop - start:
+            raise ValueError(f"rank {self.block.rank}: expected its {stop - start} rows "
+                             f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
+        band = gather_halo(x, self.block, self.group)
+        (kh, _), (sh, _), (ph, pw) = self.kernel, self.stride, self.padding
+        first, last = self.block.output_rows
+        top = max(0, ph - first * sh)
+        bottom = max(0, (last - 1) * sh - ph + kh - self.height)
+        band = F.pad(band, (0, 0, top, bottom))
+        return l2_pool2d(band, self.kernel, self.stride, (0, pw), self.eps)

@@ -14,10 +14,12 @@ import torch.distributed as dist
 from torch import nn
 
 from terabrain.nn.local import LocallyConnected2d
+from terabrain.nn.normalization import LocalContrastNorm
+from terabrain.nn.pooling import L2Pool2d
 from terabrain.parallel import (
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
-from terabrain.parallel.spatial import gather_rows, partition_spatially, split_rows
+from terabrain.parallel.spatial import gather_rows, partition_spatially, scatter_rows, split_rows
 
 BATCH = 3
 
@@ -67,6 +69,9 @@ def check_case(name, case, mesh, group):
             layer.bias.copy_(split_rows(reference.bias[None], layer.block.output_rows)[0])
     block = layer.block
     local_x = split_rows(x, block.owned_rows).clone().requires_grad_()
+    scattered = scatter_rows(x if dist.get_rank(group) == 0 else None,
+                             [b.owned_rows for b in layer.blocks], group)
+    assert torch.equal(scattered, local_x.detach()), f"{name}: scatter_rows"
     local_u = split_rows(u, block.output_rows)
     local_loss, local_codes = reconstruction_loss(layer, local_x, local_u)
     local_loss.backward()
@@ -88,7 +93,10 @@ def check_case(name, case, mesh, group):
                         reference.weight.grad),
         "input grad": (gather_rows(local_x.grad, owned_blocks, group), full_x.grad),
     }
+    full = layer.full_parameters()
+    comparisons["full_parameters weight"] = (full["weight"], reference.weight.detach())
     if reference.bias is not None:
+        comparisons["full_parameters bias"] = (full["bias"], reference.bias.detach())
         comparisons["bias grad"] = (gather_rows(layer.bias.grad, output_blocks, group, dim=1),
                                     reference.bias.grad)
     worst = 0.0
@@ -101,24 +109,32 @@ def check_case(name, case, mesh, group):
 
 
 def check_stack(mesh, group):
-    """Two layers in a row: the second reads the first's output rows as its own input rows,
-    so only halos move between them."""
+    """LCN, layer, L2 pooling, LCN, layer, L2 pooling (stride 2), LCN (seeds 000 and Le et al.
+    2012): each reads the previous one's output rows as its own input rows, so only halos
+    (and LCN's per-image sums) move between them."""
     torch.manual_seed(1)
-    stack = nn.Sequential(LocallyConnected2d(2, 3, (26, 10), 4, 2, seed=3),
-                          LocallyConnected2d(3, 2, (12, 4), 3, 1, seed=4))
+    stack = nn.Sequential(LocalContrastNorm(5), LocallyConnected2d(2, 3, (26, 10), 4, 2, seed=3),
+                          L2Pool2d(3, 1, 1), LocalContrastNorm(5),
+                          LocallyConnected2d(3, 2, (12, 4), 3, 1, seed=4),
+                          L2Pool2d(2, 2), LocalContrastNorm(3))
     x = torch.randn(BATCH, 2, 26, 10)
     full_x = x.clone().requires_grad_()
     stack(full_x).pow(2).sum().backward()
     reference_grads = [p.grad.clone() for p in stack.parameters()]
+    assert len(reference_grads) == 2
     expected = stack(x).detach()
 
     parted = partition_spatially(stack, mesh)
-    first, second = parted[0], parted[1]
-    assert [b.owned_rows for b in second.blocks] == [b.output_rows for b in first.blocks]
+    first, second = parted[1], parted[4]
+    assert [b.owned_rows for b in parted[0].blocks] == [b.owned_rows for b in first.blocks]
+    assert [b.owned_rows for b in parted[2].blocks] == [b.output_rows for b in first.blocks]
+    assert [b.owned_rows for b in second.blocks] == [b.output_rows for b in parted[2].blocks]
+    assert [b.owned_rows for b in parted[6].blocks] == [b.output_rows for b in parted[5].blocks]
     local_x = split_rows(x, first.block.owned_rows).clone().requires_grad_()
     local_y = parted(local_x)
     local_y.pow(2).sum().backward()
-    got = gather_rows(local_y.detach(), [b.output_rows for b in second.blocks], group)
+    got = gather_rows(local_y.detach(), [b.owned_rows for b in parted[6].blocks], group)
+    assert got.shape == expected.shape
     worst = largest_difference(got, expected)
     for layer, want in zip((first, second), reference_grads):
         width = layer.output_size[1]
@@ -140,6 +156,12 @@ def main():
             worst = check_case(name, case, mesh, group)
             print(f"rank {env.rank}: {name} ok ({worst:.1e})", flush=True)
         print(f"rank {env.rank}: stack ok ({check_stack(mesh, group):.1e})", flush=True)
+        if env.world_size == 4:
+            # Data x model 2 x 2: halos travel inside each model group (global ranks {0, 1}
+            # and {2, 3}), while the other group does the same.
+            grid = build_mesh(2, 2, env)
+            worst = check_case("overlap-k4-s2", CASES["overlap-k4-s2"], grid, grid.get_group("model"))
+            print(f"rank {env.rank}: 2x2 mesh ok ({worst:.1e})", flush=True)
         shutdown_distributed()
     print(f"rank {env.rank}: all cases ok", flush=True)
 
