@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of the device memory the plan may use (default 0.9)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_plan)
+
+    from terabrain.analysis.commands import add_parsers as add_analysis_parsers
+
+    add_analysis_parsers(commands)
     return parser
 
 

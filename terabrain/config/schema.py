@@ -23,11 +23,13 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Where examples come from and how they are preprocessed."""
 
-    source: Literal["photos", "digits", "npy"] = Field(
+    source: Literal["photos", "digits", "npy", "face_mix"] = Field(
         "photos",
         description="photos: patches of the natural photographs bundled with scikit-image and "
         "scikit-learn; digits: scikit-learn's 8x8 digits (with labels); npy: a float array of "
-        "shape (N, D) or (N, H, W[, C]) in a .npy file given by `path`.",
+        "shape (N, D) or (N, H, W[, C]) in a .npy file given by `path`; face_mix: unlabelled "
+        "grey images, `patch_size` square, mixing jittered lfw_subset faces (only those of the "
+        "face test's selection half) with random photo crops (terabrain.data.faces).",
     )
     photos: list[str] = Field(
         default_factory=lambda: [
@@ -68,6 +70,11 @@ class DataConfig(Section):
     )
     whitening_fit_samples: PositiveInt = Field(
         20000, description="Training rows used to fit the whitening."
+    )
+    face_fraction: float = Field(
+        0.35, gt=0.0, lt=1.0,
+        description="face_mix: fraction of the images that are faces (Le et al.: ~35% in "
+        "their test set; faces are rarer in their unlabelled frames).",
     )
 
     @model_validator(mode="after")

@@ -1,0 +1,135 @@
+"""The best-single-neuron test of Le et al. 2012 (seed 003's table: faces 88.2% against 64.7%
+for guessing and 64.8% for a random network).
+
+Every neuron's activation is thresholded at ``count`` evenly spaced values between its
+smallest and largest activation on the selection split; an image is called positive when the
+activation is above the threshold. The (neuron, threshold) with the best accuracy on the
+selection split is then scored on the held-out split, so the reported number is not inflated
+by picking the best of many neurons on the same images.
+
+Polarity: a linear unit's sign is arbitrary (RICA's cost is unchanged when a row of W flips
+sign), so by default "positive when below the threshold" is searched too; the same rule is
+applied to every baseline (single pixels, random networks). ``both_polarities=False`` gives
+Le et al.'s one-sided rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from terabrain.analysis.probe import train_probe
+
+
+@dataclass
+class NeuronChoice:
+    neuron: int
+    threshold: float
+    above: bool
+    """True: positive when activation > threshold; False: when activation <= threshold."""
+    selection_accuracy: float
+
+    def predict(self, activations: torch.Tensor) -> torch.Tensor:
+        above = activations[:, self.neuron] > self.threshold
+        return above if self.above else ~above
+
+    def accuracy(self, activations: torch.Tensor, labels: torch.Tensor) -> float:
+        return float((self.predict(activations) == labels.bool()).float().mean())
+
+
+def evenly_spaced_thresholds(activations: torch.Tensor, count: int) -> torch.Tensor:
+    """(units, count): ``count`` values from each unit's minimum to its maximum."""
+    low, high = activations.min(dim=0).values, activations.max(dim=0).values
+    steps = torch.linspace(0.0, 1.0, count, dtype=activations.dtype)
+    return low[:, None] + (high - low)[:, None] * steps[None, :]
+
+
+def accuracy_grid(activations: torch.Tensor, labels: torch.Tensor,
+                  thresholds: torch.Tensor) -> torch.Tensor:
+    """(units, thresholds): accuracy of "positive iff activation > threshold", by counting
+    with sorted activations instead of comparing every image with every threshold."""
+    labels = labels.bool()
+    thresholds = thresholds.contiguous()
+    positives = activations[labels].T.contiguous().sort(dim=1).values
+    negatives = activations[~labels].T.contiguous().sort(dim=1).values
+    positives_above = positives.shape[1] - torch.searchsorted(positives, thresholds, right=True)
+    negatives_below = torch.searchsorted(negatives, thresholds, right=True)
+    return (positives_above + negatives_below).double() / len(labels)
+
+
+def best_neuron(activations: torch.Tensor, labels: torch.Tensor, count: int = 100,
+                both_polarities: bool = True) -> NeuronChoice:
+    """The (neuron, threshold, polarity) most accurate on (activations, labels); ties go to
+    the lowest neuron index, then the lowest threshold."""
+    activations = activations.double()
+    thresholds = evenly_spaced_thresholds(activations, count)
+    above = accuracy_grid(activations, labels, thresholds)
+    best_above = int(above.argmax())
+    choice = divmod(best_above, count), True, float(above.flatten()[best_above])
+    if both_polarities:
+        below = 1.0 - above  # "<= threshold" predicts exactly the complement
+        best_below = int(below.argmax())
+        if float(below.flatten()[best_below]) > choice[2]:
+            choice = divmod(best_below, count), False, float(below.flatten()[best_below])
+    (unit, index), is_above, accuracy = choice
+    return NeuronChoice(unit, float(thresholds[unit, index]), is_above, accuracy)
+
+
+@dataclass
+class ConceptRow:
+    """One line of the concept-neuron table; accuracies are on the held-out split."""
+
+    concept: str
+    positives: float
+    selection_examples: int
+    heldout_examples: int
+    guessing: float
+    best_pixel: float
+    linear_filter: float
+    random_network: float
+    random_network_runs: list[float]
+    learned: float
+    learned_selection: float
+    learned_neuron: int
+    learned_threshold: float
+    learned_above: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def concept_row(
+    concept: str,
+    labels: tuple[torch.Tensor, torch.Tensor],
+    learned: tuple[torch.Tensor, torch.Tensor],
+    random_networks: list[tuple[torch.Tensor, torch.Tensor]],
+    pixels: tuple[torch.Tensor, torch.Tensor],
+    count: int = 100,
+    both_polarities: bool = True,
+) -> ConceptRow:
+    """Each pair is (selection split, held-out split). ``pixels``: the model's input rows, for
+    the best-single-pixel and the linear-filter (logistic regression) baselines."""
+    select_y, held_y = (y.long() for y in labels)
+    majority = int(select_y.float().mean() >= 0.5)
+    choice = best_neuron(learned[0], select_y, count, both_polarities)
+    random_runs = [best_neuron(sel, select_y, count, both_polarities).accuracy(held, held_y)
+                   for sel, held in random_networks]
+    pixel = best_neuron(pixels[0], select_y, count, both_polarities)
+    linear = train_probe(pixels[0], select_y, classes=2)
+    return ConceptRow(
+        concept=concept,
+        positives=float(held_y.float().mean()),
+        selection_examples=len(select_y),
+        heldout_examples=len(held_y),
+        guessing=float((held_y == majority).float().mean()),
+        best_pixel=pixel.accuracy(pixels[1], held_y),
+        linear_filter=linear.accuracy(pixels[1], held_y),
+        random_network=sum(random_runs) / len(random_runs) if random_runs else float("nan"),
+        random_network_runs=random_runs,
+        learned=choice.accuracy(learned[1], held_y),
+        learned_selection=choice.selection_accuracy,
+        learned_neuron=choice.neuron,
+        learned_threshold=choice.threshold,
+        learned_above=choice.above,
+    )
