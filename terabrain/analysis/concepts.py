@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from terabrain.analysis.probe import train_probe
+SHRINKAGES = (1e-3, 1e-2, 1e-1, 1.0)
 
 
 @dataclass
@@ -76,6 +76,22 @@ def best_neuron(activations: torch.Tensor, labels: torch.Tensor, count: int = 10
     return NeuronChoice(unit, float(thresholds[unit, index]), is_above, accuracy)
 
 
+def linear_filters(x: torch.Tensor, labels: torch.Tensor,
+                   shrinkages: tuple[float, ...] = SHRINKAGES) -> torch.Tensor:
+    """Supervised linear filters for the baseline, one per shrinkage: Fisher's discriminant
+    ``(S + s * mean_eigenvalue * I)^-1 (mu_1 - mu_0)`` with S the pooled within-class
+    covariance of ``x``. Thresholded like neurons, the best one on the selection split is
+    the best a single linear filter does with the labels."""
+    x, labels = x.double(), labels.bool()
+    centred = torch.cat([x[labels] - x[labels].mean(0), x[~labels] - x[~labels].mean(0)])
+    within = centred.T @ centred / max(len(x) - 2, 1)
+    scale = float(torch.diagonal(within).mean()) or 1.0
+    difference = x[labels].mean(0) - x[~labels].mean(0)
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+    return torch.stack([torch.linalg.solve(within + s * scale * eye, difference)
+                        for s in shrinkages])
+
+
 @dataclass
 class ConceptRow:
     """One line of the concept-neuron table; accuracies are on the held-out split."""
@@ -109,14 +125,16 @@ def concept_row(
     both_polarities: bool = True,
 ) -> ConceptRow:
     """Each pair is (selection split, held-out split). ``pixels``: the model's input rows, for
-    the best-single-pixel and the linear-filter (logistic regression) baselines."""
+    the best-single-pixel and the linear-filter (Fisher discriminant) baselines."""
     select_y, held_y = (y.long() for y in labels)
     majority = int(select_y.float().mean() >= 0.5)
     choice = best_neuron(learned[0], select_y, count, both_polarities)
     random_runs = [best_neuron(sel, select_y, count, both_polarities).accuracy(held, held_y)
                    for sel, held in random_networks]
     pixel = best_neuron(pixels[0], select_y, count, both_polarities)
-    linear = train_probe(pixels[0], select_y, classes=2)
+    filters = linear_filters(pixels[0], select_y).T
+    filtered = [p.double() @ filters for p in pixels]
+    linear = best_neuron(filtered[0], select_y, count, both_polarities)
     return ConceptRow(
         concept=concept,
         positives=float(held_y.float().mean()),
@@ -124,7 +142,7 @@ def concept_row(
         heldout_examples=len(held_y),
         guessing=float((held_y == majority).float().mean()),
         best_pixel=pixel.accuracy(pixels[1], held_y),
-        linear_filter=linear.accuracy(pixels[1], held_y),
+        linear_filter=linear.accuracy(filtered[1], held_y),
         random_network=sum(random_runs) / len(random_runs) if random_runs else float("nan"),
         random_network_runs=random_runs,
         learned=choice.accuracy(learned[1], held_y),

@@ -59,6 +59,10 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _standard_error(accuracy: float, count: int) -> float:
+    return (accuracy * (1 - accuracy) / max(count, 1)) ** 0.5
+
+
 def _pictures(run: LoadedRun, data: AnalysisData, images: np.ndarray) -> tuple[np.ndarray, bool]:
     """Images to draw for rows of a split, and whether they are signed (drawn mid-grey 0)."""
     if data.preprocessed:
@@ -241,9 +245,9 @@ def _concept_section(document: Document, run: LoadedRun, options: AnalyzeOptions
         "threshold (or below: a linear unit's sign is arbitrary, and every baseline gets the same "
         "choice). The best (neuron, threshold) is chosen on the selection split and its accuracy "
         "reported on the held-out split. Guessing: the selection split's majority class. Best "
-        "pixel: the same search over the model's input values. Linear filter: logistic "
-        "regression on the model's input, trained with the labels of the selection split (a "
-        "supervised baseline, unlike the others). Random network: the same architecture with "
+        "pixel: the same search over the model's input values. Linear filter: Fisher "
+        "discriminants of the model's input (4 shrinkages), computed with the labels of the "
+        "selection split and thresholded like neurons (a supervised baseline, unlike the others). Random network: the same architecture with "
         f"random weights, mean over {options.random_networks} seeds. Seed 003 (Le et al., "
         "reproduced by Coates et al.): faces 88.2% against 64.7% guessing and 64.8% random."))
     table = []
@@ -271,7 +275,9 @@ def _concept_section(document: Document, run: LoadedRun, options: AnalyzeOptions
             f"{verdict_pixel} the best single pixel ({_pct(face.best_pixel)}); guessing gives "
             f"{_pct(face.guessing)}, a supervised linear filter {_pct(face.linear_filter)}. "
             f"Only {face.heldout_examples} held-out images: one image is "
-            f"{100 / face.heldout_examples:.1f} points."))
+            f"{100 / face.heldout_examples:.1f} points, and the binomial standard error of "
+            f"the learned accuracy is {_pct(_standard_error(face.learned, face.heldout_examples))}, "
+            "so differences of a few points are within chance."))
     if concept_rows:
         k = options.top_k
         stimuli, labels, captions = [], [], []
