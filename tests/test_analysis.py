@@ -178,3 +178,28 @@ def test_face_test_set_is_35_percent_faces_and_training_never_sees_held_out_face
     assert distances.min() > 1e-3  # no held-out face among the training faces
     mix = face_mix(200, 16, 0.35, np.random.default_rng(0))
     assert mix.shape == (200, 256) and np.isfinite(mix).all()
+
+
+def test_new_images_reach_a_colour_model_as_its_training_data_did():
+    from terabrain.analysis.filters import filter_grid
+    from terabrain.analysis.loaded_run import LoadedRun, example_shape
+    from terabrain.config.loader import load_experiment
+    from terabrain.data.patches import remove_patch_mean
+    from terabrain.data.whitening import ZCA
+    from terabrain.nn.autoencoder import build_model
+
+    config = load_experiment("lbann-ae-small", ["model.hidden=8", "data.remove_mean=true",
+                                                "data.patch_size=8"])
+    shape = example_shape(config)
+    assert shape == (8, 8, 3)
+    rng = np.random.default_rng(0)
+    whitening = ZCA.fit(remove_patch_mean(rng.random((400, 192), np.float32), 3), 0.1)
+    run = LoadedRun(None, config, build_model(config.model, 192, seed=0), whitening, shape)
+    grey = rng.random((5, 8, 8)).astype(np.float32)
+    rows = run.to_model_input(grey)
+    colour = np.repeat(grey[..., None], 3, axis=3).reshape(5, -1)
+    expected = whitening.apply(remove_patch_mean(colour, 3))
+    np.testing.assert_allclose(rows.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert run.to_model_input(rng.random((2, 64, 64, 3))).shape == (2, 192)  # resized
+    grid = filter_grid(run.model.filters(), shape)
+    assert (grid[..., 0] != grid[..., 1]).any()  # drawn in colour

@@ -66,7 +66,8 @@ def _standard_error(accuracy: float, count: int) -> float:
 def _pictures(run: LoadedRun, data: AnalysisData, images: np.ndarray) -> tuple[np.ndarray, bool]:
     """Images to draw for rows of a split, and whether they are signed (drawn mid-grey 0)."""
     if data.preprocessed:
-        return images.reshape(len(images), *run.shape), True
+        signed = run.config.data.remove_mean or run.whitening is not None
+        return images.reshape(len(images), *run.shape), signed
     return images, False
 
 
