@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-SHRINKAGES = (1e-3, 1e-2, 1e-1, 1.0)
+SHRINKAGES = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 @dataclass
@@ -92,6 +92,21 @@ def linear_filters(x: torch.Tensor, labels: torch.Tensor,
                         for s in shrinkages])
 
 
+def linear_baseline(pixels: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
+                    count: int, both_polarities: bool, seed: int = 0) -> list[torch.Tensor]:
+    """The linear-filter baseline's responses on (selection, held-out), one column. Its
+    shrinkage is chosen on one half of the selection split with the filter fitted on the
+    other half (a filter fitted and scored on the same images favours the least shrinkage,
+    which overfits); the filter is then refitted on the whole selection split."""
+    x = pixels[0]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    fit, score = order[: len(x) // 2], order[len(x) // 2 :]
+    candidates = linear_filters(x[fit], labels[fit]).T
+    chosen = best_neuron(x[score].double() @ candidates, labels[score], count, both_polarities)
+    final = linear_filters(x, labels, (SHRINKAGES[chosen.neuron],)).T
+    return [p.double() @ final for p in pixels]
+
+
 @dataclass
 class ConceptRow:
     """One line of the concept-neuron table; accuracies are on the held-out split."""
@@ -132,8 +147,7 @@ def concept_row(
     random_runs = [best_neuron(sel, select_y, count, both_polarities).accuracy(held, held_y)
                    for sel, held in random_networks]
     pixel = best_neuron(pixels[0], select_y, count, both_polarities)
-    filters = linear_filters(pixels[0], select_y).T
-    filtered = [p.double() @ filters for p in pixels]
+    filtered = linear_baseline(pixels, select_y, count, both_polarities)
     linear = best_neuron(filtered[0], select_y, count, both_polarities)
     return ConceptRow(
         concept=concept,

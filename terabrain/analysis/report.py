@@ -246,9 +246,10 @@ def _concept_section(document: Document, run: LoadedRun, options: AnalyzeOptions
         "threshold (or below: a linear unit's sign is arbitrary, and every baseline gets the same "
         "choice). The best (neuron, threshold) is chosen on the selection split and its accuracy "
         "reported on the held-out split. Guessing: the selection split's majority class. Best "
-        "pixel: the same search over the model's input values. Linear filter: Fisher "
-        "discriminants of the model's input (4 shrinkages), computed with the labels of the "
-        "selection split and thresholded like neurons (a supervised baseline, unlike the others). Random network: the same architecture with "
+        "pixel: the same search over the model's input values. Linear filter: a Fisher "
+        "discriminant of the model's input, computed with the labels of the selection split "
+        "(its shrinkage chosen by a split of the selection split) and thresholded like a "
+        "neuron: a supervised baseline, unlike the others. Random network: the same architecture with "
         f"random weights, mean over {options.random_networks} seeds. Seed 003 (Le et al., "
         "reproduced by Coates et al.): faces 88.2% against 64.7% guessing and 64.8% random."))
     table = []
