@@ -44,7 +44,8 @@ def test_analyze_writes_a_report_with_every_section(tiny_run, capsys):
     concepts = "faces,fashion-mnist" if fashion_mnist_available() else "faces"
     code, stdout, _ = terabrain(capsys, "analyze", str(tiny_run), "--concepts", concepts,
                                 "--random-networks", "2", "--max-examples", "400",
-                                "--neurons", "4", "--top-k", "3")
+                                "--neurons", "4", "--top-k", "3", "--data", "faces",
+                                "--maximize-steps", "40")
     out = tiny_run / "analysis"
     assert code == 0 and "faces" in stdout and "report.html" in stdout
     html = (out / "report.html").read_text()

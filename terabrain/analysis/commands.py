@@ -37,13 +37,14 @@ def analyze_command(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--concepts {','.join(unknown)}; allowed: "
                           f"{','.join(CONCEPT_SETS)} or none")
-    for name in ("top_k", "neurons", "thresholds", "max_examples"):
+    for name in ("top_k", "neurons", "thresholds", "max_examples", "maximize_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     options = AnalyzeOptions(
         layer=args.layer, data=args.data, split=args.split, top_k=args.top_k,
         neurons=args.neurons, concepts=concepts, thresholds=args.thresholds,
-        random_networks=args.random_networks, max_examples=args.max_examples, seed=args.seed)
+        random_networks=args.random_networks, max_examples=args.max_examples,
+        maximize_steps=args.maximize_steps, seed=args.seed)
     with _ranks() as main:
         summary = analyze(args.run_dir, options)
     if main:
@@ -146,6 +147,8 @@ def add_parsers(commands) -> None:
                          help="random-weight networks averaged as a baseline (default 3)")
     analyze.add_argument("--max-examples", type=int, default=10000,
                          help="cap on examples per split (default 10000)")
+    analyze.add_argument("--maximize-steps", type=int, default=200,
+                         help="gradient steps of activation maximization (default 200)")
     analyze.add_argument("--seed", type=int, default=0)
     analyze.set_defaults(handler=analyze_command)
 
