@@ -31,6 +31,7 @@ from terabrain.analysis.filters import save_filter_grid
 from terabrain.analysis.loaded_run import LoadedRun, load_run
 from terabrain.analysis.maximize import maximize_activation
 from terabrain.analysis.topk import neuron_stats
+from terabrain.errors import ConfigError
 from terabrain.files import write_text_atomically
 
 CONCEPT_SETS = ("faces", "fashion-mnist")
@@ -77,7 +78,7 @@ def _concepts(run: LoadedRun, options: AnalyzeOptions, notes: list[str]) -> list
     for name in options.concepts:
         try:
             data = load_analysis_data(name, run, options.max_examples, options.seed)
-        except Exception as error:  # a missing optional data set is a note, not a failure
+        except ConfigError as error:  # a missing optional data set is a note, not a failure
             notes.append(f"{name}: skipped ({error})")
             continue
         selection, heldout = model_rows(run, data, "train"), model_rows(run, data, "test")
