@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -58,6 +59,9 @@ def learning_curves(metrics_path: Path, out: Path) -> Optional[list[str]]:
         positive = all(v > 0 for points in curves.values() for _, v in points)
         if positive:
             axis.set_yscale("log")
+            plain = matplotlib.ticker.FormatStrFormatter("%.3g")  # 36, not 3.6 x 10^1
+            axis.yaxis.set_major_formatter(plain)
+            axis.yaxis.set_minor_formatter(plain)
         axis.set_title(f"stage: {stage}")
         axis.set_xlabel("step")
         axis.legend(fontsize=8)
