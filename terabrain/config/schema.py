@@ -78,6 +78,12 @@ class DataConfig(Section):
     )
 
     @model_validator(mode="after")
+    def _face_mix_is_grey(self) -> "DataConfig":
+        if self.source == "face_mix" and self.color:
+            raise ValueError("data.color: face_mix images are grey (lfw_subset is); allowed: false")
+        return self
+
+    @model_validator(mode="after")
     def _source_needs(self) -> "DataConfig":
         if self.source == "npy" and self.path is None:
             raise ValueError("data.path is required when data.source is npy")
