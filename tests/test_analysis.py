@@ -203,3 +203,16 @@ def test_new_images_reach_a_colour_model_as_its_training_data_did():
     assert run.to_model_input(rng.random((2, 64, 64, 3))).shape == (2, 192)  # resized
     grid = filter_grid(run.model.filters(), shape)
     assert (grid[..., 0] != grid[..., 1]).any()  # drawn in colour
+
+
+def test_face_mix_source_prepares_whitened_grey_images_deterministically():
+    from terabrain.config.loader import load_experiment
+    from terabrain.data.prepare import prepare_data
+
+    config = load_experiment("faces-rica", ["data.num_patches=300", "data.holdout_patches=50",
+                                            "data.whitening_fit_samples=300"])
+    first, again = prepare_data(config.data, 0), prepare_data(config.data, 0)
+    assert first.train_x.shape == (300, 256) and first.holdout_x.shape == (50, 256)
+    assert first.example_shape == (16, 16) and first.whitening is not None
+    assert torch.equal(first.train_x, again.train_x)
+    assert not torch.equal(first.train_x, prepare_data(config.data, 1).train_x)

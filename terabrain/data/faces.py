@@ -72,6 +72,11 @@ def _halves(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
 def face_test_set() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"selection": (images, labels), "heldout": (images, labels)}``; images (N, 25, 25)
     in [0, 1], labels 1 for a face. Each half: 50 faces, 50 lfw non-faces, 43 photo crops."""
+    return {name: (images.copy(), labels.copy()) for name, (images, labels) in _face_test_set().items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _face_test_set() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     images, labels = load_lfw_subset()
     rng = np.random.default_rng(_SPLIT_SEED)
     faces, others = images[labels == 1], images[labels == 0]
