@@ -73,6 +73,13 @@ def test_analyze_writes_a_report_with_every_section(tiny_run, capsys):
         assert neuron["optimal_final"] >= neuron["top_values"][0] - 1e-3
         assert neuron["optimal_final"] > neuron["optimal_start"]
 
+    # The default data set: the run's own held-out patches, rebuilt from its config.
+    code, _, _ = terabrain(capsys, "analyze", str(tiny_run), "--concepts", "none",
+                           "--neurons", "2", "--maximize-steps", "20")
+    summary = json.loads((out / "analysis.json").read_text())
+    assert code == 0 and summary["data"] == "holdout" and summary["examples"] == 300
+    assert "Concept neurons" not in (out / "report.md").read_text()
+
 
 def test_features_and_probe_commands(tiny_run, tmp_path, capsys):
     from terabrain.analysis.activations import batched_activations
