@@ -11,10 +11,9 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from terabrain.errors import ConfigError
+
+# torch and numpy are imported inside the commands: building the CLI parser stays cheap.
 
 
 @contextmanager
@@ -59,6 +58,8 @@ def analyze_command(args: argparse.Namespace) -> int:
 
 
 def features_command(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from terabrain.analysis.datasets import load_analysis_data
     from terabrain.analysis.features import model_rows, write_features
     from terabrain.analysis.loaded_run import load_run
@@ -80,6 +81,8 @@ def features_command(args: argparse.Namespace) -> int:
 
 
 def probe_command(args: argparse.Namespace) -> int:
+    import torch
+
     from terabrain.analysis.activations import batched_activations, check_layer
     from terabrain.analysis.datasets import load_analysis_data
     from terabrain.analysis.features import model_rows
