@@ -12,7 +12,7 @@ from PIL import Image
 
 from terabrain.data.labelled import fashion_mnist_available
 
-from conftest import SCRIPTS, run_cli, torchrun
+from conftest import SCRIPTS, torchrun
 
 TINY = ["data.num_patches=1500", "data.holdout_patches=300", "data.whitening_fit_samples=1500",
         "model.hidden=16", "train.steps=3", "optimizer.max_iter=10", "train.checkpoint_every=0",
@@ -88,8 +88,9 @@ def test_features_and_probe_commands(tiny_run, tmp_path, capsys):
     from terabrain.analysis.loaded_run import load_run
 
     out = tmp_path / "digits.npy"
-    run_cli("features", str(tiny_run), "--data", "digits", "--split", "test", "--out", str(out),
-            check=True)
+    code, stdout, _ = terabrain(capsys, "features", str(tiny_run), "--data", "digits",
+                                "--split", "test", "--out", str(out))
+    assert code == 0 and "450 x 16" in stdout
     features, labels = np.load(out), np.load(tmp_path / "digits.labels.npy")
     run = load_run(tiny_run)
     data = load_analysis_data("digits", run)
