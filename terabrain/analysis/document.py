@@ -75,8 +75,8 @@ class Document:
                 body.append(f"<p>{_inline(block.text)}</p>")
             elif isinstance(block, Picture):
                 body.append(f'<figure><img src="{html.escape(block.path)}" '
-                            f'alt="{html.escape(block.caption)}"><figcaption>'
-                            f"{html.escape(block.caption)}</figcaption></figure>")
+                            f'alt="{html.escape(block.caption.replace("`", ""))}"><figcaption>'
+                            f"{_inline(block.caption)}</figcaption></figure>")
             elif isinstance(block, Code):
                 body.append(f"<pre>{html.escape(block.text)}</pre>")
             else:
