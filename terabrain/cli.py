@@ -179,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_plan)
 
+    from terabrain.analysis.commands import add_parsers as add_analysis_parsers
     from terabrain.data.commands import register as register_data
 
     register_data(commands)
+    add_analysis_parsers(commands)
     return parser
 
 

@@ -117,6 +117,8 @@ def data_shape(data: DataConfig) -> tuple[int, int]:
     """(inputs per example, training rows), from the config alone: no photo is loaded."""
     if data.source == "photos":
         return data.patch_size * data.patch_size * (3 if data.color else 1), data.num_patches
+    if data.source == "face_mix":  # grey
+        return data.patch_size * data.patch_size, data.num_patches
     if data.source == "digits":
         rows, inputs = 1797, 64  # scikit-learn's digits
     else:

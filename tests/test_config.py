@@ -72,7 +72,7 @@ def test_malformed_yaml_and_non_mapping(tmp_path):
         (["train", "--set", "model.hiden=3"], "model.hiden"),
         (["train", "missing.yaml"], "missing.yaml"),
         (["train", "--resume", "/nonexistent-run"], "not a run directory"),
-        (["train", "no-such-builtin"], "no built-in experiment 'no-such-builtin'; available: "),
+        (["train", "no-such-builtin"], "available: " + ", ".join(builtin_names())),
         (["show", "natural-patches-rica", "--set", "optimizer=3"], "optimizer"),
     ],
 )

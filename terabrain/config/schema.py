@@ -42,7 +42,7 @@ class DataConfig(Section):
     """Where examples come from and how they are preprocessed."""
 
     source: Literal[
-        "photos", "digits", "npy", "lfw", "fashion-mnist", "folder", "shards", "yfcc"
+        "photos", "digits", "npy", "lfw", "fashion-mnist", "folder", "shards", "yfcc", "face_mix",
     ] = Field(
         "photos",
         description="photos: patches of the natural photographs bundled with scikit-image and "
@@ -52,7 +52,9 @@ class DataConfig(Section):
         "Debian's dataset-fashion-mnist (train for training, test held out); folder: the images "
         "under `root`; shards: tar shards in `root` (see `terabrain data pack`); yfcc: a "
         "YFCC100M metadata file `metadata` with its images under `root`. folder, shards and "
-        "yfcc are streamed (see docs/data.md).",
+        "yfcc are streamed (see docs/data.md); face_mix: unlabelled grey images, `patch_size` "
+        "square, mixing jittered lfw_subset faces (only those of the face test's selection "
+        "half) with random photo crops (terabrain.data.faces).",
     )
     photos: list[str] = Field(
         default_factory=lambda: [
@@ -183,6 +185,18 @@ class DataConfig(Section):
         if self.patches_per_image and self.patch_size > (self.image_size or self.crop_size):
             raise ValueError(f"data.patch_size ({self.patch_size}) is larger than the "
                              f"{self.image_size or self.crop_size}-pixel images")
+        return self
+
+    face_fraction: float = Field(
+        0.35, gt=0.0, lt=1.0,
+        description="face_mix: fraction of the images that are faces (Le et al.: ~35% in "
+        "their test set; faces are rarer in their unlabelled frames).",
+    )
+
+    @model_validator(mode="after")
+    def _face_mix_is_grey(self) -> "DataConfig":
+        if self.source == "face_mix" and self.color:
+            raise ValueError("data.color: face_mix images are grey (lfw_subset is); allowed: false")
         return self
 
     @model_validator(mode="after")

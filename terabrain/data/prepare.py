@@ -112,6 +112,13 @@ def prepare_data(config: DataConfig, seed: int) -> PreparedData:
         )
         train, holdout = patches[: config.num_patches], patches[config.num_patches :]
         shape = (config.patch_size, config.patch_size) + ((3,) if config.color else ())
+    elif config.source == "face_mix":
+        from terabrain.data.faces import face_mix
+
+        images = face_mix(config.num_patches + config.holdout_patches, config.patch_size,
+                          config.face_fraction, rng)
+        train, holdout = images[: config.num_patches], images[config.num_patches :]
+        shape = (config.patch_size, config.patch_size)
     else:
         if config.source == "npy":
             data, labels, shape = _load_npy(config)

@@ -1,0 +1,108 @@
+"""A finished run directory, loaded for analysis: its config, trained feature learner, the
+preprocessing it was trained with, and a same-shaped network with random weights.
+
+New images reach the model exactly as training data did (``to_model_input``): resized to the
+run's example shape, made grey or colour, each example's mean removed and the run's own ZCA
+(``whitening.safetensors``) applied, as terabrain.data.prepare does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from terabrain.config.loader import load_experiment
+from terabrain.config.schema import ExperimentConfig
+from terabrain.data.faces import resize
+from terabrain.data.patches import remove_patch_mean
+from terabrain.data.whitening import ZCA
+from terabrain.errors import ConfigError
+from terabrain.nn.autoencoder import build_model
+
+
+def example_shape(config: ExperimentConfig) -> tuple[int, ...]:
+    """One training example as an image: (H, W) or (H, W, C)."""
+    data = config.data
+    if data.source in ("photos", "face_mix"):
+        side = data.patch_size
+        return (side, side, 3) if data.color and data.source == "photos" else (side, side)
+    if data.source == "digits":
+        return (8, 8)
+    shape = np.load(data.path, mmap_mode="r", allow_pickle=False).shape[1:]
+    if len(shape) == 1:
+        side = int(round(np.sqrt(shape[0])))
+        if side * side != shape[0]:
+            raise ConfigError(f"data.path: rows of {shape[0]} values are not square images; "
+                              f"analysis needs (N, H, W[, C]) data")
+        return (side, side)
+    return tuple(shape)
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: ExperimentConfig
+    model: torch.nn.Module
+    whitening: Optional[ZCA]
+    shape: tuple[int, ...]
+
+    @property
+    def inputs(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def colour(self) -> bool:
+        return len(self.shape) == 3
+
+    def random_model(self, seed: int) -> torch.nn.Module:
+        """The same architecture with the initial random weights of ``seed`` (never trained)."""
+        return build_model(self.config.model, self.inputs, seed=seed).eval()
+
+    def to_model_input(self, images: np.ndarray) -> torch.Tensor:
+        """(N, H, W[, C]) images in [0, 1] -> (N, inputs) rows as the model saw in training."""
+        images = np.asarray(images, np.float32)
+        if images.ndim == 2:  # already rows
+            images = images.reshape(len(images), *self.shape)
+        if self.colour and images.ndim == 3:
+            images = np.repeat(images[..., None], 3, axis=3)
+        elif not self.colour and images.ndim == 4:
+            images = images[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+        if images.shape[1:3] != self.shape[:2]:
+            if self.shape[0] != self.shape[1]:
+                raise ConfigError(f"cannot resize images to the run's {self.shape} examples")
+            images = resize(images, self.shape[0])
+        rows = images.reshape(len(images), -1)
+        if self.config.data.remove_mean:
+            rows = remove_patch_mean(rows, 3 if self.colour else 1)
+        if self.whitening is not None:
+            rows = self.whitening.apply(rows)
+        return torch.from_numpy(np.ascontiguousarray(rows, np.float32))
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    """Raises ConfigError naming the missing file when ``run_dir`` is not a finished run."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir} is not a finished run directory (no {name})")
+    config = load_experiment(str(run_dir / "config.yaml"))
+    shape = example_shape(config)
+    model = build_model(config.model, int(np.prod(shape)), seed=config.seed)
+    try:
+        model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    except RuntimeError as error:
+        raise ConfigError(f"{run_dir}/model.safetensors does not fit config.yaml: "
+                          f"{str(error).splitlines()[0]}") from None
+    whitening = None
+    if config.data.whitening == "zca":
+        path = run_dir / "whitening.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir}: config.yaml says data.whitening zca but "
+                              f"whitening.safetensors is missing")
+        whitening = ZCA.load(path)
+    return LoadedRun(run_dir, config, model.eval(), whitening, shape)
