@@ -46,6 +46,15 @@ def test_every_layer_objective_falls(tmp_path, schedule):
     weights = load_file(str(tmp_path / "model.safetensors"))
     assert not any("forward_copies" in key for key in weights)
     assert (tmp_path / "filters.png").exists()
+    if schedule == "greedy":  # analysis reads any layer of the trained stack
+        from terabrain.cli import main
+
+        assert main(["analyze", str(tmp_path), "--layer", "2", "--concepts", "faces",
+                     "--random-networks", "1", "--maximize-steps", "10",
+                     "--max-examples", "200"]) == 0
+        summary = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+        assert "Layer 2" in (tmp_path / "analysis" / "report.md").read_text()
+        assert summary["layer"] == 2 and summary["concepts"]
 
 
 def test_pipelined_run_resumes_exactly(tmp_path, monkeypatch):

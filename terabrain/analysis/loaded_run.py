@@ -8,6 +8,8 @@ run's example shape, made grey or colour, each example's mean removed and the ru
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,10 +21,12 @@ from safetensors.torch import load_file
 from terabrain.config.loader import load_experiment
 from terabrain.config.schema import ExperimentConfig
 from terabrain.data.faces import resize
+from terabrain.data.contrast import normalize_contrast
 from terabrain.data.patches import remove_patch_mean
 from terabrain.data.whitening import ZCA
 from terabrain.errors import ConfigError
 from terabrain.nn.autoencoder import build_model
+from terabrain.nn.deep import DeepNetwork, input_shape_from
 
 
 def example_shape(config: ExperimentConfig) -> tuple[int, ...]:
@@ -61,7 +65,7 @@ class LoadedRun:
 
     def random_model(self, seed: int) -> torch.nn.Module:
         """The same architecture with the initial random weights of ``seed`` (never trained)."""
-        return build_model(self.config.model, self.inputs, seed=seed).eval()
+        return _build(self.config, self.shape, seed).eval()
 
     def to_model_input(self, images: np.ndarray) -> torch.Tensor:
         """(N, H, W[, C]) images in [0, 1] -> (N, inputs) rows as the model saw in training."""
@@ -79,9 +83,29 @@ class LoadedRun:
         rows = images.reshape(len(images), -1)
         if self.config.data.remove_mean:
             rows = remove_patch_mean(rows, 3 if self.colour else 1)
+        lcn = self.config.data.lcn
+        if lcn is not None:
+            rows = normalize_contrast(rows, self.shape, lcn.kernel, lcn.sigma)
         if self.whitening is not None:
             rows = self.whitening.apply(rows)
         return torch.from_numpy(np.ascontiguousarray(rows, np.float32))
+
+
+def _build(config: ExperimentConfig, shape: tuple[int, ...], seed: int) -> torch.nn.Module:
+    if config.model.kind == "deep":
+        return DeepNetwork(config.model.layers, input_shape_from(shape), seed=seed)
+    return build_model(config.model, int(np.prod(shape)), seed=seed)
+
+
+def _recorded_example_shape(run_dir: Path) -> Optional[tuple[int, ...]]:
+    """The example shape the run trained on, as results.json records it (runs since the
+    streamed sources; older runs: None)."""
+    path = run_dir / "results.json"
+    if path.is_file():
+        shape = json.loads(path.read_text()).get("data", {}).get("example_shape")
+        if shape:
+            return tuple(shape)
+    return None
 
 
 def load_run(run_dir: Path) -> LoadedRun:
@@ -91,8 +115,9 @@ def load_run(run_dir: Path) -> LoadedRun:
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir} is not a finished run directory (no {name})")
     config = load_experiment(str(run_dir / "config.yaml"))
-    shape = example_shape(config)
-    model = build_model(config.model, int(np.prod(shape)), seed=config.seed)
+    recorded = _recorded_example_shape(run_dir)
+    shape = recorded if recorded is not None else example_shape(config)
+    model = _build(config, shape, config.seed)
     try:
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     except RuntimeError as error:

@@ -129,7 +129,7 @@ def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions()) -> Option
                                  for k, v in vars(options).items()}}
     document = Document(f"What {config.name} learned")
     document.add(Paragraph(
-        f"Run `{run.run_dir}`: {config.model.kind} with {config.model.hidden} hidden units on "
+        f"Run `{run.run_dir}`: {_describe(run.model, config)} on "
         f"{'x'.join(map(str, run.shape))} inputs ({config.data.source}"
         f"{', mean removed' if config.data.remove_mean else ''}"
         f"{', ZCA-whitened' if run.whitening is not None else ''}). Layer {options.layer}; "
@@ -139,9 +139,13 @@ def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions()) -> Option
              if len(sys.argv) > 1 and sys.argv[1] == "analyze" else f"terabrain analyze {run.run_dir}"))
 
     # First-layer filters.
-    save_filter_grid(out / "filters.png", run.model.filters(), run.shape)
+    if hasattr(run.model, "first_layer_filters"):  # deep: a sample of a local layer's banks
+        filters, filter_shape = run.model.first_layer_filters()
+    else:
+        filters, filter_shape = run.model.filters(), run.shape
+    save_filter_grid(out / "filters.png", filters, filter_shape)
     document.add(Heading("First-layer filters"),
-                 Picture("filters.png", f"{config.model.hidden} first-layer filters, each "
+                 Picture("filters.png", f"{len(filters)} first-layer filters, each "
                          "scaled to its own largest magnitude, zero mid-grey"
                          + (" (colour inputs drawn in colour)" if run.colour else "")))
     results_path = run.run_dir / "results.json"
@@ -158,7 +162,10 @@ def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions()) -> Option
     signed = config.data.remove_mean or run.whitening is not None
     sample = rows[:10]
     with torch.no_grad():
-        _, reconstruction = run.model(sample)
+        if hasattr(run.model, "reconstruct"):  # deep: the first layer's reconstruction
+            reconstruction = run.model.reconstruct(sample)
+        else:
+            _, reconstruction = run.model(sample)
     error = float((reconstruction - sample).pow(2).sum(1).mean() / sample.pow(2).sum(1).mean())
     summary["relative_reconstruction_error"] = error
     figures.reconstructions(sample.numpy().reshape(len(sample), *run.shape),
@@ -299,3 +306,9 @@ def _concept_section(document: Document, run: LoadedRun, options: AnalyzeOptions
         document.add(Picture("concept_neurons.png", f"each concept's chosen neuron: its top-{k} "
                              "held-out images (most negative first for a '<=' rule) and its "
                              "optimal stimulus (the minimizing one for a '<=' rule)"))
+
+
+def _describe(model: torch.nn.Module, config) -> str:
+    if config.model.kind == "deep":
+        return f"a deep network of {model.num_layers} layers ({', '.join(l.kind for l in config.model.layers)})"
+    return f"{config.model.kind} with {config.model.hidden} hidden units"

@@ -231,6 +231,10 @@ class DeepNetwork(UnitInitialized):
             self.shapes.append(shape)
 
     @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
     def output_shape(self) -> Shape:
         return self.shapes[-1]
 
@@ -264,6 +268,11 @@ class DeepNetwork(UnitInitialized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The first layer's reconstruction of ``x``, as rows in the data's layout."""
+        _, reconstruction = self.layers[0](self.to_images(x))
+        return reconstruction.permute(0, 2, 3, 1).reshape(len(x), -1)
 
     def normalize_(self) -> None:
         for layer in self.layers:

@@ -349,6 +349,8 @@ def run_experiment(
     if data.whitening is not None and is_main_rank():
         replace_atomically(run_dir / "whitening.safetensors", data.whitening.save)
     results = Results(run_dir / "results.json")
+    if not results.done("data"):  # what analysis needs to rebuild the model's input
+        results.record("data", {"example_shape": list(data.example_shape)})
     try:
         features = _feature_stage(config, data, run_dir, device, results, parallel)
     finally:
