@@ -319,3 +319,12 @@ def build_compressor(
     if scheme == "adaptive":
         return Adaptive(proportion, error_feedback)
     raise ValueError(f"unknown compression {scheme!r}; allowed: {', '.join(SCHEMES)}")
+
+
+def threshold_for(tensors: list[torch.Tensor], proportion: float) -> float:
+    """A threshold tau that about ``proportion`` of the entries of ``tensors`` exceed: a
+    starting point for ``parallel.threshold_tau`` taken from one step's gradients."""
+    magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
+    if magnitudes.numel() > 2**24:  # quantile's input limit; a strided sample is plenty
+        magnitudes = magnitudes[:: magnitudes.numel() // 2**24 + 1]
+    return float(magnitudes.quantile(1.0 - proportion))

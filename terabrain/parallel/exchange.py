@@ -2,8 +2,9 @@
 and exact accounting of the bytes each rank puts on the wire.
 
 Summable payloads (none, fp16, bf16) go through one all-reduce of one flat buffer. Bit-packed
-payloads (onebit, threshold, adaptive) go through Dryden et al.'s two phases, built on
-``all_to_all_single`` (gloo, NCCL and MPI all have it):
+payloads (onebit, threshold, adaptive) of matrices go through Dryden et al.'s two phases,
+built on ``all_to_all_single`` (gloo, NCCL and MPI all have it); vectors (biases) are sent in
+full, in one fp32 all-reduce with the logged values:
 
 1. reduce-scatter: every tensor's columns (``as_columns``) are split into one range per rank
    (the same split as DTensor's ``Shard(0)`` of the (columns, length) matrix). Each rank compresses its gradient plus its residual
@@ -82,10 +83,15 @@ class GradientExchange:
         if self.compressor.collective == "all_reduce":
             self._all_reduce(gradients, values)
             return
-        if values:
-            self._all_reduce_plain(values)
-        if gradients:
-            self._reduce_scatter_all_gather(gradients)
+        # Vectors (biases) go in full with the values: quantized as one column with two
+        # reconstruction values, a bias diverged under momentum in our tests, and they are a
+        # small part of the bytes (PowerSGD and CNTK's 1-bit SGD also send them in full).
+        vectors = [g for g in gradients if g.dim() < 2]
+        if vectors or values:
+            self._all_reduce_plain(vectors + values)
+        matrices = {t: g for t, g in enumerate(gradients) if g.dim() >= 2}
+        if matrices:
+            self._reduce_scatter_all_gather(matrices)
 
     # --- summable payloads ----------------------------------------------------------------
 
@@ -110,19 +116,22 @@ class GradientExchange:
 
     # --- bit-packed payloads: reduce-scatter + all-gather with re-quantization ----------------
 
-    def _reduce_scatter_all_gather(self, gradients: list[torch.Tensor]) -> None:
+    def _reduce_scatter_all_gather(self, gradients: dict[int, torch.Tensor]) -> None:
+        """``gradients``: position in the trainer's list -> gradient (the residuals' key)."""
         n, me = self.size, self.rank
-        views = [as_columns(g) for g in gradients]
+        keys = list(gradients)
+        views = [as_columns(gradients[key]) for key in keys]
         ranges = [column_ranges(v.shape[0], n) for v in views]
 
         # Phase 1: compress every range of (gradient + residual); range j goes to rank j.
         outgoing: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        for t, view in enumerate(views):
-            corrected = view.float().contiguous()
+        for t, view in zip(keys, views):
+            i = keys.index(t)
+            corrected = view.float().clone(memory_format=torch.contiguous_format)
             if t in self.first:
                 corrected += self.first[t]
             residual = torch.empty_like(corrected) if self.compressor.error_feedback else None
-            for j, (start, stop) in enumerate(ranges[t]):
+            for j, (start, stop) in enumerate(ranges[i]):
                 payload, ctx = self.compressor.compress(corrected[start:stop])
                 outgoing[j].append(payload)
                 if residual is not None:
@@ -131,19 +140,19 @@ class GradientExchange:
                 self.first[t] = residual
         send_sizes = [[p.numel() for p in pieces] for pieces in outgoing]
         receive_sizes = self._exchange_sizes(
-            send_sizes, lambda source: [self._words(v, ranges[t][me]) for t, v in enumerate(views)])
+            send_sizes, lambda source: [self._words(v, ranges[i][me]) for i, v in enumerate(views)])
         received = self._all_to_all(
             [torch.cat(pieces) if pieces else _words_tensor(0, views) for pieces in outgoing],
             receive_sizes)
 
         # Sum this rank's range over all ranks, re-quantize it with its own residual.
         mine: list[torch.Tensor] = []
-        for t, view in enumerate(views):
-            start, stop = ranges[t][me]
+        for i, (t, view) in enumerate(zip(keys, views)):
+            start, stop = ranges[i][me]
             layout = Layout(stop - start, view.shape[1], torch.float32, view.device)
             total = torch.zeros(layout.columns, layout.length, device=view.device)
             for source in range(n):
-                total += self.compressor.decompress(received[source][t], layout)
+                total += self.compressor.decompress(received[source][i], layout)
             if t in self.second:
                 total += self.second[t]
             payload, ctx = self.compressor.compress(total)
@@ -154,14 +163,14 @@ class GradientExchange:
         # Phase 2: every rank's re-quantized range to every rank.
         own = [p.numel() for p in mine]
         gathered_sizes = self._exchange_sizes(
-            [own] * n, lambda source: [self._words(v, ranges[t][source]) for t, v in enumerate(views)])
+            [own] * n, lambda source: [self._words(v, ranges[i][source]) for i, v in enumerate(views)])
         buffer = torch.cat(mine) if mine else _words_tensor(0, views)
         gathered = self._all_to_all([buffer] * n, gathered_sizes)
-        for t, (gradient, view) in enumerate(zip(gradients, views)):
+        for i, view in enumerate(views):
             pieces = []
-            for source, (start, stop) in enumerate(ranges[t]):
+            for source, (start, stop) in enumerate(ranges[i]):
                 layout = Layout(stop - start, view.shape[1], torch.float32, view.device)
-                pieces.append(self.compressor.decompress(gathered[source][t], layout))
+                pieces.append(self.compressor.decompress(gathered[source][i], layout))
             view.copy_(torch.cat(pieces) / n)
 
     def _words(self, view: torch.Tensor, span: tuple[int, int]) -> Optional[int]:
@@ -231,6 +240,8 @@ class GradientExchange:
             return {}
         template: dict[str, torch.Tensor] = {"ranks": torch.tensor(0)}
         for t, shape in enumerate(shapes):
+            if len(shape) < 2:
+                continue  # vectors are sent in full: no residual
             columns, length = as_columns(torch.empty(shape, device="meta")).shape
             entry = saved.get(f"first.{t}")
             if entry is not None and tuple(entry[0])[1:] == (columns, length):
