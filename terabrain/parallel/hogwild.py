@@ -2,7 +2,7 @@
 one machine update one copy of the parameters in shared memory, without locks.
 
 The model's parameters and the training data are moved to shared memory
-(``torch.multiprocessing``) and each worker, started with ``spawn``, takes every
+(``torch.multiprocessing``) and each worker (a ``forkserver`` process) takes every
 ``workers``-th batch of the run's batch order (worker w: steps w, w + workers, ...), computes
 its gradient against whatever the parameters are at that moment and applies its own optimizer
 step in place. Reads and writes race; that is the method. The main process does no training:
@@ -56,7 +56,7 @@ def _worker(
             optimizer.step()
             with torch.no_grad():
                 objective.after_step(model)
-            reports.put((worker, step, float(loss)))
+            reports.put((worker, step, loss.item()))
         reports.put((worker, None, None))
     except BaseException as error:  # reported to the main process, which stops the run
         reports.put((worker, "error", f"{type(error).__name__}: {error}"))
@@ -74,7 +74,11 @@ def fit_hogwild(trainer: Trainer, workers: int) -> None:
     model = trainer.model.share_memory()
     inputs = trainer.inputs.share_memory_()
     targets = trainer.targets.share_memory_() if trainer.targets is not None else None
-    context = mp.get_context("spawn")
+    # forkserver: workers are forked from a clean server process that imported terabrain
+    # once (not from this one, whose OpenMP thread pool a fork would copy in a broken state),
+    # so N workers cost one interpreter start, not N.
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["terabrain.parallel.hogwild"])
     reports = context.Queue()
     stop = context.Event()
     threads = max(1, torch.get_num_threads() // workers)

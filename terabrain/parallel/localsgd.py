@@ -50,6 +50,8 @@ class LocalSGD(Callback):
         if step % self.every == 0:
             self.average(trainer)
         self._steps += 1
+        self._sent += self.parallel.value_bytes
+        self.parallel.value_bytes = 0
         if trainer.is_log_step(step):
             metrics["comm_bytes_per_step"] = self._sent / self._steps
             self._sent = self._steps = 0

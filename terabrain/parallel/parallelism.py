@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from terabrain.parallel.compressors import build_compressor
 from terabrain.parallel.data_parallel import DataParallel
-from terabrain.parallel.exchange import GradientExchange
+from terabrain.parallel.exchange import GradientExchange, all_reduce_bytes
 from terabrain.parallel.plans import apply_hidden_unit_plan
 
 
@@ -41,6 +41,7 @@ class Parallelism:
         self.model_mesh = mesh["model"] if model_ranks > 1 else None
         self.mode = settings.mode if settings is not None else "sync"
         self.exchange: Optional[GradientExchange] = None
+        self.value_bytes = 0  # local SGD: bytes of the logged values' all-reduces
         if self.data is not None and self.mode == "sync":
             compressor = build_compressor(
                 settings.compression if settings is not None else "none",
@@ -89,6 +90,7 @@ class Parallelism:
             self.exchange.average_([local(t) for t in gradients], [local(t) for t in values])
         else:
             self.data.average_([local(t) for t in values])
+            self.value_bytes += all_reduce_bytes(sum(v.numel() for v in values), 4, self.data.size)
 
 
 def _on_meta(model: nn.Module) -> bool:
