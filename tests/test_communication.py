@@ -2,13 +2,22 @@
 to a stated tolerance of the uncompressed run with bit-identical replicas and byte counts
 equal to the formulas; error-feedback residuals resume exactly from a checkpoint and are
 redistributed on a different number of ranks; local SGD and Hogwild lower the loss; bytes
-reach metrics.jsonl and TensorBoard."""
+reach metrics.jsonl and TensorBoard. (Replicas bit-identical and bytes = formula are checked
+at every step inside the rank script.)"""
 
 import json
 
 import pytest
+import torch
+from sklearn.datasets import load_digits
 
-from conftest import SCRIPTS, run_cli, torchrun
+from conftest import SCRIPTS, torchrun
+from terabrain.config.loader import load_experiment
+from terabrain.errors import ConfigError
+from terabrain.nn.autoencoder import Autoencoder
+from terabrain.objectives import ReconstructionObjective
+from terabrain.parallel.hogwild import fit_hogwild
+from terabrain.train.trainer import Callback, Trainer
 
 # A small colour-patch autoencoder whose loss falls fast (24 -> 4 in 60 SGD steps).
 AE = ["lbann-ae-small", "--set", "data.patch_size=8", "--set", "data.num_patches=2000",
@@ -18,7 +27,9 @@ AE = ["lbann-ae-small", "--set", "data.patch_size=8", "--set", "data.num_patches
 # Final loss / uncompressed final loss, at most (digits autoencoder, 200 SGD steps, 2 ranks;
 # measured 1.00, 1.00, 1.58, 6.0, 3.4). Every scheme must also close 85% of the gap between
 # the initial and the uncompressed loss.
-TOLERANCE = {"fp16": 1.001, "bf16": 1.003, "onebit": 1.8, "threshold": 7.0, "adaptive": 4.0}
+# Local SGD (average every 5 steps) is held to the same rule (measured 1.003).
+TOLERANCE = {"fp16": 1.001, "bf16": 1.003, "onebit": 1.8, "threshold": 7.0, "adaptive": 4.0,
+             "localsgd": 1.05}
 
 
 def _ok(result):
@@ -30,13 +41,15 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_every_scheme_trains_close_to_uncompressed_with_identical_replicas():
+def test_every_scheme_and_local_sgd_train_close_to_uncompressed():
     result = _ok(torchrun(2, str(SCRIPTS / "compressed_training.py"), "train",
-                          "none", "fp16", "bf16", "onebit", "threshold", "adaptive", timeout=300))
+                          "none", "fp16", "bf16", "onebit", "threshold", "adaptive", "localsgd",
+                          timeout=300))
     found = {r["scheme"]: r for r in (json.loads(line.split("RESULT ", 1)[1])
                                       for line in result.stdout.splitlines() if "RESULT " in line)}
     reference = found.pop("none")
     assert reference["loss"] < 0.05 * reference["initial"]
+    assert set(found) == set(TOLERANCE)
     for scheme, record in found.items():
         assert record["loss"] <= TOLERANCE[scheme] * reference["loss"], (scheme, record, reference)
         progress = (record["initial"] - record["loss"]) / (reference["initial"] - reference["loss"])
@@ -45,6 +58,7 @@ def test_every_scheme_trains_close_to_uncompressed_with_identical_replicas():
     assert found["fp16"]["bytes_per_step"] < 0.51 * reference["bytes_per_step"]
     assert found["onebit"]["bytes_per_step"] < reference["bytes_per_step"] / 7  # 64-entry columns
     assert found["threshold"]["bytes_per_step"] < found["onebit"]["bytes_per_step"]
+
 
 
 def test_error_feedback_resumes_exactly_and_is_redistributed_on_more_ranks(tmp_path):
@@ -73,33 +87,37 @@ def test_onebit_run_logs_bytes_on_the_wire_to_metrics_and_tensorboard(tmp_path):
     assert "features/comm_bytes_per_step" in events.Tags()["scalars"]
 
 
-def test_local_sgd_averages_every_k_steps_and_lowers_the_loss(tmp_path):
-    run = tmp_path / "localsgd"
-    _ok(torchrun(2, "-m", "terabrain", "train", *AE, "--set", "train.steps=60",
-                 "--set", "parallel.mode=localsgd", "--set", "parallel.average_every=5",
-                 "--set", "train.checkpoint_every=20", "--out", str(run)))
-    records = _records(run)
-    assert records[-1]["loss"] < 0.4 * records[0]["loss"]
-    # 10 logged steps each cover 2 averages of all 64*192 + 64 + 192 parameters (plus the
-    # per-step all-reduce of the 3 logged values: loss, reconstruction, weight decay).
-    assert records[-1]["comm_bytes_per_step"] == pytest.approx(
-        (2 * 4 * (64 * 192 + 256)) / 10 + 4 * 3)
+def test_hogwild_workers_share_the_parameters_and_lower_the_loss():
+    x = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
+    model = Autoencoder(64, 32, tied=True, activation="sigmoid", seed=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    seen = Recorder()
+    trainer = Trainer(model, ReconstructionObjective(), optimizer, x, None, steps=300,
+                      batch_size=64, seed=0, device=torch.device("cpu"), callbacks=[seen])
+    with torch.no_grad():
+        initial = float(trainer.objective(model, x)[0])
+    fit_hogwild(trainer, workers=2)
+    with torch.no_grad():
+        final = float(trainer.objective(model, x)[0])
+    # Every update was counted once, and the workers' updates reached this process's model.
+    assert seen.steps == list(range(1, 301)) and trainer.step == 300
+    assert final < 0.1 * initial, (initial, final)
 
 
-def test_hogwild_workers_lower_the_loss(tmp_path):
-    run = tmp_path / "hogwild"
-    result = _ok(run_cli("train", *AE, "--set", "train.steps=60", "--set", "parallel.mode=hogwild",
-                         "--set", "parallel.workers=2", "--out", str(run)))
-    records = _records(run)
-    assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
-    assert records[-1]["loss"] < 0.4 * records[0]["loss"], result.stdout
-    assert (run / "checkpoints" / "step_60").is_dir()
+class Recorder(Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, trainer, step, metrics):
+        self.steps.append(step)
 
 
 def test_bad_communication_settings_are_config_errors():
-    result = run_cli("train", *AE, "--set", "parallel.compression=twobit")
-    assert result.returncode == 2 and "parallel.compression" in result.stderr
-    result = run_cli("train", *AE, "--set", "parallel.mode=localsgd", "--set", "parallel.compression=onebit")
-    assert result.returncode == 2 and "applies to parallel.mode sync only" in result.stderr
-    result = run_cli("train", "digits-sae", "--set", "parallel.mode=hogwild")
-    assert result.returncode == 2 and "L-BFGS" in result.stderr
+    with pytest.raises(ConfigError, match="parallel.compression"):
+        load_experiment("lbann-ae-small", ["parallel.compression=twobit"])
+    with pytest.raises(ConfigError, match="applies to parallel.mode sync only"):
+        load_experiment("lbann-ae-small", ["parallel.mode=localsgd", "parallel.compression=onebit"])
+    with pytest.raises(ConfigError, match="L-BFGS"):
+        load_experiment("digits-sae", ["parallel.mode=hogwild"])
+    with pytest.raises(ConfigError, match="adaptive_proportion"):
+        load_experiment("lbann-ae-small", ["parallel.adaptive_proportion=1.5"])

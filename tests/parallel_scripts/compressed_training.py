@@ -1,10 +1,11 @@
 """One rank of a multi-process test of gradient compression, run under torchrun.
 
-``train SCHEME...``: for each scheme, trains a small tied autoencoder on scikit-learn's digits
+``train SCHEME... [localsgd]``: for each scheme, trains a small tied autoencoder on scikit-learn's digits
 with data-parallel SGD (momentum) and that compression, checks after every step that all
 replicas hold bit-identical weights and that the bytes counted equal the payload formula
 (fixed-size schemes), and prints ``RESULT {json}`` on rank 0: the final loss on all digits and
-the mean bytes per step.
+the mean bytes per step. ``localsgd``: the same model with local SGD, whose replicas must
+be equal exactly after each averaging step and differ in between.
 
 ``save DIR`` / ``resume DIR``: checkpoint/resume of the error-feedback residuals. ``save``
 trains 2K steps straight (the reference) and K steps with a checkpoint, restores that
@@ -30,6 +31,7 @@ from terabrain.parallel import build_mesh, detect_launch_env, fail_fast, init_di
 from terabrain.parallel.communication_log import CommunicationLog
 from terabrain.parallel.compressors import as_columns, threshold_for
 from terabrain.parallel.exchange import all_reduce_bytes, column_ranges
+from terabrain.parallel.localsgd import LocalSGD
 from terabrain.parallel.parallelism import Parallelism
 from terabrain.train.checkpoint import CheckpointManager, restore
 from terabrain.train.optim import build_optimizer
@@ -112,6 +114,36 @@ def train(schemes, mesh, rank):
                                           "bytes_per_step": sent / STEPS, "tau": tau}), flush=True)
 
 
+def local_sgd(mesh, rank, every=5, steps=STEPS):
+    """Replicas drift apart between averages and are equal right after each; the loss falls."""
+    x = digits()
+    settings = ParallelConfig(mode="localsgd", average_every=every)
+    parallel = Parallelism(mesh, settings)
+    model = Autoencoder(x.shape[1], HIDDEN, tied=True, activation="sigmoid", seed=3)
+    optimizer = build_optimizer(OptimizerConfig(name="sgd", lr=0.02, momentum=0.9), model.parameters())
+    averaging = LocalSGD(parallel, every)
+    trainer = Trainer(model, ReconstructionObjective(), optimizer, x, None, steps=steps,
+                      batch_size=BATCH, seed=0, device=torch.device("cpu"), parallel=parallel,
+                      callbacks=[averaging])
+    with torch.no_grad():
+        initial, _ = trainer.objective(model, x)
+    for step in range(1, steps + 1):
+        trainer.train_step(*trainer.batch(step - 1))
+        trainer.step = step
+        averaging.on_step_end(trainer, step, {})
+        weights = flat_weights(model)
+        everyone = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, weights)
+        same = all(torch.equal(weights, other) for other in everyone)
+        assert same == (step % every == 0), f"local SGD: replicas equal={same} after step {step}"
+    with torch.no_grad():
+        final, _ = trainer.objective(model, x)
+    assert averaging.averages == steps // every
+    if rank == 0:
+        print("RESULT " + json.dumps({"scheme": "localsgd", "initial": float(initial),
+                                      "loss": float(final)}), flush=True)
+
+
 def owed_update(exchange) -> dict:
     """The update the residuals still owe the model, averaged over ranks: mean of the first
     residuals, and the whole second residual / ranks (gathered)."""
@@ -176,7 +208,9 @@ def main(mode, args):
         init_distributed(env, timeout_s=120)
         mesh = build_mesh(-1, 1, env)
         if mode == "train":
-            train(args, mesh, env.rank)
+            train([a for a in args if a != "localsgd"], mesh, env.rank)
+            if "localsgd" in args:
+                local_sgd(mesh, env.rank)
         elif mode == "save":
             save(Path(args[0]), mesh, env.rank)
         else:
