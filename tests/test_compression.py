@@ -119,3 +119,14 @@ def test_column_ranges_match_dtensor_shard0():
     assert all_reduce_bytes(1000, 4, 2) == 4000
     assert all_reduce_bytes(1000, 4, 4) == 6000
     assert all_reduce_bytes(1000, 4, 1) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("scheme", ["onebit", "threshold", "adaptive"])
+def test_compressors_run_on_the_gpu_and_agree_with_the_cpu(scheme):
+    x = torch.randn(96, 40, generator=torch.Generator().manual_seed(4))
+    compressor = build_compressor(scheme, tau=1.0, proportion=1 / 8)
+    on_cpu = compressor.decompress(*compressor.compress(x))
+    payload, ctx = compressor.compress(x.cuda())
+    assert payload.is_cuda
+    assert torch.allclose(compressor.decompress(payload, ctx).cpu(), on_cpu)

@@ -125,8 +125,7 @@ class GradientExchange:
 
         # Phase 1: compress every range of (gradient + residual); range j goes to rank j.
         outgoing: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        for t, view in zip(keys, views):
-            i = keys.index(t)
+        for i, (t, view) in enumerate(zip(keys, views)):
             corrected = view.float().clone(memory_format=torch.contiguous_format)
             if t in self.first:
                 corrected += self.first[t]
@@ -248,14 +247,16 @@ class GradientExchange:
                 saved_ranks = entry[0][0]
                 if saved_ranks == self.size:
                     template[f"first.{t}"] = DTensor.from_local(
-                        torch.zeros(1, columns, length), self.mesh, [Shard(0)], run_check=False)
+                        torch.zeros(1, columns, length, device=self._device), self.mesh,
+                        [Shard(0)], run_check=False)
                 else:
                     template[f"first.{t}"] = torch.zeros(tuple(entry[0]))
             entry = saved.get(f"second.{t}")
             if entry is not None and tuple(entry[0]) == (columns, length):
                 start, stop = column_ranges(columns, self.size)[self.rank]
                 template[f"second.{t}"] = DTensor.from_local(
-                    torch.zeros(stop - start, length), self.mesh, [Shard(0)], run_check=False,
+                    torch.zeros(stop - start, length, device=self._device), self.mesh, [Shard(0)],
+                    run_check=False,
                     shape=torch.Size((columns, length)), stride=(length, 1))
         return template
 
@@ -273,7 +274,7 @@ class GradientExchange:
             if key == "ranks":
                 continue
             phase, t = key.split(".")
-            local = value.to_local() if isinstance(value, DTensor) else value
+            local = (value.to_local() if isinstance(value, DTensor) else value).to(self._device)
             if phase == "first":
                 self.first[int(t)] = local[0].clone() if isinstance(value, DTensor) else local.sum(0) / saved_ranks
             else:
