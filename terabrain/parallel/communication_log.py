@@ -22,6 +22,8 @@ class CommunicationLog(Callback):
     """Put it before the loggers: it adds its figures to the step's metrics."""
 
     def __init__(self, exchange: GradientExchange):
+        # One per training stage (features, supervised): residuals never cross stages.
+        exchange.reset()
         self.exchange = exchange
         self._sent = 0
         self._fp32 = 0

@@ -67,6 +67,12 @@ class GradientExchange:
         self.bytes_sent = 0        # since the last ``take_bytes``
         self.fp32_bytes = 0        # what an fp32 all-reduce of the same tensors would send
 
+    def reset(self) -> None:
+        """Forget the residuals: a new training stage has other gradients."""
+        self.first.clear()
+        self.second.clear()
+        self.bytes_sent = self.fp32_bytes = 0
+
     def take_bytes(self) -> tuple[int, int]:
         """(bytes sent, bytes an fp32 all-reduce would have sent) since the last call."""
         taken = (self.bytes_sent, self.fp32_bytes)
