@@ -56,7 +56,11 @@ class GradientExchange:
     position in the list (the trainer passes parameters in model order)."""
 
     def __init__(self, compressor: Compressor, group: Optional[dist.ProcessGroup], rank: int,
-                 size: int, mesh: Optional[DeviceMesh] = None):
+                 size: int, mesh: Optional[DeviceMesh] = None, tag: str = ""):
+        """``tag``: prefix of this exchange's checkpoint keys. With model parallelism each
+        model rank's data group exchanges its own shards, and saves them under its own keys
+        (``model<i>.``), since DCP would merge equal keys from different groups."""
+        self.tag = tag
         self.compressor = compressor
         self.group = group
         self.rank = rank
@@ -224,10 +228,10 @@ class GradientExchange:
             return {}
         state: dict[str, torch.Tensor] = {"ranks": torch.tensor(self.size)}
         for t, residual in self.first.items():
-            state[f"first.{t}"] = DTensor.from_local(residual.unsqueeze(0), self.mesh, [Shard(0)],
+            state[f"{self.tag}first.{t}"] = DTensor.from_local(residual.unsqueeze(0), self.mesh, [Shard(0)],
                                                      run_check=False)
         for t, residual in self.second.items():
-            state[f"second.{t}"] = self._second_dtensor(residual, self.first[t].shape
+            state[f"{self.tag}second.{t}"] = self._second_dtensor(residual, self.first[t].shape
                                                         if t in self.first else None)
         return state
 
@@ -248,23 +252,23 @@ class GradientExchange:
             if len(shape) < 2:
                 continue  # vectors are sent in full: no residual
             columns, length = as_columns(torch.empty(shape, device="meta")).shape
-            entry = saved.get(f"first.{t}")
+            entry = saved.get(f"{self.tag}first.{t}")
             if entry is not None and tuple(entry[0])[1:] == (columns, length):
                 saved_ranks = entry[0][0]
                 if saved_ranks == self.size:
-                    template[f"first.{t}"] = DTensor.from_local(
+                    template[f"{self.tag}first.{t}"] = DTensor.from_local(
                         torch.zeros(1, columns, length, device=self._device), self.mesh,
                         [Shard(0)], run_check=False)
                 else:
-                    template[f"first.{t}"] = torch.zeros(tuple(entry[0]))
-            entry = saved.get(f"second.{t}")
+                    template[f"{self.tag}first.{t}"] = torch.zeros(tuple(entry[0]))
+            entry = saved.get(f"{self.tag}second.{t}")
             if entry is not None and tuple(entry[0]) == (columns, length):
                 start, stop = column_ranges(columns, self.size)[self.rank]
-                template[f"second.{t}"] = DTensor.from_local(
+                template[f"{self.tag}second.{t}"] = DTensor.from_local(
                     torch.zeros(stop - start, length, device=self._device), self.mesh, [Shard(0)],
                     run_check=False,
                     shape=torch.Size((columns, length)), stride=(length, 1))
-        return template
+        return template if len(template) > 1 else {}  # nothing fits: start from zero
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Residuals from a checkpoint; returns notes on what was redistributed.
@@ -279,7 +283,7 @@ class GradientExchange:
         for key, value in state.items():
             if key == "ranks":
                 continue
-            phase, t = key.split(".")
+            phase, t = key[len(self.tag):].split(".")
             local = (value.to_local() if isinstance(value, DTensor) else value).to(self._device)
             if phase == "first":
                 self.first[int(t)] = local[0].clone() if isinstance(value, DTensor) else local.sum(0) / saved_ranks

@@ -49,8 +49,9 @@ class Parallelism:
                 proportion=settings.adaptive_proportion if settings is not None else 1 / 32,
                 error_feedback=settings.error_feedback if settings is not None else True,
             )
+            tag = f"model{mesh.get_local_rank('model')}." if model_ranks > 1 else ""
             self.exchange = GradientExchange(compressor, self.data.group, self.data.rank,
-                                             self.data.size, mesh["data"])
+                                             self.data.size, mesh["data"], tag)
 
     @property
     def model_ranks(self) -> int:
