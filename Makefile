@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/io.py
 	$(BIN)/python bench/local_layer.py
+	$(BIN)/python bench/compression.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -412,6 +412,49 @@ class ParallelConfig(Section):
         description="Collective timeout: when a rank dies or hangs, the others stop with a "
         "message after at most this long.",
     )
+    # --- gradient communication (docs/compression.md) ---
+    mode: Literal["sync", "localsgd", "hogwild"] = Field(
+        "sync",
+        description="sync: gradients averaged every step (optionally compressed); localsgd: "
+        "each replica steps on its own gradients and parameters are averaged every "
+        "`average_every` steps; hogwild: `workers` lock-free processes on one machine update "
+        "shared-memory parameters (one launcher rank only).",
+    )
+    compression: Literal["none", "fp16", "bf16", "onebit", "threshold", "adaptive"] = Field(
+        "none",
+        description="How sync data parallelism sends gradients. none: fp32 all-reduce; fp16 / "
+        "bf16: half-precision all-reduce; onebit: signs + two values per column (Seide et "
+        "al.); threshold: entries beyond +-threshold_tau as index+sign words (Strom); adaptive: "
+        "the adaptive_proportion largest entries of each column (Dryden et al.). The last "
+        "three use reduce-scatter + all-gather with re-quantization and error feedback.",
+    )
+    error_feedback: bool = Field(
+        True,
+        description="onebit / threshold / adaptive: carry what quantization left out to the "
+        "next step. Without it, they do not converge to the uncompressed result.",
+    )
+    threshold_tau: PositiveFloat = Field(
+        1e-3,
+        description="threshold: the magnitude an accumulated gradient entry must exceed to be "
+        "sent; it is reconstructed as +-tau. Scale it to the gradients (bench/compression.py "
+        "calibrates it so about 1/32 of the entries are sent).",
+    )
+    adaptive_proportion: float = Field(
+        1 / 32, gt=0.0, le=1.0,
+        description="adaptive: fraction of each column's entries sent per step; 1/32 sends "
+        "about as many bytes as onebit.",
+    )
+    average_every: PositiveInt = Field(
+        8, description="localsgd: steps between parameter averages (K)."
+    )
+    workers: PositiveInt = Field(2, description="hogwild: worker processes.")
+
+    @model_validator(mode="after")
+    def _communication_fits(self) -> "ParallelConfig":
+        if self.compression != "none" and self.mode != "sync":
+            raise ValueError(f"parallel.compression {self.compression!r} applies to "
+                             f"parallel.mode sync only, got mode {self.mode!r}")
+        return self
 
 
 class SupervisedConfig(Section):
@@ -488,4 +531,14 @@ class ExperimentConfig(Section):
             and self.data.labels_path is None
         ):
             raise ValueError("supervised with data.source npy needs data.labels_path")
+        self._communication_fits_optimizer()
         return self
+
+    def _communication_fits_optimizer(self) -> None:
+        lossy = self.parallel.compression in ("onebit", "threshold", "adaptive")
+        if self.optimizer.name == "lbfgs" and (lossy or self.parallel.mode != "sync"):
+            what = (f"parallel.compression {self.parallel.compression}" if lossy
+                    else f"parallel.mode {self.parallel.mode}")
+            raise ValueError(
+                f"{what} needs a stochastic optimizer (optimizer.name sgd, adagrad, rmsprop, "
+                f"adam, adamw): L-BFGS's line search needs exact, synchronized gradients")

@@ -41,11 +41,16 @@ class UnitInitialized(nn.Module):
             if parameter.device.type != "meta":
                 self.init_parameter_(name, parameter.data, 0)
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+# Named functions, not lambdas: Hogwild workers receive the model by pickling.
 _ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
     "relu": torch.relu,
-    "identity": lambda x: x,
+    "identity": _identity,
 }
 
 

@@ -14,7 +14,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
+from terabrain.parallel.compressors import build_compressor
 from terabrain.parallel.data_parallel import DataParallel
+from terabrain.parallel.exchange import GradientExchange, all_reduce_bytes
 from terabrain.parallel.plans import apply_hidden_unit_plan
 
 
@@ -30,11 +32,26 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Parallelism:
-    def __init__(self, mesh: Optional[DeviceMesh]):
+    def __init__(self, mesh: Optional[DeviceMesh], settings=None):
+        """``settings``: the ``parallel`` config section (mode, compression); None: sync,
+        uncompressed."""
         self.mesh = mesh
         self.data = DataParallel.from_mesh(mesh)
         model_ranks = mesh.size(mesh.mesh_dim_names.index("model")) if mesh is not None else 1
         self.model_mesh = mesh["model"] if model_ranks > 1 else None
+        self.mode = settings.mode if settings is not None else "sync"
+        self.exchange: Optional[GradientExchange] = None
+        self.value_bytes = 0  # local SGD: bytes of the logged values' all-reduces
+        if self.data is not None and self.mode == "sync":
+            compressor = build_compressor(
+                settings.compression if settings is not None else "none",
+                tau=settings.threshold_tau if settings is not None else 1e-3,
+                proportion=settings.adaptive_proportion if settings is not None else 1 / 32,
+                error_feedback=settings.error_feedback if settings is not None else True,
+            )
+            tag = f"model{mesh.get_local_rank('model')}." if model_ranks > 1 else ""
+            self.exchange = GradientExchange(compressor, self.data.group, self.data.rank,
+                                             self.data.size, mesh["data"], tag)
 
     @property
     def model_ranks(self) -> int:
@@ -65,9 +82,16 @@ class Parallelism:
         return DTensor.from_local(tensor, self.model_mesh, [Replicate()], run_check=False)
 
     def synchronize(self, gradients: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Average gradients and logged values across data-parallel replicas, in place."""
-        if self.data is not None:
-            self.data.average_([local(t) for t in gradients + values])
+        """Average gradients and logged values across data-parallel replicas, in place.
+        Local SGD averages only the logged values here; its replicas step on their own
+        gradients and average parameters every K steps (terabrain.parallel.localsgd)."""
+        if self.data is None:
+            return
+        if self.exchange is not None:
+            self.exchange.average_([local(t) for t in gradients], [local(t) for t in values])
+        else:
+            self.data.average_([local(t) for t in values])
+            self.value_bytes += all_reduce_bytes(sum(v.numel() for v in values), 4, self.data.size)
 
 
 def _on_meta(model: nn.Module) -> bool:

@@ -209,5 +209,12 @@ def restore(path: Path, trainer: Any) -> None:
     template["optimizer"] = optimizer_state_template(trainer.model, shapes)
     if "trainer.cuda_rng" not in saved:
         template["trainer"].pop("cuda_rng", None)
+    for callback in trainer.callbacks:
+        # Callbacks whose state's shape depends on the run that saved it (error-feedback
+        # residuals: one per rank of that run) say what to load from the saved shapes.
+        fit = getattr(callback, "checkpoint_template", None)
+        if fit is not None:
+            name = type(callback).__name__
+            template["callbacks"][name] = fit(trainer, _shapes(metadata, f"callbacks.{name}."))
     load(path, template)
     trainer.load_state_dict(template)

@@ -37,6 +37,8 @@ from terabrain.files import replace_atomically, write_text_atomically
 from terabrain.nn.autoencoder import SupervisedHead, build_model
 from terabrain.nn.deep import DeepNetwork, input_shape_from
 from terabrain.objectives import build_objective, build_supervised_objective
+from terabrain.parallel.communication_log import communication_callbacks
+from terabrain.parallel.hogwild import fit_hogwild
 from terabrain.parallel.parallelism import Parallelism, full, local
 from terabrain.parallel.plans import check_divisible
 from terabrain.train import callbacks as cb
@@ -133,7 +135,8 @@ def _train_stage(
     stopping = schedule or cb.EarlyStopping(
         train.early_stopping.patience, train.early_stopping.min_delta
     )
-    callbacks = (loggers if is_main_rank() else []) + [
+    callbacks = communication_callbacks(parallel, config.parallel) + (
+        loggers if is_main_rank() else []) + [
         cb.NaNGuard(manager),
         stopping,
         cb.Checkpointing(manager, train.checkpoint_every),
@@ -150,7 +153,10 @@ def _train_stage(
         restore(latest, trainer)
         if is_main_rank():
             print(f"[{stage}] resuming from {latest} (step {trainer.step})")
-    trainer.fit()
+    if config.parallel.mode == "hogwild":
+        fit_hogwild(trainer, config.parallel.workers)
+    else:
+        trainer.fit()
     if trainer.stop_reason and is_main_rank():
         print(f"[{stage}] {trainer.stop_reason}")
     return trainer
@@ -331,7 +337,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Train ``config`` in ``run_dir``; continues from its checkpoints if it has any.
     ``mesh``: the (data, model) mesh when launched on several ranks (see terabrain.parallel)."""
-    parallel = Parallelism(mesh)
+    parallel = Parallelism(mesh, config.parallel)
     device = resolve_device(config.device)
     if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())

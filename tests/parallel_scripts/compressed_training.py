@@ -1,0 +1,222 @@
+"""One rank of a multi-process test of gradient compression, run under torchrun.
+
+``train SCHEME... [localsgd]``: for each scheme, trains a small tied autoencoder on scikit-learn's digits
+with data-parallel SGD (momentum) and that compression, checks after every step that all
+replicas hold bit-identical weights and that the bytes counted equal the payload formula
+(fixed-size schemes), and prints ``RESULT {json}`` on rank 0: the final loss on all digits and
+the mean bytes per step. ``localsgd``: the same model with local SGD, whose replicas must
+be equal exactly after each averaging step and differ in between.
+
+``save DIR`` / ``resume DIR``: checkpoint/resume of the error-feedback residuals. ``save``
+trains 2K steps straight (the reference) and K steps with a checkpoint, restores that
+checkpoint into a fresh trainer and continues to 2K: the weights must equal the reference
+bit for bit; with the residuals zeroed after the restore they must not. It also records the
+update still owed to the model (mean of the residuals over ranks). ``resume`` (another
+number of ranks) restores that checkpoint and checks the owed update is unchanged.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from sklearn.datasets import load_digits
+
+from terabrain.config.schema import OptimizerConfig, ParallelConfig
+from terabrain.nn.autoencoder import Autoencoder
+from terabrain.objectives import ReconstructionObjective
+from terabrain.parallel import build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed
+from terabrain.parallel.communication_log import CommunicationLog
+from terabrain.parallel.compressors import as_columns, threshold_for
+from terabrain.parallel.exchange import all_reduce_bytes, column_ranges
+from terabrain.parallel.localsgd import LocalSGD
+from terabrain.parallel.parallelism import Parallelism
+from terabrain.train.checkpoint import CheckpointManager, restore
+from terabrain.train.optim import build_optimizer
+from terabrain.train.trainer import Trainer
+
+HIDDEN, BATCH, STEPS, K = 32, 64, 200, 6
+
+
+def digits() -> torch.Tensor:
+    return torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
+
+
+def make_trainer(x, settings, mesh, steps, callbacks=True):
+    model = Autoencoder(x.shape[1], HIDDEN, tied=True, activation="sigmoid", seed=3)
+    optimizer = build_optimizer(OptimizerConfig(name="sgd", lr=0.02, momentum=0.9), model.parameters())
+    parallel = Parallelism(mesh, settings)
+    trainer = Trainer(model, ReconstructionObjective(), optimizer, x, None, steps=steps,
+                      batch_size=BATCH, seed=0, device=torch.device("cpu"), parallel=parallel,
+                      callbacks=[CommunicationLog(parallel.exchange)] if callbacks else [])
+    return trainer
+
+
+def flat_weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def expected_bytes(exchange, model, values: int) -> int:
+    """Bytes one rank sends per step, from the payload formula, independently of the exchange's
+    own counting."""
+    n, me = exchange.size, exchange.rank
+    if exchange.compressor.collective == "all_reduce":
+        elements = sum(p.numel() for p in model.parameters())
+        if exchange.compressor.name == "none":  # one fp32 buffer: gradients and values
+            return all_reduce_bytes(elements + values, 4, n)
+        return all_reduce_bytes(elements, 2, n) + all_reduce_bytes(values, 4, n)
+    words = 0
+    for p in model.parameters():
+        if p.dim() < 2:
+            values += p.numel()  # vectors go in full, with the values
+            continue
+        columns, length = as_columns(p).shape
+        ranges = column_ranges(columns, n)
+        size = lambda r: exchange.compressor.payload_words(r[1] - r[0], length)
+        words += sum(size(r) for j, r in enumerate(ranges) if j != me)  # phase 1
+        words += (n - 1) * size(ranges[me])                             # phase 2
+    return 4 * words + all_reduce_bytes(values, 4, n)
+
+
+def train(schemes, mesh, rank):
+    x = digits()
+    tau = None
+    for scheme in schemes:
+        if scheme == "threshold" and tau is None:
+            probe = make_trainer(x, ParallelConfig(), mesh, 1, callbacks=False)
+            loss, _ = probe.objective(probe.model, *probe.batch(0))
+            loss.backward()
+            tau = torch.tensor(threshold_for([p.grad for p in probe.model.parameters()], 1 / 32))
+            dist.all_reduce(tau)  # every rank must use the same tau
+            tau = float(tau) / dist.get_world_size()
+        settings = ParallelConfig(compression=scheme, threshold_tau=tau or 1e-3, adaptive_proportion=1 / 16)
+        trainer = make_trainer(x, settings, mesh, STEPS, callbacks=False)
+        exchange = trainer.parallel.exchange
+        with torch.no_grad():
+            initial, _ = trainer.objective(trainer.model, x)
+        sent = 0
+        for step in range(STEPS):
+            parts = trainer.train_step(*trainer.batch(step))
+            step_bytes, _ = exchange.take_bytes()
+            sent += step_bytes
+            if exchange.compressor.payload_words(1, 1) is not None:
+                assert step_bytes == expected_bytes(exchange, trainer.model, len(parts)), (scheme, step_bytes)
+            weights = flat_weights(trainer.model)
+            everyone = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+            dist.all_gather(everyone, weights)
+            assert all(torch.equal(weights, other) for other in everyone), f"{scheme}: replicas differ at step {step}"
+        with torch.no_grad():
+            final, _ = trainer.objective(trainer.model, x)
+        if rank == 0:
+            print("RESULT " + json.dumps({"scheme": scheme, "initial": float(initial), "loss": float(final),
+                                          "bytes_per_step": sent / STEPS, "tau": tau}), flush=True)
+
+
+def local_sgd(mesh, rank, every=5, steps=STEPS):
+    """Replicas drift apart between averages and are equal right after each; the loss falls."""
+    x = digits()
+    settings = ParallelConfig(mode="localsgd", average_every=every)
+    parallel = Parallelism(mesh, settings)
+    model = Autoencoder(x.shape[1], HIDDEN, tied=True, activation="sigmoid", seed=3)
+    optimizer = build_optimizer(OptimizerConfig(name="sgd", lr=0.02, momentum=0.9), model.parameters())
+    averaging = LocalSGD(parallel, every)
+    trainer = Trainer(model, ReconstructionObjective(), optimizer, x, None, steps=steps,
+                      batch_size=BATCH, seed=0, device=torch.device("cpu"), parallel=parallel,
+                      callbacks=[averaging])
+    with torch.no_grad():
+        initial, _ = trainer.objective(model, x)
+    for step in range(1, steps + 1):
+        trainer.train_step(*trainer.batch(step - 1))
+        trainer.step = step
+        averaging.on_step_end(trainer, step, {})
+        weights = flat_weights(model)
+        everyone = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, weights)
+        same = all(torch.equal(weights, other) for other in everyone)
+        assert same == (step % every == 0), f"local SGD: replicas equal={same} after step {step}"
+    with torch.no_grad():
+        final, _ = trainer.objective(model, x)
+    assert averaging.averages == steps // every
+    if rank == 0:
+        print("RESULT " + json.dumps({"scheme": "localsgd", "initial": float(initial),
+                                      "loss": float(final)}), flush=True)
+
+
+def owed_update(exchange) -> dict:
+    """The update the residuals still owe the model, averaged over ranks: mean of the first
+    residuals, and the whole second residual / ranks (gathered)."""
+    owed = {}
+    for t, residual in exchange.first.items():
+        total = residual.clone()
+        dist.all_reduce(total)
+        owed[f"first.{t}"] = total / exchange.size
+    for t, residual in exchange.second.items():
+        pieces = [None] * exchange.size
+        dist.all_gather_object(pieces, residual)
+        owed[f"second.{t}"] = torch.cat(pieces) / exchange.size
+    return owed
+
+
+def save(directory: Path, mesh, rank):
+    x = digits()
+    settings = ParallelConfig(compression="onebit")
+    reference = make_trainer(x, settings, mesh, 2 * K)
+    reference.fit()
+    first = make_trainer(x, settings, mesh, K)
+    first.fit()
+    manager = CheckpointManager(directory / "checkpoints")
+    checkpoint = manager.save(K, first.state_dict())
+    resumed = make_trainer(x, settings, mesh, 2 * K)
+    restore(checkpoint, resumed)
+    assert resumed.step == K
+    resumed.fit()
+    assert torch.equal(flat_weights(resumed.model), flat_weights(reference.model)), "resume is not exact"
+    zeroed = make_trainer(x, settings, mesh, 2 * K)
+    restore(checkpoint, zeroed)
+    for residuals in (zeroed.parallel.exchange.first, zeroed.parallel.exchange.second):
+        for residual in residuals.values():
+            residual.zero_()
+    zeroed.fit()
+    assert not torch.equal(flat_weights(zeroed.model), flat_weights(reference.model)), \
+        "the residuals made no difference: the test would not see them missing"
+    owed = owed_update(first.parallel.exchange)
+    if rank == 0:
+        torch.save(owed, directory / "owed.pt")
+        print("SAVED exact resume ok", flush=True)
+
+
+def resume(directory: Path, mesh, rank):
+    x = digits()
+    trainer = make_trainer(x, ParallelConfig(compression="onebit"), mesh, 2 * K)
+    restore(CheckpointManager(directory / "checkpoints").latest(), trainer)
+    owed = owed_update(trainer.parallel.exchange)
+    expected = torch.load(directory / "owed.pt")
+    assert owed.keys() == expected.keys(), (owed.keys(), expected.keys())
+    for key, value in expected.items():
+        assert torch.allclose(owed[key], value, atol=1e-6), key
+    trainer.fit()  # and it trains on
+    if rank == 0:
+        print(f"RESUMED on {dist.get_world_size()} ranks: owed update preserved", flush=True)
+
+
+def main(mode, args):
+    torch.set_num_threads(1)
+    env = detect_launch_env()
+    with fail_fast(env):
+        init_distributed(env, timeout_s=120)
+        mesh = build_mesh(-1, 1, env)
+        if mode == "train":
+            train([a for a in args if a != "localsgd"], mesh, env.rank)
+            if "localsgd" in args:
+                local_sgd(mesh, env.rank)
+        elif mode == "save":
+            save(Path(args[0]), mesh, env.rank)
+        else:
+            resume(Path(args[0]), mesh, env.rank)
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
