@@ -535,6 +535,11 @@ class ExperimentConfig(Section):
         return self
 
     def _communication_fits_optimizer(self) -> None:
+        if self.parallel.mode == "hogwild" and self.model.kind == "deep":
+            raise ValueError(
+                "parallel.mode hogwild trains one model with lock-free workers and has no "
+                "layer-wise schedule; allowed for model.kind deep: sync, localsgd"
+            )
         lossy = self.parallel.compression in ("onebit", "threshold", "adaptive")
         if self.optimizer.name == "lbfgs" and (lossy or self.parallel.mode != "sync"):
             what = (f"parallel.compression {self.parallel.compression}" if lossy
