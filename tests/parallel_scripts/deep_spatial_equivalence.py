@@ -1,7 +1,7 @@
 """One rank of a multi-process test, run under torchrun: a whole deep network split on the
 model axis (terabrain.parallel.spatial_network) against the same network in one process.
 
-Argument: the model-axis size (the rest of the world is the data axis). The stack has a
+Arguments: model-axis sizes to check in turn (the rest of the world is the data axis). The stack has a
 padded local layer, L2 pooling, LCN, an untied local layer, LCN and a dense top layer, so
 every split part is exercised; halos of the 4-rank case cross more than one neighbour.
 
@@ -10,9 +10,11 @@ blocks) with the same seed, and checks: the initial weights; the summed loss and
 gradient of a first evaluation; the losses of every step of pipelined layer-wise training
 with Adam (data parallel too on a 2 x 2 mesh); the final weights and forward copies; and a
 DCP checkpoint round trip that restores the optimizer's state (the next step equals the
-reference's next step). Prints `rank R: all ok` at the end.
+reference's next step), also from the previous mesh's checkpoint (resharded). Prints
+`rank R: all ok` at the end.
 """
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -89,74 +91,92 @@ def trainer_for(network, objective_class, parallel, callbacks, inputs, steps=STE
 
 
 def main():
-    model_ranks = int(sys.argv[1])
     env = detect_launch_env()
     with fail_fast(env):
         init_distributed(env, timeout_s=60)
-        mesh = build_mesh(env.world_size // model_ranks, model_ranks, env)
-        parallel = Parallelism(mesh)
-        inputs = torch.randn(ROWS, SHAPE[1] * SHAPE[2] * SHAPE[0], generator=torch.Generator().manual_seed(9))
-
-        reference, split = build(), build(parallel.model_mesh)
-        worst = compare("initial weights", whole_state(split), whole_state(reference))
-
-        # One evaluation with every layer active: loss and gradients.
-        results = []
-        for network, objective_class in ((reference, LayerwiseObjective), (split, SpatialLayerwiseObjective)):
-            trainer, schedule, objective = trainer_for(network, objective_class, None, [], inputs)
-            schedule.started_at = [0] * len(LAYERS)
-            loss, parts = objective(trainer.model, inputs[:BATCH])
-            loss.backward()
-            grads = {}
-            for name, parameter in network.named_parameters():
-                layer = network.get_submodule(".".join(name.split(".")[:2]))
-                shard = getattr(layer, "checkpoint_shard", None)
-                grad = parameter.grad if shard is None else shard(name.split(".", 2)[2], parameter.grad)
-                grads[name] = full(grad)
-            results.append(({"loss": loss.detach(), **parts}, grads))
-            network.zero_grad(set_to_none=True)
-        worst = max(worst, compare("first evaluation", results[1][0], results[0][0]))
-        worst = max(worst, compare("gradients", results[1][1], results[0][1]))
-
-        # Layer-wise training; the split run also on the data axis when there is one.
-        losses = [Losses(), Losses()]
-        reference, split = build(), build(parallel.model_mesh)
-        runs = [trainer_for(reference, LayerwiseObjective, None, [losses[0]], inputs),
-                trainer_for(split, SpatialLayerwiseObjective, parallel, [losses[1]], inputs)]
-        for trainer, _, _ in runs:
-            trainer.fit()
-        worst = max(worst, compare("losses", {"loss": torch.tensor(losses[1].values)},
-                                   {"loss": torch.tensor(losses[0].values)}))
-        worst = max(worst, compare("trained state", whole_state(runs[1][0].model),
-                                   whole_state(runs[0][0].model)))
-
-        # Checkpoint round trip on this mesh: a fresh split trainer restored from it takes the
-        # same next step as the reference (Adam's moments must be every rank's own rows).
         directory = Path(tempfile.mkdtemp()) if env.rank == 0 else None
         shared = [str(directory)]
         dist.broadcast_object_list(shared, src=0)
-        path = CheckpointManager(Path(shared[0])).save(STEPS, runs[1][0].state_dict())
-        restored, _, _ = trainer_for(build(parallel.model_mesh), SpatialLayerwiseObjective,
-                                     parallel, [], inputs, steps=STEPS + 1)
-        restore(path, restored)
-        worst = max(worst, compare("restored state", whole_state(restored.model),
-                                   whole_state(runs[1][0].model)))
-        for trainer, _, _ in runs:
-            trainer.steps = STEPS + 1
-        runs[0][0].fit()
-        restored.fit()
-        worst = max(worst, compare("step after restore", whole_state(restored.model),
-                                   whole_state(runs[0][0].model)))
-        # A conv layer has no split: refused with the layer and the allowed kinds named.
-        with torch.device("meta"):
-            conv = DeepNetwork([LayerConfig(kind="conv", maps=2, kernel=3)], SHAPE, seed=5)
-        try:
-            partition_network(conv, parallel.model_mesh)
-            raise AssertionError("a conv layer was split")
-        except ConfigError as error:
-            assert "model.layers[0]: kind conv is not split" in str(error), error
-        print(f"rank {env.rank}: all ok (largest relative difference {worst:.1e})", flush=True)
+        previous = None
+        for index, model_ranks in enumerate(map(int, sys.argv[1:])):
+            mesh = build_mesh(env.world_size // model_ranks, model_ranks, env)
+            worst, previous = check(env, Parallelism(mesh), Path(shared[0]) / str(index), previous)
+            print(f"rank {env.rank}: model {model_ranks} ok (largest relative difference "
+                  f"{worst:.1e})", flush=True)
+        dist.barrier()
+        if directory is not None:
+            shutil.rmtree(directory)
+        print(f"rank {env.rank}: all ok", flush=True)
         shutdown_distributed()
+
+
+def check(env, parallel, directory, previous):
+    """``previous``: a checkpoint of the same training written on another split, which must
+    restore here to the same state (DCP reshards the row blocks)."""
+    inputs = torch.randn(ROWS, SHAPE[1] * SHAPE[2] * SHAPE[0], generator=torch.Generator().manual_seed(9))
+
+    reference, split = build(), build(parallel.model_mesh)
+    worst = compare("initial weights", whole_state(split), whole_state(reference))
+
+    # One evaluation with every layer active: loss and gradients.
+    results = []
+    for network, objective_class in ((reference, LayerwiseObjective), (split, SpatialLayerwiseObjective)):
+        trainer, schedule, objective = trainer_for(network, objective_class, None, [], inputs)
+        schedule.started_at = [0] * len(LAYERS)
+        loss, parts = objective(trainer.model, inputs[:BATCH])
+        loss.backward()
+        grads = {}
+        for name, parameter in network.named_parameters():
+            layer = network.get_submodule(".".join(name.split(".")[:2]))
+            shard = getattr(layer, "checkpoint_shard", None)
+            grad = parameter.grad if shard is None else shard(name.split(".", 2)[2], parameter.grad)
+            grads[name] = full(grad)
+        results.append(({"loss": loss.detach(), **parts}, grads))
+        network.zero_grad(set_to_none=True)
+    worst = max(worst, compare("first evaluation", results[1][0], results[0][0]))
+    worst = max(worst, compare("gradients", results[1][1], results[0][1]))
+
+    # Layer-wise training; the split run also on the data axis when there is one.
+    losses = [Losses(), Losses()]
+    reference, split = build(), build(parallel.model_mesh)
+    runs = [trainer_for(reference, LayerwiseObjective, None, [losses[0]], inputs),
+            trainer_for(split, SpatialLayerwiseObjective, parallel, [losses[1]], inputs)]
+    for trainer, _, _ in runs:
+        trainer.fit()
+    worst = max(worst, compare("losses", {"loss": torch.tensor(losses[1].values)},
+                               {"loss": torch.tensor(losses[0].values)}))
+    worst = max(worst, compare("trained state", whole_state(runs[1][0].model),
+                               whole_state(runs[0][0].model)))
+
+    # Checkpoint round trip on this mesh: a fresh split trainer restored from it takes the
+    # same next step as the reference (Adam's moments must be every rank's own rows).
+    path = CheckpointManager(directory).save(STEPS, runs[1][0].state_dict())
+    restored, _, _ = trainer_for(build(parallel.model_mesh), SpatialLayerwiseObjective,
+                                 parallel, [], inputs, steps=STEPS + 1)
+    restore(path, restored)
+    worst = max(worst, compare("restored state", whole_state(restored.model),
+                               whole_state(runs[1][0].model)))
+    if previous is not None:
+        resharded, _, _ = trainer_for(build(parallel.model_mesh), SpatialLayerwiseObjective,
+                                      parallel, [], inputs, steps=STEPS + 1)
+        restore(previous, resharded)
+        worst = max(worst, compare("restored from another split", whole_state(resharded.model),
+                                   whole_state(runs[1][0].model)))
+    for trainer, _, _ in runs:
+        trainer.steps = STEPS + 1
+    runs[0][0].fit()
+    restored.fit()
+    worst = max(worst, compare("step after restore", whole_state(restored.model),
+                               whole_state(runs[0][0].model)))
+    # A conv layer has no split: refused with the layer and the allowed kinds named.
+    with torch.device("meta"):
+        conv = DeepNetwork([LayerConfig(kind="conv", maps=2, kernel=3)], SHAPE, seed=5)
+    try:
+        partition_network(conv, parallel.model_mesh)
+        raise AssertionError("a conv layer was split")
+    except ConfigError as error:
+        assert "model.layers[0]: kind conv is not split" in str(error), error
+    return worst, path
 
 
 if __name__ == "__main__":
