@@ -173,6 +173,18 @@ class _HaloSum(torch.autograd.Function):
         return gather_halo(grad.contiguous(), ctx.block, ctx.axis.group), None, None
 
 
+def local_layer_blocks(owned: Sequence[Rows], height: int, padding: tuple[int, int],
+                       kernel: int, stride: int) -> list[RowBlock]:
+    """A local layer's row blocks when each rank holds ``owned`` rows of its unpadded input:
+    the padding rows go to the first and last rank (so are every map's rows split
+    ``split_evenly``; a planner calls this with those blocks, without a process group)."""
+    before, after = padding
+    last = len(owned) - 1
+    padded = [(0 if r == 0 else a + before, height + before + after if r == last else b + before)
+              for r, (a, b) in enumerate(owned)]
+    return row_partition(height + before + after, kernel, stride, len(owned), padded)
+
+
 def window_blocks(owned: Sequence[Rows], reach: int, height: int) -> list[RowBlock]:
     """Row blocks for a window of ``reach`` rows either side of each owned row (LCN): each
     rank needs its rows widened by ``reach``, cut at the map's edges."""
@@ -274,13 +286,9 @@ class RowSplitLocalLayer(_SplitLayer):
                  device: torch.device):
         super().__init__(layer, axis, device)
         channels, height, width = layer.in_shape
-        self.padding = before, after = layer.padding
-        last = axis.size - 1
-        padded = [(0 if r == 0 else a + before, height + before + after if r == last else b + before)
-                  for r, (a, b) in enumerate(owned)]
-        bank: LocalBank = layer.encoder
-        lc = bank.layer
-        self.blocks = row_partition(height + before + after, lc.kernel_size, lc.stride, axis.size, padded)
+        self.padding = layer.padding
+        lc = layer.encoder.layer
+        self.blocks = local_layer_blocks(owned, height, self.padding, lc.kernel_size, lc.stride)
         self.block = self.blocks[axis.rank]
         self.input_blocks = list(owned)
         self.owned_rows = owned[axis.rank]
