@@ -28,6 +28,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/deep_model_parallel.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
