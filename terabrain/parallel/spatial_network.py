@@ -285,7 +285,7 @@ class RowSplitLocalLayer(_SplitLayer):
     def __init__(self, layer: RICALayer, axis: Axis, owned: Sequence[Rows],
                  device: torch.device):
         super().__init__(layer, axis, device)
-        channels, height, width = layer.in_shape
+        _, height, width = layer.in_shape
         self.padding = layer.padding
         lc = layer.encoder.layer
         self.blocks = local_layer_blocks(owned, height, self.padding, lc.kernel_size, lc.stride)

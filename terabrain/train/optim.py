@@ -152,6 +152,6 @@ def optimizer_state_template(
             template[entry] = dtensor_empty(size, dtype=dtype, device_mesh=mesh, placements=placements)
         else:
             block = _checkpoint_form(model, name, torch.empty(param.shape, dtype=dtype, device=param.device))
-            fits = block is not None and isinstance(block, RowShard) and block.size() == size
+            fits = isinstance(block, RowShard) and block.size() == size
             template[entry] = block if fits else torch.empty(size, dtype=dtype, device=param.device)
     return template
