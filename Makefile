@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/io.py
 	$(BIN)/python bench/local_layer.py
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/deep_model_parallel.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,10 +2,11 @@
 for every (data x model) mesh the memory per rank and the bytes each rank sends per step.
 
 The network is built on the meta device, so counts are those of the modules that train.
-On the model axis (terabrain.parallel.spatial) a locally connected layer is split by output
-rows: each rank holds its rows' filters and exchanges halo rows with its neighbours
-(``row_partition``); a dense layer is split by hidden unit (its input all-gathered, its
-reconstruction all-reduced); a conv layer's shared filters are replicated. Everything is
+On the model axis (terabrain.parallel.spatial_network, what training does) a locally
+connected layer is split by output rows: each rank holds its rows' filters and exchanges
+halo rows with its neighbours (``local_layer_blocks``); a dense top layer is split by
+hidden unit (its input all-gathered, its reconstruction all-reduced); conv layers are not
+split (training refuses them on a model axis; counted here as replicated). Everything is
 fp32. Per rank, with b = batch / data:
 
 - weights: the local parameters; plus the same again for the forward copies layer-wise
@@ -17,9 +18,10 @@ fp32. Per rank, with b = batch / data:
   3 x codes + post-processed output) of the rank's rows.
 - other: the training set when the trainer keeps it in memory (data.source photos/npy).
 - sent:model per step: forward and backward of the encoder and of the reconstruction each
-  move the halo once (4 halos per local layer); dense layers all-gather their input and
-  all-reduce their reconstruction; pooling and LCN windows that cross a row boundary move
-  their halo rows twice (forward and backward).
+  move the halo once (4 halos per local layer); dense layers all-gather their input,
+  all-reduce their reconstruction and all-gather its gradient; pooling (kernel - stride
+  rows) and LCN (2 (kernel // 2) rows each side) move their halos once (forward copies run
+  without gradient).
 - sent:data: one ring all-reduce of the local gradients.
 """
 
@@ -32,7 +34,8 @@ import torch
 
 from terabrain.config.schema import ExperimentConfig, LayerConfig
 from terabrain.errors import ConfigError
-from terabrain.parallel.spatial import row_partition
+from terabrain.parallel.spatial import split_evenly
+from terabrain.parallel.spatial_network import local_layer_blocks
 
 FP32 = 4
 
@@ -93,14 +96,18 @@ def _layer_split(spec: LayerConfig, info: dict, model_ranks: int, rows_b: int) -
             result["reason"] = f"layer {info['layer']}: {out_h} rows < {model_ranks} ranks"
             share = 1.0 / out_h
         else:
-            blocks = row_partition(height + added, spec.kernel, spec.stride, model_ranks)
+            padding = (spec.padding, spec.padding) if isinstance(spec.padding, int) else tuple(spec.padding)
+            blocks = local_layer_blocks(split_evenly(height, model_ranks), height, padding,
+                                        spec.kernel, spec.stride)
             share = max(b.output_rows[1] - b.output_rows[0] for b in blocks) / out_h
             halo = max(b.halo_rows for b in blocks)
             result["sent"] += 4 * halo * FP32 * rows_b * channels * (width + added)
+        # Pooling and LCN run on the frozen forward copies: forward only. LCN's two nested
+        # windows reach 2 (kernel // 2) rows on each side.
         window_rows = (spec.pool.kernel - (spec.pool.stride or spec.pool.kernel) if spec.pool else 0) + (
-            spec.lcn.kernel - 1 if spec.lcn else 0
+            4 * (spec.lcn.kernel // 2) if spec.lcn else 0
         )
-        result["sent"] += 2 * window_rows * FP32 * rows_b * maps * out_w
+        result["sent"] += window_rows * FP32 * rows_b * maps * out_w
         result["local"] = math.ceil(parameters * share)
     elif model_ranks > 1 and spec.kind == "dense":
         if maps % model_ranks:
@@ -109,8 +116,9 @@ def _layer_split(spec: LayerConfig, info: dict, model_ranks: int, rows_b: int) -
         filters = info["filter_parameters"]
         result["local"] = math.ceil(filters / model_ranks) + parameters - filters
         ring = 2.0 * (model_ranks - 1) / model_ranks
-        # All-gather of the input (half a ring all-reduce) and all-reduce of the reconstruction.
-        result["sent"] += 1.5 * ring * FP32 * rows_b * channels * height * width
+        # All-gather of the input (half a ring all-reduce), all-reduce of the partial
+        # reconstruction, all-gather of its rows' gradient (backward).
+        result["sent"] += 2.0 * ring * FP32 * rows_b * channels * height * width
     in_values = channels * height * width * (share if spec.kind == "local" else 1.0)
     code_values = maps * out_h * out_w * share
     out_values = math.prod(info["output"]) * share

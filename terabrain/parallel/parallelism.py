@@ -27,8 +27,8 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole value as a plain tensor. A collective for a sharded DTensor: every rank of
-    its mesh must call it."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    its mesh must call it (so for a row-split block, terabrain.parallel.row_state)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 class Parallelism:

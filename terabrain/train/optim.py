@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor import empty as dtensor_empty
 
 from terabrain.config.schema import OptimizerConfig
+from terabrain.parallel.row_state import RowShard
 
 
 def build_optimizer(config: OptimizerConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -53,6 +54,18 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
+def _checkpoint_form(model: nn.Module, name: str, tensor: torch.Tensor):
+    """``tensor`` as checkpointed for parameter ``name``. A plan that keeps a different block
+    of a parameter on each rank as a plain tensor (terabrain.parallel.spatial_network) says
+    how through the enclosing module's ``checkpoint_shard(name, tensor)``; others: as is."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        shard = getattr(model.get_submodule(".".join(parts[:cut])), "checkpoint_shard", None)
+        if shard is not None:
+            return shard(".".join(parts[cut:]), tensor)
+    return tensor
+
+
 def optimizer_state_tensors(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, torch.Tensor]:
@@ -64,7 +77,7 @@ def optimizer_state_tensors(
         for key, value in optimizer.state.get(param, {}).items():
             entry = f"{name}/{key}"
             if isinstance(value, torch.Tensor):
-                flat[entry] = value.detach().clone()
+                flat[entry] = _checkpoint_form(model, name, value.detach().clone())
             elif isinstance(value, (list, tuple)):
                 # L-BFGS preallocates lists with None; the filled entries form a prefix.
                 filled = [torch.as_tensor(v) for v in value if v is not None]
@@ -97,6 +110,8 @@ def load_optimizer_state_tensors(
             raise KeyError(f"checkpoint has optimizer state for unknown parameter {name!r}")
         return state.setdefault(params[name], {}), key
 
+    flat = {entry: value.to_local() if isinstance(value, RowShard) else value
+            for entry, value in flat.items()}
     for entry, value in flat.items():
         if entry.endswith(_LIST_LENGTH):
             entry = entry[: -len(_LIST_LENGTH)]
@@ -136,5 +151,7 @@ def optimizer_state_template(
             placements = param.placements if size == param.shape else [Replicate()] * mesh.ndim
             template[entry] = dtensor_empty(size, dtype=dtype, device_mesh=mesh, placements=placements)
         else:
-            template[entry] = torch.empty(size, dtype=dtype, device=param.device)
+            block = _checkpoint_form(model, name, torch.empty(param.shape, dtype=dtype, device=param.device))
+            fits = isinstance(block, RowShard) and block.size() == size
+            template[entry] = block if fits else torch.empty(size, dtype=dtype, device=param.device)
     return template

@@ -41,6 +41,9 @@ from terabrain.parallel.communication_log import communication_callbacks
 from terabrain.parallel.hogwild import fit_hogwild
 from terabrain.parallel.parallelism import Parallelism, full, local
 from terabrain.parallel.plans import check_divisible
+from terabrain.parallel.spatial_network import (
+    SpatialLayerwiseObjective, partition_network, whole_tensor_count,
+)
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
 from terabrain.train.layerwise import LayerSchedule, LayerwiseModel, LayerwiseObjective
@@ -89,12 +92,13 @@ class Results:
             write_text_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
-def _export(model: torch.nn.Module, path: Path) -> None:
-    """Unsharded weights as safetensors. Gathering sharded weights is a collective: every
-    rank calls this, rank 0 writes."""
+def _export(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Unsharded weights as safetensors (returned too). Gathering sharded weights is a
+    collective: every rank calls this, rank 0 writes."""
     tensors = {k: full(v.detach()).cpu().contiguous() for k, v in model.state_dict().items()}
     if is_main_rank():
         replace_atomically(path, lambda temporary: save_file(tensors, str(temporary)))
+    return tensors
 
 
 def _train_stage(
@@ -193,14 +197,16 @@ def _deep_feature_stage(
     results: Results, parallel: Parallelism,
 ) -> torch.nn.Module:
     """Layer-wise training of model.kind deep (terabrain.train.layerwise)."""
-    if parallel.model_ranks > 1:
-        raise ConfigError(
-            f"parallel.model: {parallel.model_ranks} model-parallel ranks are not supported for "
-            "model.kind deep yet; allowed: 1 (use parallel.data for more ranks). The spatial "
-            "split of a locally connected layer exists on its own (terabrain.parallel.spatial)."
-        )
     torch.manual_seed(config.seed)
-    network = build_network(config, data.example_shape).to(device)
+    split = parallel.model_ranks > 1
+    if split:
+        # Built without memory; each rank creates only its rows' and units' parameters.
+        _check_model_axis_supported(config)
+        with torch.device("meta"):
+            network = build_network(config, data.example_shape)
+        network = partition_network(network, parallel.model_mesh, device)
+    else:
+        network = build_network(config, data.example_shape).to(device)
     if results.done("features"):
         network.load_state_dict(load_file(str(run_dir / "model.safetensors")))
         return network
@@ -211,7 +217,7 @@ def _deep_feature_stage(
         train.start_after, train.sync_every,
         train.early_stopping.patience, train.early_stopping.min_delta,
     )
-    objective = LayerwiseObjective(
+    objective = (SpatialLayerwiseObjective if split else LayerwiseObjective)(
         schedule,
         [config.objective.sparsity_weight if layer.sparsity_weight is None else layer.sparsity_weight
          for layer in layers],
@@ -224,19 +230,42 @@ def _deep_feature_stage(
         optimizer=build_optimizer(config.optimizer, network.parameters()),
         inputs=data.train_x, targets=None, train=train, config=config, device=device,
         parallel=parallel, schedule=schedule, stream=data.stream,
-        filter_image=lambda: filter_grid(*network.first_layer_filters()),
+        # On a model axis each rank holds only its rows' filters: no picture during training.
+        filter_image=None if split else lambda: filter_grid(*network.first_layer_filters()),
     )
-    _export(network, run_dir / "model.safetensors")
-    if is_main_rank():
-        save_filter_grid(run_dir / "filters.png", *network.first_layer_filters())
-    results.record("features", {
+    summary = {
         "steps": trainer.step,
         "stop_reason": trainer.stop_reason or "finished",
         "layers": schedule.summary(),
         "final": _last_metrics(run_dir, "features"),
         "seconds_this_session": time.perf_counter() - started,
-    })
+    }
+    parameters = whole_tensor_count(network)
+    if parameters > GATHER_LIMIT:
+        summary["export"] = f"skipped: {parameters:,} parameters; use {run_dir}/checkpoints"
+    else:
+        tensors = _export(network, run_dir / "model.safetensors")
+        if is_main_rank():
+            whole = network
+            if split:  # the gathered weights in a whole network, for the picture
+                whole = build_network(config, data.example_shape)
+                whole.load_state_dict(tensors)
+            save_filter_grid(run_dir / "filters.png", *whole.first_layer_filters())
+    results.record("features", summary)
     return network
+
+
+def _check_model_axis_supported(config: ExperimentConfig) -> None:
+    if config.optimizer.name == "lbfgs":
+        raise ConfigError(
+            "optimizer.name: lbfgs is not supported for model.kind deep with parallel.model > 1 "
+            "(its flat history would mix every rank's own rows); allowed: sgd, adagrad, "
+            "rmsprop, adam, adamw")
+    if config.supervised is not None:
+        raise ConfigError(
+            "supervised: not supported for model.kind deep with parallel.model > 1 (the head "
+            "would need the features of every rank's rows); remove the supervised section or "
+            "set parallel.model=1")
 
 
 def _feature_stage(
