@@ -216,46 +216,6 @@ class DataConfig(Section):
         return self
 
 
-class ModelConfig(Section):
-    """The feature learner: a plain module with no parallelism inside."""
-
-    kind: Literal["rica", "autoencoder", "deep"] = Field(
-        "rica",
-        description="rica: x -> alpha W x, reconstructed as W^T(alpha W x) + b, W's rows of "
-        "unit norm (seed 000, eq. 1); autoencoder: x -> act(W1 x + b1) -> W2 h + b2; deep: "
-        "a stack of RICA layers (model.layers) trained layer by layer.",
-    )
-    hidden: PositiveInt = Field(128, description="Hidden units (features, filters).")
-    tied: bool = Field(True, description="autoencoder: decoder uses the encoder's W^T.")
-    activation: Literal["sigmoid", "tanh", "relu", "identity"] = Field(
-        "sigmoid", description="autoencoder: the hidden units' nonlinearity."
-    )
-    decoder_activation: Literal["identity", "sigmoid"] = Field(
-        "identity", description="autoencoder: nonlinearity of the reconstruction."
-    )
-    dropout: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Dropout probability on the input of the encoder."
-    )
-    layers: list[LayerConfig] = Field(
-        default_factory=list,
-        description="model.kind deep: the layers, bottom first, each trained with RICA "
-        "(seed 000's networks); see docs/deep.md.",
-    )
-    input_shape: Optional[tuple[PositiveInt, PositiveInt, PositiveInt]] = Field(
-        None,
-        description="model.kind deep: (channels, height, width) of the input images; null: "
-        "from the data. Needed by `terabrain plan` for networks larger than any data here.",
-    )
-
-    @model_validator(mode="after")
-    def _deep_needs_layers(self) -> "ModelConfig":
-        if self.kind == "deep" and not self.layers:
-            raise ValueError("model.layers: model.kind deep needs at least one layer")
-        if self.kind != "deep" and self.layers:
-            raise ValueError("model.layers is only used with model.kind deep")
-        return self
-
-
 class PoolConfig(Section):
     """Pooling after a layer (before LCN)."""
 
@@ -297,6 +257,46 @@ class LayerConfig(Section):
     steps: Optional[PositiveInt] = Field(
         None, description="This layer's budget in layer-wise training; null: train.steps."
     )
+
+
+class ModelConfig(Section):
+    """The feature learner: a plain module with no parallelism inside."""
+
+    kind: Literal["rica", "autoencoder", "deep"] = Field(
+        "rica",
+        description="rica: x -> alpha W x, reconstructed as W^T(alpha W x) + b, W's rows of "
+        "unit norm (seed 000, eq. 1); autoencoder: x -> act(W1 x + b1) -> W2 h + b2; deep: "
+        "a stack of RICA layers (model.layers) trained layer by layer.",
+    )
+    hidden: PositiveInt = Field(128, description="Hidden units (features, filters).")
+    tied: bool = Field(True, description="autoencoder: decoder uses the encoder's W^T.")
+    activation: Literal["sigmoid", "tanh", "relu", "identity"] = Field(
+        "sigmoid", description="autoencoder: the hidden units' nonlinearity."
+    )
+    decoder_activation: Literal["identity", "sigmoid"] = Field(
+        "identity", description="autoencoder: nonlinearity of the reconstruction."
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout probability on the input of the encoder."
+    )
+    layers: list[LayerConfig] = Field(
+        default_factory=list,
+        description="model.kind deep: the layers, bottom first, each trained with RICA "
+        "(seed 000's networks); see docs/networks.md.",
+    )
+    input_shape: Optional[tuple[PositiveInt, PositiveInt, PositiveInt]] = Field(
+        None,
+        description="model.kind deep: (channels, height, width) of the input images; null: "
+        "from the data. Needed by `terabrain plan` for networks larger than any data here.",
+    )
+
+    @model_validator(mode="after")
+    def _deep_needs_layers(self) -> "ModelConfig":
+        if self.kind == "deep" and not self.layers:
+            raise ValueError("model.layers: model.kind deep needs at least one layer")
+        if self.kind != "deep" and self.layers:
+            raise ValueError("model.layers is only used with model.kind deep")
+        return self
 
 
 class ObjectiveConfig(Section):
