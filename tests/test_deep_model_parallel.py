@@ -18,6 +18,7 @@ SMALL_DEEP = [
     "data.patch_size=24", "data.num_patches=192", "data.holdout_patches=48",
     "train.batch_size=96", "train.steps=2", "train.log_every=1", "train.checkpoint_every=4",
     "train.keep_checkpoints=5", "train.schedule=greedy", "train.progress=false",
+    "model.layers.0.steps=null",
 ]
 SETS = [arg for item in SMALL_DEEP for arg in ("--set", item)]
 
