@@ -123,3 +123,12 @@ def test_data_parallel_deep_run_equals_one_process(tmp_path, cli):
     two = load_file(str(tmp_path / "two" / "model.safetensors"))
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("setting, field", [
+    ("parallel.compression=onebit", "parallel.compression"),
+    ("parallel.mode=hogwild", "parallel.mode"),
+])
+def test_communication_schemes_without_layerwise_support_are_refused(setting, field):
+    with pytest.raises(ConfigError, match=field):
+        load_experiment("yfcc-15b-small", [setting, "parallel.workers=2"])

@@ -535,6 +535,12 @@ class ExperimentConfig(Section):
         return self
 
     def _communication_fits_optimizer(self) -> None:
+        if self.model.kind == "deep" and self.parallel.compression in ("onebit", "threshold", "adaptive"):
+            raise ValueError(
+                f"parallel.compression {self.parallel.compression} keeps an error-feedback "
+                "residual per gradient tensor, and layer-wise training changes which layers "
+                "have gradients from step to step; allowed for model.kind deep: none, fp16, bf16"
+            )
         if self.parallel.mode == "hogwild" and self.model.kind == "deep":
             raise ValueError(
                 "parallel.mode hogwild trains one model with lock-free workers and has no "
