@@ -42,7 +42,9 @@ from terabrain.errors import ConfigError
 from terabrain.nn.deep import DeepNetwork, DenseBank, LocalBank, RICALayer, _unit_rows
 from terabrain.nn.init import init_by_unit_
 from terabrain.nn.local import locally_connected, locally_connected_transpose
-from terabrain.nn.normalization import LocalContrastNorm, gaussian_window
+from terabrain.nn.normalization import (
+    LocalContrastNorm, centre_and_spread, divide, gaussian_window, window_sigma,
+)
 from terabrain.nn.pooling import L2Pool2d
 from terabrain.parallel.parallelism import local
 from terabrain.parallel.row_state import RowShard
@@ -444,23 +446,16 @@ class RowSplitLCN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lcn, block = self.lcn, self.blocks[self.axis.rank]
-        sigma = lcn.kernel_size / 4 if lcn.sigma is None else lcn.sigma
-        taps = gaussian_window(lcn.kernel_size, sigma, x.dtype, x.device)
-        rows, cols, pad = taps.view(1, 1, -1, 1), taps.view(1, 1, 1, -1), self.reach
-
-        def blur(m):
-            return F.conv2d(F.conv2d(m, rows, padding=(pad, 0)), cols, padding=(0, pad))
-
-        start, stop = block.needed_rows
-        inside = blur(x.new_ones((1, 1, self.height, self.width)))[:, :, start:stop]
-        wide = _Halo.apply(x, block, self.axis)
-        centred = wide - blur(wide.mean(dim=1, keepdim=True)) / inside
-        spread = (blur(centred.pow(2).mean(dim=1, keepdim=True)) / inside).clamp_min(0).sqrt()
+        taps = gaussian_window(lcn.kernel_size, window_sigma(lcn.kernel_size, lcn.sigma),
+                               x.dtype, x.device)
+        # The band holds 2r rows beyond this rank's own on each inner side: its own rows'
+        # windows never reach a cut that is not the map's edge (terabrain.nn.normalization).
+        centred, spread = centre_and_spread(_Halo.apply(x, block, self.axis), taps)
+        start = block.needed_rows[0]
         first, last = block.owned_rows[0] - start, block.owned_rows[1] - start
         centred, spread = centred[:, :, first:last], spread[:, :, first:last]
         total = _AllReduce.apply(spread.sum(dim=(2, 3), keepdim=True), self.axis)
-        floor = (total / (self.height * self.width)).clamp_min(lcn.eps)
-        return centred / torch.maximum(spread, floor)
+        return divide(centred, spread, total / (self.height * self.width), lcn.eps)
 
 
 def _split_post(post: nn.Sequential, shape, owned: Sequence[Rows], axis: Axis):
