@@ -212,7 +212,22 @@ def partition_spatially(model: nn.Module, mesh: DeviceMesh,
     return model
 
 
-class RowPartitionedLocalContrastNorm(nn.Module):
+class _RowWindows(nn.Module):
+    """A window operation on a map split by rows: this rank checks it got its own rows and
+    gathers the rows its windows read."""
+
+    block: RowBlock
+    group: dist.ProcessGroup
+
+    def _band(self, x: torch.Tensor) -> torch.Tensor:
+        start, stop = self.block.owned_rows
+        if x.dim() != 4 or x.shape[2] != stop - start:
+            raise ValueError(f"rank {self.block.rank}: expected its {stop - start} rows "
+                             f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
+        return gather_halo(x, self.block, self.group)
+
+
+class RowPartitionedLocalContrastNorm(_RowWindows):
     """``LocalContrastNorm`` on this rank's rows of a map split by rows: the same values as
     on the whole map. The Gaussian windows reach ``r = kernel_size // 2`` rows across block
     edges twice (local mean, then local spread), so a halo of ``2 r`` rows comes from each
@@ -237,15 +252,12 @@ class RowPartitionedLocalContrastNorm(nn.Module):
         return self.height
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start, stop = self.block.owned_rows
-        if x.dim() != 4 or x.shape[2] != stop - start:
-            raise ValueError(f"rank {self.block.rank}: expected its {stop - start} rows "
-                             f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
-        band = gather_halo(x, self.block, self.group)
+        band = self._band(x)
         taps = gaussian_window(self.kernel_size, window_sigma(self.kernel_size, self.sigma),
                                x.dtype, x.device)
         centred, spread = centre_and_spread(band, taps)
-        mine = slice(start - self.block.needed_rows[0], stop - self.block.needed_rows[0])
+        (start, stop), first = self.block.owned_rows, self.block.needed_rows[0]
+        mine = slice(start - first, stop - first)
         centred, spread = centred[:, :, mine], spread[:, :, mine]
         total = distributed.all_reduce(spread.sum(dim=(2, 3), keepdim=True), group=self.group)
         return divide(centred, spread, total / (self.height * x.shape[3]), self.eps)
@@ -255,7 +267,7 @@ class RowPartitionedLocalContrastNorm(nn.Module):
                 f"rows {self.block.owned_rows} + halo {self.block.halo_rows}")
 
 
-class RowPartitionedL2Pool2d(nn.Module):
+class RowPartitionedL2Pool2d(_RowWindows):
     """``L2Pool2d`` on a map split by rows: output rows split evenly, each rank gathering the
     input rows its windows read (a halo where windows cross block edges) and padding only
     at the map's own top and bottom edges."""
@@ -287,11 +299,7 @@ class RowPartitionedL2Pool2d(nn.Module):
         return self.out_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start, stop = self.block.owned_rows
-        if x.dim() != 4 or x.shape[2] != stop - start:
-            raise ValueError(f"rank {self.block.rank}: expected its {stop - start} rows "
-                             f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
-        band = gather_halo(x, self.block, self.group)
+        band = self._band(x)
         (kh, _), (sh, _), (ph, pw) = self.kernel, self.stride, self.padding
         first, last = self.block.output_rows
         top = max(0, ph - first * sh)

@@ -149,32 +149,6 @@ class _ReduceToRows(torch.autograd.Function):
         return gather_rows(grad.contiguous(), ctx.blocks, ctx.axis.group), None, None
 
 
-class _Halo(torch.autograd.Function):
-    """Owned rows -> needed rows (halo from the owners); backward adds halo gradients back."""
-
-    @staticmethod
-    def forward(ctx, x, block, axis):
-        ctx.block, ctx.axis = block, axis
-        return gather_halo(x.contiguous(), block, axis.group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return scatter_add_halo(grad.contiguous(), ctx.block, ctx.axis.group), None, None
-
-
-class _HaloSum(torch.autograd.Function):
-    """Values on needed rows -> owned rows, halo rows added into their owners'."""
-
-    @staticmethod
-    def forward(ctx, needed, block, axis):
-        ctx.block, ctx.axis = block, axis
-        return scatter_add_halo(needed.contiguous(), block, axis.group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return gather_halo(grad.contiguous(), ctx.block, ctx.axis.group), None, None
-
-
 def local_layer_blocks(owned: Sequence[Rows], height: int, padding: tuple[int, int],
                        kernel: int, stride: int) -> list[RowBlock]:
     """A local layer's row blocks when each rank holds ``owned`` rows of its unpadded input:
@@ -327,7 +301,7 @@ class RowSplitLocalLayer(_SplitLayer):
         return F.pad(x, [before, after, top, bottom]) if before or after else x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        needed = _Halo.apply(self._pad(x), self.block, self.axis)
+        needed = gather_halo(self._pad(x), self.block, self.axis.group)
         codes = locally_connected(needed, _unit_rows(self.encoder.layer.weight), self.kernel_size,
                                   self.stride, (self.output_rows, self.out_width), self.block_bytes)
         return self.alpha_summed() * codes
@@ -338,7 +312,7 @@ class RowSplitLocalLayer(_SplitLayer):
         needed = locally_connected_transpose(codes, _unit_rows(decoder.layer.weight),
                                              self.kernel_size, self.stride, self._needed_size,
                                              self.block_bytes)
-        owned = _HaloSum.apply(needed, self.block, self.axis)
+        owned = scatter_add_halo(needed, self.block, self.axis.group)
         before, _ = self.padding
         top = before if self.axis.rank == 0 else 0
         rows = self.owned_rows[1] - self.owned_rows[0]
@@ -427,7 +401,7 @@ class RowSplitPool(nn.Module):
         self.output_blocks = [b.output_rows for b in self.blocks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(_Halo.apply(x, self.blocks[self.axis.rank], self.axis))
+        return self.pool(gather_halo(x, self.blocks[self.axis.rank], self.axis.group))
 
 
 class RowSplitLCN(nn.Module):
@@ -450,7 +424,7 @@ class RowSplitLCN(nn.Module):
                                x.dtype, x.device)
         # The band holds 2r rows beyond this rank's own on each inner side: its own rows'
         # windows never reach a cut that is not the map's edge (terabrain.nn.normalization).
-        centred, spread = centre_and_spread(_Halo.apply(x, block, self.axis), taps)
+        centred, spread = centre_and_spread(gather_halo(x, block, self.axis.group), taps)
         start = block.needed_rows[0]
         first, last = block.owned_rows[0] - start, block.owned_rows[1] - start
         centred, spread = centred[:, :, first:last], spread[:, :, first:last]
