@@ -132,3 +132,21 @@ def test_data_parallel_deep_run_equals_one_process(tmp_path, cli):
 def test_communication_schemes_without_layerwise_support_are_refused(setting, field):
     with pytest.raises(ConfigError, match=field):
         load_experiment("yfcc-15b-small", [setting, "parallel.workers=2"])
+
+
+def test_reset_parameters_redraws_the_constructed_values():
+    from terabrain.config.schema import LayerConfig
+    from terabrain.nn.deep import DeepNetwork
+
+    layers = [LayerConfig(kind="local", maps=4, kernel=4, stride=2, tied=False),
+              LayerConfig(kind="conv", maps=4, kernel=3, tied=False),
+              LayerConfig(kind="dense", maps=8, tied=False)]
+    network = DeepNetwork(layers, (1, 12, 12), seed=3)
+    built = {k: v.clone() for k, v in network.state_dict().items()}
+    for parameter in network.parameters():
+        parameter.data.add_(1.0)
+    network.reset_parameters()
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, built[key]), key
+    # An untied decoder draws from its own seed, not the encoder's.
+    assert not torch.equal(built["layers.2.encoder.weight"], built["layers.2.decoder.weight"])

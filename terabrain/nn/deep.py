@@ -36,10 +36,23 @@ def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
 
 class FilterBank(nn.Module):
     """The linear map of one layer and its adjoint, given (possibly normalized) weights.
-    ``weight``'s last dimension is one hidden unit's filter."""
+    ``weight``'s last dimension is one hidden unit's filter. Each bank initialises its own
+    rows from its own seed, hidden unit by hidden unit (terabrain.nn.init)."""
 
     weight: nn.Parameter
     out_shape: Shape
+    seed: int
+
+    @torch.no_grad()
+    def init_rows_(self, tensor: torch.Tensor, first_unit: int = 0) -> None:
+        """Fill ``tensor`` with the rows of hidden units ``first_unit, ...``: the values the
+        whole bank has there, wherever the rows are created (a split plan's shard)."""
+        init_by_unit_(tensor, 0, first_unit, self.seed, 5, "normal", 1.0)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            self.init_rows_(self.weight.data)
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -53,7 +66,11 @@ class LocalBank(FilterBank):
         super().__init__()
         channels, height, width = in_shape
         self.layer = LocallyConnected2d(channels, maps, (height, width), kernel, stride, seed=seed)
+        self.seed = self.layer.init_seed
         self.out_shape = (maps, *self.layer.output_size)
+
+    def reset_parameters(self) -> None:
+        self.layer.reset_parameters()
 
     @property
     def weight(self) -> nn.Parameter:  # registered once, in the layer (state_dict keys unique)
@@ -76,10 +93,9 @@ class ConvBank(FilterBank):
         channels, height, width = in_shape
         if kernel > min(height, width):
             raise ValueError(f"kernel {kernel} is larger than the input {height}x{width}")
-        self.kernel, self.stride, self.in_shape = kernel, stride, in_shape
+        self.kernel, self.stride, self.in_shape, self.seed = kernel, stride, in_shape, seed
         self.weight = nn.Parameter(torch.empty(maps, channels * kernel * kernel))
-        if self.weight.device.type != "meta":
-            init_by_unit_(self.weight.data, 0, 0, seed, 5, "normal", 1.0)
+        self.reset_parameters()
         self.out_shape = (maps, (height - kernel) // stride + 1, (width - kernel) // stride + 1)
 
     def _kernel(self, weight):
@@ -99,10 +115,9 @@ class ConvBank(FilterBank):
 class DenseBank(FilterBank):
     def __init__(self, in_shape: Shape, maps: int, seed: int):
         super().__init__()
-        self.in_shape = in_shape
+        self.in_shape, self.seed = in_shape, seed
         self.weight = nn.Parameter(torch.empty(maps, in_shape[0] * in_shape[1] * in_shape[2]))
-        if self.weight.device.type != "meta":
-            init_by_unit_(self.weight.data, 0, 0, seed, 5, "normal", 1.0)
+        self.reset_parameters()
         self.out_shape = (maps, 1, 1)
 
     def apply(self, x, weight):
@@ -143,11 +158,8 @@ class RICALayer(UnitInitialized):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for bank in (self.encoder, self.decoder):
-            if bank is not None and isinstance(bank, LocalBank):
-                bank.layer.reset_parameters()
-            elif bank is not None and bank.weight.device.type != "meta":
-                init_by_unit_(bank.weight.data, 0, 0, self.init_seed, 5, "normal", 1.0)
+        for bank in self.banks():
+            bank.reset_parameters()
         if self.alpha.device.type != "meta":
             self.alpha.fill_(1.0)
             self.bias.zero_()

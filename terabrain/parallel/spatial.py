@@ -69,10 +69,10 @@ class RowPartitionedLocallyConnected2d(nn.Module):
         self.init_seed = layer.init_seed
         first, last = self.block.output_rows
         width = layer.output_size[1]
-        self.weight = nn.Parameter(_rows_of_parameter(
+        self.weight = nn.Parameter(rows_of_parameter(
             layer, "weight", first * width, (last - first) * width, device),
             requires_grad=layer.weight.requires_grad)  # a frozen layer stays frozen
-        self.bias = None if layer.bias is None else nn.Parameter(_rows_of_parameter(
+        self.bias = None if layer.bias is None else nn.Parameter(rows_of_parameter(
             layer, "bias", first, last - first, device), requires_grad=layer.bias.requires_grad)
 
     @property
@@ -136,7 +136,7 @@ class RowPartitionedLocallyConnected2d(nn.Module):
                 f"{self.block.owned_rows} + halo {self.block.halo_rows}")
 
 
-def _rows_of_parameter(layer: LocallyConnected2d, name: str, first: int, count: int,
+def rows_of_parameter(layer: LocallyConnected2d, name: str, first: int, count: int,
                        device: Optional[torch.device]) -> torch.Tensor:
     """The slice of ``layer``'s parameter along its row dimension: copied from a real
     parameter, or created and initialised here for a layer built on the meta device (the
@@ -144,7 +144,8 @@ def _rows_of_parameter(layer: LocallyConnected2d, name: str, first: int, count: 
     parameter = getattr(layer, name)
     dim = layer.row_dims[name]
     if parameter.device.type != "meta":
-        return parameter.detach().narrow(dim, first, count).clone()
+        local = parameter.detach().narrow(dim, first, count).clone()
+        return local.to(device) if device is not None else local
     shape = list(parameter.shape)
     shape[dim] = count
     local = torch.empty(shape, dtype=parameter.dtype, device=device or torch.device("cpu"))

@@ -40,7 +40,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.errors import ConfigError
 from terabrain.nn.deep import DeepNetwork, DenseBank, LocalBank, RICALayer, _unit_rows
-from terabrain.nn.init import init_by_unit_
 from terabrain.nn.local import locally_connected, locally_connected_transpose
 from terabrain.nn.normalization import (
     LocalContrastNorm, centre_and_spread, divide, gaussian_window, window_sigma,
@@ -49,7 +48,8 @@ from terabrain.nn.pooling import L2Pool2d
 from terabrain.parallel.parallelism import local
 from terabrain.parallel.row_state import RowShard
 from terabrain.parallel.spatial import (
-    RowBlock, Rows, gather_halo, gather_rows, row_partition, scatter_add_halo, split_evenly,
+    RowBlock, Rows, gather_halo, gather_rows, row_partition, rows_of_parameter,
+    scatter_add_halo, split_evenly,
 )
 from terabrain.train.layerwise import LayerwiseObjective
 
@@ -334,10 +334,8 @@ class UnitSplitDenseLayer(_SplitLayer):
         first, stop = units[axis.rank]
         self.input_blocks = list(owned)
         self.owned_rows = owned[axis.rank]
-        seeds = [layer.init_seed] + ([] if self.tied else [layer.init_seed + 1])
-        banks = [layer.encoder] + ([] if self.tied else [layer.decoder])
-        for name, bank, seed in zip(("encoder", "decoder"), banks, seeds):
-            setattr(self, name, _Filters(_unit_block(bank, seed, first, stop - first, device)))
+        for name, bank in zip(("encoder", "decoder"), layer.banks()):
+            setattr(self, name, _Filters(_unit_block(bank, first, stop - first, device)))
             self._split(f"{name}.weight", 0, units)
         a, b = self.owned_rows
         self.bias = nn.Parameter(_bias_block(layer, a, b, device))
@@ -360,23 +358,17 @@ class UnitSplitDenseLayer(_SplitLayer):
 
 
 def _location_block(layer, first_row: int, rows: int, device: torch.device) -> torch.Tensor:
-    """The filters of output rows ``first_row ...``: copied from a real layer, or created
-    and initialised here (the values one process would draw) for a meta-device one."""
+    """The filters of output rows ``first_row ...`` (spatial.py's row slice of a layer)."""
     width = layer.output_size[1]
-    if layer.weight.device.type != "meta":
-        return layer.weight.detach().narrow(0, first_row * width, rows * width).clone().to(device)
-    shape = (rows * width, *layer.weight.shape[1:])
-    block = torch.empty(shape, dtype=layer.weight.dtype, device=device)
-    layer.init_parameter_("weight", block, first_row * width)
-    return block
+    return rows_of_parameter(layer, "weight", first_row * width, rows * width, device)
 
 
-def _unit_block(bank: DenseBank, seed: int, first: int, count: int, device: torch.device) -> torch.Tensor:
+def _unit_block(bank: DenseBank, first: int, count: int, device: torch.device) -> torch.Tensor:
     if bank.weight.device.type != "meta":
         return bank.weight.detach().narrow(0, first, count).clone().to(device)
-    block = torch.empty((count, bank.weight.shape[1]), dtype=bank.weight.dtype)
-    init_by_unit_(block, 0, first, seed, 5, "normal", 1.0)  # as DenseBank's own
-    return block.to(device)
+    block = torch.empty((count, bank.weight.shape[1]), dtype=bank.weight.dtype, device=device)
+    bank.init_rows_(block, first)
+    return block
 
 
 def _bias_block(layer: RICALayer, start: int, stop: int, device: torch.device) -> torch.Tensor:
