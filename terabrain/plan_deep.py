@@ -91,12 +91,12 @@ def _layer_split(spec: LayerConfig, info: dict, model_ranks: int, rows_b: int) -
     result = {"local": parameters, "sent": 0.0, "reason": ""}
     share = 1.0
     if model_ranks > 1 and spec.kind == "local":
-        added = 2 * spec.padding if isinstance(spec.padding, int) else sum(spec.padding)
+        padding = spec.padding_sides
+        added = sum(padding)
         if out_h < model_ranks:
             result["reason"] = f"layer {info['layer']}: {out_h} rows < {model_ranks} ranks"
             share = 1.0 / out_h
         else:
-            padding = (spec.padding, spec.padding) if isinstance(spec.padding, int) else tuple(spec.padding)
             blocks = local_layer_blocks(split_evenly(height, model_ranks), height, padding,
                                         spec.kernel, spec.stride)
             share = max(b.output_rows[1] - b.output_rows[0] for b in blocks) / out_h

@@ -258,6 +258,13 @@ class LayerConfig(Section):
         None, description="This layer's budget in layer-wise training; null: train.steps."
     )
 
+    @property
+    def padding_sides(self) -> tuple[int, int]:
+        """(before, after) zeros; none for a dense layer, which has no spatial field."""
+        if self.kind == "dense":
+            return (0, 0)
+        return (self.padding, self.padding) if isinstance(self.padding, int) else tuple(self.padding)
+
 
 class ModelConfig(Section):
     """The feature learner: a plain module with no parallelism inside."""

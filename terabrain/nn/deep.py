@@ -144,8 +144,7 @@ class RICALayer(UnitInitialized):
         super().__init__()
         self.init_seed = _draw_seed(seed)
         self.in_shape = tuple(in_shape)
-        padding = 0 if config.kind == "dense" else config.padding
-        self.padding: tuple[int, int] = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        self.padding: tuple[int, int] = config.padding_sides
         channels, height, width = in_shape
         added = sum(self.padding)
         padded = (channels, height + added, width + added)
