@@ -52,9 +52,6 @@ class LayerwiseModel(nn.Module):
         for name, parameter in self.forward_copies[index].named_parameters():
             parameter.copy_(source[name])
 
-    def filters(self) -> torch.Tensor:
-        return self.network.filters()
-
 
 class LayerSchedule(Callback):
     """Which layers train at each step; starts, finishes and refreshes them."""
@@ -169,14 +166,15 @@ class LayerwiseObjective(Objective):
         h = network.to_images(x)
         total = torch.zeros((), device=x.device)
         parts: dict[str, torch.Tensor] = {}
-        for k in range(max(active) + 1):
+        top = max(active)
+        for k in range(top + 1):
             if k in active:
                 codes, reconstruction = network.layers[k](h)
                 loss, named = rica_loss(codes, reconstruction, h, self.sparsity_weights[k], self.epsilon)
                 total = total + loss
                 parts[f"layer{k + 1}/loss"] = loss.detach()
                 parts.update({f"layer{k + 1}/{name}": value.detach() for name, value in named.items()})
-            if k < max(active):
+            if k < top:
                 with torch.no_grad():
                     h = network.post[k](model.forward_copies[k].encode(h))
         return total, parts
