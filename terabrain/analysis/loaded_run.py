@@ -22,6 +22,7 @@ from terabrain.config.loader import load_experiment
 from terabrain.config.schema import ExperimentConfig
 from terabrain.data.faces import resize
 from terabrain.data.contrast import normalize_contrast
+from terabrain.data.embedded import to_colour, to_grey
 from terabrain.data.patches import remove_patch_mean
 from terabrain.data.whitening import ZCA
 from terabrain.errors import ConfigError
@@ -72,10 +73,7 @@ class LoadedRun:
         images = np.asarray(images, np.float32)
         if images.ndim == 2:  # already rows
             images = images.reshape(len(images), *self.shape)
-        if self.colour and images.ndim == 3:
-            images = np.repeat(images[..., None], 3, axis=3)
-        elif not self.colour and images.ndim == 4:
-            images = images[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+        images = to_colour(images, 3) if self.colour else to_grey(images, 3)
         if images.shape[1:3] != self.shape[:2]:
             if self.shape[0] != self.shape[1]:
                 raise ConfigError(f"cannot resize images to the run's {self.shape} examples")

@@ -26,17 +26,20 @@ def _to_float(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32)
 
 
-def _grey(image: np.ndarray) -> np.ndarray:
-    if image.ndim == 2:
-        return image
+def to_grey(images: np.ndarray, spatial_dims: int = 2) -> np.ndarray:
+    """Grey from RGB(A) in the last axis; arrays with only ``spatial_dims`` axes (2 for one
+    image, 3 for a batch) are grey already."""
+    if images.ndim == spatial_dims:
+        return images
     # ITU-R 601 luma, the weights skimage.color.rgb2gray uses.
-    return image[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return images[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _colour(image: np.ndarray) -> np.ndarray:
-    if image.ndim == 2:
-        return np.repeat(image[..., None], 3, axis=2)
-    return image[..., :3]
+def to_colour(images: np.ndarray, spatial_dims: int = 2) -> np.ndarray:
+    """RGB in the last axis: grey repeated, RGBA's alpha dropped."""
+    if images.ndim == spatial_dims:
+        return np.repeat(images[..., None], 3, axis=-1)
+    return images[..., :3]
 
 
 def load_photo(name: str, color: bool = False) -> np.ndarray:
@@ -52,7 +55,7 @@ def load_photo(name: str, color: bool = False) -> np.ndarray:
     else:
         raise KeyError(f"unknown photograph {name!r}; choose from {', '.join(PHOTOS)}")
     image = _to_float(raw)
-    return _colour(image) if color else _grey(image)
+    return to_colour(image) if color else to_grey(image)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
