@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
+from terabrain.config.schema import ParallelConfig
 from terabrain.parallel.compressors import build_compressor
 from terabrain.parallel.data_parallel import DataParallel
 from terabrain.parallel.exchange import GradientExchange, all_reduce_bytes
@@ -32,22 +33,21 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Parallelism:
-    def __init__(self, mesh: Optional[DeviceMesh], settings=None):
-        """``settings``: the ``parallel`` config section (mode, compression); None: sync,
-        uncompressed."""
+    def __init__(self, mesh: Optional[DeviceMesh], settings: Optional[ParallelConfig] = None):
+        """``settings``: the ``parallel`` config section (mode, compression); None: its
+        defaults (sync, uncompressed)."""
+        settings = settings if settings is not None else ParallelConfig()
         self.mesh = mesh
         self.data = DataParallel.from_mesh(mesh)
         model_ranks = mesh.size(mesh.mesh_dim_names.index("model")) if mesh is not None else 1
         self.model_mesh = mesh["model"] if model_ranks > 1 else None
-        self.mode = settings.mode if settings is not None else "sync"
+        self.mode = settings.mode
         self.exchange: Optional[GradientExchange] = None
         self.value_bytes = 0  # local SGD: bytes of the logged values' all-reduces
         if self.data is not None and self.mode == "sync":
             compressor = build_compressor(
-                settings.compression if settings is not None else "none",
-                tau=settings.threshold_tau if settings is not None else 1e-3,
-                proportion=settings.adaptive_proportion if settings is not None else 1 / 32,
-                error_feedback=settings.error_feedback if settings is not None else True,
+                settings.compression, tau=settings.threshold_tau,
+                proportion=settings.adaptive_proportion, error_feedback=settings.error_feedback,
             )
             tag = f"model{mesh.get_local_rank('model')}." if model_ranks > 1 else ""
             self.exchange = GradientExchange(compressor, self.data.group, self.data.rank,
