@@ -88,6 +88,7 @@ def test_pack_refuses_an_existing_pack_and_bad_sizes(packed, capsys):
     (["data.source=shards", "data.root=SHARDS", "data.block_size=10"], "data.block_size (10) must be a multiple"),
     (["data.source=folder", "data.root=IMAGES", "data.stage_dir=/tmp/x"], "data.stage_dir works with data.source shards"),
     (["data.source=shards", "data.root=SHARDS", "train.batch_size=null"], "train.batch_size: a streamed collection needs"),
+    (["data.source=shards", "data.root=SHARDS", "data.stage_wait=true"], "data.stage_wait needs data.stage_dir"),
 ])
 def test_bad_data_fields_exit_2_naming_the_field(packed, tmp_path, capsys, overrides, named):
     from terabrain.cli import main
@@ -103,21 +104,52 @@ def test_bad_data_fields_exit_2_naming_the_field(packed, tmp_path, capsys, overr
     assert named in err
 
 
+def _metric_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_training_on_staged_shards_via_the_cli(packed, cli, tmp_path):
+    """Staging changes where bytes are read from, never the results. In the background it may
+    not finish before a 4-step run does, so that run checks only what it staged; with
+    data.stage_wait every shard is staged and verified before the first step."""
     base, _ = packed
-    run, stage = tmp_path / "run", tmp_path / "nvme"
-    result = cli(*TRAIN, "--set", "data.source=shards", "--set", f"data.root={base / 'shards'}",
-                 "--set", f"data.stage_dir={stage}", "--set", "data.block_size=8", "--out", str(run))
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [1, 2, 3, 4]
-    assert all(line["data_skipped"] == 0 and line["data_unusable"] == 0 for line in lines)
-    assert lines[-1]["loss"] < lines[0]["loss"]
+    shards = ["--set", "data.source=shards", "--set", f"data.root={base / 'shards'}",
+              "--set", "data.block_size=8"]
+    runs = {name: tmp_path / name for name in ("shared", "background", "waited")}
+    stages = {"background": tmp_path / "nvme-background", "waited": tmp_path / "nvme-waited"}
+    for name, run in runs.items():
+        staging = []
+        if name in stages:
+            staging = ["--set", f"data.stage_dir={stages[name]}"]
+        if name == "waited":
+            staging += ["--set", "data.stage_wait=true"]
+        result = cli(*TRAIN, *shards, *staging, "--out", str(run))
+        assert result.returncode == 0, result.stdout + result.stderr
+        if name == "waited":
+            assert "staged" in result.stderr and "(0 failed)" in result.stderr
+
+    lines = {name: _metric_lines(run) for name, run in runs.items()}
+    shared = lines["shared"]
+    assert [line["step"] for line in shared] == [1, 2, 3, 4]
+    assert all(line["data_skipped"] == 0 and line["data_unusable"] == 0 for line in shared)
+    assert shared[-1]["loss"] < shared[0]["loss"]
+    for name in stages:
+        assert [line["loss"] for line in lines[name]] == [line["loss"] for line in shared]
+        assert all(line["data_staging_failed"] == 0 for line in lines[name])
+    background = [line["data_staged"] for line in lines["background"]]
+    assert background == sorted(background)
+
     index = json.loads((base / "shards" / "index.json").read_text())
-    staged = next(stage.iterdir())
-    for shard in index["shards"]:
-        assert (staged / f"{shard['name']}.sha256").read_text().strip() == shard["sha256"]
-        assert hashlib.sha256((staged / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert all(line["data_staged"] == len(index["shards"]) for line in lines["waited"])
+    for name, stage in stages.items():
+        staged = next(stage.iterdir())
+        for shard in index["shards"]:
+            marker = staged / f"{shard['name']}.sha256"
+            if name == "background" and not marker.exists():
+                continue  # the run ended first; the stopped copy stays a .partial
+            assert marker.read_text().strip() == shard["sha256"]
+            assert hashlib.sha256((staged / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert len(list(next(stages["background"].iterdir()).glob("*.sha256"))) >= background[-1]
 
 
 def test_damaged_files_are_counted_in_metrics_and_tensorboard(packed, cli, tmp_path):

@@ -164,6 +164,10 @@ class DataConfig(Section):
         None, description="shards: copy shards to this node-local directory in the background, "
         "verify their checksums, read the local copies once complete.",
     )
+    stage_wait: bool = Field(
+        False, description="With stage_dir: finish staging this rank's shards before the first "
+        "step (stage, then train) instead of training from the shared file system meanwhile.",
+    )
 
     @model_validator(mode="after")
     def _collection_needs(self) -> "DataConfig":
@@ -177,6 +181,8 @@ class DataConfig(Section):
             raise ValueError(f"data.root: not found: {self.root}")
         if self.metadata is not None and not Path(self.metadata).is_file():
             raise ValueError(f"data.metadata: file not found: {self.metadata}")
+        if self.stage_wait and self.stage_dir is None:
+            raise ValueError("data.stage_wait needs data.stage_dir (the directory to stage into)")
         if self.stage_dir is not None and self.source != "shards":
             raise ValueError("data.stage_dir works with data.source shards (packed with "
                              "`terabrain data pack`, which writes the checksums)")

@@ -104,6 +104,12 @@ class Stager:
             return not self._thread.is_alive()
         return True
 
+    def progress(self) -> dict[str, float]:
+        """This rank's share: shards with a verified local copy, and shards that failed."""
+        mine = set(self.mine)
+        return {"data_staged": float(sum(1 for s in list(self.ready) if s in mine)),
+                "data_staging_failed": float(len(self.failed))}
+
     def _final(self, shard: int) -> Path:
         return self.directory / self.tables[shard].path.name
 

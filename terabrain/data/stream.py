@@ -89,6 +89,7 @@ class BatchStream:
         self._next: Optional[int] = None
         self._pipeline = None
         self._warned = 0
+        self.staging = None  # a Stager whose progress joins the metrics, when staging
 
     # --- what the trainer sees -----------------------------------------------------------
 
@@ -115,7 +116,10 @@ class BatchStream:
 
     def metrics(self) -> dict[str, float]:
         """Counters for the metrics line: a collective over replicas (every rank calls it)."""
-        return {"data_skipped": float(self._global_skipped()), "data_unusable": float(self.unusable)}
+        counters = {"data_skipped": float(self._global_skipped()), "data_unusable": float(self.unusable)}
+        if self.staging is not None:
+            counters.update(self.staging.progress())
+        return counters
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"skipped": torch.tensor(self._global_skipped(), dtype=torch.int64)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -206,6 +207,7 @@ class StreamSource:
         )
         if config.stage_dir is not None and self.stager is None:
             self._start_staging(stream)
+        stream.staging = self.stager
         return stream
 
     def _start_staging(self, stream: BatchStream) -> None:
@@ -232,6 +234,13 @@ class StreamSource:
             raise ConfigError(f"data.stage_dir: cannot use {self.config.stage_dir}: {error}") from None
         catalog.locate = self.stager.locate
         self.stager.start()
+        if self.config.stage_wait:
+            began = time.monotonic()
+            self.stager.wait()
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"terabrain: staged {len(self.stager.mine)} shards to {self.stager.directory} "
+                      f"in {time.monotonic() - began:.1f} s ({len(self.stager.failed)} failed)",
+                      file=sys.stderr)
 
     def close(self) -> None:
         if self.stager is not None:
