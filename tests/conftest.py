@@ -14,7 +14,7 @@ SCRIPTS = Path(__file__).resolve().parent / "parallel_scripts"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def run_cli(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 900, check: bool = False) -> subprocess.CompletedProcess:
     """``python -m terabrain ARGS`` in a subprocess, as a user would run it."""
     result = subprocess.run(
         [sys.executable, "-m", "terabrain", *args],
@@ -46,7 +46,7 @@ def clean_environ() -> dict[str, str]:
     return {**environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N ARGS`` (a script, or ``-m terabrain ...``)
     on CPU/gloo, one thread per rank."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

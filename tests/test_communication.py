@@ -44,7 +44,7 @@ def _records(run_dir):
 def test_every_scheme_and_local_sgd_train_close_to_uncompressed():
     result = _ok(torchrun(2, str(SCRIPTS / "compressed_training.py"), "train",
                           "none", "fp16", "bf16", "onebit", "threshold", "adaptive", "localsgd",
-                          timeout=300))
+                          timeout=600))
     found = {r["scheme"]: r for r in (json.loads(line.split("RESULT ", 1)[1])
                                       for line in result.stdout.splitlines() if "RESULT " in line)}
     reference = found.pop("none")

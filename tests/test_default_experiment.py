@@ -22,7 +22,7 @@ def default_run(tmp_path_factory):
     from conftest import run_cli
 
     run_dir = tmp_path_factory.mktemp("demo")
-    result = run_cli("train", "--out", str(run_dir), timeout=300)
+    result = run_cli("train", "--out", str(run_dir))
     assert result.returncode == 0, result.stderr
     return run_dir, result.stdout
 

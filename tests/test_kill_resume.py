@@ -61,7 +61,7 @@ ENV = {
     "MKL_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
 }
-RUN_TIMEOUT_S = 180  # one run to completion; a few seconds normally
+RUN_TIMEOUT_S = 600  # one run to completion; a few seconds normally
 
 
 # --- running and killing ------------------------------------------------------------------

@@ -228,7 +228,7 @@ def test_single_process_exceptions_propagate_through_fail_fast():
 # --- real processes -----------------------------------------------------------------------
 
 
-def _torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return torchrun(nproc, str(SCRIPTS / "mesh_collectives.py"), *args, timeout=timeout)
 
 

@@ -75,7 +75,7 @@ def test_a_killed_copy_resumes_and_is_verified(shards, tmp_path):
     stager = Stager(tables, stage, range(len(tables)), source=shards)
     assert stager.locate(0) == tables[0].path  # not staged yet: read from the source
     stager.start()
-    assert stager.wait(timeout=60)
+    assert stager.wait(timeout=300)
     assert stager.resumed_bytes >= copied and not stager.failed
     staged = _staged(stage)
     for index, table in enumerate(tables):
@@ -85,7 +85,7 @@ def test_a_killed_copy_resumes_and_is_verified(shards, tmp_path):
 
     # Another start trusts the verified copies without copying again.
     again = Stager(tables, stage, range(len(tables)), source=shards).start()
-    assert again.wait(timeout=60) and again.copied_bytes == 0
+    assert again.wait(timeout=300) and again.copied_bytes == 0
     assert again.locate(1) == staged / tables[1].path.name
 
 
@@ -96,7 +96,7 @@ def test_a_damaged_partial_copy_is_copied_again(shards, tmp_path):
     partial = stager.directory / f".{tables[0].path.name}.partial"
     partial.write_bytes(b"\0" * 5000)  # not the shard's first bytes
     stager.start()
-    assert stager.wait(timeout=60) and not stager.failed
+    assert stager.wait(timeout=300) and not stager.failed
     # The rest appended to the damaged part, the checksum differs, then all of it again.
     assert stager.resumed_bytes == 5000
     assert stager.copied_bytes == (tables[0].bytes - 5000) + tables[0].bytes
@@ -108,6 +108,6 @@ def test_a_source_that_no_longer_matches_its_checksum_is_never_staged(shards, tm
     table = tables[0]
     table.sha256 = "0" * 64  # what the index would say after the shard was changed
     stager = Stager([table], tmp_path / "nvme", [0], source=shards).start()
-    assert stager.wait(timeout=60)
+    assert stager.wait(timeout=300)
     assert 0 in stager.failed and stager.locate(0) == table.path
     assert not list(stager.directory.glob("shard-*"))
