@@ -79,10 +79,10 @@ class _RowWindows(nn.Module):
     """A window operation on a map split by rows: this rank checks it got its own rows and
     gathers the rows its windows read (``self.blocks``, one RowBlock per rank)."""
 
-    def __init__(self, axis: Axis, owned: Sequence[Rows], needed: Sequence[Rows],
+    def __init__(self, axis: Axis, owned: Sequence[Rows], height: int, needed: Sequence[Rows],
                  outputs: Sequence[Rows]):
         super().__init__()
-        self.axis, self.height = axis, _height(owned)
+        self.axis, self.height = axis, height
         self.blocks = exchange_plan(owned, needed, outputs)
         self.block = self.blocks[axis.rank]
         self.output_blocks = [block.output_rows for block in self.blocks]
@@ -102,7 +102,7 @@ class RowSplitLCN(_RowWindows):
     def __init__(self, lcn: LocalContrastNorm, axis: Axis, owned: Sequence[Rows]):
         reach, height = 2 * (lcn.kernel_size // 2), _height(owned)
         needed = [(max(0, start - reach), min(height, stop + reach)) for start, stop in owned]
-        super().__init__(axis, owned, needed, owned)
+        super().__init__(axis, owned, height, needed, owned)
         self.kernel_size, self.sigma, self.eps = lcn.kernel_size, lcn.sigma, lcn.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ class RowSplitPool(_RowWindows):
                               "output rows of a pooling layer")
         outputs = split_evenly(out_rows, axis.size)
         needed = [(max(0, a * sh - ph), min(height, (b - 1) * sh - ph + kh)) for a, b in outputs]
-        super().__init__(axis, owned, needed, outputs)
+        super().__init__(axis, owned, height, needed, outputs)
         # Padding rows exist only at the map's top and bottom edges: added here to the
         # band of the ranks that have them, so the pool itself pads columns only.
         first, last = self.block.output_rows
