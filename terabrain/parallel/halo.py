@@ -54,6 +54,15 @@ def split_evenly(total: int, parts: int) -> list[Rows]:
     return blocks
 
 
+def tiled_height(blocks: Sequence[Rows]) -> Optional[int]:
+    """The height of the map whose rows ``blocks`` tile from row 0 without gap or overlap
+    (in any order), or None when they do not."""
+    covered = sorted(tuple(block) for block in blocks)
+    if not covered or covered[0][0] != 0 or any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
+        return None
+    return covered[-1][1]
+
+
 def _intersect(a: Rows, b: Rows) -> Optional[Rows]:
     start, stop = max(a[0], b[0]), min(a[1], b[1])
     return (start, stop) if start < stop else None
@@ -80,9 +89,7 @@ def row_partition(input_rows: int, kernel_size: int, stride: int, ranks: int,
         owned = [(starts[r], starts[r + 1]) for r in range(ranks)]
     else:
         owned = [tuple(block) for block in owned]
-        covered = sorted(owned)
-        if len(owned) != ranks or covered[0][0] != 0 or covered[-1][1] != input_rows or any(
-                a[1] != b[0] for a, b in zip(covered, covered[1:])):
+        if len(owned) != ranks or tiled_height(owned) != input_rows:
             raise ValueError(f"owned input rows {owned} must tile 0..{input_rows} across "
                              f"{ranks} ranks")
     needed = [(first * stride, (last - 1) * stride + kernel_size) for first, last in outputs]

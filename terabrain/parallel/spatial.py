@@ -16,7 +16,8 @@ terabrain/parallel/halo.py with the exchange itself) so a planner can count rows
 without a process group. Parallelism is applied as a plan, ``partition_spatially(model,
 mesh)``, which swaps each ``LocallyConnected2d`` for a ``RowPartitionedLocallyConnected2d``
 holding this rank's rows, and each ``LocalContrastNorm`` (seed 000 normalises after every
-layer) for a ``RowPartitionedLocalContrastNorm`` on the same rows; the model code is
+layer) and pooling module for their row-split versions (terabrain/parallel/row_split.py,
+shared with ``partition_network``) on the rows the layers hand on; the model code is
 unchanged.
 
 Per layer and forward pass a rank receives ``N C W (k - s)`` values (one halo) and sends as
@@ -30,21 +31,16 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as distributed
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from terabrain.errors import ConfigError
 from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
-from terabrain.nn.normalization import (
-    LocalContrastNorm, centre_and_spread, divide, gaussian_window, window_sigma,
-)
-from terabrain.nn.pooling import L2Pool2d, l2_pool2d
+from terabrain.nn.normalization import LocalContrastNorm
 from terabrain.parallel.halo import (  # noqa: F401  (re-exported: the spatial plan's API)
     RowBlock, Rows, exchange_plan, gather_halo, gather_rows, halo_bytes, row_partition,
-    scatter_add_halo, scatter_rows, split_evenly, split_rows,
+    scatter_add_halo, scatter_rows, split_evenly, split_rows, tiled_height,
 )
+from terabrain.parallel.row_split import ROW_SPLIT_STEPS, Axis, row_split
 
 
 # --- the partitioned layer -------------------------------------------------------------------
@@ -78,10 +74,6 @@ class RowPartitionedLocallyConnected2d(nn.Module):
     @property
     def output_blocks(self) -> list[Rows]:
         return [block.output_rows for block in self.blocks]
-
-    @property
-    def output_rows_total(self) -> int:
-        return self.output_size[0]
 
     @property
     def local_output_size(self) -> tuple[int, int]:
@@ -164,146 +156,45 @@ def _model_group(mesh: DeviceMesh) -> dist.ProcessGroup:
 def partition_spatially(model: nn.Module, mesh: DeviceMesh,
                         device: Optional[torch.device] = None) -> nn.Module:
     """Apply the spatial plan along the mesh's model axis: every ``LocallyConnected2d`` in
-    ``model`` (or ``model`` itself) becomes this rank's ``RowPartitionedLocallyConnected2d``
-    and every ``LocalContrastNorm`` a ``RowPartitionedLocalContrastNorm``. Returns the
-    model (a new module when ``model`` is itself one of those layers).
+    ``model`` (or ``model`` itself) becomes this rank's ``RowPartitionedLocallyConnected2d``,
+    every ``LocalContrastNorm`` a ``RowSplitLCN`` and every pooling module (``L2Pool2d``,
+    ``nn.MaxPool2d``, ``nn.AvgPool2d``) a ``RowSplitPool`` (terabrain.parallel.row_split).
+    Returns the model (a new module when ``model`` is itself a locally connected layer).
 
     Modules are taken in registration order (execution order for ``nn.Sequential``). A
     module whose input rows are the previous partitioned module's output rows keeps that
     module's row blocks as its own input rows, so stacked layers pass their outputs on
     without re-partitioning (only halos move). An LCN before the first locally connected
-    layer works on that layer's input rows."""
+    layer works on that layer's input rows; pooling must follow one."""
     group = _model_group(mesh)
     if isinstance(model, LocallyConnected2d):
         return RowPartitionedLocallyConnected2d(model, group, device=device)
-    if isinstance(model, LocalContrastNorm):
-        raise ValueError("spatial plan: a LocalContrastNorm alone has no row blocks to follow; "
-                         "partition the model it belongs to")
+    if isinstance(model, ROW_SPLIT_STEPS):
+        raise ValueError(f"spatial plan: a {type(model).__name__} alone has no row blocks to "
+                         "follow; partition the model it belongs to")
+    axis = Axis(group)
     layers = [(name, child) for name, child in model.named_modules()
-              if isinstance(child, (LocallyConnected2d, LocalContrastNorm, L2Pool2d))]
+              if isinstance(child, (LocallyConnected2d, *ROW_SPLIT_STEPS))]
     previous: Optional[nn.Module] = None  # the last partitioned module
     for index, (name, child) in enumerate(layers):
         if isinstance(child, LocallyConnected2d):
             owned = None
-            if previous is not None and previous.output_rows_total == child.input_size[0]:
+            if previous is not None and tiled_height(previous.output_blocks) == child.input_size[0]:
                 owned = previous.output_blocks
             replacement = RowPartitionedLocallyConnected2d(child, group, owned, device)
-        elif isinstance(child, L2Pool2d):
-            if previous is None:
-                raise ValueError(f"spatial plan: {name} (L2 pooling) comes before any locally "
-                                 "connected layer, so its rows are not known")
-            replacement = RowPartitionedL2Pool2d(child, group, previous.output_blocks,
-                                                 previous.output_rows_total)
+        elif previous is not None:
+            replacement = row_split(child, axis, previous.output_blocks)
+        elif isinstance(child, LocalContrastNorm):
+            following = next((c for _, c in layers[index:] if isinstance(c, LocallyConnected2d)),
+                             None)
+            if following is None:
+                continue  # no spatially split layer: nothing to follow
+            replacement = row_split(child, axis, [b.owned_rows for b in row_partition(
+                following.input_size[0], following.kernel_size, following.stride, axis.size)])
         else:
-            if previous is not None:
-                owned, height = previous.output_blocks, previous.output_rows_total
-            else:
-                following = next((c for _, c in layers[index:] if isinstance(c, LocallyConnected2d)),
-                                 None)
-                if following is None:
-                    continue  # no spatially split layer: nothing to follow
-                ranks = dist.get_world_size(group)
-                height = following.input_size[0]
-                owned = [b.owned_rows for b in row_partition(
-                    height, following.kernel_size, following.stride, ranks)]
-            replacement = RowPartitionedLocalContrastNorm(child, group, owned, height)
+            raise ValueError(f"spatial plan: {name} (pooling) comes before any locally "
+                             "connected layer, so its rows are not known")
         owner_name, _, leaf = name.rpartition(".")
         (model.get_submodule(owner_name) if owner_name else model).register_module(leaf, replacement)
         previous = replacement
     return model
-
-
-class _RowWindows(nn.Module):
-    """A window operation on a map split by rows: this rank checks it got its own rows and
-    gathers the rows its windows read."""
-
-    block: RowBlock
-    group: dist.ProcessGroup
-
-    def _band(self, x: torch.Tensor) -> torch.Tensor:
-        start, stop = self.block.owned_rows
-        if x.dim() != 4 or x.shape[2] != stop - start:
-            raise ValueError(f"rank {self.block.rank}: expected its {stop - start} rows "
-                             f"{self.block.owned_rows} as (N, C, rows, W), got {tuple(x.shape)}")
-        return gather_halo(x, self.block, self.group)
-
-
-class RowPartitionedLocalContrastNorm(_RowWindows):
-    """``LocalContrastNorm`` on this rank's rows of a map split by rows: the same values as
-    on the whole map. The Gaussian windows reach ``r = kernel_size // 2`` rows across block
-    edges twice (local mean, then local spread), so a halo of ``2 r`` rows comes from each
-    side; the per-image mean spread, LCN's floor, is one all-reduce of ``N`` sums."""
-
-    def __init__(self, lcn: LocalContrastNorm, group: dist.ProcessGroup, owned: Sequence[Rows],
-                 height: int):
-        super().__init__()
-        reach = 2 * (lcn.kernel_size // 2)
-        needed = [(max(0, start - reach), min(height, stop + reach)) for start, stop in owned]
-        self.blocks = exchange_plan(owned, needed)
-        self.block, self.group = self.blocks[dist.get_rank(group)], group
-        self.kernel_size, self.sigma, self.eps = lcn.kernel_size, lcn.sigma, lcn.eps
-        self.height = height
-
-    @property
-    def output_blocks(self) -> list[Rows]:
-        return [block.owned_rows for block in self.blocks]
-
-    @property
-    def output_rows_total(self) -> int:
-        return self.height
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        band = self._band(x)
-        taps = gaussian_window(self.kernel_size, window_sigma(self.kernel_size, self.sigma),
-                               x.dtype, x.device)
-        centred, spread = centre_and_spread(band, taps)
-        (start, stop), first = self.block.owned_rows, self.block.needed_rows[0]
-        mine = slice(start - first, stop - first)
-        centred, spread = centred[:, :, mine], spread[:, :, mine]
-        total = distributed.all_reduce(spread.sum(dim=(2, 3), keepdim=True), group=self.group)
-        return divide(centred, spread, total / (self.height * x.shape[3]), self.eps)
-
-    def extra_repr(self) -> str:
-        return (f"kernel_size={self.kernel_size}, sigma={self.sigma}, rank {self.block.rank}: "
-                f"rows {self.block.owned_rows} + halo {self.block.halo_rows}")
-
-
-class RowPartitionedL2Pool2d(_RowWindows):
-    """``L2Pool2d`` on a map split by rows: output rows split evenly, each rank gathering the
-    input rows its windows read (a halo where windows cross block edges) and padding only
-    at the map's own top and bottom edges."""
-
-    def __init__(self, pool: L2Pool2d, group: dist.ProcessGroup, owned: Sequence[Rows],
-                 height: int):
-        super().__init__()
-        pair = nn.modules.utils._pair
-        self.kernel = pair(pool.kernel_size)
-        self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
-        self.padding, self.eps, self.height = pair(pool.padding), pool.eps, height
-        (kh, _), (sh, _), (ph, _) = self.kernel, self.stride, self.padding
-        self.out_rows = (height + 2 * ph - kh) // sh + 1
-        ranks = dist.get_world_size(group)
-        if self.out_rows < ranks:
-            raise ConfigError(f"parallel.model ({ranks}) is larger than the {self.out_rows} "
-                              "output rows of an L2 pooling layer")
-        outputs = split_evenly(self.out_rows, ranks)
-        needed = [(max(0, a * sh - ph), min(height, (b - 1) * sh - ph + kh)) for a, b in outputs]
-        self.blocks = exchange_plan(owned, needed, outputs)
-        self.block, self.group = self.blocks[dist.get_rank(group)], group
-
-    @property
-    def output_blocks(self) -> list[Rows]:
-        return [block.output_rows for block in self.blocks]
-
-    @property
-    def output_rows_total(self) -> int:
-        return self.out_rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        band = self._band(x)
-        (kh, _), (sh, _), (ph, pw) = self.kernel, self.stride, self.padding
-        first, last = self.block.output_rows
-        top = max(0, ph - first * sh)
-        bottom = max(0, (last - 1) * sh - ph + kh - self.height)
-        band = F.pad(band, (0, 0, top, bottom))
-        return l2_pool2d(band, self.kernel, self.stride, (0, pw), self.eps)

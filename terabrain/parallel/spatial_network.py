@@ -11,9 +11,10 @@ and leaves the model code as it is. Every map between layers is split by rows in
   fields read come from their owners, and the reconstruction's partial sums on halo rows go
   back to them (``spatial.gather_halo`` / ``scatter_add_halo``); its input-shaped bias is
   split like its input;
-- pooling reads a halo of ``kernel - stride`` rows (its own row partition); LCN reads
-  ``2 (kernel // 2)`` rows on each side (two nested Gaussian windows) and all-reduces its
-  per-image mean spread;
+- pooling and LCN are terabrain/parallel/row_split.py's (shared with
+  ``partition_spatially``): pooling reads a halo of ``kernel - stride`` rows (its output
+  rows split evenly); LCN reads ``2 (kernel // 2)`` rows on each side (two nested Gaussian
+  windows) and all-reduces its per-image mean spread;
 - a dense layer (the top layer only) is split by hidden unit: it all-gathers its input,
   computes its units' codes, and reduces its partial reconstruction to each rank's rows;
 - conv layers are not split (refused: their shared filters would need a replicated
@@ -41,30 +42,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from terabrain.errors import ConfigError
 from terabrain.nn.deep import DeepNetwork, DenseBank, LocalBank, RICALayer, _unit_rows
 from terabrain.nn.local import locally_connected, locally_connected_transpose
-from terabrain.nn.normalization import (
-    LocalContrastNorm, centre_and_spread, divide, gaussian_window, window_sigma,
-)
-from terabrain.nn.pooling import L2Pool2d
 from terabrain.parallel.parallelism import local
+from terabrain.parallel.row_split import Axis, row_split
 from terabrain.parallel.row_state import RowShard
 from terabrain.parallel.spatial import (
     RowBlock, Rows, gather_halo, gather_rows, row_partition, rows_of_parameter,
     scatter_add_halo, split_evenly,
 )
 from terabrain.train.layerwise import LayerwiseObjective
-
-
-class Axis:
-    """The model axis' process group. Deep copies of split layers (layer-wise training's
-    forward copies) share it: a process group cannot be copied."""
-
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 # --- collectives with their gradients ---------------------------------------------------------
@@ -92,23 +77,6 @@ class _SummedGradient(torch.autograd.Function):
     def forward(ctx, value, axis):
         ctx.axis = axis
         return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.axis.group)
-        return grad, None
-
-
-class _AllReduce(torch.autograd.Function):
-    """A sum every rank uses: forward and backward all-reduce."""
-
-    @staticmethod
-    def forward(ctx, value, axis):
-        ctx.axis = axis
-        total = value.detach().contiguous().clone()
-        dist.all_reduce(total, group=axis.group)
-        return total
 
     @staticmethod
     def backward(ctx, grad):
@@ -159,23 +127,6 @@ def local_layer_blocks(owned: Sequence[Rows], height: int, padding: tuple[int, i
     padded = [(0 if r == 0 else a + before, height + before + after if r == last else b + before)
               for r, (a, b) in enumerate(owned)]
     return row_partition(height + before + after, kernel, stride, len(owned), padded)
-
-
-def window_blocks(owned: Sequence[Rows], reach: int, height: int) -> list[RowBlock]:
-    """Row blocks for a window of ``reach`` rows either side of each owned row (LCN): each
-    rank needs its rows widened by ``reach``, cut at the map's edges."""
-    needed = [(max(0, a - reach), min(height, b + reach)) for a, b in owned]
-
-    def meet(x: Rows, y: Rows):
-        start, stop = max(x[0], y[0]), min(x[1], y[1])
-        return (start, stop) if start < stop else None
-
-    ranks = range(len(owned))
-    return [RowBlock(
-        rank, owned[rank], owned[rank], needed[rank],
-        tuple((p, rows) for p in ranks if p != rank for rows in [meet(owned[p], needed[rank])] if rows),
-        tuple((p, rows) for p in ranks if p != rank for rows in [meet(owned[rank], needed[p])] if rows),
-    ) for rank in ranks]
 
 
 # --- split layers -------------------------------------------------------------------------------
@@ -377,77 +328,13 @@ def _bias_block(layer: RICALayer, start: int, stop: int, device: torch.device) -
     return torch.zeros((layer.in_shape[0], stop - start, layer.in_shape[2]), device=device)
 
 
-# --- split post-processing -----------------------------------------------------------------------
-
-
-class RowSplitPool(nn.Module):
-    """A pooling step on row blocks: its own row partition, halo ``kernel - stride`` rows."""
-
-    def __init__(self, pool: nn.Module, height: int, owned: Sequence[Rows], axis: Axis):
-        super().__init__()
-        self.pool, self.axis = pool, axis
-        kernel = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
-        stride = pool.stride or kernel
-        stride = stride if isinstance(stride, int) else stride[0]
-        self.blocks = row_partition(height, kernel, stride, axis.size, owned)
-        self.output_blocks = [b.output_rows for b in self.blocks]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(gather_halo(x, self.blocks[self.axis.rank], self.axis.group))
-
-
-class RowSplitLCN(nn.Module):
-    """LocalContrastNorm on row blocks: equals the whole map's normalization on this rank's
-    rows. The Gaussian windows are cut at the map's edges (not the block's) and the
-    per-image mean spread is summed over the model axis."""
-
-    def __init__(self, lcn: LocalContrastNorm, shape: tuple[int, int, int], owned: Sequence[Rows],
-                 axis: Axis):
-        super().__init__()
-        self.lcn, self.axis = lcn, axis
-        _, self.height, self.width = shape
-        self.reach = lcn.kernel_size // 2
-        self.blocks = window_blocks(owned, 2 * self.reach, self.height)
-        self.output_blocks = list(owned)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lcn, block = self.lcn, self.blocks[self.axis.rank]
-        taps = gaussian_window(lcn.kernel_size, window_sigma(lcn.kernel_size, lcn.sigma),
-                               x.dtype, x.device)
-        # The band holds 2r rows beyond this rank's own on each inner side: its own rows'
-        # windows never reach a cut that is not the map's edge (terabrain.nn.normalization).
-        centred, spread = centre_and_spread(gather_halo(x, block, self.axis.group), taps)
-        start = block.needed_rows[0]
-        first, last = block.owned_rows[0] - start, block.owned_rows[1] - start
-        centred, spread = centred[:, :, first:last], spread[:, :, first:last]
-        total = _AllReduce.apply(spread.sum(dim=(2, 3), keepdim=True), self.axis)
-        return divide(centred, spread, total / (self.height * self.width), lcn.eps)
-
-
-def _split_post(post: nn.Sequential, shape, owned: Sequence[Rows], axis: Axis):
-    steps, blocks = [], list(owned)
-    channels, height, width = shape
+def _split_post(post: nn.Sequential, owned: Sequence[Rows], axis: Axis):
+    """A layer's pooling and LCN on its output rows ``owned``, and the rows they hand on."""
+    steps = []
     for step in post:
-        if isinstance(step, (L2Pool2d, nn.MaxPool2d, nn.AvgPool2d)):
-            if getattr(step, "padding", 0) not in (0, (0, 0)):
-                raise ConfigError("parallel.model > 1: padded pooling is not split across ranks")
-            split = RowSplitPool(step, height, blocks, axis)
-            height = split.output_blocks[-1][1]
-            width = _pooled_width(step, width)
-        elif isinstance(step, LocalContrastNorm):
-            split = RowSplitLCN(step, (channels, height, width), blocks, axis)
-        else:
-            raise ConfigError(f"parallel.model > 1: no row split for {type(step).__name__}")
-        steps.append(split)
-        blocks = split.output_blocks
-    return nn.Sequential(*steps), blocks
-
-
-def _pooled_width(pool: nn.Module, width: int) -> int:
-    kernel = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[1]
-    stride = pool.stride or kernel
-    stride = stride if isinstance(stride, int) else stride[1]
-    return (width - kernel) // stride + 1
+        steps.append(row_split(step, axis, owned))
+        owned = steps[-1].output_blocks
+    return nn.Sequential(*steps), owned
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -482,7 +369,7 @@ def partition_network(network: DeepNetwork, mesh: DeviceMesh,
                               "parallel.data for conv networks")
         network.layers[index] = split
         if isinstance(split, RowSplitLocalLayer):
-            network.post[index], owned = _split_post(post, layer.out_shape, blocks, axis)
+            network.post[index], owned = _split_post(post, blocks, axis)
     return network
 
 

@@ -5,7 +5,8 @@ Each rank builds the whole layer (same seed) as the reference and the partitione
 (from a meta-device build for some cases, so its rows are initialised where they live).
 For each case it compares, gathered across ranks: the forward output, ``transpose``, and
 the gradients of the weights, bias and input of a RICA-style reconstruction loss
-``|T(F(x)) - x|^2 + <F(x), u>``. Prints `rank R: CASE ok (max diff)` per case and
+``|T(F(x)) - x|^2 + <F(x), u>``; then stacks with LCN and L2, max and average pooling
+(output and gradients). Prints `rank R: CASE ok (max diff)` per case and
 `rank R: all cases ok` at the end.
 """
 
@@ -146,6 +147,35 @@ def check_stack(mesh, group):
     return worst
 
 
+def check_max_and_average_pooling(mesh, group):
+    """Layer, max pooling (stride 2), average pooling (stride 1), LCN: both poolings are
+    split by rows like L2 pooling (halo rows where windows cross block edges)."""
+    torch.manual_seed(2)
+    stack = nn.Sequential(LocallyConnected2d(2, 3, (22, 9), 3, 1, seed=5), nn.MaxPool2d(3, 2),
+                          nn.AvgPool2d(2, 1), LocalContrastNorm(3))
+    x = torch.randn(BATCH, 2, 22, 9)
+    full_x = x.clone().requires_grad_()
+    expected = stack(full_x)
+    expected.pow(2).sum().backward()
+    weight_grad = stack[0].weight.grad
+    parted = partition_spatially(stack, mesh)
+    layer = parted[0]
+    local_x = split_rows(x, layer.block.owned_rows).clone().requires_grad_()
+    local_y = parted(local_x)
+    local_y.pow(2).sum().backward()
+    width = layer.output_size[1]
+    locations = [(a * width, b * width) for a, b in (b.output_rows for b in layer.blocks)]
+    pairs = [(gather_rows(local_y.detach(), parted[3].output_blocks, group), expected.detach()),
+             (gather_rows(layer.weight.grad, locations, group, dim=0), weight_grad),
+             (gather_rows(local_x.grad, [b.owned_rows for b in layer.blocks], group), full_x.grad)]
+    worst = 0.0
+    for got, want in pairs:
+        assert got.shape == want.shape, (got.shape, want.shape)
+        worst = max(worst, largest_difference(got, want))
+    assert worst < 1e-5, f"max/average pooling stack differs by {worst:.2e}"
+    return worst
+
+
 def main():
     env = detect_launch_env()
     with fail_fast(env):
@@ -156,6 +186,8 @@ def main():
             worst = check_case(name, case, mesh, group)
             print(f"rank {env.rank}: {name} ok ({worst:.1e})", flush=True)
         print(f"rank {env.rank}: stack ok ({check_stack(mesh, group):.1e})", flush=True)
+        worst = check_max_and_average_pooling(mesh, group)
+        print(f"rank {env.rank}: max/average pooling ok ({worst:.1e})", flush=True)
         if env.world_size == 4:
             # Data x model 2 x 2: halos travel inside each model group (global ranks {0, 1}
             # and {2, 3}), while the other group does the same.
