@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from terabrain.data.catalogs import Catalog
-from terabrain.data.decode import ImageSpec, decode
+from terabrain.data.decode import ImageSpec, decode, to_unit
 
 # "Epoch" used for rows that are not training rows (whitening fit, held-out set).
 OUTSIDE_TRAINING = -1
@@ -29,6 +29,9 @@ class ImageExamples:
         self.seed = seed
         self.patch_size = patch_size
         self.patches = patches
+        # Pre-decoded shards skip the decoder; ConfigError if they hold other pixels than spec.
+        root = getattr(catalog, "location", None)
+        self.pixels = catalog.decoded.reader(spec, root) if catalog.decoded is not None else None
 
     @property
     def per_sample(self) -> int:
@@ -48,7 +51,8 @@ class ImageExamples:
         return len(self.catalog)
 
     def __call__(self, index: int, epoch: int) -> np.ndarray:
-        image = decode(self.catalog.read(index), self.catalog.name(index), self.spec)
+        data, name = self.catalog.read(index), self.catalog.name(index)
+        image = decode(data, name, self.spec) if self.pixels is None else to_unit(self.pixels(data, name))
         if not self.patches:
             return image.reshape(1, -1)
         rng = np.random.default_rng([self.seed, epoch + 1, index])
