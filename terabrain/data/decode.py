@@ -58,7 +58,7 @@ def decode(data: bytes, name: str, spec: ImageSpec) -> np.ndarray:
 def to_unit(pixels: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 in [0, 1]: the one conversion every reader shares, so an image
     read from pre-decoded shards is bit-identical to the same image decoded from its file."""
-    return pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    return np.multiply(pixels, np.float32(1.0 / 255.0), dtype=np.float32)  # one pass, one array
 
 
 def decode_pixels(data: bytes, name: str, spec: ImageSpec) -> np.ndarray:
