@@ -108,12 +108,15 @@ def _losses(run: Path) -> list[float]:
 def test_training_from_predecoded_shards_equals_training_from_jpeg_shards(packs, tmp_path, capsys):
     from terabrain.cli import main
 
-    for name in ("jpeg", "grey16"):
+    staged = ["--set", f"data.stage_dir={tmp_path / 'nvme'}", "--set", "data.stage_wait=true"]
+    for run, name, extra in (("jpeg", "jpeg", []), ("decoded", "grey16", []), ("staged", "grey16", staged)):
         code = main([*TRAIN, "--set", "train.steps=3", "--set", f"data.root={packs / name}",
-                     "--set", "data.workers=2", "--out", str(tmp_path / name)])
+                     "--set", "data.workers=2", *extra, "--out", str(tmp_path / run)])
         assert code == 0, capsys.readouterr().err
-    jpeg, predecoded = _losses(tmp_path / "jpeg"), _losses(tmp_path / "grey16")
-    assert len(jpeg) == 3 and predecoded == jpeg
+    jpeg = _losses(tmp_path / "jpeg")
+    assert len(jpeg) == 3 and _losses(tmp_path / "decoded") == jpeg
+    # Staged pre-decoded shards: read from verified local copies, the same losses again.
+    assert "(0 failed)" in capsys.readouterr().err and _losses(tmp_path / "staged") == jpeg
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -162,7 +165,7 @@ def _damaged_copy(packs: Path, tmp_path: Path) -> tuple[Path, list[str], list[st
 
 def test_corrupt_and_cut_short_members_are_skipped_and_counted(packs, tmp_path, capsys):
     from terabrain.cli import main
-    from terabrain.data.pack import stats
+    from terabrain.data.pack import format_stats, stats
 
     damaged, corrupt, cut = _damaged_copy(packs, tmp_path)
     catalog = ShardCatalog(damaged)
@@ -181,6 +184,7 @@ def test_corrupt_and_cut_short_members_are_skipped_and_counted(packs, tmp_path, 
     assert sorted(u["name"] for u in report["unreadable"] if "CRC-32" in u["reason"]) == sorted(corrupt)
     assert len(report["checksums"]["mismatched"]) == 2  # the two shards with a corrupt member
     assert report["readable"] == 27 and report["width"]["max"] == 16
+    assert "pre-decoded   16x16 grey uint8 .npy members" in format_stats(report)
 
     # Over an epoch (28 training images, 4 a step) every corrupt member in it is met, at most twice in 8 steps.
     run = tmp_path / "run"

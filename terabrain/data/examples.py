@@ -1,5 +1,6 @@
-"""From a catalog entry to training rows: decode + seed-000 preprocessing, then either the
-whole image as one example or ``patches`` random square patches of it, flattened.
+"""From a catalog entry to training rows: decode + seed-000 preprocessing (or, for
+pre-decoded shards, the stored pixels), then either the whole image as one example or
+``patches`` random square patches of it, flattened.
 
 Patch positions are drawn from a generator seeded by (seed, epoch, example), so the rows an
 example yields do not depend on which worker decoded it, how many workers there are, or

@@ -226,7 +226,7 @@ def format_stats(result: dict) -> str:
         d = result["decoded"]
         side = "x".join(str(n) for n in d["shape"][:2])
         lines.append(f"  pre-decoded   {side} {'colour' if d['color'] else 'grey'} uint8 .npy members "
-                     f"(crop_size {d['crop_size']}, image_size {d['image_size']}); train with "
+                     f"(crop_size {d['crop_size']}, image_size {d['image_size'] or 'null'}); train with "
                      f"data.color {str(d['color']).lower()} and a side of at most {d['shape'][0]}")
     if "shards" in result:
         lines.append(f"  shards        {result['shards']} ({result['empty_shards']} empty, "

@@ -88,7 +88,7 @@ class DecodedPack:
 
     def describe(self) -> str:
         return (f"{self.side}x{self.side} {'colour' if self.color else 'grey'} uint8 "
-                f"(crop_size {self.crop_size}, image_size {self.image_size})")
+                f"(crop_size {self.crop_size}, image_size {self.image_size or 'null'})")
 
     @property
     def header(self) -> bytes:
