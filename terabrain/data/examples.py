@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from terabrain.data.catalogs import Catalog
-from terabrain.data.decode import ImageSpec, decode, to_unit
+from terabrain.data.decode import ImageSpec, decode_pixels, to_unit
 
 # "Epoch" used for rows that are not training rows (whitening fit, held-out set).
 OUTSIDE_TRAINING = -1
@@ -53,14 +53,15 @@ class ImageExamples:
 
     def __call__(self, index: int, epoch: int) -> np.ndarray:
         data, name = self.catalog.read(index), self.catalog.name(index)
-        image = decode(data, name, self.spec) if self.pixels is None else to_unit(self.pixels(data, name))
+        image = decode_pixels(data, name, self.spec) if self.pixels is None else self.pixels(data, name)
         if not self.patches:
-            return image.reshape(1, -1)
+            return to_unit(image).reshape(1, -1)
         rng = np.random.default_rng([self.seed, epoch + 1, index])
         side = self.patch_size
         top = rng.integers(0, image.shape[0] - side + 1, size=self.patches)
         left = rng.integers(0, image.shape[1] - side + 1, size=self.patches)
-        return np.stack([image[y : y + side, x : x + side].reshape(-1) for y, x in zip(top, left)])
+        # Patches cut from the uint8 pixels: only they are converted to float.
+        return to_unit(np.stack([image[y : y + side, x : x + side].reshape(-1) for y, x in zip(top, left)]))
 
 
 class ArrayExamples:
