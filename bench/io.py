@@ -12,6 +12,8 @@ assembly, prefetch queue): worker threads 1 and N, worker processes N (DataLoade
 the same shards staged to a second directory (``data.stage_dir``). Both directories are on
 this machine's local disk and the files are in the page cache after the first pass, so
 staged vs unstaged measures staging's overhead on the read path, not Lustre vs NVMe.
+Then the same images from pre-decoded shards (``terabrain data pack --decode``, one pack
+per pipeline): worker threads 1 and N; no JPEG is decoded, each member's CRC-32 is checked.
 
 Consumers: the training step of each built-in experiment that runs on this machine, on
 random data of its input size and batch size (the step costs the same whatever the pixels),
@@ -42,6 +44,7 @@ from _common import OtherLoad  # bench/ is on sys.path: scripts run as bench/NAM
 
 from terabrain.config.loader import load_experiment
 from terabrain.config.schema import DataConfig
+from terabrain.data.decode import ImageSpec
 from terabrain.data.embedded import PHOTOS, load_photo
 from terabrain.data.pack import pack
 from terabrain.data.streaming import StreamSource
@@ -90,8 +93,10 @@ def reader_rate(root: Path, pipeline: str, workers: int, kind: str, stage: Path 
     stream.batch(0)  # warm-up: workers started, page cache filled
     steps = stream.order.per_epoch * passes
     begin = time.perf_counter()
-    images = 0
-    for step in range(1, steps + 1):
+    images = step = 0
+    # At least ``passes`` epochs and a second: a fast reader's two epochs would be too short to time.
+    while step < steps or time.perf_counter() - begin < 1.0:
+        step += 1
         images += len(stream.batch(step)[0])
     elapsed = time.perf_counter() - begin
     stream.close()
@@ -147,6 +152,11 @@ def main() -> None:
         make_collection(scratch / "images", args.images)
         pack(scratch / "images", scratch / "shards", shard_bytes=8_000_000, log=lambda *_: None)
         size = sum(p.stat().st_size for p in (scratch / "shards").glob("*.tar"))
+        decoded_bytes = {}
+        for number, (pipeline, (image_size, color)) in enumerate(PIPELINES.items()):
+            pack(scratch / "images", scratch / f"decoded-{number}", shard_bytes=64_000_000,
+                 log=lambda *_: None, decode=ImageSpec(300, image_size, color))
+            decoded_bytes[pipeline] = sum(p.stat().st_size for p in (scratch / f"decoded-{number}").glob("*.tar"))
         n = args.workers
         cases = [("threads", 1, "thread", None), ("threads", n, "thread", None),
                  ("processes", n, "process", None), ("threads, staged", n, "thread", scratch / "stage")]
@@ -157,6 +167,12 @@ def main() -> None:
                     continue  # staging changes where bytes come from, not the decoding
                 rate = reader_rate(scratch / "shards", pipeline, workers, kind, stage, args.batch, args.passes)
                 readers.append({"pipeline": pipeline, "case": f"{label} x{workers}", "images_per_s": rate})
+        for number, pipeline in enumerate(PIPELINES):
+            for workers in (1, n):
+                rate = reader_rate(scratch / f"decoded-{number}", pipeline, workers, "thread", None,
+                                   args.batch, args.passes)
+                readers.append({"pipeline": pipeline, "case": f"pre-decoded, threads x{workers}",
+                                "images_per_s": rate})
         seed, small = PIPELINES
         consumers = []
         for label, name, overrides, per_image, pipeline, steps in [
@@ -175,24 +191,33 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
     best = {p: max(r["images_per_s"] for r in readers if r["pipeline"] == p) for p in PIPELINES}
+    jpeg = {p: max(r["images_per_s"] for r in readers if r["pipeline"] == p and "pre-decoded" not in r["case"])
+            for p in PIPELINES}
     for c in consumers:
         c["reader_over_need"] = best[c["pipeline"]] / c["images_per_s"]
-    result = {"images": args.images, "shard_bytes": size, "workers": n, "cpu_count": os.cpu_count(),
+        c["jpeg_reader_over_need"] = jpeg[c["pipeline"]] / c["images_per_s"]
+    result = {"images": args.images, "shard_bytes": size, "decoded_shard_bytes": decoded_bytes,
+              "workers": n, "cpu_count": os.cpu_count(),
               "readers": readers, "consumers": consumers, "other_load_cores": other, "target": TARGET}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"bench/io.py: {args.images} JPEGs 640x480 in {size / 1e6:.1f} MB of shards; decode + "
           f"seed-000 preprocessing (smaller side to 300, centre crop); {os.cpu_count()} cores")
+    for pipeline, bytes_ in decoded_bytes.items():
+        print(f"pre-decoded shards for {pipeline}: {bytes_ / 1e6:.1f} MB ({bytes_ / args.images / 1e3:.1f} kB "
+              f"per image; JPEG shards {size / args.images / 1e3:.1f} kB per image)")
     print(f"{'reader (one process)':<34}{'pipeline':<32}{'images/s':>10}")
     for r in readers:
         print(f"  {r['case']:<32}{r['pipeline']:<32}{r['images_per_s']:>10.1f}")
     print(f"{'training step on ' + args.device:<40}{'examples/s':>11}{'ex/image':>9}{'images/s':>10}"
-          f"{'best reader':>12}{'ratio':>8}")
+          f"{'best JPEG':>11}{'ratio':>7}{'best reader':>12}{'ratio':>8}")
     for c in consumers:
         print(f"  {c['experiment']:<38}{c['examples_per_s']:>11.0f}{c['examples_per_image']:>9}"
-              f"{c['images_per_s']:>10.1f}{best[c['pipeline']]:>12.1f}{c['reader_over_need']:>7.1f}x")
-    print(f"target: reader >= {TARGET:.0f}x what training consumes (ratio column). Reader and step "
+              f"{c['images_per_s']:>10.1f}{jpeg[c['pipeline']]:>11.1f}{c['jpeg_reader_over_need']:>6.1f}x"
+              f"{best[c['pipeline']]:>12.1f}{c['reader_over_need']:>7.1f}x")
+    print(f"target: reader >= {TARGET:.0f}x what training consumes (last column: the best of all readers, "
+          "pre-decoded included; the first ratio: JPEG shards only). Reader and step "
           "were timed one after the other, each with all cores; on a GPU node the step runs on the GPU.")
     if other is not None:
         print(f"other load on the machine while measuring: {other:.2f} cores (shared machine: figures vary)")

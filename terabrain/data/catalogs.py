@@ -17,12 +17,14 @@ from typing import Callable, Optional
 import numpy as np
 
 from terabrain.data.decode import BadSample, is_image_name
-from terabrain.data.shards import ShardTable, load_tables
+from terabrain.data.predecoded import DecodedPack, checksum
+from terabrain.data.shards import ShardTable, load_pack
 from terabrain.data.yfcc import YFCCFilter, select
 
 
 class Catalog:
     problems: list[tuple[str, str]]
+    decoded: Optional[DecodedPack] = None  # members hold pre-decoded pixels, not image files
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -84,11 +86,12 @@ class YFCCCatalog(FolderCatalog):
 
 class ShardCatalog(Catalog):
     """Image members of tar shards, numbered shard by shard in member order. ``locate``
-    (set by staging) maps a shard to a node-local copy once one is complete and verified."""
+    (set by staging) maps a shard to a node-local copy once one is complete and verified.
+    Members with a CRC-32 in the index (pre-decoded packs) are checked on every read."""
 
     def __init__(self, location: Path):
         self.location = Path(location)
-        self.tables: list[ShardTable] = load_tables(self.location)
+        self.tables, self.decoded = load_pack(self.location)
         self.problems = [problem for table in self.tables for problem in table.problems]
         counts = np.array([len(t.names) for t in self.tables], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
@@ -139,6 +142,8 @@ class ShardCatalog(Catalog):
             raise BadSample(self.name(index), f"unreadable ({error.strerror or error})") from None
         if len(data) != size:
             raise BadSample(self.name(index), f"member cut short ({len(data)} of {size} bytes)")
+        if table.crc32 is not None and checksum(data) != table.crc32[member]:
+            raise BadSample(self.name(index), "member corrupt: its CRC-32 differs from the index")
         return data
 
     def close(self) -> None:

@@ -12,12 +12,28 @@ def register(commands) -> None:
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     pack = sub.add_parser(
         "pack", help="write an image folder as tar shards with an index and SHA-256 checksums",
-        description="terabrain data pack photos/ shards/ --shard-size 1GB",
+        description="terabrain data pack photos/ shards/ --shard-size 1GB\n"
+                    "terabrain data pack photos/ shards-300-grey/ --decode --crop-size 300 --grey",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pack.add_argument("source", type=Path, metavar="SRC", help="a folder of images (recursive)")
     pack.add_argument("dest", type=Path, metavar="DEST", help="a new directory for the shards")
     pack.add_argument("--shard-size", default="1GB", metavar="SIZE", help="bytes of members per shard (default 1GB; tar's end padding adds <= 10 KiB)")
     pack.add_argument("--workers", type=int, default=4, help="threads decoding images to check them")
+    decoded = pack.add_argument_group(
+        "pre-decoded shards", "store each image decoded and preprocessed (uint8 .npy members),\n"
+        "as data.crop_size / data.image_size / data.color would: training then reads pixels\n"
+        "and decodes no JPEG; it must ask for the same colour mode and at most the same side")
+    decoded.add_argument("--decode", action="store_true", help="write pre-decoded members")
+    decoded.add_argument("--crop-size", type=int, default=None, metavar="N",
+                         help="as data.crop_size: smaller side scaled to N, centre N x N kept (default 300)")
+    decoded.add_argument("--image-size", type=int, default=None, metavar="N",
+                         help="as data.image_size: the crop resized to N x N (default: none)")
+    mode = decoded.add_mutually_exclusive_group()
+    mode.add_argument("--grey", "--gray", dest="color", action="store_false", default=None,
+                      help="as data.color false (the default)")
+    mode.add_argument("--colour", "--color", dest="color", action="store_true",
+                      help="as data.color true: RGB")
     pack.set_defaults(handler=run_pack)
     stats = sub.add_parser(
         "stats", help="counts, sizes, image dimensions, unreadable files and checksums",
@@ -35,8 +51,25 @@ def run_pack(args: argparse.Namespace) -> int:
     from terabrain.data.pack import pack
     from terabrain.plan import parse_memory
 
-    pack(args.source, args.dest, parse_memory(args.shard_size, "--shard-size"), args.workers)
+    pack(args.source, args.dest, parse_memory(args.shard_size, "--shard-size"), args.workers,
+         decode=_decode_spec(args))
     return 0
+
+
+def _decode_spec(args: argparse.Namespace):
+    from terabrain.data.decode import ImageSpec
+    from terabrain.errors import ConfigError
+
+    given = [flag for flag, value in (("--crop-size", args.crop_size), ("--image-size", args.image_size),
+                                      ("--grey/--colour", args.color)) if value is not None]
+    if not args.decode:
+        if given:
+            raise ConfigError(f"{given[0]}: only with --decode (it sets how images are pre-decoded)")
+        return None
+    for flag, value in (("--crop-size", args.crop_size), ("--image-size", args.image_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: got {value}; allowed: a positive number of pixels")
+    return ImageSpec(args.crop_size or 300, args.image_size, bool(args.color))
 
 
 def run_stats(args: argparse.Namespace) -> int:

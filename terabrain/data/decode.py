@@ -52,6 +52,17 @@ class ImageSpec:
 
 def decode(data: bytes, name: str, spec: ImageSpec) -> np.ndarray:
     """Bytes of an image file -> preprocessed float32 array of ``spec.shape``."""
+    return to_unit(decode_pixels(data, name, spec))
+
+
+def to_unit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1]: the one conversion every reader shares, so an image
+    read from pre-decoded shards is bit-identical to the same image decoded from its file."""
+    return np.multiply(pixels, np.float32(1.0 / 255.0), dtype=np.float32)  # one pass, one array
+
+
+def decode_pixels(data: bytes, name: str, spec: ImageSpec) -> np.ndarray:
+    """Bytes of an image file -> preprocessed uint8 array of ``spec.shape``."""
     from PIL import Image, ImageFile
 
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -104,8 +115,7 @@ def _preprocess(image, spec: ImageSpec) -> np.ndarray:
     image = image.crop((left, top, left + square, top + square))
     if square != side:
         image = image.resize((side, side), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.float32)
-    return array * np.float32(1.0 / 255.0)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def is_image_name(name: str) -> bool:

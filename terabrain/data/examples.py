@@ -1,5 +1,6 @@
-"""From a catalog entry to training rows: decode + seed-000 preprocessing, then either the
-whole image as one example or ``patches`` random square patches of it, flattened.
+"""From a catalog entry to training rows: decode + seed-000 preprocessing (or, for
+pre-decoded shards, the stored pixels), then either the whole image as one example or
+``patches`` random square patches of it, flattened.
 
 Patch positions are drawn from a generator seeded by (seed, epoch, example), so the rows an
 example yields do not depend on which worker decoded it, how many workers there are, or
@@ -13,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from terabrain.data.catalogs import Catalog
-from terabrain.data.decode import ImageSpec, decode
+from terabrain.data.decode import ImageSpec, decode_pixels, to_unit
 
 # "Epoch" used for rows that are not training rows (whitening fit, held-out set).
 OUTSIDE_TRAINING = -1
@@ -29,6 +30,9 @@ class ImageExamples:
         self.seed = seed
         self.patch_size = patch_size
         self.patches = patches
+        # Pre-decoded shards skip the decoder; ConfigError if they hold other pixels than spec.
+        root = getattr(catalog, "location", None)
+        self.pixels = catalog.decoded.reader(spec, root) if catalog.decoded is not None else None
 
     @property
     def per_sample(self) -> int:
@@ -48,14 +52,16 @@ class ImageExamples:
         return len(self.catalog)
 
     def __call__(self, index: int, epoch: int) -> np.ndarray:
-        image = decode(self.catalog.read(index), self.catalog.name(index), self.spec)
+        data, name = self.catalog.read(index), self.catalog.name(index)
+        image = decode_pixels(data, name, self.spec) if self.pixels is None else self.pixels(data, name)
         if not self.patches:
-            return image.reshape(1, -1)
+            return to_unit(image).reshape(1, -1)
         rng = np.random.default_rng([self.seed, epoch + 1, index])
         side = self.patch_size
         top = rng.integers(0, image.shape[0] - side + 1, size=self.patches)
         left = rng.integers(0, image.shape[1] - side + 1, size=self.patches)
-        return np.stack([image[y : y + side, x : x + side].reshape(-1) for y, x in zip(top, left)])
+        # Patches cut from the uint8 pixels: only they are converted to float.
+        return to_unit(np.stack([image[y : y + side, x : x + side].reshape(-1) for y, x in zip(top, left)]))
 
 
 class ArrayExamples:

@@ -6,6 +6,10 @@ Packing decodes every image first (in a pool of threads): unreadable files are l
 the index and in the output, and left out of the shards, so a packed collection trains
 without skips. Each shard is written as ``.<name>.partial``, fsynced and renamed; the index
 and ``SHA256SUMS`` are written last (atomically), so a DEST with an index is complete.
+
+With ``decode`` (``--decode``) each member is the image already decoded and preprocessed
+(``<path>.npy``, uint8), and the index records the preprocessing and a CRC-32 per member
+(see ``predecoded.py``): training reads pixels without decoding a JPEG.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 from terabrain.data.catalogs import FolderCatalog, ShardCatalog
-from terabrain.data.decode import BadSample, unreadable_reason
+from terabrain.data.decode import BadSample, ImageSpec, decode_pixels, is_image_name, unreadable_reason
+from terabrain.data.predecoded import DecodedPack, checksum, is_member_name, member_bytes
 from terabrain.data.shards import (
     INDEX_FORMAT, INDEX_NAME, SUMS_NAME, file_sha256, read_index, scan_shard,
 )
@@ -50,16 +55,30 @@ class PackReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _checked(catalog: FolderCatalog, index: int) -> tuple[int, Optional[bytes], Optional[BadSample]]:
+def _checked(catalog: FolderCatalog, index: int, decoded: Optional[DecodedPack],
+             ) -> tuple[int, Optional[bytes], Optional[BadSample]]:
+    """The member for image ``index``: its file, or its pre-decoded pixels."""
     try:
         data = catalog.read(index)
-        check_image(data, catalog.name(index))
-        return index, data, None
+        if decoded is None:
+            check_image(data, catalog.name(index))
+            return index, data, None
+        return index, member_bytes(decode_pixels(data, catalog.name(index), decoded.spec)), None
     except BadSample as bad:
         return index, None, bad
 
 
-def pack(source: Path, dest: Path, shard_bytes: int, workers: int = 4, log=print) -> PackReport:
+def _in_order(function, items: range, workers: int):
+    """``function`` over ``items`` in a pool, in order, at most a few thousand in flight: a
+    pool's plain ``map`` would hold every result of a large folder in memory."""
+    chunk = 256 * max(1, workers)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in range(0, len(items), chunk):
+            yield from pool.map(function, items[start : start + chunk])
+
+
+def pack(source: Path, dest: Path, shard_bytes: int, workers: int = 4, log=print,
+         decode: Optional[ImageSpec] = None) -> PackReport:
     source, dest = Path(source), Path(dest)
     if not source.is_dir():
         raise ConfigError(f"SRC: {source} is not a directory")
@@ -68,20 +87,24 @@ def pack(source: Path, dest: Path, shard_bytes: int, workers: int = 4, log=print
     dest.mkdir(parents=True, exist_ok=True)
     catalog = FolderCatalog(source)
     report = PackReport(unreadable=list(catalog.problems))
-    writer = _ShardWriter(dest, shard_bytes, report)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for index, data, bad in pool.map(lambda i: _checked(catalog, i), range(len(catalog))):
-            if bad is not None:
-                report.unreadable.append((bad.name, bad.reason))
-                continue
-            writer.add(catalog.paths[index], data)
+    decoded = DecodedPack.of(decode) if decode is not None else None
+    writer = _ShardWriter(dest, shard_bytes, report, decoded is not None)
+    suffix = ".npy" if decoded is not None else ""
+    for index, data, bad in _in_order(lambda i: _checked(catalog, i, decoded), range(len(catalog)), workers):
+        if bad is not None:
+            report.unreadable.append((bad.name, bad.reason))
+            continue
+        writer.add(catalog.paths[index] + suffix, data)
     writer.finish()
     sums = "".join(f"{s['sha256']}  {s['name']}\n" for s in report.shards)
     write_text_atomically(dest / SUMS_NAME, sums)
     index = {"format": INDEX_FORMAT, "source": str(source.resolve()), "shards": report.shards,
              "unreadable": [list(u) for u in report.unreadable]}
+    if decoded is not None:
+        index["decoded"] = decoded.to_index()
     write_text_atomically(dest / INDEX_NAME, json.dumps(index) + "\n")
-    log(f"packed {report.samples} images ({report.bytes / 1e6:.1f} MB of shards) into "
+    what = f"pre-decoded {decoded.describe()} images" if decoded is not None else "images"
+    log(f"packed {report.samples} {what} ({report.bytes / 1e6:.1f} MB of shards) into "
         f"{len(report.shards)} shard(s) in {dest}; {len(report.unreadable)} file(s) left out")
     for name, reason in report.unreadable[:20]:
         log(f"  left out {name}: {reason}")
@@ -89,11 +112,12 @@ def pack(source: Path, dest: Path, shard_bytes: int, workers: int = 4, log=print
 
 
 class _ShardWriter:
-    def __init__(self, dest: Path, limit: int, report: PackReport):
+    def __init__(self, dest: Path, limit: int, report: PackReport, checksums: bool):
         self.dest, self.limit, self.report = dest, limit, report
         self.archive: Optional[tarfile.TarFile] = None
         self.partial: Optional[Path] = None
         self.size = 0
+        self.checksums: Optional[list[int]] = [] if checksums else None
 
     def add(self, name: str, data: bytes) -> None:
         # A member costs a 512-byte header (more for long names) and padding to 512.
@@ -108,6 +132,8 @@ class _ShardWriter:
         info.size, info.mode, info.mtime = len(data), 0o644, 0
         self.archive.addfile(info, io.BytesIO(data))
         self.size += cost
+        if self.checksums is not None:
+            self.checksums.append(checksum(data))
 
     def finish(self) -> None:
         if self.archive is None:
@@ -118,11 +144,15 @@ class _ShardWriter:
         final = self.dest / self.partial.name[1 : -len(".partial")]
         os.replace(self.partial, final)
         fsync_dir(self.dest)
-        table = scan_shard(final)
-        self.report.shards.append({
+        table = scan_shard(final, accept=is_member_name if self.checksums is not None else is_image_name)
+        entry = {
             "name": final.name, "bytes": table.bytes, "sha256": file_sha256(final),
             "members": [[n, o, s] for n, o, s in zip(table.names, table.offsets, table.sizes)],
-        })
+        }
+        if self.checksums is not None:
+            assert len(self.checksums) == len(table.names), "every member written is read back"
+            entry["crc32"], self.checksums = self.checksums, []
+        self.report.shards.append(entry)
         self.report.samples += len(table.names)
         self.report.bytes += table.bytes
         self.archive = None
@@ -130,7 +160,8 @@ class _ShardWriter:
 
 def stats(location: Path, verify: bool = True, decode: bool = True, workers: int = 4) -> dict:
     """Counts, sizes, image dimensions, unreadable files and checksum results of an image
-    folder, a directory of shards (packed or not) or one shard."""
+    folder, a directory of shards (packed or not, pre-decoded or not) or one shard. For a
+    pre-decoded pack, "decoding" checks each member's header, size and CRC-32."""
     location = Path(location)
     if not location.exists():
         raise ConfigError(f"DEST: {location} does not exist")
@@ -147,6 +178,8 @@ def stats(location: Path, verify: bool = True, decode: bool = True, workers: int
         index = read_index(location) if location.is_dir() else None
         if index is not None:
             result["left_out_when_packed"] = len(index.get("unreadable", []))
+        if catalog.decoded is not None:
+            result["decoded"] = catalog.decoded.to_index()
         if verify:
             mismatched = [str(t.path) for t in catalog.tables
                           if t.sha256 is not None and t.path.exists() and file_sha256(t.path) != t.sha256]
@@ -154,11 +187,18 @@ def stats(location: Path, verify: bool = True, decode: bool = True, workers: int
                                    "mismatched": mismatched}
     else:
         result["bytes"] = sum((location / p).stat().st_size for p in catalog.paths)
+    if result["samples"]:
+        result["bytes_per_sample"] = result["bytes"] / result["samples"]
     widths, heights = [], []
     if decode:
+        pixels = catalog.decoded.reader(catalog.decoded.spec, location) if catalog.decoded else None
+
         def probe(index: int):
             try:
-                return check_image(catalog.read(index), catalog.name(index))
+                data = catalog.read(index)
+                if pixels is None:
+                    return check_image(data, catalog.name(index))
+                return pixels(data, catalog.name(index)).shape[1::-1]
             except BadSample as bad:
                 return bad
 
@@ -180,7 +220,14 @@ def stats(location: Path, verify: bool = True, decode: bool = True, workers: int
 def format_stats(result: dict) -> str:
     lines = [f"{result['location']} ({result['kind']})",
              f"  samples       {result['samples']}",
-             f"  size          {result['bytes'] / 1e6:.2f} MB"]
+             f"  size          {result['bytes'] / 1e6:.2f} MB"
+             + (f" ({result['bytes_per_sample'] / 1e3:.1f} kB per sample)" if "bytes_per_sample" in result else "")]
+    if "decoded" in result:
+        d = result["decoded"]
+        side = "x".join(str(n) for n in d["shape"][:2])
+        lines.append(f"  pre-decoded   {side} {'colour' if d['color'] else 'grey'} uint8 .npy members "
+                     f"(crop_size {d['crop_size']}, image_size {d['image_size'] or 'null'}); train with "
+                     f"data.color {str(d['color']).lower()} and a side of at most {d['shape'][0]}")
     if "shards" in result:
         lines.append(f"  shards        {result['shards']} ({result['empty_shards']} empty, "
                      f"{result['side_members']} non-image members)")

@@ -14,6 +14,10 @@ reported, never silently dropped.
                  "members": [[name, data_offset, size], ...]}, ...],
      "unreadable": [[source_path, reason], ...]}
 
+A pre-decoded pack (``pack --decode``) adds ``"decoded"`` (the preprocessing its ``.npy``
+members hold) and, per shard, ``"crc32"``: one CRC-32 per member, checked on every read
+(see ``predecoded.py``).
+
 ``SHA256SUMS`` holds the same checksums in ``sha256sum -c`` format.
 """
 
@@ -26,9 +30,10 @@ import posixpath
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from terabrain.data.decode import is_image_name
+from terabrain.data.predecoded import DecodedPack
 
 INDEX_NAME = "index.json"
 SUMS_NAME = "SHA256SUMS"
@@ -47,6 +52,7 @@ class ShardTable:
     sha256: Optional[str] = None
     problems: list[tuple[str, str]] = field(default_factory=list)
     other_members: int = 0
+    crc32: Optional[list[int]] = None  # pre-decoded packs: each member's CRC-32
 
 
 def unsafe_member_name(name: str) -> Optional[str]:
@@ -59,8 +65,9 @@ def unsafe_member_name(name: str) -> Optional[str]:
     return None
 
 
-def scan_shard(path: Path) -> ShardTable:
-    """Read the member table of a tar shard (headers only)."""
+def scan_shard(path: Path, accept: Callable[[str], bool] = is_image_name) -> ShardTable:
+    """Read the member table of a tar shard (headers only); members whose name ``accept``
+    refuses are side files, counted but not read."""
     table = ShardTable(Path(path))
     try:
         size = table.bytes = os.path.getsize(path)
@@ -82,7 +89,7 @@ def scan_shard(path: Path) -> ShardTable:
                     if not member.isdir():
                         table.problems.append((label, "not a regular file (link or device; refused)"))
                     continue
-                if not is_image_name(member.name):
+                if not accept(member.name):
                     table.other_members += 1  # WebDataset side files (.cls, .json, .txt)
                     continue
                 if member.offset_data + member.size > size:
@@ -117,15 +124,23 @@ def read_index(directory: Path) -> Optional[dict]:
 
 
 def load_tables(location: Path) -> list[ShardTable]:
+    return load_pack(location)[0]
+
+
+def load_pack(location: Path) -> tuple[list[ShardTable], Optional[DecodedPack]]:
     """The shards at ``location``: a directory written by ``terabrain data pack`` (its index
     is trusted while each shard's size matches it; a shard whose size differs is rescanned
-    and reported), a directory of ``*.tar`` files, or one ``.tar`` file."""
+    and reported), a directory of ``*.tar`` files, or one ``.tar`` file; and, for a
+    pre-decoded pack, what its members hold."""
     location = Path(location)
     if location.is_file():
-        return [scan_shard(location)]
+        return [scan_shard(location)], None
     index = read_index(location)
     if index is None:
-        return [scan_shard(path) for path in sorted(location.glob("*.tar"))]
+        return [scan_shard(path) for path in sorted(location.glob("*.tar"))], None
+    decoded = None
+    if index.get("decoded") is not None:
+        decoded = DecodedPack.from_index(index["decoded"], str(location / INDEX_NAME))
     tables = []
     for entry in index["shards"]:
         path = location / entry["name"]
@@ -136,6 +151,9 @@ def load_tables(location: Path) -> list[ShardTable]:
             actual = os.path.getsize(path)
         except OSError:
             actual = -1
+        if actual != entry["bytes"] and decoded is not None:
+            tables.append(_members_inside(path, entry, actual))
+            continue
         if actual != entry["bytes"]:
             table = scan_shard(path) if actual > 0 else ShardTable(path)
             table.problems.insert(0, (str(path), f"{actual} bytes, the index says {entry['bytes']}"
@@ -150,5 +168,29 @@ def load_tables(location: Path) -> list[ShardTable]:
                 table.sizes.append(int(size))
             else:
                 table.problems.append((f"{path}:{name}", unsafe_member_name(name)))
+        if decoded is not None:
+            table.crc32 = [int(c) for c, (name, _, _) in zip(entry["crc32"], entry["members"])
+                           if unsafe_member_name(name) is None]
         tables.append(table)
-    return tables
+    return tables, decoded
+
+
+def _members_inside(path: Path, entry: dict, actual: int) -> ShardTable:
+    """A pre-decoded shard whose size differs from the index: the members lying wholly
+    inside the file are kept (each is still checked against its CRC-32 when read), the
+    others reported. Without the index's checksums a rescan could not tell a member whole."""
+    table = ShardTable(path, bytes=max(actual, 0), crc32=[])
+    table.problems.append((str(path), f"{actual} bytes, the index says {entry['bytes']}"
+                           if actual >= 0 else "missing shard listed in the index"))
+    for (name, offset, size), crc in zip(entry["members"], entry["crc32"]):
+        why = unsafe_member_name(name)
+        if why is None and int(offset) + int(size) > actual:
+            why = "member cut short: the shard is truncated"
+        if why is not None:
+            table.problems.append((f"{path}:{name}", why))
+            continue
+        table.names.append(name)
+        table.offsets.append(int(offset))
+        table.sizes.append(int(size))
+        table.crc32.append(int(crc))
+    return table
