@@ -8,7 +8,7 @@ carried to the next step) is kept per tensor by the exchange that drives it (see
 
 Tensors are seen as matrices ``(shape[0], rest)`` and quantized by *column*: for a fully
 connected weight ``(out, in)`` column ``j`` holds the weights leaving input ``j``; a 1-D tensor
-(a bias) is a single column. Per-column statistics (reconstruction values) follow that
+is a single column (the exchange sends biases with ``PackedBfloat16`` instead, entry by entry). Per-column statistics (reconstruction values) follow that
 layout, as in Seide et al. and Dryden et al. (Quantizing by row instead — one unit's weights
 — trained the small autoencoder far worse with one-bit: its loss stalled near 300 where the
 column layout reached the uncompressed 85 in 100 steps.)
@@ -17,8 +17,8 @@ The context holds only what every rank knows without being told (the column coun
 dtype and device), so any rank can decompress any rank's payload. Bit-packed payloads are
 int32 words; their float parts (reconstruction values) are bf16, two per word, bit for bit.
 
-Why bf16 reconstruction values: they are a sixteenth of one-bit's payload at 1,024-entry
-columns when sent in fp32, and their rounding is absorbed by error feedback, since the
+Why bf16 reconstruction values: in fp32 they cost 2 words per column beside the 32 words of
+signs of a 1,024-entry column (in bf16, one word), and their rounding is absorbed by error feedback, since the
 exchange computes each residual against what was actually decompressed (rounded values
 included). bf16 rather than fp16 because it keeps fp32's exponent range: a column's mean of a
 sum of gradients can exceed fp16's 65,504 (inf, then NaN everywhere) or fall below its

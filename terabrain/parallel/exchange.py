@@ -25,9 +25,10 @@ Every residual is computed against what the receivers actually decompress (round
 reconstruction values, bf16 vectors), so nothing that rounding leaves out is lost.
 
 Bytes: for all_to_all_single they are counted exactly (payload words sent to other ranks,
-plus the payload sizes of the tensors whose sizes depend on the values). For an all-reduce they are the
-bandwidth-optimal ``2 (n-1)/n × buffer bytes`` that ring and reduce-scatter/all-gather
-algorithms send per rank (gloo and NCCL use such algorithms for large buffers).
+plus the payload sizes of the tensors whose sizes depend on the values). For an all-reduce
+they are the bandwidth-optimal ``2 (n-1)/n × buffer bytes`` that ring and
+reduce-scatter/all-gather algorithms send per rank (gloo and NCCL use such algorithms for
+large buffers).
 """
 
 from __future__ import annotations
