@@ -25,7 +25,7 @@ AE = ["lbann-ae-small", "--set", "data.patch_size=8", "--set", "data.num_patches
       "--set", "train.progress=false", "--set", "train.log_every=10"]
 
 # Final loss / uncompressed final loss, at most (digits autoencoder, 200 SGD steps, 2 ranks;
-# measured 1.00, 1.00, 1.58, 6.0, 3.4). Every scheme must also close 85% of the gap between
+# measured 1.00, 1.00, 1.54, 6.0, 3.4). Every scheme must also close 85% of the gap between
 # the initial and the uncompressed loss.
 # Local SGD (average every 5 steps) is held to the same rule (measured 1.003).
 TOLERANCE = {"fp16": 1.001, "bf16": 1.003, "onebit": 1.8, "threshold": 7.0, "adaptive": 4.0,
