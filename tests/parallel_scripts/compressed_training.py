@@ -157,7 +157,8 @@ LEDGER_SHAPES = [(6, 10), (7,), (3, 4, 5), (1,), (2, 3)]  # (2, 3): 3 columns, f
 
 
 def ledger(mesh, rank, steps=40):
-    """Running sum applied = running sum of the true means - what the residuals still owe."""
+    """Running sum applied = running sum of the true means - what the residuals still owe
+    (checked every 8 steps)."""
     n = dist.get_world_size()
     for scheme in ("onebit", "adaptive", "threshold"):
         compressor = build_compressor(scheme, tau=0.3, proportion=1 / 4)
@@ -179,6 +180,8 @@ def ledger(mesh, rank, steps=40):
                 total += gradient.double()
             # Every vector and matrix keeps both residuals.
             assert set(exchange.first) == set(exchange.second) == set(range(len(LEDGER_SHAPES)))
+            if step % 8 != 7:
+                continue  # the invariant holds at every step; checking it costs collectives
             owed = owed_update(exchange)
             for t in range(len(LEDGER_SHAPES)):
                 debt = (owed[f"first.{t}"] + owed[f"second.{t}"]).double()  # (columns, length)
