@@ -2,14 +2,16 @@
 and exact accounting of the bytes each rank puts on the wire.
 
 Summable payloads (none, fp16, bf16) go through one all-reduce of one flat buffer. Bit-packed
-payloads (onebit, threshold, adaptive) of matrices go through Dryden et al.'s two phases,
-built on ``all_to_all_single`` (gloo, NCCL and MPI all have it); vectors (biases) are sent in
-full, in one fp32 all-reduce with the logged values:
+payloads (onebit, threshold, adaptive) go through Dryden et al.'s two phases, built on
+``all_to_all_single`` (gloo, NCCL and MPI all have it). Matrices are quantized by the chosen
+scheme; vectors (biases) go through the same two phases in bf16 (``PackedBfloat16``), with
+error feedback of their own; the logged values go in one fp32 all-reduce:
 
-1. reduce-scatter: every tensor's columns (``as_columns``) are split into one range per rank
-   (the same split as DTensor's ``Shard(0)`` of the (columns, length) matrix). Each rank compresses its gradient plus its residual
-   range by range and sends range ``j`` to rank ``j``, which decompresses the pieces from all
-   ranks and sums them.
+1. reduce-scatter: every tensor's columns (``exchange_columns``: ``as_columns`` for a matrix,
+   one column per entry for a vector) are split into one range per rank (the same split as
+   DTensor's ``Shard(0)`` of the (columns, length) matrix). Each rank compresses its gradient
+   plus its residual range by range and sends range ``j`` to rank ``j``, which decompresses
+   the pieces from all ranks and sums them.
 2. all-gather with re-quantization: each rank compresses the sum of its range (plus a second
    residual of its own: what this re-quantization left out) and sends it to every rank. Every
    rank decompresses every range, including its own from the same payload, so all replicas
@@ -19,10 +21,14 @@ Per rank and step this sends ``2 (n-1)/n`` compressed gradients, like a ring all
 ``2 (n-1)/n`` fp32 gradients, so the saving does not shrink as ranks are added (an all-gather
 of whole compressed gradients would send ``n-1``).
 
+Every residual is computed against what the receivers actually decompress (rounded
+reconstruction values, bf16 vectors), so nothing that rounding leaves out is lost.
+
 Bytes: for all_to_all_single they are counted exactly (payload words sent to other ranks,
-plus the payload sizes when they depend on the values). For an all-reduce they are the
-bandwidth-optimal ``2 (n-1)/n × buffer bytes`` that ring and reduce-scatter/all-gather
-algorithms send per rank (gloo and NCCL use such algorithms for large buffers).
+plus the payload sizes of the tensors whose sizes depend on the values). For an all-reduce
+they are the bandwidth-optimal ``2 (n-1)/n × buffer bytes`` that ring and
+reduce-scatter/all-gather algorithms send per rank (gloo and NCCL use such algorithms for
+large buffers).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from terabrain.parallel.compressors import Compressor, Layout, as_columns
+from terabrain.parallel.compressors import Compressor, Layout, PackedBfloat16, as_columns
 
 
 def column_ranges(columns: int, ranks: int) -> list[tuple[int, int]]:
@@ -43,6 +49,21 @@ def column_ranges(columns: int, ranks: int) -> list[tuple[int, int]]:
     the last ranks possibly empty)."""
     size = math.ceil(columns / ranks) if columns else 0
     return [(min(i * size, columns), min((i + 1) * size, columns)) for i in range(ranks)]
+
+
+def exchange_columns(tensor: torch.Tensor) -> torch.Tensor:
+    """The (columns, length) view a tensor is exchanged as, writing through to ``tensor``: a
+    matrix's ``as_columns``; a vector's entries as columns of length 1, so they are split
+    over the ranks like a matrix's columns."""
+    if tensor.dim() >= 2:
+        return as_columns(tensor)
+    return tensor.view(-1, 1)
+
+
+def exchange_shape(shape: torch.Size) -> tuple[int, int]:
+    """(columns, length) of ``exchange_columns`` for a tensor of ``shape``: the shape of its
+    residuals."""
+    return tuple(exchange_columns(torch.empty(shape, device="meta")).shape)
 
 
 def all_reduce_bytes(numel: int, itemsize: int, ranks: int) -> int:
@@ -66,6 +87,8 @@ class GradientExchange:
         self.rank = rank
         self.size = size
         self.mesh = mesh  # the 1-D data mesh, for checkpointing residuals as DTensors
+        # Vectors beside bit-packed matrices: bf16, residuals only if the scheme keeps them.
+        self.vectors = PackedBfloat16(compressor.error_feedback)
         self.first: dict[int, torch.Tensor] = {}   # residual of this rank's own gradient
         self.second: dict[int, torch.Tensor] = {}  # residual of the re-quantized range it owns
         self.bytes_sent = 0        # since the last ``take_bytes``
@@ -93,15 +116,12 @@ class GradientExchange:
         if self.compressor.collective == "all_reduce":
             self._all_reduce(gradients, values)
             return
-        # Vectors (biases) go in full with the values: quantized as one column with two
-        # reconstruction values, a bias diverged under momentum in our tests, and they are a
-        # small part of the bytes (PowerSGD and CNTK's 1-bit SGD also send them in full).
-        vectors = [g for g in gradients if g.dim() < 2]
-        if vectors or values:
-            self._all_reduce_plain(vectors + values)
-        matrices = {t: g for t, g in enumerate(gradients) if g.dim() >= 2}
-        if matrices:
-            self._reduce_scatter_all_gather(matrices)
+        # Vectors (biases) in bf16 with their own residuals: quantized as one column with two
+        # reconstruction values, a bias diverged under momentum in our tests.
+        if values:
+            self._all_reduce_plain(values)
+        if gradients:
+            self._reduce_scatter_all_gather(dict(enumerate(gradients)))
 
     # --- summable payloads ----------------------------------------------------------------
 
@@ -130,74 +150,77 @@ class GradientExchange:
         """``gradients``: position in the trainer's list -> gradient (the residuals' key)."""
         n, me = self.size, self.rank
         keys = list(gradients)
-        views = [as_columns(gradients[key]) for key in keys]
+        views = [exchange_columns(gradients[key]) for key in keys]
+        schemes = [self.compressor if gradients[key].dim() >= 2 else self.vectors for key in keys]
         ranges = [column_ranges(v.shape[0], n) for v in views]
 
         # Phase 1: compress every range of (gradient + residual); range j goes to rank j.
         outgoing: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        for i, (t, view) in enumerate(zip(keys, views)):
+        for i, (t, view, scheme) in enumerate(zip(keys, views, schemes)):
             corrected = view.float().clone(memory_format=torch.contiguous_format)
             if t in self.first:
                 corrected += self.first[t]
-            residual = torch.empty_like(corrected) if self.compressor.error_feedback else None
+            residual = torch.empty_like(corrected) if scheme.error_feedback else None
             for j, (start, stop) in enumerate(ranges[i]):
-                payload, ctx = self.compressor.compress(corrected[start:stop])
+                payload, ctx = scheme.compress(corrected[start:stop])
                 outgoing[j].append(payload)
                 if residual is not None:
-                    residual[start:stop] = corrected[start:stop] - self.compressor.decompress(payload, ctx)
+                    residual[start:stop] = corrected[start:stop] - scheme.decompress(payload, ctx)
             if residual is not None:
                 self.first[t] = residual
-        send_sizes = [[p.numel() for p in pieces] for pieces in outgoing]
-        receive_sizes = self._exchange_sizes(
-            send_sizes, lambda source: [self._words(v, ranges[i][me]) for i, v in enumerate(views)])
+        words = lambda source: [s.payload_words(r[source][1] - r[source][0], v.shape[1])
+                                for s, r, v in zip(schemes, ranges, views)]
         received = self._all_to_all(
             [torch.cat(pieces) if pieces else _words_tensor(0, views) for pieces in outgoing],
-            receive_sizes)
+            self._exchange_sizes([[p.numel() for p in pieces] for pieces in outgoing],
+                                 [words(me)] * n))
 
         # Sum this rank's range over all ranks, re-quantize it with its own residual.
         mine: list[torch.Tensor] = []
-        for i, (t, view) in enumerate(zip(keys, views)):
+        for i, (t, view, scheme) in enumerate(zip(keys, views, schemes)):
             start, stop = ranges[i][me]
             layout = Layout(stop - start, view.shape[1], torch.float32, view.device)
             total = torch.zeros(layout.columns, layout.length, device=view.device)
             for source in range(n):
-                total += self.compressor.decompress(received[source][i], layout)
+                total += scheme.decompress(received[source][i], layout)
             if t in self.second:
                 total += self.second[t]
-            payload, ctx = self.compressor.compress(total)
-            if self.compressor.error_feedback:
-                self.second[t] = total - self.compressor.decompress(payload, ctx)
+            payload, ctx = scheme.compress(total)
+            if scheme.error_feedback:
+                self.second[t] = total - scheme.decompress(payload, ctx)
             mine.append(payload)
 
         # Phase 2: every rank's re-quantized range to every rank.
-        own = [p.numel() for p in mine]
-        gathered_sizes = self._exchange_sizes(
-            [own] * n, lambda source: [self._words(v, ranges[i][source]) for i, v in enumerate(views)])
         buffer = torch.cat(mine) if mine else _words_tensor(0, views)
-        gathered = self._all_to_all([buffer] * n, gathered_sizes)
-        for i, view in enumerate(views):
+        gathered = self._all_to_all(
+            [buffer] * n, self._exchange_sizes([[p.numel() for p in mine]] * n,
+                                               [words(source) for source in range(n)]))
+        for i, (view, scheme) in enumerate(zip(views, schemes)):
             pieces = []
             for source, (start, stop) in enumerate(ranges[i]):
                 layout = Layout(stop - start, view.shape[1], torch.float32, view.device)
-                pieces.append(self.compressor.decompress(gathered[source][i], layout))
+                pieces.append(scheme.decompress(gathered[source][i], layout))
             view.copy_(torch.cat(pieces) / n)
 
-    def _words(self, view: torch.Tensor, span: tuple[int, int]) -> Optional[int]:
-        return self.compressor.payload_words(span[1] - span[0], view.shape[1])
-
-    def _exchange_sizes(self, send_sizes: list[list[int]], known) -> list[list[int]]:
-        """Payload sizes (words per tensor) this rank receives from each rank: computed from
-        the shapes when the compressor's sizes are fixed, else exchanged (and counted)."""
-        fixed = [known(source) for source in range(self.size)]
-        if all(size is not None for sizes in fixed for size in sizes):
-            return fixed
-        tensors = len(send_sizes[0])
-        device = self._device
-        out = torch.tensor(send_sizes, dtype=torch.int64, device=device).reshape(-1)
+    def _exchange_sizes(self, send_sizes: list[list[int]],
+                        known: list[list[Optional[int]]]) -> list[list[int]]:
+        """Payload sizes (words per tensor) this rank receives from each rank: ``known[source]``
+        holds them where the shapes fix them (None where they depend on the values); only the
+        others are exchanged (and counted), one int64 per tensor and peer."""
+        unknown = [i for i, size in enumerate(known[0]) if size is None]
+        if not unknown:
+            return known
+        out = torch.tensor([[sizes[i] for i in unknown] for sizes in send_sizes],
+                           dtype=torch.int64, device=self._device).reshape(-1)
         into = torch.empty_like(out)
         dist.all_to_all_single(into, out, group=self.group)
-        self.bytes_sent += (self.size - 1) * tensors * 8
-        return into.view(self.size, tensors).tolist()
+        self.bytes_sent += (self.size - 1) * len(unknown) * 8
+        exchanged = into.view(self.size, len(unknown)).tolist()
+        sizes = [list(row) for row in known]
+        for source in range(self.size):
+            for position, i in enumerate(unknown):
+                sizes[source][i] = exchanged[source][position]
+        return sizes
 
     def _all_to_all(self, outgoing: list[torch.Tensor],
                     receive_sizes: list[list[int]]) -> list[list[torch.Tensor]]:
@@ -249,9 +272,7 @@ class GradientExchange:
             return {}
         template: dict[str, torch.Tensor] = {"ranks": torch.tensor(0)}
         for t, shape in enumerate(shapes):
-            if len(shape) < 2:
-                continue  # vectors are sent in full: no residual
-            columns, length = as_columns(torch.empty(shape, device="meta")).shape
+            columns, length = exchange_shape(shape)
             entry = saved.get(f"{self.tag}first.{t}")
             if entry is not None and tuple(entry[0])[1:] == (columns, length):
                 saved_ranks = entry[0][0]

@@ -7,6 +7,12 @@ replicas hold bit-identical weights and that the bytes counted equal the payload
 the mean bytes per step. ``localsgd``: the same model with local SGD, whose replicas must
 be equal exactly after each averaging step and differ in between.
 
+``ledger`` (after the schemes, or after ``resume``): drives the exchange directly with random
+gradients of awkward shapes (odd-sized vectors, a 3-D weight, more ranks than columns) and
+checks at every step that the running sum of the averaged gradients it applied equals the
+running sum of the true mean gradients minus the update its residuals still owe, i.e. error
+feedback loses nothing, for the matrices' schemes and the bf16 vectors alike.
+
 ``save DIR`` / ``resume DIR``: checkpoint/resume of the error-feedback residuals. ``save``
 trains 2K steps straight (the reference) and K steps with a checkpoint, restores that
 checkpoint into a fresh trainer and continues to 2K: the weights must equal the reference
@@ -29,8 +35,10 @@ from terabrain.nn.autoencoder import Autoencoder
 from terabrain.objectives import ReconstructionObjective
 from terabrain.parallel import build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed
 from terabrain.parallel.communication_log import CommunicationLog
-from terabrain.parallel.compressors import as_columns, threshold_for
-from terabrain.parallel.exchange import all_reduce_bytes, column_ranges
+from terabrain.parallel.compressors import PackedBfloat16, build_compressor, threshold_for
+from terabrain.parallel.exchange import (
+    GradientExchange, all_reduce_bytes, column_ranges, exchange_columns,
+)
 from terabrain.parallel.localsgd import LocalSGD
 from terabrain.parallel.parallelism import Parallelism
 from terabrain.train.checkpoint import CheckpointManager, restore
@@ -58,23 +66,23 @@ def flat_weights(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def expected_bytes(exchange, model, values: int) -> int:
-    """Bytes one rank sends per step, from the payload formula, independently of the exchange's
-    own counting."""
+def expected_bytes(exchange, shapes, values: int) -> int:
+    """Bytes one rank sends per step for gradients of ``shapes``, from the payload formulas,
+    independently of the exchange's own counting."""
     n, me = exchange.size, exchange.rank
     if exchange.compressor.collective == "all_reduce":
-        elements = sum(p.numel() for p in model.parameters())
+        elements = sum(math.prod(shape) for shape in shapes)
         if exchange.compressor.name == "none":  # one fp32 buffer: gradients and values
             return all_reduce_bytes(elements + values, 4, n)
         return all_reduce_bytes(elements, 2, n) + all_reduce_bytes(values, 4, n)
     words = 0
-    for p in model.parameters():
-        if p.dim() < 2:
-            values += p.numel()  # vectors go in full, with the values
-            continue
-        columns, length = as_columns(p).shape
+    for shape in shapes:
+        if len(shape) < 2:  # vectors: entries split over the ranks, bf16 two per word
+            columns, length, scheme = math.prod(shape), 1, PackedBfloat16()
+        else:  # matrices: columns of the (shape[0], rest) matrix
+            columns, length, scheme = math.prod(shape[1:]), shape[0], exchange.compressor
         ranges = column_ranges(columns, n)
-        size = lambda r: exchange.compressor.payload_words(r[1] - r[0], length)
+        size = lambda r: scheme.payload_words(r[1] - r[0], length)
         words += sum(size(r) for j, r in enumerate(ranges) if j != me)  # phase 1
         words += (n - 1) * size(ranges[me])                             # phase 2
     return 4 * words + all_reduce_bytes(values, 4, n)
@@ -102,7 +110,8 @@ def train(schemes, mesh, rank):
             step_bytes, _ = exchange.take_bytes()
             sent += step_bytes
             if exchange.compressor.payload_words(1, 1) is not None:
-                assert step_bytes == expected_bytes(exchange, trainer.model, len(parts)), (scheme, step_bytes)
+                shapes = [p.shape for p in trainer.model.parameters()]
+                assert step_bytes == expected_bytes(exchange, shapes, len(parts)), (scheme, step_bytes)
             weights = flat_weights(trainer.model)
             everyone = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
             dist.all_gather(everyone, weights)
@@ -144,6 +153,44 @@ def local_sgd(mesh, rank, every=5, steps=STEPS):
                                       "loss": float(final)}), flush=True)
 
 
+LEDGER_SHAPES = [(6, 10), (7,), (3, 4, 5), (1,), (2, 3)]  # (2, 3): 3 columns, fewer than 4 ranks
+
+
+def ledger(mesh, rank, steps=40):
+    """Running sum applied = running sum of the true means - what the residuals still owe
+    (checked every 8 steps)."""
+    n = dist.get_world_size()
+    for scheme in ("onebit", "adaptive", "threshold"):
+        compressor = build_compressor(scheme, tau=0.3, proportion=1 / 4)
+        exchange = GradientExchange(compressor, None, rank, n, mesh["data"])
+        generator = torch.Generator().manual_seed(100 + rank)
+        applied = [torch.zeros(shape, dtype=torch.float64) for shape in LEDGER_SHAPES]
+        true = [torch.zeros(shape, dtype=torch.float64) for shape in LEDGER_SHAPES]
+        for step in range(steps):
+            gradients = [torch.randn(shape, generator=generator) * 0.2 + 0.05 for shape in LEDGER_SHAPES]
+            for total, gradient in zip(true, gradients):
+                mean = gradient.double()
+                dist.all_reduce(mean)
+                total += mean / n
+            exchange.average_(gradients, [torch.tensor(1.0)])
+            step_bytes, _ = exchange.take_bytes()
+            if scheme != "threshold":
+                assert step_bytes == expected_bytes(exchange, LEDGER_SHAPES, 1), (scheme, step, step_bytes)
+            for total, gradient in zip(applied, gradients):
+                total += gradient.double()
+            # Every vector and matrix keeps both residuals.
+            assert set(exchange.first) == set(exchange.second) == set(range(len(LEDGER_SHAPES)))
+            if step % 8 != 7:
+                continue  # the invariant holds at every step; checking it costs collectives
+            owed = owed_update(exchange)
+            for t in range(len(LEDGER_SHAPES)):
+                debt = (owed[f"first.{t}"] + owed[f"second.{t}"]).double()  # (columns, length)
+                gap = exchange_columns(applied[t]) - (exchange_columns(true[t]) - debt)
+                assert gap.abs().max() < 1e-4, (scheme, step, t, gap.abs().max())
+        if rank == 0:
+            print(f"LEDGER {scheme} ok on {n} ranks", flush=True)
+
+
 def owed_update(exchange) -> dict:
     """The update the residuals still owe the model, averaged over ranks: mean of the first
     residuals, and the whole second residual / ranks (gathered)."""
@@ -173,6 +220,9 @@ def save(directory: Path, mesh, rank):
     assert resumed.step == K
     resumed.fit()
     assert torch.equal(flat_weights(resumed.model), flat_weights(reference.model)), "resume is not exact"
+    # Every gradient, the biases included, has its residuals in the checkpoint.
+    parameters = len(list(first.model.parameters()))
+    assert set(first.parallel.exchange.first) == set(range(parameters)), first.parallel.exchange.first.keys()
     zeroed = make_trainer(x, settings, mesh, 2 * K)
     restore(checkpoint, zeroed)
     for residuals in (zeroed.parallel.exchange.first, zeroed.parallel.exchange.second):
@@ -208,13 +258,15 @@ def main(mode, args):
         init_distributed(env, timeout_s=120)
         mesh = build_mesh(-1, 1, env)
         if mode == "train":
-            train([a for a in args if a != "localsgd"], mesh, env.rank)
+            train([a for a in args if a not in ("localsgd", "ledger")], mesh, env.rank)
             if "localsgd" in args:
                 local_sgd(mesh, env.rank)
         elif mode == "save":
             save(Path(args[0]), mesh, env.rank)
         else:
             resume(Path(args[0]), mesh, env.rank)
+        if "ledger" in args:
+            ledger(mesh, env.rank)
         shutdown_distributed()
 
 
