@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/local_layer.py
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/deep_model_parallel.py
+	$(BIN)/python bench/cpu_threads.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
