@@ -439,7 +439,8 @@ class ParallelConfig(Section):
         "bf16: half-precision all-reduce; onebit: signs + two values per column (Seide et "
         "al.); threshold: entries beyond +-threshold_tau as index+sign words (Strom); adaptive: "
         "the adaptive_proportion largest entries of each column (Dryden et al.). The last "
-        "three use reduce-scatter + all-gather with re-quantization and error feedback.",
+        "three use reduce-scatter + all-gather with re-quantization and error feedback; their "
+        "per-column values and the vectors (biases) go in bf16, also with error feedback.",
     )
     error_feedback: bool = Field(
         True,
