@@ -117,8 +117,9 @@ def test_the_default_order_is_the_global_shuffle(shards):
     source.close()
 
 
-def test_one_replica_streams_every_image_of_an_epoch_once(shards):
-    source = StreamSource(config(shards), seed=2)
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_one_replica_streams_every_image_of_an_epoch_once(shards, kind):
+    source = StreamSource(config(shards, worker_kind=kind), seed=2)
     catalog = source.catalog
     stream = source.open(8, None, torch.device("cpu"))
     order = stream.order
