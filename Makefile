@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/deep_model_parallel.py
 	$(BIN)/python bench/cpu_threads.py
+	$(BIN)/python bench/shard_affine.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

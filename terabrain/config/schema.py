@@ -168,6 +168,25 @@ class DataConfig(Section):
         False, description="With stage_dir: finish staging this rank's shards before the first "
         "step (stage, then train) instead of training from the shared file system meanwhile.",
     )
+    order: Literal["global", "shard_affine"] = Field(
+        "global", description="Streamed: global: every epoch a shuffle of the whole collection "
+        "(each rank reads from every shard); shard_affine (source shards): each data-parallel "
+        "replica owns a fixed, size-balanced set of shards and shuffles only its own examples, "
+        "so stage_dir holds only the shards of that node's ranks; every replica takes "
+        "min-share // batch steps per epoch and the rest of larger shares waits, in rotation "
+        "(docs/data.md).",
+    )
+
+    @model_validator(mode="after")
+    def _order_needs(self) -> "DataConfig":
+        if self.order == "shard_affine":
+            if self.source != "shards":
+                raise ValueError(f"data.order: shard_affine needs data.source shards (got "
+                                 f"{self.source}); allowed for other sources: global")
+            if self.block_size is not None:
+                raise ValueError("data.order: shard_affine does not combine with data.block_size "
+                                 "(set data.block_size null, or use data.order global)")
+        return self
 
     @model_validator(mode="after")
     def _collection_needs(self) -> "DataConfig":

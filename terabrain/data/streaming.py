@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from terabrain.config.schema import DataConfig, LCNConfig
+from terabrain.data.affine import ShardAffineOrder, node_shards
 from terabrain.data.catalogs import Catalog, FolderCatalog, ShardCatalog, YFCCCatalog
 from terabrain.data.contrast import normalize_contrast
 from terabrain.data.decode import BadSample, ImageSpec
@@ -195,7 +196,10 @@ class StreamSource:
             raise ConfigError(f"data.block_size ({config.block_size}) must be a multiple of the "
                               f"{images} images of a batch and at most the {len(self.train_ids)} "
                               "training images")
-        order = SampleOrder(len(self.train_ids), images, self.seed, config.block_size)
+        if config.order == "shard_affine":
+            order = self._affine_order(images, replicas)
+        else:
+            order = SampleOrder(len(self.train_ids), images, self.seed, config.block_size)
         data = parallel.data if parallel is not None else None
         share = ReplicaShare(data.rank, data.size) if data is not None else None
         reduce_sum = (lambda t: dist.all_reduce(t, group=data.group)) if data is not None else None
@@ -210,23 +214,40 @@ class StreamSource:
         stream.staging = self.stager
         return stream
 
+    def _affine_order(self, images: int, replicas: int) -> ShardAffineOrder:
+        catalog = self.catalog
+        assert isinstance(catalog, ShardCatalog)  # the schema allows shard_affine with shards only
+        try:
+            return ShardAffineOrder(catalog.shards_of(self.train_ids), len(catalog.tables),
+                                    images, replicas, self.seed)
+        except ValueError as error:
+            raise ConfigError(
+                f"data.order: shard_affine over {len(catalog.tables)} shards and parallel.data = "
+                f"{replicas} replicas with {images} images per batch: {error}; pack more, smaller "
+                "shards (`terabrain data pack --shard-size`), use a smaller train.batch_size, "
+                "or data.order global") from None
+
     def _start_staging(self, stream: BatchStream) -> None:
         catalog = self.catalog
         assert isinstance(catalog, ShardCatalog)
-        # Shards in the order this rank first needs them in the current epoch's first steps.
-        need: list[int] = []
-        seen: set[int] = set()
-        for step in range(min(stream.order.per_epoch, 256)):
-            for shard in catalog.shards_of(stream.local_ids(step)):
-                if int(shard) not in seen:
-                    seen.add(int(shard))
-                    need.append(int(shard))
-        need += [s for s in range(len(catalog.tables)) if s not in seen]
+        if isinstance(stream.order, ShardAffineOrder):
+            need, local_rank, local_world = node_shards(stream, catalog, self.config.stage_dir)
+        else:
+            # Shards in the order this rank first needs them in the current epoch's first steps.
+            need = []
+            seen: set[int] = set()
+            for step in range(min(stream.order.per_epoch, 256)):
+                for shard in catalog.shards_of(stream.local_ids(step)):
+                    if int(shard) not in seen:
+                        seen.add(int(shard))
+                        need.append(int(shard))
+            need += [s for s in range(len(catalog.tables)) if s not in seen]
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         try:
             self.stager = Stager(
                 catalog.tables, self.config.stage_dir, need, source=self.config.root,
-                local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                local_rank=local_rank, local_world=local_world,
             )
         except ValueError as error:
             raise ConfigError(f"data.stage_dir: {error}") from None
