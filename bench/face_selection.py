@@ -28,30 +28,7 @@ from terabrain.analysis.concepts import best_neuron
 from terabrain.analysis.datasets import load_analysis_data
 from terabrain.analysis.features import model_rows
 from terabrain.analysis.loaded_run import load_run
-
-CUTS = 50
-
-
-def _stratified_halves(labels: torch.Tensor, generator: torch.Generator):
-    first, second = [], []
-    for value in (0, 1):
-        rows = torch.nonzero(labels == value).flatten()
-        rows = rows[torch.randperm(len(rows), generator=generator)]
-        first.append(rows[: len(rows) // 2])
-        second.append(rows[len(rows) // 2 :])
-    return torch.cat(first), torch.cat(second)
-
-
-def inner_accuracy(activations: torch.Tensor, labels: torch.Tensor, cuts: int = CUTS) -> float:
-    """Choose on one half of the selection split, score on the other, both ways, ``cuts`` cuts."""
-    generator = torch.Generator().manual_seed(0)
-    scores = []
-    for _ in range(cuts):
-        a, b = _stratified_halves(labels, generator)
-        for pick, score in ((a, b), (b, a)):
-            choice = best_neuron(activations[pick], labels[pick])
-            scores.append(choice.accuracy(activations[score], labels[score]))
-    return sum(scores) / len(scores)
+from terabrain.analysis.selection import inner_accuracy
 
 
 def figures(run_dir: Path, layer: int, heldout: bool) -> dict:
