@@ -44,7 +44,7 @@ def input_shape_of(config: ExperimentConfig) -> tuple[int, int, int]:
     if config.model.input_shape is not None:
         return tuple(config.model.input_shape)
     data = config.data
-    if data.source == "photos":
+    if data.source in ("photos", "face_mix"):  # face_mix is grey (data.color is refused)
         return (3 if data.color else 1, data.patch_size, data.patch_size)
     raise ConfigError(
         "model.input_shape: set (channels, height, width) to plan a deep network on "

@@ -216,3 +216,23 @@ def test_face_mix_source_prepares_whitened_grey_images_deterministically():
     assert first.example_shape == (16, 16) and first.whitening is not None
     assert torch.equal(first.train_x, again.train_x)
     assert not torch.equal(first.train_x, prepare_data(config.data, 1).train_x)
+
+
+def test_inner_selection_accuracy_is_not_inflated_by_many_neurons_but_finds_a_real_one():
+    from terabrain.analysis.concepts import best_neuron
+    from terabrain.analysis.selection import inner_accuracy, stratified_halves
+
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.arange(140) % 20 < 7).long()  # 35% positives, like the face test
+    first, second = stratified_halves(labels, generator)
+    assert set(first.tolist()).isdisjoint(second.tolist()) and len(first) + len(second) == 140
+    assert labels[first].sum() == labels[second].sum() - 1  # 49 positives: 24 and 25
+    noise = torch.randn(140, 400, generator=generator)  # no neuron knows the labels
+    chosen = best_neuron(noise, labels).selection_accuracy
+    honest = inner_accuracy(noise, labels, cuts=10)
+    assert chosen > 0.70  # the maximum over 400 noise neurons looks good on its own images
+    assert honest < 0.66 < chosen - 0.04  # chosen on one half, scored on the other: at most
+    # guessing (65%; a noise neuron's threshold is often worse than guessing on new images)
+    planted = noise.clone()
+    planted[:, 17] = labels.double() + 0.3 * torch.randn(140, generator=generator)
+    assert inner_accuracy(planted, labels, cuts=10) > 0.9
