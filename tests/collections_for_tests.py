@@ -85,3 +85,54 @@ def write_raw_shards(root: Path, count: int) -> dict:
     data = truncated.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])  # cuts t1 in the middle
     return {"good": count + 1, "refused": "../../escape.png"}
+
+
+def recording_trainer(stream, seen: dict, manager, *, steps: int, batch_size: int, checkpoint_every: int,
+                      units: int, model_seed: int, seed: int, parallel=None):
+    """A RICA trainer on 16x16 streamed examples that checkpoints every ``checkpoint_every``
+    steps and records, per step, which images its batch held (into ``seen``)."""
+    import torch
+
+    from terabrain.config.schema import OptimizerConfig
+    from terabrain.nn.autoencoder import RICA
+    from terabrain.objectives import RICAObjective
+    from terabrain.train import callbacks as cb
+    from terabrain.train.optim import build_optimizer
+    from terabrain.train.trainer import Trainer
+
+    model = RICA(16 * 16, units, seed=model_seed)
+    optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.01), model.parameters())
+    trainer = Trainer(model, RICAObjective(0.1, 0.01), optimizer, None, None, steps=steps,
+                      batch_size=batch_size, seed=seed, device=torch.device("cpu"), parallel=parallel,
+                      callbacks=[cb.Checkpointing(manager, checkpoint_every)], batches=stream)
+    original = trainer.batch
+
+    def recording_batch(step):
+        x, y = original(step)
+        seen[step] = [image_id(row) for row in x.numpy()]
+        return x, y
+
+    trainer.batch = recording_batch
+    return trainer
+
+
+def interrupted_and_resumed(open_stream, manager, *, steps: int, checkpoint_at: int, batch_size: int,
+                            parallel=None):
+    """A session that stops right after its checkpoint at ``checkpoint_at`` (as if killed),
+    then a fresh trainer restored from it that runs to ``steps``: the images of each step
+    of both sessions (``first``, ``second``; JSON keys) and the step the second one resumed
+    at (``resumed_at``)."""
+    from terabrain.train.checkpoint import restore
+
+    first, second = {}, {}
+    settings = dict(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_at, units=8,
+                    model_seed=3, seed=0, parallel=parallel)
+    trainer = recording_trainer(open_stream(), first, manager, **settings)
+    trainer.steps = checkpoint_at
+    trainer.fit()
+    resumed = recording_trainer(open_stream(), second, manager, **settings)
+    restore(manager.latest(), resumed)
+    start = resumed.step
+    resumed.fit()
+    return {"first": {str(k): v for k, v in first.items()},
+            "second": {str(k): v for k, v in second.items()}, "resumed_at": start}

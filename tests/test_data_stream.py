@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from collections_for_tests import image_id, write_folder
+from collections_for_tests import image_id, recording_trainer, write_folder
 from conftest import SCRIPTS, torchrun
 from terabrain.config.schema import DataConfig, OptimizerConfig
 from terabrain.data.catalogs import FolderCatalog
@@ -27,7 +27,6 @@ from terabrain.data.streaming import StreamSource
 from terabrain.errors import TrainingError
 from terabrain.nn.autoencoder import RICA
 from terabrain.objectives import RICAObjective
-from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
 from terabrain.train.optim import build_optimizer
 from terabrain.train.trainer import Trainer
@@ -166,24 +165,12 @@ def test_streamed_array_trains_exactly_like_the_in_memory_tensor(tmp_path):
 
 def test_resumed_epoch_continues_through_a_checkpoint(collection, tmp_path):
     source = StreamSource(config(collection), seed=4)
-    x_dim = 16 * 16
 
     def run(steps, manager, resume=False):
         seen = {}
-        stream = source.open(8, None, torch.device("cpu"))
-        model = RICA(x_dim, 6, seed=1)
-        optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.01), model.parameters())
-        trainer = Trainer(model, RICAObjective(0.1, 0.01), optimizer, None, None, steps=steps,
-                          batch_size=8, seed=4, device=torch.device("cpu"), batches=stream,
-                          callbacks=[cb.Checkpointing(manager, 3)])
-        original = trainer.batch
-
-        def recording(step):
-            x, y = original(step)
-            seen[step] = [image_id(r) for r in x.numpy()]
-            return x, y
-
-        trainer.batch = recording
+        trainer = recording_trainer(source.open(8, None, torch.device("cpu")), seen, manager,
+                                    steps=steps, batch_size=8, checkpoint_every=3, units=6,
+                                    model_seed=1, seed=4)
         if resume:
             restore(manager.latest(), trainer)
         trainer.fit()

@@ -21,20 +21,15 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from collections_for_tests import image_id  # noqa: E402
+from collections_for_tests import image_id, interrupted_and_resumed  # noqa: E402
 
-from terabrain.config.schema import DataConfig, OptimizerConfig  # noqa: E402
+from terabrain.config.schema import DataConfig  # noqa: E402
 from terabrain.data.streaming import StreamSource  # noqa: E402
-from terabrain.nn.autoencoder import RICA  # noqa: E402
-from terabrain.objectives import RICAObjective  # noqa: E402
 from terabrain.parallel import (  # noqa: E402
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
 from terabrain.parallel.parallelism import Parallelism  # noqa: E402
-from terabrain.train import callbacks as cb  # noqa: E402
-from terabrain.train.checkpoint import CheckpointManager, restore  # noqa: E402
-from terabrain.train.optim import build_optimizer  # noqa: E402
-from terabrain.train.trainer import Trainer  # noqa: E402
+from terabrain.train.checkpoint import CheckpointManager  # noqa: E402
 
 BATCH, STEPS, CHECKPOINT_AT, EPOCHS = 8, 7, 3, 3
 
@@ -43,23 +38,6 @@ def config(shards: Path, stage: Path) -> DataConfig:
     return DataConfig(source="shards", root=shards, order="shard_affine", crop_size=16,
                       remove_mean=False, whitening="none", holdout_patches=2, workers=2,
                       stage_dir=stage, stage_wait=True)
-
-
-def trainer_for(stream, parallel, seen, manager):
-    model = RICA(16 * 16, 8, seed=3)
-    optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.01), model.parameters())
-    trainer = Trainer(model, RICAObjective(0.1, 0.01), optimizer, None, None, steps=STEPS,
-                      batch_size=BATCH, seed=0, device=torch.device("cpu"), parallel=parallel,
-                      callbacks=[cb.Checkpointing(manager, CHECKPOINT_AT)], batches=stream)
-    original = trainer.batch
-
-    def recording_batch(step):
-        x, y = original(step)
-        seen[step] = [image_id(row) for row in x.numpy()]
-        return x, y
-
-    trainer.batch = recording_batch
-    return trainer
 
 
 def staged_names(directory: Path) -> list[str]:
@@ -97,22 +75,16 @@ def main():
         dist.barrier()  # both ranks' copies are complete before the test looks
 
         manager = CheckpointManager(out / "checkpoints")
-        first, second = {}, {}
-        trainer = trainer_for(source.open(BATCH, parallel, torch.device("cpu")), parallel, first, manager)
-        trainer.steps = CHECKPOINT_AT  # the "killed" session stops right after its checkpoint
-        trainer.fit()
-        resumed = trainer_for(source.open(BATCH, parallel, torch.device("cpu")), parallel, second, manager)
-        restore(manager.latest(), resumed)
-        start = resumed.step
-        resumed.fit()
+        sessions = interrupted_and_resumed(
+            lambda: source.open(BATCH, parallel, torch.device("cpu")), manager, steps=STEPS,
+            checkpoint_at=CHECKPOINT_AT, batch_size=BATCH, parallel=parallel)
         source.close()
         result = {
             "rank": rank, "per_epoch": per_epoch, "used": order.used, "owned": mine,
             "owned_indices": order.shards_of(rank).tolist(), "staged": staged,
             "copied_to_shared": copied, "epochs": epochs, "shards_read": shards_read,
             "train_ids": source.train_ids.tolist(),
-            "first": {str(k): v for k, v in first.items()},
-            "second": {str(k): v for k, v in second.items()}, "resumed_at": start,
+            **sessions,
         }
         (out / f"rank{rank}.json").write_text(json.dumps(result))
         print(f"rank {rank}: done")

@@ -16,46 +16,17 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from collections_for_tests import image_id  # noqa: E402
+from collections_for_tests import image_id, interrupted_and_resumed  # noqa: E402
 
-from terabrain.config.schema import DataConfig, OptimizerConfig  # noqa: E402
+from terabrain.config.schema import DataConfig  # noqa: E402
 from terabrain.data.streaming import StreamSource  # noqa: E402
-from terabrain.nn.autoencoder import RICA  # noqa: E402
-from terabrain.objectives import RICAObjective  # noqa: E402
 from terabrain.parallel import (  # noqa: E402
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
 from terabrain.parallel.parallelism import Parallelism  # noqa: E402
-from terabrain.train import callbacks as cb  # noqa: E402
-from terabrain.train.checkpoint import CheckpointManager, restore  # noqa: E402
-from terabrain.train.optim import build_optimizer  # noqa: E402
-from terabrain.train.trainer import Trainer  # noqa: E402
+from terabrain.train.checkpoint import CheckpointManager  # noqa: E402
 
 BATCH, STEPS, CHECKPOINT_AT = 8, 7, 4
-
-
-class Recorder:
-    """The images of each step's batch, as the trainer received them."""
-
-    def __init__(self):
-        self.steps = {}
-
-
-def trainer_for(stream, parallel, recorder, manager):
-    model = RICA(16 * 16, 8, seed=3)
-    optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.01), model.parameters())
-    trainer = Trainer(model, RICAObjective(0.1, 0.01), optimizer, None, None, steps=STEPS,
-                      batch_size=BATCH, seed=0, device=torch.device("cpu"), parallel=parallel,
-                      callbacks=[cb.Checkpointing(manager, CHECKPOINT_AT)], batches=stream)
-    original = trainer.batch
-
-    def recording_batch(step):
-        x, y = original(step)
-        recorder.steps[step] = [image_id(row) for row in x.numpy()]
-        return x, y
-
-    trainer.batch = recording_batch
-    return trainer
 
 
 def main():
@@ -76,19 +47,13 @@ def main():
         stream.close()
 
         manager = CheckpointManager(out / "checkpoints")
-        first, second = Recorder(), Recorder()
-        trainer = trainer_for(source.open(BATCH, parallel, torch.device("cpu")), parallel, first, manager)
-        trainer.steps = CHECKPOINT_AT  # the "killed" session stops right after its checkpoint
-        trainer.fit()
-        resumed = trainer_for(source.open(BATCH, parallel, torch.device("cpu")), parallel, second, manager)
-        restore(manager.latest(), resumed)
-        start = resumed.step
-        resumed.fit()
+        sessions = interrupted_and_resumed(
+            lambda: source.open(BATCH, parallel, torch.device("cpu")), manager, steps=STEPS,
+            checkpoint_at=CHECKPOINT_AT, batch_size=BATCH, parallel=parallel)
         result = {
             "rank": rank, "per_epoch": per_epoch, "epochs": epochs, "metrics": metrics,
             "train_ids": source.train_ids.tolist(), "holdout_ids": source.holdout_ids.tolist(),
-            "first": {str(k): v for k, v in first.steps.items()},
-            "second": {str(k): v for k, v in second.steps.items()}, "resumed_at": start,
+            **sessions,
         }
         (out / f"rank{rank}.json").write_text(json.dumps(result))
         print(f"rank {rank}: done")
