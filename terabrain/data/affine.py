@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from terabrain.data.staging import PLANNED_STEPS, copy_order
+
 
 def assign_shards(counts: np.ndarray, replicas: int, seed: int) -> np.ndarray:
     """The owning replica of each shard (greedy, largest shards first)."""
@@ -117,12 +119,7 @@ def node_shards(stream, catalog, stage_dir: Path) -> tuple[list[int], int, int]:
         everyone, rank = [me], 0
     peers = [i for i, (key, _) in enumerate(everyone) if key == me[0]]
     owned = {int(s) for key, replica in everyone if key == me[0] for s in order.shards_of(replica)}
-    need: list[int] = []
-    seen: set[int] = set()
-    for step in range(min(order.per_epoch, 256)):
-        for shard in catalog.shards_of(stream.ids[order.global_batch(step).numpy()]):
-            if int(shard) in owned and int(shard) not in seen:
-                seen.add(int(shard))
-                need.append(int(shard))
-    need += sorted(owned - seen)
+    steps = range(min(order.per_epoch, PLANNED_STEPS))
+    need = copy_order((catalog.shards_of(stream.ids[order.global_batch(step).numpy()]) for step in steps),
+                      owned)
     return need, peers.index(rank), len(peers)

@@ -27,12 +27,27 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from terabrain.data.shards import ShardTable
 from terabrain.files import fsync_dir, write_text_atomically
 
 CHUNK = 8 << 20
+PLANNED_STEPS = 256  # how far into the epoch the copy order follows the reads
+
+
+def copy_order(shards_per_step: Iterable[Iterable[int]], candidates: Iterable[int]) -> list[int]:
+    """The ``candidates`` in the order the steps first read them (``shards_per_step``: the
+    shards each step reads), then those no planned step reads, in number order."""
+    candidates = {int(s) for s in candidates}
+    need: list[int] = []
+    seen: set[int] = set()
+    for shards in shards_per_step:
+        for shard in map(int, shards):
+            if shard in candidates and shard not in seen:
+                seen.add(shard)
+                need.append(shard)
+    return need + sorted(candidates - seen)
 
 
 class Stager:

@@ -28,7 +28,7 @@ from terabrain.data.decode import BadSample, ImageSpec
 from terabrain.data.examples import OUTSIDE_TRAINING, ArrayExamples, ImageExamples
 from terabrain.data.order import SampleOrder
 from terabrain.data.patches import remove_patch_mean
-from terabrain.data.staging import Stager
+from terabrain.data.staging import PLANNED_STEPS, Stager, copy_order
 from terabrain.data.stream import BatchStream, ReplicaShare
 from terabrain.data.whitening import ZCA
 from terabrain.data.yfcc import YFCCFilter
@@ -234,14 +234,9 @@ class StreamSource:
             need, local_rank, local_world = node_shards(stream, catalog, self.config.stage_dir)
         else:
             # Shards in the order this rank first needs them in the current epoch's first steps.
-            need = []
-            seen: set[int] = set()
-            for step in range(min(stream.order.per_epoch, 256)):
-                for shard in catalog.shards_of(stream.local_ids(step)):
-                    if int(shard) not in seen:
-                        seen.add(int(shard))
-                        need.append(int(shard))
-            need += [s for s in range(len(catalog.tables)) if s not in seen]
+            steps = range(min(stream.order.per_epoch, PLANNED_STEPS))
+            need = copy_order((catalog.shards_of(stream.local_ids(step)) for step in steps),
+                              range(len(catalog.tables)))
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         try:
