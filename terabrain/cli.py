@@ -20,7 +20,8 @@ def _train(args: argparse.Namespace) -> int:
     from terabrain.parallel import (
         build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
     )
-    from terabrain.train.run import default_run_dir, is_main_rank, run_experiment
+    from terabrain.parallel.launch import is_main_rank
+    from terabrain.train.run import default_run_dir, run_experiment
 
     env = detect_launch_env()
     with fail_fast(env):

@@ -19,7 +19,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from terabrain.analysis import figures
 from terabrain.analysis.activations import batched_activations, check_layer
@@ -33,6 +32,7 @@ from terabrain.analysis.maximize import maximize_activation
 from terabrain.analysis.topk import neuron_stats
 from terabrain.errors import ConfigError
 from terabrain.files import write_text_atomically
+from terabrain.parallel.launch import is_main_rank
 
 CONCEPT_SETS = ("faces", "fashion-mnist")
 
@@ -52,8 +52,6 @@ class AnalyzeOptions:
     seed: int = 0
 
 
-def _main_rank() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _pct(value: float) -> str:
@@ -117,7 +115,7 @@ def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions()) -> Option
     split = data.split(options.split)
     rows = model_rows(run, data, options.split)
     stats = neuron_stats(run.model, rows, options.layer, options.top_k)
-    if not _main_rank():
+    if not is_main_rank():
         return None
 
     out = run.run_dir / "analysis"

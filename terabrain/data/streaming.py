@@ -33,6 +33,7 @@ from terabrain.data.stream import BatchStream, ReplicaShare
 from terabrain.data.whitening import ZCA
 from terabrain.data.yfcc import YFCCFilter
 from terabrain.errors import ConfigError, TrainingError
+from terabrain.parallel.launch import is_main_rank
 
 # A D x D whitening matrix above this many dimensions is too large to be useful here.
 MAX_WHITENING_DIM = 4096
@@ -147,7 +148,7 @@ class StreamSource:
         return f" ({len(self.problems)} unusable, e.g. {self.problems[0][0]}: {self.problems[0][1]})"
 
     def _report_problems(self) -> None:
-        if not self.problems or (dist.is_initialized() and dist.get_rank() != 0):
+        if not self.problems or not is_main_rank():
             return
         print(f"terabrain: {len(self.problems)} unusable entr{'y' if len(self.problems) == 1 else 'ies'} "
               f"in the collection (counted as data_unusable):", file=sys.stderr)
@@ -253,7 +254,7 @@ class StreamSource:
         if self.config.stage_wait:
             began = time.monotonic()
             self.stager.wait()
-            if not dist.is_initialized() or dist.get_rank() == 0:
+            if is_main_rank():
                 print(f"terabrain: staged {len(self.stager.mine)} shards to {self.stager.directory} "
                       f"in {time.monotonic() - began:.1f} s ({len(self.stager.failed)} failed)",
                       file=sys.stderr)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from terabrain.parallel.exchange import GradientExchange
+from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, local
 from terabrain.train.trainer import Callback, Trainer
 
@@ -46,14 +46,14 @@ class CommunicationLog(Callback):
         """Called by ``restore`` with the checkpoint's entries of this callback."""
         shapes = [local(p).shape for p in trainer.model.parameters() if p.requires_grad]
         template = self.exchange.checkpoint_template(shapes, saved)
-        if saved and not template and _is_rank_zero():
+        if saved and not template and is_main_rank():
             print("[communication] the checkpoint's error-feedback residuals do not fit this "
                   "model's gradients (different model parallelism?); they start at zero")
         return template
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for note in self.exchange.load_state_dict(state):
-            if _is_rank_zero():
+            if is_main_rank():
                 print(f"[communication] {note}")
 
 
@@ -68,5 +68,3 @@ def communication_callbacks(parallel: Parallelism, settings: Any) -> list[Callba
     return []
 
 
-def _is_rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0

@@ -30,6 +30,13 @@ import torch.distributed as dist
 
 from terabrain.errors import ConfigError, TrainingError
 
+
+def is_main_rank() -> bool:
+    """Rank 0, or a run without a process group: the one process that writes the run
+    directory's shared files and prints run-wide messages."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 # torch's own default for MASTER_PORT; used when a launcher names no port.
 DEFAULT_MASTER_PORT = 29500
 

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from terabrain.errors import TrainingError
 from terabrain.files import fsync_dir, write_text_atomically
+from terabrain.parallel.launch import is_main_rank
 from terabrain.train.optim import optimizer_state_template
 
 # DCP warns on every single-process save and load; that is how this toolkit runs on a laptop.
@@ -94,8 +95,6 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         return metadata
 
 
-def _is_rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
@@ -127,7 +126,7 @@ class CheckpointManager:
         """Write ``state`` (nested dicts of tensors) as checkpoint ``step`` on every rank."""
         final = self.directory / f"step_{step}"
         partial = self.directory / f".step_{step}.partial"
-        if _is_rank_zero():
+        if is_main_rank():
             self.directory.mkdir(parents=True, exist_ok=True)
             for leftover in self.directory.glob(".step_*.partial"):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -141,7 +140,7 @@ class CheckpointManager:
         _barrier()
         dcp.save(state, storage_writer=dcp.FileSystemWriter(partial, sync_files=True))
         _barrier()
-        if _is_rank_zero():
+        if is_main_rank():
             fsync_dir(partial)
             os.rename(partial, final)
             fsync_dir(self.directory)

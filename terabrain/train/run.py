@@ -39,6 +39,7 @@ from terabrain.nn.deep import DeepNetwork, input_shape_from
 from terabrain.objectives import build_objective, build_supervised_objective
 from terabrain.parallel.communication_log import communication_callbacks
 from terabrain.parallel.hogwild import fit_hogwild
+from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full, local
 from terabrain.parallel.plans import check_divisible
 from terabrain.parallel.spatial_network import (
@@ -65,10 +66,6 @@ def resolve_device(name: str) -> torch.device:
 GATHER_LIMIT = 2**30
 
 
-def is_main_rank() -> bool:
-    """Only rank 0 writes the run directory's shared files; every rank writes its own
-    checkpoint shard."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def default_run_dir(config: ExperimentConfig, root: Path = Path("runs")) -> Path:
