@@ -25,7 +25,7 @@ from typing import Optional
 
 from terabrain.data.catalogs import FolderCatalog, ShardCatalog
 from terabrain.data.decode import BadSample, ImageSpec, decode_pixels, is_image_name, unreadable_reason
-from terabrain.data.predecoded import DecodedPack, checksum, is_member_name, member_bytes
+from terabrain.data.predecoded import MEMBER_SUFFIX, DecodedPack, checksum, is_member_name, member_bytes
 from terabrain.data.shards import (
     INDEX_FORMAT, INDEX_NAME, SUMS_NAME, file_sha256, read_index, scan_shard,
 )
@@ -89,7 +89,7 @@ def pack(source: Path, dest: Path, shard_bytes: int, workers: int = 4, log=print
     report = PackReport(unreadable=list(catalog.problems))
     decoded = DecodedPack.of(decode) if decode is not None else None
     writer = _ShardWriter(dest, shard_bytes, report, decoded is not None)
-    suffix = ".npy" if decoded is not None else ""
+    suffix = MEMBER_SUFFIX if decoded is not None else ""
     for index, data, bad in _in_order(lambda i: _checked(catalog, i, decoded), range(len(catalog)), workers):
         if bad is not None:
             report.unreadable.append((bad.name, bad.reason))
