@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from terabrain.config.loader import load_experiment
 from terabrain.config.schema import ParallelConfig
 from terabrain.data.prepare import prepare_data
-from terabrain.nn.autoencoder import build_model
+from terabrain.learners.registry import build_model
 from terabrain.objectives import build_objective
 from terabrain.parallel import build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed
 from terabrain.parallel.compressors import threshold_for

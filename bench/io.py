@@ -43,12 +43,12 @@ import torch
 from _common import OtherLoad  # bench/ is on sys.path: scripts run as bench/NAME.py
 
 from terabrain.config.loader import load_experiment
-from terabrain.config.schema import DataConfig
+from terabrain.data.sources import data_config
 from terabrain.data.decode import ImageSpec
 from terabrain.data.embedded import PHOTOS, load_photo
 from terabrain.data.pack import pack
 from terabrain.data.streaming import StreamSource
-from terabrain.nn.autoencoder import build_model
+from terabrain.learners.registry import build_model
 from terabrain.objectives import build_objective
 from terabrain.train.optim import build_optimizer
 from terabrain.train.trainer import Trainer
@@ -83,7 +83,7 @@ PIPELINES = {
 def reader_rate(root: Path, pipeline: str, workers: int, kind: str, stage: Path | None,
                 batch: int, passes: int) -> float:
     size, color = PIPELINES[pipeline]
-    config = DataConfig(source="shards", root=root, crop_size=300, image_size=size, color=color,
+    config = data_config(source="shards", root=root, crop_size=300, image_size=size, color=color,
                         remove_mean=False, whitening="none", holdout_patches=1, workers=workers,
                         worker_kind=kind, prefetch=4, stage_dir=stage)
     source = StreamSource(config, seed=0)

@@ -121,7 +121,7 @@ def _plan(args: argparse.Namespace) -> int:
     """`terabrain plan EXPERIMENT --gpus N --gpu-memory 80GB`: memory per rank and bytes sent
     per step for every (data, model) split of N devices; the model is never allocated."""
     from terabrain.config.loader import load_experiment
-    from terabrain.plan import format_plan, parse_memory, plan_experiment
+    from terabrain.capacity import format_plan, parse_memory, plan_experiment
 
     memory = parse_memory(args.gpu_memory, "--gpu-memory")
     config = load_experiment(args.experiment, args.set)

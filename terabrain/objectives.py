@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from terabrain.config.schema import ObjectiveConfig
 from terabrain.nn.autoencoder import RICA, Autoencoder
 
 Parts = dict[str, torch.Tensor]
@@ -52,6 +51,8 @@ class RICAObjective(Objective):
     + eps)`` subject to unit-norm rows of W. The square root is the smooth L1 penalty of
     Le et al. (2011); ``eps`` makes it differentiable at zero."""
 
+    logged_names = ("loss", "reconstruction", "sparsity")  # the loss and its parts, as the trainer logs them
+
     def __init__(self, sparsity_weight: float, epsilon: float):
         self.sparsity_weight = sparsity_weight
         self.epsilon = epsilon
@@ -74,6 +75,8 @@ def _weight_decay(model: Autoencoder, weight: float) -> torch.Tensor:
 class ReconstructionObjective(Objective):
     """Squared reconstruction error (plus optional weight decay)."""
 
+    logged_names = ("loss", "reconstruction", "weight_decay")  # the loss and its parts, as the trainer logs them
+
     def __init__(self, weight_decay: float = 0.0):
         self.weight_decay = weight_decay
 
@@ -87,6 +90,8 @@ class ReconstructionObjective(Objective):
 class SparseAutoencoderObjective(Objective):
     """``0.5 ||x' - x||^2 + beta sum_j KL(rho || rho_hat_j) + (wd/2) ||W||^2`` with
     ``rho_hat`` the mean activation of each hidden unit over the batch (UFLDL's form)."""
+
+    logged_names = ("loss", "reconstruction", "kl", "weight_decay")  # the loss and its parts, as the trainer logs them
 
     def __init__(self, rho: float, beta: float, weight_decay: float):
         self.rho = rho
@@ -126,12 +131,16 @@ class RegressionObjective(Objective):
         return loss, {"mse": loss.detach()}
 
 
-def build_objective(config: ObjectiveConfig) -> Objective:
-    if config.kind == "rica":
-        return RICAObjective(config.sparsity_weight, config.sparsity_epsilon)
-    if config.kind == "sparse_autoencoder":
-        return SparseAutoencoderObjective(config.rho, config.beta, config.weight_decay)
-    return ReconstructionObjective(config.weight_decay)
+_OBJECTIVES = {
+    "rica": lambda c: RICAObjective(c.sparsity_weight, c.sparsity_epsilon),
+    "sparse_autoencoder": lambda c: SparseAutoencoderObjective(c.rho, c.beta, c.weight_decay),
+    "reconstruction": lambda c: ReconstructionObjective(c.weight_decay),
+}
+
+
+def build_objective(config) -> Objective:
+    """The objective of an ``objective`` section (terabrain.config.sections)."""
+    return _OBJECTIVES[config.kind](config)
 
 
 def build_supervised_objective(task: str) -> Objective:

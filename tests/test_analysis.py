@@ -186,7 +186,7 @@ def test_new_images_reach_a_colour_model_as_its_training_data_did():
     from terabrain.config.loader import load_experiment
     from terabrain.data.patches import remove_patch_mean
     from terabrain.data.whitening import ZCA
-    from terabrain.nn.autoencoder import build_model
+    from terabrain.learners.registry import build_model
 
     config = load_experiment("lbann-ae-small", ["model.hidden=8", "data.remove_mean=true",
                                                 "data.patch_size=8"])

@@ -14,8 +14,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
 from terabrain.errors import TrainingError
-from terabrain.config.schema import ModelConfig, ObjectiveConfig, OptimizerConfig
-from terabrain.nn.autoencoder import build_model
+from terabrain.config.schema import OptimizerConfig, ReconstructionObjectiveConfig, RICAObjectiveConfig
+from terabrain.learners.autoencoder import AutoencoderModel
+from terabrain.learners.rica import RICAModel
+from terabrain.learners.registry import build_model
 from terabrain.objectives import build_objective
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import (
@@ -262,8 +264,8 @@ def _data(rows: int = 64, dim: int = 16) -> torch.Tensor:
 
 def _lbfgs_setup():
     return dict(
-        model=ModelConfig(kind="rica", hidden=12),
-        objective=ObjectiveConfig(kind="rica"),
+        model=RICAModel(hidden=12),
+        objective=RICAObjectiveConfig(),
         optimizer=OptimizerConfig(name="lbfgs", max_iter=5, history_size=4),
         batch_size=None,
     )
@@ -271,8 +273,8 @@ def _lbfgs_setup():
 
 def _adam_setup():
     return dict(
-        model=ModelConfig(kind="autoencoder", hidden=12, dropout=0.1),
-        objective=ObjectiveConfig(kind="reconstruction"),
+        model=AutoencoderModel(hidden=12, dropout=0.1),
+        objective=ReconstructionObjectiveConfig(),
         optimizer=OptimizerConfig(name="adam", lr=0.01),
         batch_size=16,
     )

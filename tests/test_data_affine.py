@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from collections_for_tests import LEVEL_STEP, image_id, write_folder
 from conftest import SCRIPTS, torchrun
-from terabrain.config.schema import DataConfig
+from terabrain.data.sources import data_config
 from terabrain.data.affine import ShardAffineOrder, assign_shards
 from terabrain.data.catalogs import ShardCatalog
 from terabrain.data.order import SampleOrder
@@ -53,11 +53,11 @@ def image_of(catalog: ShardCatalog, index: int) -> int:
     return int(re.search(r"img(\d+)\.png$", catalog.name(index)).group(1))
 
 
-def config(root: Path, **changes) -> DataConfig:
+def config(root: Path, **changes):
     settings = dict(source="shards", root=root, order="shard_affine", crop_size=16,
                     remove_mean=False, whitening="none", holdout_patches=2, workers=2)
     settings.update(changes)
-    return DataConfig(**settings)
+    return data_config(**settings)
 
 
 # --- the order itself ---------------------------------------------------------------------
@@ -107,7 +107,7 @@ def test_each_replica_reads_its_own_shards_once_per_epoch_and_the_drop_rotates()
 
 
 def test_the_default_order_is_the_global_shuffle(shards):
-    assert DataConfig(source="shards", root=shards).order == "global"
+    assert data_config(source="shards", root=shards).order == "global"
     source = StreamSource(config(shards, order="global"), seed=3)
     stream = source.open(8, None, torch.device("cpu"))
     assert isinstance(stream.order, SampleOrder)
@@ -138,9 +138,9 @@ def test_one_replica_streams_every_image_of_an_epoch_once(shards, kind):
 def test_refused_with_a_source_other_than_shards(tmp_path):
     write_folder(tmp_path / "images", 4, damaged=False)
     with pytest.raises(ValidationError, match="data.order: shard_affine needs data.source shards"):
-        DataConfig(source="folder", root=tmp_path / "images", order="shard_affine")
+        data_config(source="folder", root=tmp_path / "images", order="shard_affine")
     with pytest.raises(ValidationError, match="data.order"):
-        DataConfig(source="photos", order="shard_affine")
+        data_config(source="photos", order="shard_affine")
 
 
 def test_refused_with_blocks(shards):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from collections_for_tests import image_bytes, image_id, write_raw_shards
-from terabrain.config.schema import DataConfig
+from terabrain.data.sources import data_config
 from terabrain.data.catalogs import ShardCatalog
 from terabrain.data.decode import BadSample, ImageSpec, decode
 from terabrain.data.labelled import fashion_mnist_available
@@ -105,7 +105,7 @@ def test_yfcc_metadata_filters_and_hash_layout(tmp_path):
     metadata = tmp_path / "yfcc100m_dataset"
     metadata.write_text("\n".join(lines) + "\n")
 
-    config = DataConfig(source="yfcc", metadata=metadata, root=root, yfcc_tags_any=["city", "new york"],
+    config = data_config(source="yfcc", metadata=metadata, root=root, yfcc_tags_any=["city", "new york"],
                         yfcc_tags_none=["cat"], crop_size=16, remove_mean=False, whitening="none",
                         holdout_patches=1)
     data = prepare_data(config, seed=0)
@@ -118,31 +118,31 @@ def test_yfcc_metadata_filters_and_hash_layout(tmp_path):
     assert set(seen) <= {1, 3, 7, 8} and stream.metrics()["data_skipped"] == 2 - len(seen)
     stream.close()
     # Videos only, by id layout (the 23-column release names files <id>.<extension>).
-    videos = DataConfig(source="yfcc", metadata=metadata, root=root, yfcc_media="video", yfcc_layout="id")
-    from terabrain.data.streaming import build_catalog
+    videos = data_config(source="yfcc", metadata=metadata, root=root, yfcc_media="video", yfcc_layout="id")
+    from terabrain.data.sources import source_of
 
-    assert build_catalog(videos).paths == ["104.jpg"]
+    assert source_of(videos).catalog(videos).paths == ["104.jpg"]
 
 
 def test_lfw_source_is_labelled_faces():
-    data = prepare_data(DataConfig(source="lfw", whitening="none"), seed=0)
+    data = prepare_data(data_config(source="lfw", whitening="none"), seed=0)
     assert data.example_shape == (25, 25)
     assert len(data.train_x) + len(data.holdout_x) == 200 and data.num_classes == 2
 
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_source_uses_the_published_split():
-    data = prepare_data(DataConfig(source="fashion-mnist", whitening="none", remove_mean=False), seed=0)
+    data = prepare_data(data_config(source="fashion-mnist", whitening="none", remove_mean=False), seed=0)
     assert data.train_x.shape == (60000, 784) and data.holdout_x.shape == (10000, 784)
     assert data.example_shape == (28, 28) and data.num_classes == 10
     assert 0.0 <= float(data.train_x.min()) and float(data.train_x.max()) <= 1.0
 
 
 def test_data_lcn_normalizes_every_example_in_memory_and_streamed(tmp_path):
-    from terabrain.config.schema import DataConfig
+    from terabrain.data.sources import data_config
     from terabrain.data.prepare import prepare_data
 
-    config = DataConfig(source="photos", patch_size=16, num_patches=64, holdout_patches=16,
+    config = data_config(source="photos", patch_size=16, num_patches=64, holdout_patches=16,
                         whitening="none", lcn={"kernel": 5})
     data = prepare_data(config, seed=0)
     images = data.train_x.view(-1, 16, 16)

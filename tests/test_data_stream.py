@@ -17,7 +17,8 @@ import torch
 
 from collections_for_tests import image_id, recording_trainer, write_folder
 from conftest import SCRIPTS, torchrun
-from terabrain.config.schema import DataConfig, OptimizerConfig
+from terabrain.config.schema import OptimizerConfig
+from terabrain.data.sources import data_config
 from terabrain.data.catalogs import FolderCatalog
 from terabrain.data.decode import BadSample
 from terabrain.data.examples import ArrayExamples
@@ -51,11 +52,11 @@ def catalog_image_ids(root: Path) -> dict[int, int | None]:
     return ids
 
 
-def config(root: Path, **changes) -> DataConfig:
+def config(root: Path, **changes):
     settings = dict(source="folder", root=root, crop_size=16, remove_mean=False, whitening="none",
                     holdout_patches=2, workers=2)
     settings.update(changes)
-    return DataConfig(**settings)
+    return data_config(**settings)
 
 
 def damaged_in_training(root: Path, source: StreamSource) -> int:

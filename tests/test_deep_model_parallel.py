@@ -12,12 +12,12 @@ from conftest import SCRIPTS, torchrun
 from terabrain.config.loader import load_experiment
 from terabrain.config.schema import SupervisedConfig
 from terabrain.errors import ConfigError
-from terabrain.train.run import _check_model_axis_supported
+from terabrain.learners.registry import learner_of
 
 SMALL_DEEP = [
     "data.patch_size=24", "data.num_patches=192", "data.holdout_patches=48",
     "train.batch_size=96", "train.steps=2", "train.log_every=1", "train.checkpoint_every=4",
-    "train.keep_checkpoints=5", "train.schedule=greedy", "train.progress=false",
+    "train.keep_checkpoints=5", "model.schedule=greedy", "train.progress=false",
     "model.layers.0.steps=null",
 ]
 SETS = [arg for item in SMALL_DEEP for arg in ("--set", item)]
@@ -62,6 +62,14 @@ def test_cli_run_on_2_model_ranks_equals_one_process_and_resumes_on_one(tmp_path
     got = load_file(str(resumed / "model.safetensors"))
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+class _ModelAxis:  # what check_parallel reads of a Parallelism with a model axis of 2
+    model_ranks = 2
+
+
+def _check_model_axis_supported(config):
+    learner_of(config).check_parallel(config, _ModelAxis())
 
 
 def test_unsupported_settings_on_a_model_axis_are_config_errors():

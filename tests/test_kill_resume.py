@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from terabrain.config.loader import load_experiment
-from terabrain.nn.autoencoder import build_model
+from terabrain.learners.registry import build_model
 from terabrain.objectives import build_objective
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore

@@ -10,12 +10,13 @@ from safetensors.torch import load_file
 from terabrain.config.loader import load_experiment
 from terabrain.train import layerwise
 from terabrain.errors import ConfigError
-from terabrain.train.run import build_network, run_experiment
+from terabrain.learners.registry import build_network
+from terabrain.train.run import run_experiment
 
 SMALL_DEEP = [
     "data.patch_size=24", "data.num_patches=768", "data.holdout_patches=96",
     "train.batch_size=96", "train.steps=12", "train.log_every=2", "train.checkpoint_every=6",
-    "train.start_after=6", "train.sync_every=2", "train.progress=false", "model.layers.0.steps=null",
+    "model.start_after=6", "model.sync_every=2", "train.progress=false", "model.layers.0.steps=null",
 ]
 
 
@@ -30,7 +31,7 @@ def _layer_losses(run_dir):
 
 @pytest.mark.parametrize("schedule", ["greedy", "pipelined"])
 def test_every_layer_objective_falls(tmp_path, schedule):
-    config = load_experiment("yfcc-15b-small", SMALL_DEEP + [f"train.schedule={schedule}"])
+    config = load_experiment("yfcc-15b-small", SMALL_DEEP + [f"model.schedule={schedule}"])
     results = run_experiment(config, tmp_path)
     losses = _layer_losses(tmp_path)
     assert sorted(losses) == ["layer1/loss", "layer2/loss", "layer3/loss"]
@@ -58,7 +59,7 @@ def test_every_layer_objective_falls(tmp_path, schedule):
 
 
 def test_pipelined_run_resumes_exactly(tmp_path, monkeypatch):
-    overrides = SMALL_DEEP + ["train.schedule=pipelined", "train.checkpoint_every=4"]
+    overrides = SMALL_DEEP + ["model.schedule=pipelined", "train.checkpoint_every=4"]
     run_experiment(load_experiment("yfcc-15b-small", overrides), tmp_path / "whole")
 
     original = layerwise.LayerSchedule.on_step_end
@@ -94,7 +95,7 @@ def test_deep_stack_fine_tunes_with_a_classifier(tmp_path):
 
 
 def test_bad_deep_configs_name_the_field(cli):
-    result = cli("train", "yfcc-15b-small", "--set", "train.schedule=pipelined",
+    result = cli("train", "yfcc-15b-small", "--set", "model.schedule=pipelined",
                  "--set", "optimizer.name=lbfgs")
     assert result.returncode == 2 and "optimizer.name" in result.stderr
     result = cli("train", "yfcc-15b-small", "--set", "model.layers.0.lcn.kernel=4")
@@ -113,7 +114,7 @@ def test_a_layer_that_does_not_fit_its_input_is_a_config_error():
 def test_data_parallel_deep_run_equals_one_process(tmp_path, cli):
     from conftest import torchrun
 
-    overrides = SMALL_DEEP + ["train.schedule=pipelined", "train.steps=6", "train.start_after=3"]
+    overrides = SMALL_DEEP + ["model.schedule=pipelined", "train.steps=6", "model.start_after=3"]
     sets = [arg for item in overrides for arg in ("--set", item)]
     cli("train", "yfcc-15b-small", *sets, "--out", str(tmp_path / "one"), check=True)
     result = torchrun(2, "-m", "terabrain", "train", "yfcc-15b-small", *sets,

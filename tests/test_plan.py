@@ -5,6 +5,7 @@ small LBANN variant actually training.
 The full-size experiments are only ever planned (meta device), never built."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,10 +13,22 @@ import torch
 from terabrain.cli import main
 from terabrain.config.loader import builtin_names, load_experiment
 from terabrain.errors import ConfigError
-from terabrain.nn.autoencoder import build_model
-from terabrain.plan import (
-    FP32, data_shape, format_plan, parameters_of, parse_memory, plan_experiment,
-)
+from terabrain.learners.registry import build_model
+from terabrain.capacity import format_plan, parse_memory, plan_experiment
+from terabrain.capacity.costs import FP32
+from terabrain.learners.registry import learner_of
+
+
+def data_shape(data):
+    """(inputs per example, training rows) from the data source table."""
+    from terabrain.data.sources import source_of
+
+    source = source_of(data)
+    return math.prod(source.example_shape(data)), source.training_rows(data)
+
+
+def parameters_of(config, inputs):
+    return learner_of(config).parameters_of(config, inputs)
 
 GB = 10**9
 LBANN = {"lbann-ae-50k": 9.8e9, "lbann-ae-100k": 19.7e9, "lbann-ae-400k": 78.6e9}

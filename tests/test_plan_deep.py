@@ -6,8 +6,8 @@ import json
 import pytest
 
 from terabrain.config.loader import load_experiment
-from terabrain.plan import plan_experiment
-from terabrain.plan_deep import layer_table
+from terabrain.capacity import plan_experiment
+from terabrain.learners.deep_capacity import layer_table
 
 
 @pytest.mark.parametrize("name, seed_count", [

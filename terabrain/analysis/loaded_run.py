@@ -26,19 +26,13 @@ from terabrain.data.embedded import to_colour, to_grey
 from terabrain.data.patches import remove_patch_mean
 from terabrain.data.whitening import ZCA
 from terabrain.errors import ConfigError
-from terabrain.nn.autoencoder import build_model
-from terabrain.nn.deep import DeepNetwork, input_shape_from
+from terabrain.data.sources import source_of
+from terabrain.learners.registry import learner_of
 
 
 def example_shape(config: ExperimentConfig) -> tuple[int, ...]:
-    """One training example as an image: (H, W) or (H, W, C)."""
-    data = config.data
-    if data.source in ("photos", "face_mix"):
-        side = data.patch_size
-        return (side, side, 3) if data.color and data.source == "photos" else (side, side)
-    if data.source == "digits":
-        return (8, 8)
-    shape = np.load(data.path, mmap_mode="r", allow_pickle=False).shape[1:]
+    """One training example as an image: (H, W) or (H, W, C), from the data source table."""
+    shape = source_of(config.data).example_shape(config.data)
     if len(shape) == 1:
         side = int(round(np.sqrt(shape[0])))
         if side * side != shape[0]:
@@ -90,9 +84,7 @@ class LoadedRun:
 
 
 def _build(config: ExperimentConfig, shape: tuple[int, ...], seed: int) -> torch.nn.Module:
-    if config.model.kind == "deep":
-        return DeepNetwork(config.model.layers, input_shape_from(shape), seed=seed)
-    return build_model(config.model, int(np.prod(shape)), seed=seed)
+    return learner_of(config).build(config, shape, seed)
 
 
 def _recorded_example_shape(run_dir: Path) -> Optional[tuple[int, ...]]:

@@ -30,8 +30,10 @@ from terabrain.analysis.filters import save_filter_grid
 from terabrain.analysis.loaded_run import LoadedRun, load_run
 from terabrain.analysis.maximize import maximize_activation
 from terabrain.analysis.topk import neuron_stats
+from terabrain.data.sources import source_of
 from terabrain.errors import ConfigError
 from terabrain.files import write_text_atomically
+from terabrain.learners.registry import learner_of
 from terabrain.parallel.launch import is_main_rank
 
 CONCEPT_SETS = ("faces", "fashion-mnist")
@@ -110,7 +112,7 @@ def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions()) -> Option
     run = load_run(run_dir)
     check_layer(run.model, options.layer)
     torch.manual_seed(options.seed)
-    data_name = options.data or ("faces" if run.config.data.source == "face_mix" else "holdout")
+    data_name = options.data or source_of(run.config.data).analysis_data
     data = load_analysis_data(data_name, run, options.max_examples, options.seed)
     split = data.split(options.split)
     rows = model_rows(run, data, options.split)
@@ -307,6 +309,4 @@ def _concept_section(document: Document, run: LoadedRun, options: AnalyzeOptions
 
 
 def _describe(model: torch.nn.Module, config) -> str:
-    if config.model.kind == "deep":
-        return f"a deep network of {model.num_layers} layers ({', '.join(l.kind for l in config.model.layers)})"
-    return f"{config.model.kind} with {config.model.hidden} hidden units"
+    return learner_of(config).describe(config)

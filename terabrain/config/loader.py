@@ -79,12 +79,28 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             node = node[part]
 
 
+# Sections whose variants pydantic names in an error's location (model.rica.hidden): the
+# user wrote model.hidden.
+_UNION_SECTIONS = ("model", "data", "objective")
+
+
+def _user_path(location: tuple) -> tuple:
+    if len(location) > 2 and location[0] in _UNION_SECTIONS and isinstance(location[1], str):
+        return (location[0],) + tuple(location[2:])
+    return tuple(location)
+
+
 def format_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
+        location = ".".join(str(part) for part in _user_path(item["loc"]))
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "union_tag_invalid":
+            context = item.get("ctx", {})
+            location = f"{location}.{context.get('discriminator', '').strip(chr(39))}"
+            message = (f"got {context.get('tag')!r}; allowed: "
+                       f"{context.get('expected_tags', '').replace(chr(39), '')}")
+        elif item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; `terabrain show NAME` lists the keys)"
         elif item["type"] == "literal_error":
             allowed = item.get("ctx", {}).get("expected", "")
@@ -110,8 +126,21 @@ def load_experiment(source: str | None, overrides: list[str] = ()) -> Experiment
     return validate(raw)
 
 
+def _tag_first(value: Any) -> Any:
+    """A section's variant tag (``kind``, ``source``) first: it says what the rest means."""
+    if isinstance(value, dict):
+        tags = [key for key in ("kind", "source") if key in value]
+        ordered = {key: value[key] for key in tags}
+        ordered.update((key, item) for key, item in value.items() if key not in tags)
+        return {key: _tag_first(item) for key, item in ordered.items()}
+    if isinstance(value, list):
+        return [_tag_first(item) for item in value]
+    return value
+
+
 def to_yaml(config: ExperimentConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The fully resolved experiment; `terabrain train` reads it back unchanged."""
+    return yaml.safe_dump(_tag_first(config.model_dump(mode="json")), sort_keys=False)
 
 
 def describe_builtins() -> list[tuple[str, str]]:

@@ -20,18 +20,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from terabrain.config.schema import DataConfig, LCNConfig
+from terabrain.config.sections import LCNConfig
 from terabrain.data.affine import ShardAffineOrder, node_shards
-from terabrain.data.catalogs import Catalog, FolderCatalog, ShardCatalog, YFCCCatalog
+from terabrain.data.catalogs import Catalog, ShardCatalog
 from terabrain.data.contrast import normalize_contrast
-from terabrain.data.decode import BadSample, ImageSpec
-from terabrain.data.examples import OUTSIDE_TRAINING, ArrayExamples, ImageExamples
+from terabrain.data.decode import BadSample
+from terabrain.data.examples import OUTSIDE_TRAINING
 from terabrain.data.order import SampleOrder
 from terabrain.data.patches import remove_patch_mean
 from terabrain.data.staging import PLANNED_STEPS, Stager, copy_order
 from terabrain.data.stream import BatchStream, ReplicaShare
 from terabrain.data.whitening import ZCA
-from terabrain.data.yfcc import YFCCFilter
+from terabrain.data.sources import DataSection, source_of
 from terabrain.errors import ConfigError, TrainingError
 from terabrain.parallel.launch import is_main_rank
 
@@ -39,10 +39,8 @@ from terabrain.parallel.launch import is_main_rank
 MAX_WHITENING_DIM = 4096
 
 
-def is_streamed(config: DataConfig) -> bool:
-    if config.source in ("folder", "shards", "yfcc"):
-        return True
-    return config.source == "npy" and bool(config.stream)
+def is_streamed(config: DataSection) -> bool:
+    return source_of(config).streamed(config)
 
 
 class RowTransform:
@@ -67,40 +65,18 @@ class RowTransform:
         return self.whitening.apply(rows) if self.whitening is not None else rows
 
 
-def build_catalog(config: DataConfig) -> Catalog:
-    if config.source == "folder":
-        return FolderCatalog(config.root)
-    if config.source == "shards":
-        try:
-            return ShardCatalog(config.root)
-        except (ValueError, OSError) as error:
-            raise ConfigError(f"data.root: {error}") from None
-    keep = YFCCFilter(config.yfcc_media, tuple(t.lower() for t in config.yfcc_tags_any),
-                      tuple(t.lower() for t in config.yfcc_tags_all),
-                      tuple(t.lower() for t in config.yfcc_tags_none))
-    return YFCCCatalog(config.metadata, config.root, keep, config.yfcc_layout)
-
-
 class StreamSource:
     """A prepared streamed collection: the reader, the training examples and the transform;
     ``open`` makes the per-rank ``BatchStream`` of a training stage."""
 
-    def __init__(self, config: DataConfig, seed: int):
+    def __init__(self, config: DataSection, seed: int):
         self.config = config
         self.seed = seed
-        self.catalog: Optional[Catalog] = None
-        if config.source == "npy":
-            array = np.load(config.path, mmap_mode="r", allow_pickle=False)
-            if array.ndim < 2:
-                raise ConfigError(f"data.path: expected (N, D) or (N, H, W[, C]), got {array.shape}")
-            self.read = ArrayExamples(array, str(config.path))
-            self.problems: list[tuple[str, str]] = []
-        else:
-            self.catalog = build_catalog(config)
-            self.problems = list(self.catalog.problems)
-            spec = ImageSpec(config.crop_size, config.image_size, config.color)
-            self.read = ImageExamples(self.catalog, spec, seed, config.patch_size, config.patches_per_image)
-        where = config.path if config.source == "npy" else config.root
+        source = source_of(config)
+        self.catalog: Optional[Catalog] = source.stream_catalog(config)
+        self.problems: list[tuple[str, str]] = list(self.catalog.problems) if self.catalog else []
+        self.read = source.stream_reader(config, seed, self.catalog)
+        where = source.location(config)
         if len(self.read) < 2:
             raise ConfigError(f"data.root: {where} holds {len(self.read)} usable example(s); "
                               f"at least 2 are needed" + self._problem_hint())
@@ -197,7 +173,7 @@ class StreamSource:
             raise ConfigError(f"data.block_size ({config.block_size}) must be a multiple of the "
                               f"{images} images of a batch and at most the {len(self.train_ids)} "
                               "training images")
-        if config.order == "shard_affine":
+        if getattr(config, "order", "global") == "shard_affine":  # shards only
             order = self._affine_order(images, replicas)
         else:
             order = SampleOrder(len(self.train_ids), images, self.seed, config.block_size)
@@ -210,7 +186,7 @@ class StreamSource:
             prefetch=config.prefetch, timeout_s=config.read_timeout_s, on_error=config.on_error,
             device=device, per_sample=self.per_sample, unusable=len(self.problems),
         )
-        if config.stage_dir is not None and self.stager is None:
+        if getattr(config, "stage_dir", None) is not None and self.stager is None:  # shards only
             self._start_staging(stream)
         stream.staging = self.stager
         return stream

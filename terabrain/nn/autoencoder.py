@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from terabrain.config.schema import ModelConfig
 from terabrain.nn.init import init_by_unit_
 
 
@@ -201,17 +200,3 @@ class SupervisedHead(UnitInitialized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features.encode(x)))
-
-
-def build_model(config: ModelConfig, inputs: int, seed: Optional[int] = None) -> UnitInitialized:
-    if config.kind == "rica":
-        return RICA(inputs, config.hidden, config.dropout, seed=seed)
-    return Autoencoder(
-        inputs,
-        config.hidden,
-        tied=config.tied,
-        activation=config.activation,
-        decoder_activation=config.decoder_activation,
-        dropout=config.dropout,
-        seed=seed,
-    )

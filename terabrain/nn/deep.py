@@ -14,13 +14,14 @@ layerwise) or split over ranks (terabrain.parallel).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from terabrain.config.schema import LayerConfig
 from terabrain.nn.autoencoder import UnitInitialized, _draw_seed
 from terabrain.nn.init import init_by_unit_
 from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
@@ -28,6 +29,9 @@ from terabrain.nn.normalization import LocalContrastNorm
 from terabrain.nn.pooling import L2Pool2d
 
 Shape = tuple[int, int, int]  # (channels, height, width)
+
+if TYPE_CHECKING:  # duck-typed: any object with a layer section's attributes
+    from terabrain.learners.deep import LayerConfig
 
 
 def _unit_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -28,26 +28,21 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from terabrain.analysis.filters import compare_with_random, filter_grid, save_filter_grid
+from terabrain.analysis.filters import compare_with_random, save_filter_grid
 from terabrain.config.loader import to_yaml
 from terabrain.config.schema import ExperimentConfig, TrainConfig
 from terabrain.data.prepare import PreparedData, prepare_data
 from terabrain.errors import ConfigError
 from terabrain.files import replace_atomically, write_text_atomically
-from terabrain.nn.autoencoder import SupervisedHead, build_model
-from terabrain.nn.deep import DeepNetwork, input_shape_from
-from terabrain.objectives import build_objective, build_supervised_objective
+from terabrain.learners.registry import learner_of
+from terabrain.nn.autoencoder import SupervisedHead
+from terabrain.objectives import build_supervised_objective
 from terabrain.parallel.communication_log import communication_callbacks
 from terabrain.parallel.hogwild import fit_hogwild
 from terabrain.parallel.launch import is_main_rank
-from terabrain.parallel.parallelism import Parallelism, full, local
-from terabrain.parallel.plans import check_divisible
-from terabrain.parallel.spatial_network import (
-    SpatialLayerwiseObjective, partition_network, whole_tensor_count,
-)
+from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
-from terabrain.train.layerwise import LayerSchedule, LayerwiseModel, LayerwiseObjective
 from terabrain.train.optim import build_optimizer
 from terabrain.train.trainer import Trainer
 from torch.distributed.device_mesh import DeviceMesh
@@ -174,145 +169,53 @@ def _last_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
     return last
 
 
-def build_network(config: ExperimentConfig, example_shape: tuple[int, ...]) -> DeepNetwork:
-    """The deep network of ``config`` for examples of ``example_shape``."""
-    shape = input_shape_from(example_shape)
-    declared = config.model.input_shape
-    if declared is not None and tuple(declared) != shape:
-        raise ConfigError(
-            f"model.input_shape {list(declared)} does not match the data's images {list(shape)} "
-            f"(channels, height, width); set it to null or to {list(shape)}"
-        )
-    try:
-        return DeepNetwork(config.model.layers, shape, seed=config.seed)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
-def _deep_feature_stage(
-    config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
-    results: Results, parallel: Parallelism,
-) -> torch.nn.Module:
-    """Layer-wise training of model.kind deep (terabrain.train.layerwise)."""
-    torch.manual_seed(config.seed)
-    split = parallel.model_ranks > 1
-    if split:
-        # Built without memory; each rank creates only its rows' and units' parameters.
-        _check_model_axis_supported(config)
-        with torch.device("meta"):
-            network = build_network(config, data.example_shape)
-        network = partition_network(network, parallel.model_mesh, device)
-    else:
-        network = build_network(config, data.example_shape).to(device)
-    if results.done("features"):
-        network.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        return network
-    layers, train = config.model.layers, config.train
-    model = LayerwiseModel(network)
-    schedule = LayerSchedule(
-        model, [layer.steps or train.steps for layer in layers], train.schedule,
-        train.start_after, train.sync_every,
-        train.early_stopping.patience, train.early_stopping.min_delta,
-    )
-    objective = (SpatialLayerwiseObjective if split else LayerwiseObjective)(
-        schedule,
-        [config.objective.sparsity_weight if layer.sparsity_weight is None else layer.sparsity_weight
-         for layer in layers],
-        config.objective.sparsity_epsilon,
-    )
-    started = time.perf_counter()
-    trainer = _train_stage(
-        stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
-        model=model, objective=objective,
-        optimizer=build_optimizer(config.optimizer, network.parameters()),
-        inputs=data.train_x, targets=None, train=train, config=config, device=device,
-        parallel=parallel, schedule=schedule, stream=data.stream,
-        # On a model axis each rank holds only its rows' filters: no picture during training.
-        filter_image=None if split else lambda: filter_grid(*network.first_layer_filters()),
-    )
-    summary = {
-        "steps": trainer.step,
-        "stop_reason": trainer.stop_reason or "finished",
-        "layers": schedule.summary(),
-        "final": _last_metrics(run_dir, "features"),
-        "seconds_this_session": time.perf_counter() - started,
-    }
-    parameters = whole_tensor_count(network)
-    if parameters > GATHER_LIMIT:
-        summary["export"] = f"skipped: {parameters:,} parameters; use {run_dir}/checkpoints"
-    else:
-        tensors = _export(network, run_dir / "model.safetensors")
-        if is_main_rank():
-            whole = network
-            if split:  # the gathered weights in a whole network, for the picture
-                whole = build_network(config, data.example_shape)
-                whole.load_state_dict(tensors)
-            save_filter_grid(run_dir / "filters.png", *whole.first_layer_filters())
-    results.record("features", summary)
-    return network
-
-
-def _check_model_axis_supported(config: ExperimentConfig) -> None:
-    if config.optimizer.name == "lbfgs":
-        raise ConfigError(
-            "optimizer.name: lbfgs is not supported for model.kind deep with parallel.model > 1 "
-            "(its flat history would mix every rank's own rows); allowed: sgd, adagrad, "
-            "rmsprop, adam, adamw")
-    if config.supervised is not None:
-        raise ConfigError(
-            "supervised: not supported for model.kind deep with parallel.model > 1 (the head "
-            "would need the features of every rank's rows); remove the supervised section or "
-            "set parallel.model=1")
-
-
 def _feature_stage(
     config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
     results: Results, parallel: Parallelism,
 ) -> torch.nn.Module:
-    if config.model.kind == "deep":
-        return _deep_feature_stage(config, data, run_dir, device, results, parallel)
-    torch.manual_seed(config.seed)
-    check_divisible(config.model.hidden, parallel.model_ranks)
+    """Feature learning with the experiment's learner (terabrain.learners): the learner
+    builds, places and schedules its network; this stage trains, exports and draws it."""
+    learner = learner_of(config)
+    learner.check_parallel(config, parallel)
+    shape = data.example_shape
     if results.done("features"):
-        model = build_model(config.model, data.inputs, seed=config.seed)
-        model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        return parallel.parallelize(model.to(device), device)
-    # Built without memory, then each rank creates and initialises only its own shard.
-    with torch.device("meta"):
-        model = build_model(config.model, data.inputs, seed=config.seed)
-    model = parallel.parallelize(model, device)
-    optimizer = build_optimizer(config.optimizer, model.parameters())
+        weights = load_file(str(run_dir / "model.safetensors"))
+        return learner.restore(config, shape, parallel, device, weights)
+    network = learner.materialize(config, shape, parallel, device)
+    training = learner.training(config, network, parallel, shape)
     started = time.perf_counter()
     trainer = _train_stage(
         stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
-        model=model, objective=build_objective(config.objective), optimizer=optimizer,
+        model=training.model, objective=training.objective,
+        optimizer=build_optimizer(config.optimizer, training.parameters),
         inputs=data.train_x, targets=None, train=config.train, config=config, device=device,
-        parallel=parallel, stream=data.stream,
-        # Rank 0's own shard of the filters: TensorBoard runs on rank 0 only.
-        filter_image=lambda: filter_grid(local(model.filters()), data.example_shape),
+        parallel=parallel, stream=data.stream, filter_image=training.filter_image,
+        schedule=training.schedule,
     )
     summary = {
         "steps": trainer.step,
         "stop_reason": trainer.stop_reason or "finished",
+        **training.summary(),
         "final": _last_metrics(run_dir, "features"),
         "seconds_this_session": time.perf_counter() - started,
     }
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = learner.parameter_count(network)
     if parameters > GATHER_LIMIT:
         # Gathering would put the whole model on every rank; the sharded checkpoint is the
         # model's export at this size.
         summary["export"] = f"skipped: {parameters:,} parameters; use {run_dir}/checkpoints"
         results.record("features", summary)
-        return model
-    _export(model, run_dir / "model.safetensors")
-    filters = full(model.filters()).cpu()  # a collective: every rank takes part
+        return network
+    weights = _export(network, run_dir / "model.safetensors")
+    picture = learner.picture(config, network, weights, shape)  # may gather: every rank
     if is_main_rank():
-        save_filter_grid(run_dir / "filters.png", filters, data.example_shape)
-        summary["filters"] = compare_with_random(
-            filters, data.example_shape, data.holdout_x, config.seed
-        )
+        save_filter_grid(run_dir / "filters.png", picture.filters, picture.shape)
+        if picture.comparable:
+            summary["filters"] = compare_with_random(
+                picture.filters, picture.shape, data.holdout_x, config.seed
+            )
     results.record("features", summary)
-    return model
+    return network
 
 
 @torch.no_grad()
@@ -333,9 +236,7 @@ def _supervised_stage(
     outputs = data.num_classes if settings.task == "classification" else (
         1 if data.train_y.dim() == 1 else data.train_y.shape[1]
     )
-    hidden = (
-        math.prod(features.output_shape) if isinstance(features, DeepNetwork) else config.model.hidden
-    )
+    hidden = learner_of(config).feature_width(config, features)
     model = SupervisedHead(features, hidden, outputs, settings.dropout, seed=config.seed + 1)
     model = parallel.parallelize(model.to(device), device)
     if not settings.fine_tune:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from collections_for_tests import image_id, interrupted_and_resumed  # noqa: E402
 
-from terabrain.config.schema import DataConfig  # noqa: E402
+from terabrain.data.sources import data_config  # noqa: E402
 from terabrain.data.streaming import StreamSource  # noqa: E402
 from terabrain.parallel import (  # noqa: E402
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
@@ -34,8 +34,8 @@ from terabrain.train.checkpoint import CheckpointManager  # noqa: E402
 BATCH, STEPS, CHECKPOINT_AT, EPOCHS = 8, 7, 3, 3
 
 
-def config(shards: Path, stage: Path) -> DataConfig:
-    return DataConfig(source="shards", root=shards, order="shard_affine", crop_size=16,
+def config(shards: Path, stage: Path):
+    return data_config(source="shards", root=shards, order="shard_affine", crop_size=16,
                       remove_mean=False, whitening="none", holdout_patches=2, workers=2,
                       stage_dir=stage, stage_wait=True)
 

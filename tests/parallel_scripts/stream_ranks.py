@@ -18,7 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from collections_for_tests import image_id, interrupted_and_resumed  # noqa: E402
 
-from terabrain.config.schema import DataConfig  # noqa: E402
+from terabrain.data.sources import data_config  # noqa: E402
 from terabrain.data.streaming import StreamSource  # noqa: E402
 from terabrain.parallel import (  # noqa: E402
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
@@ -36,7 +36,7 @@ def main():
         init_distributed(env, "gloo", 60)
         parallel = Parallelism(build_mesh(-1, 1, env))
         rank = dist.get_rank()
-        config = DataConfig(source="folder", root=collection, crop_size=16, remove_mean=False,
+        config = data_config(source="folder", root=collection, crop_size=16, remove_mean=False,
                             whitening="none", holdout_patches=2, workers=2)
         source = StreamSource(config, seed=0)
         stream = source.open(BATCH, parallel, torch.device("cpu"))

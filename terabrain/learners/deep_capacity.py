@@ -1,5 +1,6 @@
-"""`terabrain plan` for deep networks (model.kind deep): per-layer parameters and work, and
-for every (data x model) mesh the memory per rank and the bytes each rank sends per step.
+"""Capacity of a deep network (terabrain.learners.deep) for `terabrain plan`: per-layer
+parameters and work, and for every (data x model) mesh the memory per rank and the bytes
+each rank sends per step.
 
 The network is built on the meta device, so counts are those of the modules that train.
 On the model axis (terabrain.parallel.spatial_network, what training does) a locally
@@ -10,13 +11,12 @@ split (training refuses them on a model axis; counted here as replicated). Every
 fp32. Per rank, with b = batch / data:
 
 - weights: the local parameters; plus the same again for the forward copies layer-wise
-  training keeps of every layer (seed 000's second instance of each layer).
+  training keeps of every layer (Ni et al. 2015's second instance of each layer).
 - gradients: 3x the local weights (a tied layer's W takes part in the encoder, the decoder
   and its row normalization; an estimate, not measured as for the fully connected planner).
-- optimizer state: as terabrain.plan (adam 2x, sgd with momentum 1x, ...).
+- optimizer state: as terabrain.capacity.costs (adam 2x, sgd with momentum 1x, ...).
 - activations: for every layer at once (the pipelined worst case), 4 B x b x (3 x input +
   3 x codes + post-processed output) of the rank's rows.
-- other: the training set when the trainer keeps it in memory (data.source photos/npy).
 - sent:model per step: forward and backward of the encoder and of the reconstruction each
   move the halo once (4 halos per local layer); dense layers all-gather their input,
   all-reduce their reconstruction and all-gather its gradient; pooling (kernel - stride
@@ -28,35 +28,44 @@ fp32. Per rank, with b = batch / data:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from terabrain.config.schema import ExperimentConfig, LayerConfig
+from terabrain.capacity.costs import FP32, optimizer_state, ring_all_reduce
+from terabrain.capacity.planner import Capacity, RankFigures
+from terabrain.capacity.units import format_count
 from terabrain.errors import ConfigError
+from terabrain.nn.deep import DeepNetwork, input_shape_from
 from terabrain.parallel.spatial import split_evenly
 from terabrain.parallel.spatial_network import local_layer_blocks
 
-FP32 = 4
+if TYPE_CHECKING:
+    from terabrain.config.schema import ExperimentConfig
 
 
-def input_shape_of(config: ExperimentConfig) -> tuple[int, int, int]:
+def input_shape_of(config: "ExperimentConfig",
+                   example_shape: Optional[tuple[int, ...]] = None) -> tuple[int, int, int]:
+    """(channels, height, width): model.input_shape, else the data source's example shape."""
     if config.model.input_shape is not None:
         return tuple(config.model.input_shape)
-    data = config.data
-    if data.source in ("photos", "face_mix"):  # face_mix is grey (data.color is refused)
-        return (3 if data.color else 1, data.patch_size, data.patch_size)
-    raise ConfigError(
-        "model.input_shape: set (channels, height, width) to plan a deep network on "
-        f"data.source {data.source}"
-    )
+    if example_shape is None:
+        from terabrain.data.sources import source_of
+
+        example_shape = source_of(config.data).example_shape(config.data)
+    try:
+        return input_shape_from(example_shape)
+    except ValueError:
+        raise ConfigError(
+            "model.input_shape: set (channels, height, width) to plan a deep network on "
+            f"data.source {config.data.source}, whose examples are not images") from None
 
 
-def layer_table(config: ExperimentConfig) -> list[dict]:
+def layer_table(config: "ExperimentConfig", example_shape: Optional[tuple[int, ...]] = None) -> list[dict]:
     """Per layer: kind, shapes, parameters, forward multiply-adds per example."""
-    from terabrain.nn.deep import DeepNetwork, FilterBank
+    from terabrain.nn.deep import FilterBank
 
-    shape = input_shape_of(config)
+    shape = input_shape_of(config, example_shape)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         try:
             network = DeepNetwork(config.model.layers, shape, seed=0)
@@ -82,7 +91,7 @@ def layer_table(config: ExperimentConfig) -> list[dict]:
     return table
 
 
-def _layer_split(spec: LayerConfig, info: dict, model_ranks: int, rows_b: int) -> dict:
+def _layer_split(spec, info: dict, model_ranks: int, rows_b: int) -> dict:
     """One layer on ``model_ranks`` ranks: local parameter elements, activation values and
     bytes sent per step, and why it cannot be split that way (empty when it can)."""
     channels, height, width = info["input"]
@@ -126,73 +135,40 @@ def _layer_split(spec: LayerConfig, info: dict, model_ranks: int, rows_b: int) -
     return result
 
 
-def plan_deep(config: ExperimentConfig, devices: int, device_memory: int, batch: Optional[int],
-              headroom: float):
-    from terabrain.plan import (
-        Plan, Split, _divisors, _optimizer_state, _ring_all_reduce, configured_split, data_shape,
-        format_count,
-    )
-
-    table = layer_table(config)
+def deep_capacity(config: "ExperimentConfig", example_shape: tuple[int, ...]) -> Capacity:
+    table = layer_table(config, example_shape)
     total = sum(row["parameters"] for row in table)
-    inputs, train_rows = data_shape(config.data)
-    if batch is None:
-        batch = min(config.train.batch_size or train_rows, train_rows)
-    configured = configured_split(config, devices)
-    in_memory = config.data.source in ("photos", "npy", "digits")
-    splits = []
-    for model_ranks in _divisors(devices):
-        data_ranks = devices // model_ranks
-        rows_b = -(-batch // data_ranks)
+
+    def per_rank(data_ranks: int, model_ranks: int, rows_b: int) -> RankFigures:
         layers = [_layer_split(spec, info, model_ranks, rows_b)
                   for spec, info in zip(config.model.layers, table)]
-        reasons = [layer["reason"] for layer in layers if layer["reason"]]
-        if batch % data_ranks:
-            reasons.append(f"{data_ranks} replicas do not divide batch {batch}")
         local = sum(layer["local"] for layer in layers)
-        weights = 2 * FP32 * local  # the network and its forward copies
-        gradients = 3 * FP32 * local
-        optimizer = FP32 * _optimizer_state(config, local, total)
-        activations = FP32 * round(sum(layer["activation_values"] for layer in layers))
-        dataset = FP32 * train_rows * inputs if in_memory else 0
-        bf16 = 2 * local if config.precision == "bf16" else 0
-        memory = weights + gradients + optimizer + activations + dataset + bf16
-        model_sent = round(sum(layer["sent"] for layer in layers))
-        data_sent = round(_ring_all_reduce(data_ranks, FP32 * (local + 3 * len(table) + 1)))
-        splits.append(Split(
-            data=data_ranks, model=model_ranks, valid=not reasons, reason="; ".join(reasons),
-            rows_per_rank=rows_b, local_parameters=local, weights=weights, gradients=gradients,
-            optimizer=optimizer, activations=activations, dataset=dataset, bf16_copy=bf16,
-            total=memory, fits=not reasons and memory <= device_memory * headroom,
-            model_axis_sent=model_sent, data_axis_sent=data_sent, sent=model_sent + data_sent,
-            configured=configured == (data_ranks, model_ranks),
-        ))
-    fitting = [s for s in splits if s.fits]
-    if fitting:
-        min(fitting, key=lambda s: (s.sent, s.total)).recommended = True
+        return RankFigures(
+            reasons=[layer["reason"] for layer in layers if layer["reason"]],
+            local_parameters=local,
+            weights=2 * FP32 * local,  # the network and its forward copies
+            gradients=3 * FP32 * local,
+            optimizer=FP32 * optimizer_state(config.optimizer, local, total),
+            activations=FP32 * round(sum(layer["activation_values"] for layer in layers)),
+            model_axis_sent=round(sum(layer["sent"] for layer in layers)),
+            data_axis_sent=round(ring_all_reduce(data_ranks, FP32 * (local + 3 * len(table) + 1))),
+        )
+
     description = "deep " + " -> ".join(
         ["x".join(map(str, table[0]["input"]))]
         + [f"{row['kind']} {'x'.join(map(str, row['output']))}" for row in table]
     )
-    plan = Plan(
-        experiment=config.name, model=description, inputs=inputs, hidden=table[-1]["codes"][0],
-        parameters=total, parameter_table=[], batch=batch, train_rows=train_rows,
-        optimizer=config.optimizer.name, evaluations_per_step=1, devices=devices,
-        device_memory=device_memory, headroom=headroom, splits=splits, layers=table,
+    return Capacity(
+        description=description, parameters=total, hidden=table[-1]["codes"][0],
+        per_rank=per_rank, layers=table,
+        notes=[
+            "layers: " + "; ".join(
+                f"{row['layer']} {row['kind']} {format_count(row['parameters'])} parameters, "
+                f"{row['forward_flops_per_example'] / 1e9:.2f} GFLOP per example forward"
+                for row in table),
+            "model axis: local layers split by output rows with halo exchange, dense layers by "
+            "hidden unit, conv layers replicated; weights include layer-wise training's forward "
+            "copies; gradients 3x local weights (estimate); activations of every layer at once "
+            "(pipelined worst case)",
+        ],
     )
-    best = plan.recommended
-    plan.notes = [
-        (f"recommended: parallel.data={best.data} parallel.model={best.model} (fits, sends the least)"
-         if best else f"no split fits in {plan.usable_memory:,} bytes per device: use more devices"),
-        "layers: " + "; ".join(
-            f"{row['layer']} {row['kind']} {format_count(row['parameters'])} parameters, "
-            f"{row['forward_flops_per_example'] / 1e9:.2f} GFLOP per example forward"
-            for row in table),
-        "model axis: local layers split by output rows with halo exchange, dense layers by "
-        "hidden unit, conv layers replicated; weights include layer-wise training's forward "
-        "copies; gradients 3x local weights (estimate); activations of every layer at once "
-        "(pipelined worst case)",
-        "other: the training set when the trainer holds it in memory (data.source photos, npy, "
-        "digits); streamed sources hold only their prefetch buffers",
-    ]
-    return plan

@@ -1,0 +1,43 @@
+"""The counting rules every learner's capacity figures share: fp32 bytes, ring collectives,
+optimizer state and closure evaluations per step."""
+
+from __future__ import annotations
+
+FP32 = 4
+
+
+def ring_all_reduce(ranks: int, payload: float) -> float:
+    """Bytes each rank sends in a ring all-reduce of ``payload`` bytes: 2 (k-1)/k * S."""
+    return 2.0 * (ranks - 1) / ranks * payload if ranks > 1 else 0.0
+
+
+def ring_all_gather(ranks: int, payload: float) -> float:
+    """Bytes each rank sends in a ring all-gather of a ``payload``-byte tensor: (k-1)/k * S."""
+    return (ranks - 1) / ranks * payload if ranks > 1 else 0.0
+
+
+def optimizer_state(optimizer, local: int, total_parameters: int) -> int:
+    """Elements of optimizer state per rank: sgd 0 (momentum 0) or 1x local (momentum
+    buffer); adam, adamw 2x; rmsprop 1x (+1x with momentum); adagrad 1x. lbfgs keeps its
+    curvature history as flat vectors over *all* parameters, replicated (not sharded) under
+    DTensor: 2 * history_size + 3 full-size vectors on every rank, plus 3 more and a copy
+    of the local weights during a strong-Wolfe line search."""
+    if optimizer.name == "sgd":
+        return local if optimizer.momentum > 0 else 0
+    if optimizer.name in ("adam", "adamw"):
+        return 2 * local
+    if optimizer.name == "rmsprop":
+        return local * (2 if optimizer.momentum > 0 else 1)
+    if optimizer.name == "adagrad":
+        return local
+    flat = 2 * optimizer.history_size + 3  # lbfgs
+    if optimizer.line_search == "strong_wolfe":
+        return (flat + 3) * total_parameters + local
+    return flat * total_parameters
+
+
+def evaluations_per_step(optimizer) -> int:
+    """Closure evaluations per step: 1, or L-BFGS's max_iter (+1 with line search)."""
+    if optimizer.name != "lbfgs":
+        return 1
+    return optimizer.max_iter + (1 if optimizer.line_search == "strong_wolfe" else 0)

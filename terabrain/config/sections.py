@@ -1,0 +1,227 @@
+"""The experiment's sections that every learner and data source shares: optimizer, training
+stage, parallel layout, supervised stage and the objective. The ``model`` and ``data``
+sections are owned by the learners (terabrain.learners) and the data sources
+(terabrain.data.sources); terabrain.config.schema assembles all of them.
+
+Field descriptions are the reference documentation: `terabrain show NAME` prints a built-in
+experiment, and an error message quotes the field's path and allowed values.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import (
+    BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator,
+)
+
+
+class Section(BaseModel):
+    """Unknown keys are errors, not silently ignored: a typo must not change an experiment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LCNConfig(Section):
+    """Local contrast normalization (seed 000; Jarrett et al. 2009): subtract a Gaussian-
+    weighted local mean, divide by the local standard deviation."""
+
+    kernel: PositiveInt = Field(9, description="Side of the Gaussian window, in positions.")
+    sigma: Optional[PositiveFloat] = Field(
+        None, description="Width of the Gaussian window; null: kernel / 4."
+    )
+
+    @model_validator(mode="after")
+    def _odd(self) -> "LCNConfig":
+        if self.kernel % 2 == 0:
+            raise ValueError(f"lcn.kernel must be odd (a centred window), got {self.kernel}")
+        return self
+
+
+class OptimizerConfig(Section):
+    """A torch.optim optimizer and its settings."""
+
+    name: Literal["sgd", "adagrad", "rmsprop", "adam", "adamw", "lbfgs"] = Field(
+        "lbfgs", description="An optimizer from torch.optim, by name."
+    )
+    lr: PositiveFloat = Field(1.0, description="Learning rate (L-BFGS: initial step length).")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd, rmsprop: momentum.")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0).")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled from the objective.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam, adamw: betas.")
+    max_iter: PositiveInt = Field(
+        25, description="lbfgs: iterations per training step (each on the full batch)."
+    )
+    history_size: PositiveInt = Field(20, description="lbfgs: curvature pairs kept.")
+    line_search: Literal["strong_wolfe", "none"] = Field(
+        "strong_wolfe", description="lbfgs: line search."
+    )
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimizerConfig":
+        if self.nesterov and self.momentum <= 0.0:
+            raise ValueError("optimizer.nesterov needs optimizer.momentum > 0")
+        return self
+
+
+class EarlyStoppingConfig(Section):
+    """Stop when the loss has stopped improving."""
+
+    patience: int = Field(
+        0, ge=0, description="Stop after this many logged steps without improvement; 0: never."
+    )
+    min_delta: float = Field(
+        0.0, ge=0.0, description="Relative improvement of the loss that counts as progress."
+    )
+
+
+class TrainConfig(Section):
+    """Steps, batches, logging and checkpoints of one training stage."""
+
+    steps: PositiveInt = Field(12, description="Optimizer steps.")
+    batch_size: Optional[PositiveInt] = Field(
+        None, description="Examples per step; null: the full training set (L-BFGS)."
+    )
+    log_every: PositiveInt = Field(1, description="Steps between metrics lines.")
+    checkpoint_every: int = Field(
+        4, ge=0, description="Steps between checkpoints (0: only the final one)."
+    )
+    keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept on disk.")
+    histogram_every: int = Field(
+        0, ge=0, description="Steps between TensorBoard weight histograms (0: at the end)."
+    )
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    progress: bool = Field(True, description="Show a progress bar on an interactive terminal.")
+
+
+class ParallelConfig(Section):
+    """How ranks are laid out: a (data x model) mesh over the processes of the launcher."""
+
+    data: int = Field(
+        -1,
+        description="Data-parallel replicas: the global batch is split evenly across them and "
+        "gradients are averaged. -1: all ranks not used by `model`.",
+    )
+    model: int = Field(
+        1, description="Model-parallel ranks per replica (1: no model parallelism)."
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto: nccl when CUDA is available, else gloo."
+    )
+    timeout_s: PositiveFloat = Field(
+        300.0,
+        description="Collective timeout: when a rank dies or hangs, the others stop with a "
+        "message after at most this long.",
+    )
+    # --- gradient communication (docs/compression.md) ---
+    mode: Literal["sync", "localsgd", "hogwild"] = Field(
+        "sync",
+        description="sync: gradients averaged every step (optionally compressed); localsgd: "
+        "each replica steps on its own gradients and parameters are averaged every "
+        "`average_every` steps; hogwild: `workers` lock-free processes on one machine update "
+        "shared-memory parameters (one launcher rank only).",
+    )
+    compression: Literal["none", "fp16", "bf16", "onebit", "threshold", "adaptive"] = Field(
+        "none",
+        description="How sync data parallelism sends gradients. none: fp32 all-reduce; fp16 / "
+        "bf16: half-precision all-reduce; onebit: signs + two values per column (Seide et "
+        "al.); threshold: entries beyond +-threshold_tau as index+sign words (Strom); adaptive: "
+        "the adaptive_proportion largest entries of each column (Dryden et al.). The last "
+        "three use reduce-scatter + all-gather with re-quantization and error feedback; their "
+        "per-column values and the vectors (biases) go in bf16, also with error feedback.",
+    )
+    error_feedback: bool = Field(
+        True,
+        description="onebit / threshold / adaptive: carry what quantization left out to the "
+        "next step. Without it, they do not converge to the uncompressed result.",
+    )
+    threshold_tau: PositiveFloat = Field(
+        1e-3,
+        description="threshold: the magnitude an accumulated gradient entry must exceed to be "
+        "sent; it is reconstructed as +-tau. Scale it to the gradients (bench/compression.py "
+        "calibrates it so about 1/32 of the entries are sent).",
+    )
+    adaptive_proportion: float = Field(
+        1 / 32, gt=0.0, le=1.0,
+        description="adaptive: fraction of each column's entries sent per step; 1/32 sends "
+        "about as many bytes as onebit.",
+    )
+    average_every: PositiveInt = Field(
+        8, description="localsgd: steps between parameter averages (K)."
+    )
+    workers: PositiveInt = Field(2, description="hogwild: worker processes.")
+
+    @model_validator(mode="after")
+    def _communication_fits(self) -> "ParallelConfig":
+        if self.compression != "none" and self.mode != "sync":
+            raise ValueError(f"parallel.compression {self.compression!r} applies to "
+                             f"parallel.mode sync only, got mode {self.mode!r}")
+        return self
+
+
+class SupervisedConfig(Section):
+    """A classifier or regressor trained on top of the learned features, with labels."""
+
+    task: Literal["classification", "regression"] = Field(
+        "classification",
+        description="classification: cross-entropy over classes; regression: squared error.",
+    )
+    fine_tune: bool = Field(
+        False, description="Also train the feature layer (otherwise it is frozen)."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the features.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=0.01)
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=300, batch_size=128, checkpoint_every=100)
+    )
+
+
+# --- objectives: what a feature learner minimises (each learner names those it accepts) ---
+
+
+class RICAObjectiveConfig(Section):
+    """RICA (Le et al. 2011; Ni et al. 2015, eq. 1): reconstruction error plus lambda times
+    the smooth L1 sparsity of the codes."""
+
+    kind: Literal["rica"] = "rica"
+    sparsity_weight: float = Field(
+        0.1, ge=0.0, description="lambda, the weight of the L1 sparsity of alpha W x."
+    )
+    sparsity_epsilon: PositiveFloat = Field(
+        0.01, description="Smooth L1 as sqrt(h^2 + epsilon), differentiable at 0."
+    )
+
+
+class SparseAutoencoderObjectiveConfig(Section):
+    """Squared error + beta KL(rho || mean activation) + weight decay (Ng's sparse
+    autoencoder, as in Coates et al. 2011)."""
+
+    kind: Literal["sparse_autoencoder"] = "sparse_autoencoder"
+    rho: float = Field(0.05, gt=0.0, lt=1.0, description="Target mean activation.")
+    beta: float = Field(3.0, ge=0.0, description="Weight of the KL term.")
+    weight_decay: float = Field(
+        0.0, ge=0.0,
+        description="(weight_decay / 2) * sum of squared weights, part of the objective "
+        "(unlike optimizer.weight_decay).",
+    )
+
+
+class ReconstructionObjectiveConfig(Section):
+    """Squared reconstruction error (+ optional weight decay)."""
+
+    kind: Literal["reconstruction"] = "reconstruction"
+    weight_decay: float = Field(
+        0.0, ge=0.0,
+        description="(weight_decay / 2) * sum of squared weights, part of the objective "
+        "(unlike optimizer.weight_decay).",
+    )
+
+
+OBJECTIVE_SECTIONS = (RICAObjectiveConfig, SparseAutoencoderObjectiveConfig,
+                      ReconstructionObjectiveConfig)
+ObjectiveConfig = Annotated[
+    Union[RICAObjectiveConfig, SparseAutoencoderObjectiveConfig, ReconstructionObjectiveConfig],
+    Field(discriminator="kind"),
+]

@@ -1,0 +1,622 @@
+"""The table of data sources: one entry per ``data.source``, and nothing else in terabrain
+branches on it.
+
+Each entry declares its config section (only its own fields: ``terabrain show`` prints no
+other source's settings), whether it is streamed or held in memory, whether it has labels,
+the shape of one example, how many training rows it has and the bytes the trainer keeps
+(what `terabrain plan` counts), and its loader: ``load`` for in-memory sources, ``catalog``
+for streamed image collections. The preprocessing after loading (mean removal, LCN, ZCA) is
+common to all and lives in terabrain.data.prepare / terabrain.data.streaming.
+
+Adding a source is one section class, one ``DataSource`` subclass and one line in
+``SOURCES``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal, Optional, Union
+
+import numpy as np
+from pydantic import Field, PositiveFloat, PositiveInt, TypeAdapter, field_validator, model_validator
+
+from terabrain.config.sections import LCNConfig, Section
+from terabrain.data.embedded import PHOTOS
+from terabrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from terabrain.data.catalogs import Catalog
+
+FP32 = 4
+FASHION_MNIST_ENV = "TERABRAIN_FASHION_MNIST"
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+# --- config sections ----------------------------------------------------------------------
+
+
+class DataSection(Section):
+    """Where examples come from and how they are preprocessed (fields common to every source)."""
+
+    remove_mean: bool = Field(
+        True, description="Subtract each example's own mean (per channel) before whitening."
+    )
+    lcn: Optional[LCNConfig] = Field(
+        None,
+        description="Local contrast normalization of every example, after mean removal and "
+        "before whitening (the preprocessing of Le et al. 2012 that Ni et al. 2015 follow).",
+    )
+    whitening: Literal["none", "zca"] = Field(
+        "zca", description="none, or ZCA whitening fitted on `whitening_fit_samples` rows."
+    )
+    whitening_epsilon: PositiveFloat = Field(
+        0.1,
+        description="ZCA regulariser, as a fraction of the mean eigenvalue; larger values "
+        "smooth the filters (a low-pass filter).",
+    )
+    whitening_fit_samples: PositiveInt = Field(
+        20000, description="Training rows used to fit the whitening."
+    )
+
+
+def _holdout_field(default: int = 5000):
+    return Field(default, description="Extra examples kept out of training, for evaluation "
+                 "and analysis (streamed: at most a tenth of the collection).")
+
+
+def _patch_size_field(description: str):
+    return Field(8, description=description)
+
+
+def _test_fraction_field():
+    return Field(0.25, gt=0.0, lt=1.0, description="Fraction of the labelled set kept for testing.")
+
+
+class PhotosData(DataSection):
+    """Patches of the natural photographs bundled with scikit-image and scikit-learn."""
+
+    source: Literal["photos"] = "photos"
+    photos: list[str] = Field(
+        default_factory=lambda: [
+            "astronaut", "camera", "coffee", "chelsea", "rocket", "china", "flower",
+            "grass", "brick", "clock", "gravel",
+        ],
+        description=f"Bundled photographs to sample patches from. Available: {', '.join(PHOTOS)}.",
+    )
+    color: bool = Field(False, description="Keep RGB channels; otherwise convert to grey.")
+    patch_size: PositiveInt = _patch_size_field("Side of the square patches (pixels).")
+    num_patches: PositiveInt = Field(20000, description="Patches in the training set.")
+    holdout_patches: PositiveInt = _holdout_field()
+
+    @model_validator(mode="after")
+    def _known_photos(self) -> "PhotosData":
+        unknown = [name for name in self.photos if name not in PHOTOS]
+        if unknown:
+            raise ValueError(f"data.photos: unknown photograph(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(PHOTOS)}")
+        return self
+
+
+class FaceMixData(DataSection):
+    """Unlabelled grey images mixing jittered lfw_subset faces (only those of the face test's
+    selection half) with random photo crops (terabrain.data.faces)."""
+
+    source: Literal["face_mix"] = "face_mix"
+    patch_size: PositiveInt = _patch_size_field("Side of the square grey images (pixels).")
+    num_patches: PositiveInt = Field(20000, description="Images in the training set.")
+    holdout_patches: PositiveInt = _holdout_field()
+    face_fraction: float = Field(
+        0.35, gt=0.0, lt=1.0,
+        description="Fraction of the images that are faces (Le et al. 2012: ~35% in their "
+        "test set; faces are rarer in their unlabelled frames).",
+    )
+
+
+class DigitsData(DataSection):
+    """scikit-learn's 1,797 8x8 digits, with labels."""
+
+    source: Literal["digits"] = "digits"
+    test_fraction: float = _test_fraction_field()
+
+
+class LFWData(DataSection):
+    """scikit-image's 200 LFW 25x25 crops, labelled faces / non-faces."""
+
+    source: Literal["lfw"] = "lfw"
+    test_fraction: float = _test_fraction_field()
+
+
+class FashionMNISTData(DataSection):
+    """Fashion-MNIST (Debian's dataset-fashion-mnist): train for training, test held out."""
+
+    source: Literal["fashion-mnist"] = "fashion-mnist"
+    root: Optional[Path] = Field(
+        None, description=f"Directory of the idx files; null: ${FASHION_MNIST_ENV} when set, "
+        f"else {FASHION_MNIST_DEBIAN}.",
+    )
+
+    @property
+    def directory(self) -> Path:
+        if self.root is not None:
+            return Path(self.root)
+        return Path(os.environ.get(FASHION_MNIST_ENV, str(FASHION_MNIST_DEBIAN)))
+
+
+class StreamedData(DataSection):
+    """Fields of every collection read while training runs (docs/data.md)."""
+
+    holdout_patches: PositiveInt = _holdout_field()
+    block_size: Optional[PositiveInt] = Field(
+        None, description="Read in blocks of this many images, blocks in random order, "
+        "shuffled inside (Ni et al. 2015: 960 with train.batch_size 192); a multiple of the batch.",
+    )
+    workers: int = Field(
+        4, ge=0, description="Parallel decoding workers per rank (0: decode in the training "
+        "thread, no prefetch).",
+    )
+    worker_kind: Literal["thread", "process"] = Field(
+        "thread", description="Thread pool, or DataLoader worker processes.",
+    )
+    prefetch: PositiveInt = Field(4, description="Batches read ahead per rank.")
+    read_timeout_s: PositiveFloat = Field(
+        300.0, description="Stop with an error when no batch arrives for this long.",
+    )
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="Unreadable examples: skip and count them (metrics data_skipped), "
+        "or stop the run naming the file.",
+    )
+
+
+class NpyData(StreamedData):
+    """A float array of shape (N, D) or (N, H, W[, C]) in a .npy file."""
+
+    source: Literal["npy"] = "npy"
+    path: Path = Field(description="The .npy file.")
+    labels_path: Optional[Path] = Field(
+        None, description="Optional .npy of integer labels, one per row of `path`."
+    )
+    test_fraction: float = _test_fraction_field()
+    stream: bool = Field(
+        False, description="true streams rows from the memory map instead of loading the array."
+    )
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_is_false(cls, value):  # earlier layouts wrote null for "load the array"
+        return False if value is None else value
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> "NpyData":
+        for name in ("path", "labels_path"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"data.{name}: file not found: {value}")
+        return self
+
+
+class ImageCollectionData(StreamedData):
+    """Fields of the streamed image collections (folder, shards, yfcc)."""
+
+    root: Path = Field(description="The image folder (folder, yfcc) or the shards (shards).")
+    color: bool = Field(False, description="Keep RGB channels; otherwise convert to grey.")
+    crop_size: PositiveInt = Field(
+        300, description="The smaller side is scaled to this and the centre crop_size x "
+        "crop_size kept (Ni et al. 2015: 300).",
+    )
+    image_size: Optional[PositiveInt] = Field(
+        None, description="Resize the crop to image_size x image_size (null: keep crop_size).",
+    )
+    patches_per_image: int = Field(
+        0, ge=0, description="0 makes each image one example; k > 0 takes k random "
+        "patch_size patches from each image (positions seeded by seed, epoch, image).",
+    )
+    patch_size: PositiveInt = _patch_size_field("With patches_per_image > 0: side of the patches.")
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> "ImageCollectionData":
+        if self.image_size is not None and self.image_size > self.crop_size:
+            raise ValueError(f"data.image_size ({self.image_size}) must not exceed "
+                             f"data.crop_size ({self.crop_size})")
+        if self.patches_per_image and self.patch_size > (self.image_size or self.crop_size):
+            raise ValueError(f"data.patch_size ({self.patch_size}) is larger than the "
+                             f"{self.image_size or self.crop_size}-pixel images")
+        return self
+
+
+class FolderData(ImageCollectionData):
+    """The images under `root` (any depth; JPEG, PNG, ...)."""
+
+    source: Literal["folder"] = "folder"
+
+    @model_validator(mode="after")
+    def _root_is_directory(self) -> "FolderData":
+        if not Path(self.root).is_dir():
+            raise ValueError(f"data.root: not a directory: {self.root}")
+        return self
+
+
+class ShardsData(ImageCollectionData):
+    """Tar shards in `root`, or one .tar (see `terabrain data pack`)."""
+
+    source: Literal["shards"] = "shards"
+    stage_dir: Optional[Path] = Field(
+        None, description="Copy shards to this node-local directory in the background, "
+        "verify their checksums, read the local copies once complete.",
+    )
+    stage_wait: bool = Field(
+        False, description="With stage_dir: finish staging this rank's shards before the first "
+        "step (stage, then train) instead of training from the shared file system meanwhile.",
+    )
+    order: Literal["global", "shard_affine"] = Field(
+        "global", description="global: every epoch a shuffle of the whole collection (each "
+        "rank reads from every shard); shard_affine: each data-parallel replica owns a fixed, "
+        "size-balanced set of shards and shuffles only its own examples, so stage_dir holds "
+        "only the shards of that node's ranks; every replica takes min-share // batch steps "
+        "per epoch and the rest of larger shares waits, in rotation (docs/data.md).",
+    )
+
+    @model_validator(mode="after")
+    def _shard_options_fit(self) -> "ShardsData":
+        if not Path(self.root).exists():
+            raise ValueError(f"data.root: not found: {self.root}")
+        if self.stage_wait and self.stage_dir is None:
+            raise ValueError("data.stage_wait needs data.stage_dir (the directory to stage into)")
+        if self.order == "shard_affine" and self.block_size is not None:
+            raise ValueError("data.order: shard_affine does not combine with data.block_size "
+                             "(set data.block_size null, or use data.order global)")
+        return self
+
+
+class YFCCData(ImageCollectionData):
+    """A YFCC100M metadata file with its images under `root` (Thomee et al. 2016)."""
+
+    source: Literal["yfcc"] = "yfcc"
+    metadata: Path = Field(
+        description="The YFCC100M metadata file (tab-separated, 23 or 25 columns; .bz2 and "
+        ".gz are read directly).",
+    )
+    yfcc_media: Literal["photo", "video", "any"] = Field(
+        "photo", description="Keep photos, videos (their still images) or both."
+    )
+    yfcc_tags_any: list[str] = Field(
+        default_factory=list, description="Keep lines with at least one of these user tags."
+    )
+    yfcc_tags_all: list[str] = Field(
+        default_factory=list, description="Keep lines with all of these user tags."
+    )
+    yfcc_tags_none: list[str] = Field(
+        default_factory=list, description="Drop lines with any of these user tags."
+    )
+    yfcc_layout: Literal["hash", "id"] = Field(
+        "hash", description="Image paths under `root`: hash: <h[:3]>/<h[3:6]>/<h>.jpg "
+        "(Multimedia Commons mirror, 25-column file); id: <photo id>.<extension>.",
+    )
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> "YFCCData":
+        if not Path(self.root).is_dir():
+            raise ValueError(f"data.root: not a directory: {self.root}")
+        if not Path(self.metadata).is_file():
+            raise ValueError(f"data.metadata: file not found: {self.metadata}")
+        return self
+
+
+# --- the sources --------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """An in-memory source's examples as rows, before the common preprocessing."""
+
+    train: np.ndarray
+    holdout: np.ndarray
+    shape: tuple[int, ...]
+    """One example as an image: (H, W) or (H, W, C), or (D,) for plain vectors."""
+    labels: Optional[tuple[np.ndarray, np.ndarray]] = None
+
+
+def _held_out_split(rows: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(rows)
+    test = max(1, int(round(rows * fraction)))
+    return order[test:], order[:test]
+
+
+def _training_rows(rows: int, fraction: float) -> int:
+    return rows - max(1, int(round(rows * fraction)))
+
+
+def _split_labelled(data: np.ndarray, labels: Optional[np.ndarray], shape: tuple[int, ...],
+                    fraction: float, rng: np.random.Generator) -> Loaded:
+    train_rows, test_rows = _held_out_split(len(data), fraction, rng)
+    split_labels = None if labels is None else (labels[train_rows], labels[test_rows])
+    return Loaded(data[train_rows], data[test_rows], shape, split_labels)
+
+
+class DataSource:
+    """What terabrain needs to know about one kind of data (see the module docstring)."""
+
+    name: str = ""
+    section: type[DataSection] = DataSection
+    labelled: bool = False
+    analysis_data: str = "holdout"
+    """The default data set of `terabrain analyze` for runs trained on this source."""
+
+    def streamed(self, config: DataSection) -> bool:
+        return False
+
+    def has_labels(self, config: DataSection) -> bool:
+        """Whether the configured data carries labels (a supervised stage needs them)."""
+        return self.labelled
+
+    def example_shape(self, config: DataSection) -> tuple[int, ...]:
+        """One example as an image, from the config alone (no image is decoded)."""
+        raise NotImplementedError
+
+    def training_rows(self, config: DataSection) -> Optional[int]:
+        """Training examples, from the config alone; None for a streamed collection (it is
+        known only once the collection is listed)."""
+        raise NotImplementedError
+
+    def resident_bytes(self, config: DataSection) -> int:
+        """Bytes of training data every rank keeps on its device (fp32 rows); 0 when streamed."""
+        rows = self.training_rows(config)
+        if self.streamed(config) or rows is None:
+            return 0
+        return FP32 * rows * math.prod(self.example_shape(config))
+
+    def load(self, config: DataSection, rng: np.random.Generator) -> Loaded:
+        raise NotImplementedError(f"data.source {self.name} is streamed")
+
+    def catalog(self, config: DataSection) -> "Catalog":
+        raise NotImplementedError(f"data.source {self.name} has no image catalog")
+
+    # Streamed sources (terabrain.data.streaming reads them while training runs).
+
+    def stream_catalog(self, config: DataSection) -> Optional["Catalog"]:
+        """The listing of a streamed image collection (None for arrays)."""
+        return None
+
+    def stream_reader(self, config: DataSection, seed: int, catalog: Optional["Catalog"]):
+        """Example i of the collection as rows (terabrain.data.examples)."""
+        raise NotImplementedError(f"data.source {self.name} is not streamed")
+
+    def location(self, config: DataSection) -> str:
+        """Where a streamed collection lives, for messages."""
+        return ""
+
+
+class PhotosSource(DataSource):
+    name, section = "photos", PhotosData
+
+    def example_shape(self, config: PhotosData) -> tuple[int, ...]:
+        return (config.patch_size, config.patch_size) + ((3,) if config.color else ())
+
+    def training_rows(self, config: PhotosData) -> int:
+        return config.num_patches
+
+    def load(self, config: PhotosData, rng: np.random.Generator) -> Loaded:
+        from terabrain.data.embedded import load_photo
+        from terabrain.data.patches import sample_patches
+
+        images = [load_photo(name, config.color) for name in config.photos]
+        patches = sample_patches(
+            images, config.patch_size, config.num_patches + config.holdout_patches, rng
+        )
+        return Loaded(patches[: config.num_patches], patches[config.num_patches :],
+                      self.example_shape(config))
+
+
+class FaceMixSource(DataSource):
+    name, section, analysis_data = "face_mix", FaceMixData, "faces"
+
+    def example_shape(self, config: FaceMixData) -> tuple[int, ...]:
+        return (config.patch_size, config.patch_size)
+
+    def training_rows(self, config: FaceMixData) -> int:
+        return config.num_patches
+
+    def load(self, config: FaceMixData, rng: np.random.Generator) -> Loaded:
+        from terabrain.data.faces import face_mix
+
+        images = face_mix(config.num_patches + config.holdout_patches, config.patch_size,
+                          config.face_fraction, rng)
+        return Loaded(images[: config.num_patches], images[config.num_patches :],
+                      self.example_shape(config))
+
+
+class DigitsSource(DataSource):
+    name, section, labelled = "digits", DigitsData, True
+    ROWS = 1797  # scikit-learn's digits
+
+    def example_shape(self, config: DigitsData) -> tuple[int, ...]:
+        return (8, 8)
+
+    def training_rows(self, config: DigitsData) -> int:
+        return _training_rows(self.ROWS, config.test_fraction)
+
+    def load(self, config: DigitsData, rng: np.random.Generator) -> Loaded:
+        from terabrain.data.embedded import load_digits
+
+        data, labels = load_digits()
+        return _split_labelled(data, labels, (8, 8), config.test_fraction, rng)
+
+
+class LFWSource(DataSource):
+    name, section, labelled = "lfw", LFWData, True
+    ROWS, SIDE = 200, 25  # scikit-image's lfw_subset: 100 faces, 100 non-faces
+
+    def example_shape(self, config: LFWData) -> tuple[int, ...]:
+        return (self.SIDE, self.SIDE)
+
+    def training_rows(self, config: LFWData) -> int:
+        return _training_rows(self.ROWS, config.test_fraction)
+
+    def load(self, config: LFWData, rng: np.random.Generator) -> Loaded:
+        from terabrain.data.labelled import load_lfw_subset
+
+        images, labels = load_lfw_subset()
+        return _split_labelled(images.reshape(len(images), -1), labels,
+                               tuple(images.shape[1:]), config.test_fraction, rng)
+
+
+class FashionMNISTSource(DataSource):
+    name, section, labelled = "fashion-mnist", FashionMNISTData, True
+    TRAIN_ROWS, SIDE = 60000, 28
+
+    def example_shape(self, config: FashionMNISTData) -> tuple[int, ...]:
+        return (self.SIDE, self.SIDE)
+
+    def training_rows(self, config: FashionMNISTData) -> int:
+        return self.TRAIN_ROWS
+
+    def load(self, config: FashionMNISTData, rng: np.random.Generator) -> Loaded:
+        from terabrain.data.labelled import load_fashion_mnist
+
+        try:  # the published split: train for training, test held out
+            train, train_labels = load_fashion_mnist("train", config.directory)
+            test, test_labels = load_fashion_mnist("test", config.directory)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"data.source fashion-mnist: {error}") from None
+        return Loaded(train.reshape(len(train), -1), test.reshape(len(test), -1),
+                      tuple(train.shape[1:]), (train_labels, test_labels))
+
+
+def open_npy(path: Path) -> np.ndarray:
+    """The array of a .npy file as a memory map (nothing is read beyond the header)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"data.path: cannot read {path} as .npy: {error}") from None
+    if array.ndim < 2 or not np.issubdtype(array.dtype, np.number):
+        raise ConfigError(
+            f"data.path: expected a numeric array of shape (N, D) or (N, H, W[, C]), "
+            f"got {array.dtype} {array.shape}"
+        )
+    return array
+
+
+class NpySource(DataSource):
+    name, section = "npy", NpyData
+
+    def has_labels(self, config: NpyData) -> bool:
+        return config.labels_path is not None and not config.stream
+
+    def streamed(self, config: NpyData) -> bool:
+        return config.stream
+
+    def example_shape(self, config: NpyData) -> tuple[int, ...]:
+        shape = open_npy(config.path).shape
+        return tuple(shape[1:]) if len(shape) > 2 else (shape[1],)
+
+    def training_rows(self, config: NpyData) -> Optional[int]:
+        if config.stream:
+            return None
+        return _training_rows(open_npy(config.path).shape[0], config.test_fraction)
+
+    def stream_reader(self, config: NpyData, seed: int, catalog: None):
+        from terabrain.data.examples import ArrayExamples
+
+        return ArrayExamples(open_npy(config.path), str(config.path))
+
+    def location(self, config: NpyData) -> str:
+        return str(config.path)
+
+    def load(self, config: NpyData, rng: np.random.Generator) -> Loaded:
+        array = open_npy(config.path)
+        shape = tuple(array.shape[1:]) if array.ndim > 2 else (array.shape[1],)
+        data = np.asarray(array, dtype=np.float32).reshape(len(array), -1)
+        labels = None
+        if config.labels_path is not None:
+            labels = np.load(config.labels_path, allow_pickle=False)
+            if len(labels) != len(data):
+                raise ConfigError(
+                    f"data.labels_path: {len(labels)} labels for {len(data)} rows in data.path"
+                )
+        return _split_labelled(data, labels, shape, config.test_fraction, rng)
+
+
+class ImageCollectionSource(DataSource):
+    """Streamed image collections: examples are whole images or patches of them."""
+
+    def streamed(self, config: ImageCollectionData) -> bool:
+        return True
+
+    def example_shape(self, config: ImageCollectionData) -> tuple[int, ...]:
+        side = config.patch_size if config.patches_per_image else (config.image_size or config.crop_size)
+        return (side, side) + ((3,) if config.color else ())
+
+    def training_rows(self, config: ImageCollectionData) -> None:
+        return None
+
+    def stream_catalog(self, config: ImageCollectionData) -> "Catalog":
+        return self.catalog(config)
+
+    def stream_reader(self, config: ImageCollectionData, seed: int, catalog: "Catalog"):
+        from terabrain.data.decode import ImageSpec
+        from terabrain.data.examples import ImageExamples
+
+        spec = ImageSpec(config.crop_size, config.image_size, config.color)
+        return ImageExamples(catalog, spec, seed, config.patch_size, config.patches_per_image)
+
+    def location(self, config: ImageCollectionData) -> str:
+        return str(config.root)
+
+
+class FolderSource(ImageCollectionSource):
+    name, section = "folder", FolderData
+
+    def catalog(self, config: FolderData) -> "Catalog":
+        from terabrain.data.catalogs import FolderCatalog
+
+        return FolderCatalog(config.root)
+
+
+class ShardsSource(ImageCollectionSource):
+    name, section = "shards", ShardsData
+
+    def catalog(self, config: ShardsData) -> "Catalog":
+        from terabrain.data.catalogs import ShardCatalog
+
+        try:
+            return ShardCatalog(config.root)
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"data.root: {error}") from None
+
+
+class YFCCSource(ImageCollectionSource):
+    name, section = "yfcc", YFCCData
+
+    def catalog(self, config: YFCCData) -> "Catalog":
+        from terabrain.data.catalogs import YFCCCatalog
+        from terabrain.data.yfcc import YFCCFilter
+
+        keep = YFCCFilter(config.yfcc_media, tuple(t.lower() for t in config.yfcc_tags_any),
+                          tuple(t.lower() for t in config.yfcc_tags_all),
+                          tuple(t.lower() for t in config.yfcc_tags_none))
+        return YFCCCatalog(config.metadata, config.root, keep, config.yfcc_layout)
+
+
+SOURCES: dict[str, DataSource] = {source.name: source for source in (
+    PhotosSource(), DigitsSource(), NpySource(), LFWSource(), FashionMNISTSource(),
+    FolderSource(), ShardsSource(), YFCCSource(), FaceMixSource(),
+)}
+DEFAULT_SOURCE = "photos"
+
+DataConfig = Annotated[
+    Union[tuple(source.section for source in SOURCES.values())],  # type: ignore[misc]
+    Field(discriminator="source"),
+]
+_DATA_ADAPTER = TypeAdapter(DataConfig)
+
+
+def source_of(config: DataSection) -> DataSource:
+    return SOURCES[config.source]
+
+
+def data_config(**fields) -> DataSection:
+    """A validated data section, for code and tests that build one without an experiment."""
+    fields.setdefault("source", DEFAULT_SOURCE)
+    return _DATA_ADAPTER.validate_python(fields)

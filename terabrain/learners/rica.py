@@ -1,0 +1,42 @@
+"""RICA (Le et al. 2011, as in Ni et al. 2015, eq. 1): codes ``alpha W x``, reconstruction
+``W^T h + b``, the rows of W kept at unit norm; hidden units split across the model axis."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field
+
+from terabrain.learners.hidden_units import HiddenUnitLearner, HiddenUnitSection
+from terabrain.nn.autoencoder import RICA
+
+
+class RICAModel(HiddenUnitSection):
+    """RICA: x -> alpha W x, reconstructed as W^T(alpha W x) + b, W's rows of unit norm."""
+
+    kind: Literal["rica"] = Field(
+        "rica", description="The feature learner (terabrain.learners): rica, autoencoder, deep.")
+
+
+class RICALearner(HiddenUnitLearner):
+    kind, section, objectives = "rica", RICAModel, ("rica",)
+
+    def build_module(self, model, inputs, seed):
+        return RICA(inputs, model.hidden, model.dropout, seed=seed)
+
+    def gradient_copies(self, config, name):
+        # W takes part in the encoder, the decoder and its row normalization (measured 5x).
+        return 5 if name == "weight" else 1
+
+    def summed_scalars(self, config, rows):
+        return rows + 1  # each row's L1 over hidden units, and the gradient of alpha
+
+    def describe(self, config):
+        return f"rica with {config.model.hidden} hidden units"
+
+    def capacity(self, config, example_shape):
+        capacity = super().capacity(config, example_shape)
+        inputs = math.prod(example_shape)
+        capacity.description = f"rica {inputs:,} -> {config.model.hidden:,}"
+        return capacity
