@@ -47,7 +47,7 @@ from terabrain.config.schema import DataConfig
 from terabrain.data.decode import ImageSpec
 from terabrain.data.embedded import PHOTOS, load_photo
 from terabrain.data.pack import pack
-from terabrain.data.streaming import StreamSource
+from terabrain.data.streamed_source import StreamSource
 from terabrain.nn.autoencoder import build_model
 from terabrain.objectives import build_objective
 from terabrain.train.optim import build_optimizer

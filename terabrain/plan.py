@@ -152,7 +152,7 @@ def parameters_of(config: ExperimentConfig, inputs: int) -> list[ParameterInfo]:
     """Every parameter of the feature learner with its model-axis placement, from a model
     built on the meta device (no memory is allocated, whatever its size)."""
     from terabrain.nn.autoencoder import build_model
-    from terabrain.parallel.plans import hidden_unit_plan
+    from terabrain.parallel.hidden_unit_plan import hidden_unit_plan
 
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # leave the RNG as it was
         model = build_model(config.model, inputs)

@@ -119,7 +119,7 @@ def test_yfcc_metadata_filters_and_hash_layout(tmp_path):
     stream.close()
     # Videos only, by id layout (the 23-column release names files <id>.<extension>).
     videos = DataConfig(source="yfcc", metadata=metadata, root=root, yfcc_media="video", yfcc_layout="id")
-    from terabrain.data.streaming import build_catalog
+    from terabrain.data.streamed_source import build_catalog
 
     assert build_catalog(videos).paths == ["104.jpg"]
 

@@ -21,7 +21,7 @@ from terabrain.data.whitening import ZCA
 from terabrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from terabrain.data.streaming import StreamSource
+    from terabrain.data.streamed_source import StreamSource
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _load_npy(config: DataConfig) -> tuple[np.ndarray, Optional[np.ndarray], tup
 
 
 def _prepare_stream(config: DataConfig, seed: int) -> PreparedData:
-    from terabrain.data.streaming import StreamSource
+    from terabrain.data.streamed_source import StreamSource
 
     source = StreamSource(config, seed)
     return PreparedData(None, source.holdout_x, source.example_shape,
@@ -99,7 +99,7 @@ def _load_labelled(config: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[in
 
 
 def prepare_data(config: DataConfig, seed: int) -> PreparedData:
-    from terabrain.data.streaming import is_streamed
+    from terabrain.data.streamed_source import is_streamed
 
     if is_streamed(config):
         return _prepare_stream(config, seed)

@@ -41,7 +41,7 @@ from terabrain.parallel.communication_log import communication_callbacks
 from terabrain.parallel.hogwild import fit_hogwild
 from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full, local
-from terabrain.parallel.plans import check_divisible
+from terabrain.parallel.hidden_unit_plan import check_divisible
 from terabrain.parallel.spatial_network import (
     SpatialLayerwiseObjective, partition_network, whole_tensor_count,
 )

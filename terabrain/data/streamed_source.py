@@ -29,7 +29,7 @@ from terabrain.data.examples import OUTSIDE_TRAINING, ArrayExamples, ImageExampl
 from terabrain.data.order import SampleOrder
 from terabrain.data.patches import remove_patch_mean
 from terabrain.data.staging import PLANNED_STEPS, Stager, copy_order
-from terabrain.data.stream import BatchStream, ReplicaShare
+from terabrain.data.batch_stream import BatchStream, ReplicaShare
 from terabrain.data.whitening import ZCA
 from terabrain.data.yfcc import YFCCFilter
 from terabrain.errors import ConfigError, TrainingError
