@@ -46,7 +46,7 @@ def read_idx(path: Path) -> np.ndarray:
 def default_fashion_mnist_dir() -> Path:
     """Where Fashion-MNIST is looked for when no directory is given: the directory in
     ``$TERABRAIN_FASHION_MNIST`` (read at each call), else Debian's dataset-fashion-mnist."""
-    return Path(os.environ.get(FASHION_MNIST_ENV) or DEBIAN_FASHION_MNIST_DIR)
+    return Path(os.environ.get(FASHION_MNIST_ENV, DEBIAN_FASHION_MNIST_DIR))
 
 
 def fashion_mnist_available(root: Optional[Path] = None) -> bool:
