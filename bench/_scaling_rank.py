@@ -45,7 +45,7 @@ from terabrain.parallel import (
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
 from terabrain.parallel.parallelism import Parallelism
-from terabrain.parallel.plans import check_divisible
+from terabrain.parallel.hidden_unit_plan import check_divisible
 from terabrain.train.optim import build_optimizer
 from terabrain.train.trainer import Callback, Trainer
 

@@ -47,7 +47,7 @@ from terabrain.data.sources import data_config
 from terabrain.data.decode import ImageSpec
 from terabrain.data.embedded import PHOTOS, load_photo
 from terabrain.data.pack import pack
-from terabrain.data.streaming import StreamSource
+from terabrain.data.streamed_source import StreamSource
 from terabrain.learners.registry import build_model
 from terabrain.objectives import build_objective
 from terabrain.train.optim import build_optimizer

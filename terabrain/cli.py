@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -189,8 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command in `argv` (default: this process's arguments); the exit code.
+
+    Process-wide settings that the library leaves alone are made here, for the command only."""
+    # DCP warns on every single-process checkpoint save and load; that is how this toolkit
+    # runs on a laptop.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = argv  # as typed: `terabrain analyze` quotes it in its report
     if args.command is None:
         parser.print_help()
         return 2

@@ -50,6 +50,8 @@ def test_analyze_writes_a_report_with_every_section(tiny_run, capsys):
     assert code == 0 and "faces" in stdout and "report.html" in stdout
     html = (out / "report.html").read_text()
     markdown = (out / "report.md").read_text()
+    # The command as given to the CLI, quoted so that the report can be made again.
+    assert f"terabrain analyze {tiny_run} --concepts {concepts} --random-networks 2" in markdown
     for title in ("First-layer filters", "Reconstructions", "Learning curves",
                   "Top-3 stimuli of the 4 most selective layer-1 neurons", "Concept neurons"):
         assert title in html and title in markdown

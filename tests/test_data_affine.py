@@ -26,7 +26,7 @@ from terabrain.data.affine import ShardAffineOrder, assign_shards
 from terabrain.data.catalogs import ShardCatalog
 from terabrain.data.order import SampleOrder
 from terabrain.data.pack import pack
-from terabrain.data.streaming import StreamSource
+from terabrain.data.streamed_source import StreamSource
 from terabrain.errors import ConfigError
 
 IMAGES = 40

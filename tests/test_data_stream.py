@@ -23,8 +23,8 @@ from terabrain.data.catalogs import FolderCatalog
 from terabrain.data.decode import BadSample
 from terabrain.data.examples import ArrayExamples
 from terabrain.data.order import SampleOrder
-from terabrain.data.stream import BatchStream
-from terabrain.data.streaming import StreamSource
+from terabrain.data.batch_stream import BatchStream
+from terabrain.data.streamed_source import StreamSource
 from terabrain.errors import TrainingError
 from terabrain.nn.autoencoder import RICA
 from terabrain.objectives import RICAObjective

@@ -40,3 +40,23 @@ def test_fashion_mnist_test_split():
     images, labels = load_fashion_mnist("test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.float32
     assert np.bincount(labels).tolist() == [1000] * 10
+
+
+def _write_fashion_mnist(root, count=3):
+    root.mkdir()
+    for prefix in ("train", "t10k"):
+        images = np.arange(count * 28 * 28, dtype=np.uint64).reshape(count, 28, 28) % 256
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count, dtype=np.uint8))
+
+
+def test_fashion_mnist_from_a_directory_given_or_named_by_the_variable(tmp_path, monkeypatch):
+    _write_fashion_mnist(tmp_path / "given")
+    monkeypatch.setenv("TERABRAIN_FASHION_MNIST", str(tmp_path / "elsewhere"))
+    assert fashion_mnist_available(tmp_path / "given") and not fashion_mnist_available()
+    images, labels = load_fashion_mnist("test", tmp_path / "given")
+    assert images.shape == (3, 28, 28) and labels.tolist() == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="elsewhere"):
+        load_fashion_mnist("train")
+    monkeypatch.setenv("TERABRAIN_FASHION_MNIST", str(tmp_path / "given"))  # read at each call
+    assert fashion_mnist_available() and load_fashion_mnist("train")[0].shape == (3, 28, 28)

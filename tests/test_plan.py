@@ -212,7 +212,7 @@ def test_model_axis_bytes_match_the_collectives_dtensor_issues(overrides):
 
     fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
     from terabrain.objectives import build_objective
-    from terabrain.parallel.plans import apply_hidden_unit_plan
+    from terabrain.parallel.hidden_unit_plan import apply_hidden_unit_plan
     from terabrain.train.optim import build_optimizer
 
     config = load_experiment("lbann-ae-small", TINY + overrides)

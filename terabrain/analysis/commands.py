@@ -45,7 +45,7 @@ def analyze_command(args: argparse.Namespace) -> int:
         random_networks=args.random_networks, max_examples=args.max_examples,
         maximize_steps=args.maximize_steps, seed=args.seed)
     with _ranks() as main:
-        summary = analyze(args.run_dir, options)
+        summary = analyze(args.run_dir, options, args.command_line)
     if main:
         out = args.run_dir / "analysis"
         for row in summary["concepts"]:

@@ -1,5 +1,6 @@
 """The report's pictures: learning curves, reconstructions beside inputs, and per-neuron rows
-of top stimuli with the optimal stimulus. matplotlib with the Agg backend (no display)."""
+of top stimuli with the optimal stimulus. matplotlib Figures drawn without pyplot, so no
+backend is chosen (nor a display needed) and nothing process-wide is set on import."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import matplotlib
 import matplotlib.ticker
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 # Metrics lines hold these besides the losses; they are not curves of the objective.
 _NOT_LOSSES = {"stage", "step", "examples_per_s", "step_time_s", "data_time_s",
@@ -51,7 +49,8 @@ def learning_curves(metrics_path: Path, out: Path) -> Optional[list[str]]:
                 curves.setdefault(key, []).append((record["step"], float(value)))
     if not stages:
         return None
-    figure, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.4), squeeze=False)
+    figure = Figure(figsize=(5 * len(stages), 3.4))
+    axes = figure.subplots(1, len(stages), squeeze=False)
     for axis, (stage, curves) in zip(axes[0], stages.items()):
         for key, points in sorted(curves.items()):
             steps, values = zip(*points)
@@ -68,7 +67,6 @@ def learning_curves(metrics_path: Path, out: Path) -> Optional[list[str]]:
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(out, dpi=100)
-    plt.close(figure)
     return list(stages)
 
 
@@ -76,7 +74,8 @@ def reconstructions(inputs: np.ndarray, outputs: np.ndarray, out: Path, symmetri
     """Inputs on top, their reconstructions below. Each pair shares the input's scale, so a
     weak reconstruction looks weak."""
     count = len(inputs)
-    figure, axes = plt.subplots(2, count, figsize=(1.1 * count, 2.5), squeeze=False)
+    figure = Figure(figsize=(1.1 * count, 2.5))
+    axes = figure.subplots(2, count, squeeze=False)
     for column in range(count):
         scale = max(np.abs(inputs[column]).max(), 1e-12)
         for row, image in enumerate((inputs[column], outputs[column])):
@@ -86,7 +85,6 @@ def reconstructions(inputs: np.ndarray, outputs: np.ndarray, out: Path, symmetri
     axes[1, 0].set_ylabel("reconstruction", fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=100)
-    plt.close(figure)
 
 
 def neuron_rows(
@@ -100,8 +98,8 @@ def neuron_rows(
     """One row per neuron: its top stimuli (best first), then its optimal stimulus."""
     rows = len(stimuli)
     k = max(len(row) for row in stimuli)
-    figure, axes = plt.subplots(rows, k + 1, figsize=(1.25 * (k + 1) + 1.6, 1.3 * rows + 0.4),
-                                squeeze=False)
+    figure = Figure(figsize=(1.25 * (k + 1) + 1.6, 1.3 * rows + 0.4))
+    axes = figure.subplots(rows, k + 1, squeeze=False)
     for row in range(rows):
         for column in range(k):
             axis = axes[row, column]
@@ -118,4 +116,3 @@ def neuron_rows(
         axes[0, column].set_title(f"#{column + 1}", fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=100)
-    plt.close(figure)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -105,9 +104,14 @@ def _concepts(run: LoadedRun, options: AnalyzeOptions, notes: list[str]) -> list
     return rows
 
 
-def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions()) -> Optional[dict]:
+def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions(),
+            command_line: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Write the report; returns analysis.json's content on rank 0 (None on other ranks).
-    Every rank must call this under torchrun: the top-k pass is split across ranks."""
+    Every rank must call this under torchrun: the top-k pass is split across ranks.
+
+    ``command_line``: the arguments of the ``terabrain`` command that asked for the report
+    (``["analyze", RUN_DIR, ...]``), which the report quotes so that it can be made again;
+    without it the report quotes ``terabrain analyze RUN_DIR``."""
     started = time.perf_counter()
     run = load_run(run_dir)
     check_layer(run.model, options.layer)
@@ -135,8 +139,8 @@ def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions()) -> Option
         f"{', ZCA-whitened' if run.whitening is not None else ''}). Layer {options.layer}; "
         f"top stimuli over `{data_name}` ({options.split} split, {len(rows)} examples: "
         f"{data.description})."),
-        Code("terabrain analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-             if len(sys.argv) > 1 and sys.argv[1] == "analyze" else f"terabrain analyze {run.run_dir}"))
+        Code("terabrain " + " ".join(shlex.quote(a) for a in command_line)
+             if command_line else f"terabrain analyze {run.run_dir}"))
 
     # First-layer filters.
     if hasattr(run.model, "first_layer_filters"):  # deep: a sample of a local layer's banks

@@ -23,7 +23,6 @@ a restored run continues mid-epoch without repeating or skipping.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Optional
 
@@ -104,13 +103,14 @@ class ShardAffineOrder:
         return torch.from_numpy(np.concatenate([s[start : start + self.local_batch] for s in cached[1]]))
 
 
-def node_shards(stream, catalog, stage_dir: Path) -> tuple[list[int], int, int]:
+def node_shards(stream, catalog, stage_dir: Path, node: str) -> tuple[list[int], int, int]:
     """What staging copies under the shard-affine order: the shards of the replicas whose
-    ranks share this stage directory (same host, same directory), in the order they are first
-    needed; and this rank's place among those ranks, which divide the copying between them.
-    A collective over all ranks (each tells its host, directory and replica)."""
+    ranks share this stage directory (same host ``node``, as ``LaunchEnv.node`` names it, and
+    same directory), in the order they are first needed; and this rank's place among those
+    ranks, which divide the copying between them. A collective over all ranks (each tells its
+    host, directory and replica)."""
     order: ShardAffineOrder = stream.order
-    me = (f"{socket.gethostname()}:{Path(stage_dir).resolve()}", int(stream.share.rank))
+    me = (f"{node}:{Path(stage_dir).resolve()}", int(stream.share.rank))
     if dist.is_initialized():
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, me)

@@ -2,6 +2,10 @@
 non-faces) and Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (idx files).
 
 Images come back as float32 in [0, 1], shape (N, H, W); labels as int64.
+
+Fashion-MNIST's directory is an argument of its loaders; without one they use
+``default_fashion_mnist_dir()``: ``$TERABRAIN_FASHION_MNIST`` if set, else where the Debian
+package puts it.
 """
 
 from __future__ import annotations
@@ -9,10 +13,12 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-FASHION_MNIST_DIR = Path(os.environ.get("TERABRAIN_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_ENV = "TERABRAIN_FASHION_MNIST"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -37,20 +43,30 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def fashion_mnist_available(root: Path = FASHION_MNIST_DIR) -> bool:
+def default_fashion_mnist_dir() -> Path:
+    """Where Fashion-MNIST is looked for when no directory is given: the directory in
+    ``$TERABRAIN_FASHION_MNIST`` (read at each call), else Debian's dataset-fashion-mnist."""
+    return Path(os.environ.get(FASHION_MNIST_ENV, DEBIAN_FASHION_MNIST_DIR))
+
+
+def fashion_mnist_available(root: Optional[Path] = None) -> bool:
+    """Whether the idx files are in ``root`` (default: ``default_fashion_mnist_dir()``)."""
+    root = Path(root) if root is not None else default_fashion_mnist_dir()
     return (root / "t10k-labels-idx1-ubyte.gz").exists()
 
 
-def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``train`` (60,000) or ``test`` (10,000): images (N, 28, 28), labels (N,)."""
+def load_fashion_mnist(split: str = "train", root: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST ``train`` (60,000) or ``test`` (10,000) from the idx files in ``root``
+    (default: ``default_fashion_mnist_dir()``): images (N, 28, 28), labels (N,)."""
     if split not in ("train", "test"):
         raise ValueError(f"Fashion-MNIST split {split!r}; allowed: train, test")
+    root = Path(root) if root is not None else default_fashion_mnist_dir()
     prefix = "train" if split == "train" else "t10k"
     images_path = root / f"{prefix}-images-idx3-ubyte.gz"
     if not images_path.exists():
         raise FileNotFoundError(
             f"{images_path} not found: install Debian's dataset-fashion-mnist package "
-            f"(apt-get install dataset-fashion-mnist) or set TERABRAIN_FASHION_MNIST"
+            f"(apt-get install dataset-fashion-mnist), set {FASHION_MNIST_ENV}, or pass its directory"
         )
     images = read_idx(images_path).astype(np.float32) / 255.0
     labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)

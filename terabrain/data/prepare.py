@@ -18,7 +18,7 @@ from terabrain.data.sources import DataSection, source_of
 from terabrain.data.whitening import ZCA
 
 if TYPE_CHECKING:
-    from terabrain.data.streaming import StreamSource
+    from terabrain.data.streamed_source import StreamSource
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PreparedData:
     whitening: Optional[ZCA] = None
     stream: Optional["StreamSource"] = None
     """Set for streamed collections: ``train_x`` is then None and training reads batches
-    from ``stream.open(...)`` (see terabrain.data.streaming)."""
+    from ``stream.open(...)`` (see terabrain.data.streamed_source)."""
 
     @property
     def inputs(self) -> int:
@@ -46,7 +46,7 @@ class PreparedData:
 
 
 def _prepare_stream(config: DataSection, seed: int) -> PreparedData:
-    from terabrain.data.streaming import StreamSource
+    from terabrain.data.streamed_source import StreamSource
 
     source = StreamSource(config, seed)
     return PreparedData(None, source.holdout_x, source.example_shape,

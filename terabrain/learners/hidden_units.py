@@ -1,6 +1,6 @@
 """What the fully connected learners (RICA, the autoencoders) share: one hidden layer whose
 units are split across the model axis by the DTensor hidden-unit plan
-(terabrain.parallel.plans), filters that span a whole example, and the same capacity model.
+(terabrain.parallel.hidden_unit_plan), filters that span a whole example, and the same capacity model.
 
 Capacity per rank, with b = batch / data rows, n inputs, h hidden units, m = model, d = data
 (checked against ``torch.distributed._tools.MemTracker`` and the collectives DTensor issues
@@ -40,7 +40,7 @@ from terabrain.capacity.planner import Capacity, RankFigures
 from terabrain.learners.base import FilterPicture, Learner, ModelSection, Training
 from terabrain.objectives import build_objective
 from terabrain.parallel.parallelism import full, local
-from terabrain.parallel.plans import check_divisible, hidden_unit_plan
+from terabrain.parallel.hidden_unit_plan import check_divisible, hidden_unit_plan
 
 if TYPE_CHECKING:
     from terabrain.config.schema import ExperimentConfig

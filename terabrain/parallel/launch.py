@@ -1,7 +1,7 @@
 """Which launcher started this process, and joining its process group.
 
 Every rank needs the same few facts: its rank, the world size, its rank among the processes on
-its host, how many processes share its host, and where rank 0 listens. torchrun, srun, mpirun
+its host, how many processes share its host, which host that is, and where rank 0 listens. torchrun, srun, mpirun
 and mpiexec each spell them differently. `detect_launch_env` reads whichever set is present into
 one `LaunchEnv`; `init_distributed` joins the process group from it; `fail_fast` turns a failure
 in any rank into a one-line message and an exit on every rank, instead of a hang.
@@ -19,10 +19,11 @@ import contextlib
 import dataclasses
 import os
 import re
+import socket
 import sys
 import traceback
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -55,6 +56,12 @@ class LaunchEnv:
     # The variable the world size was read from: messages about a mesh that does not fit the
     # world quote it, so the user knows which launcher setting to change.
     world_size_var: str | None = None
+    # Which host this process runs on: its host name (socket.gethostname()), the same for every
+    # rank on one host and different between hosts, whichever launcher started it. local_rank
+    # and local_world_size count the processes of this host; node-local staging groups ranks
+    # by it. A host name rather than a node index because Open MPI and MPICH give none
+    # (OMPI_COMM_WORLD_NODE_RANK is a rank within the host, not the host's number).
+    node: str = field(default_factory=socket.gethostname)
 
     def describe_world(self) -> str:
         """'world size 4 (WORLD_SIZE, set by torchrun)', for error messages."""
@@ -72,6 +79,8 @@ def detect_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
     MPICH / Intel MPI / other PMI launchers (PMI_RANK, PMI_SIZE). torchrun comes first because
     it is often itself started by srun or mpirun, and then its variables describe the workers.
     With none of these variables the process runs alone (world size 1, launcher "none").
+    Every launcher's local rank and local world size count the processes on this host, whose
+    name is `node`.
     Under SLURM, start every rank with srun: a python run directly in a batch or salloc shell
     may see SLURM_PROCID=0 with the allocation's SLURM_NTASKS, and would then wait for ranks
     that never start, failing after init_distributed's timeout.

@@ -18,7 +18,7 @@ from terabrain.config.schema import ParallelConfig
 from terabrain.parallel.compressors import build_compressor
 from terabrain.parallel.data_parallel import DataParallel
 from terabrain.parallel.exchange import GradientExchange, all_reduce_bytes
-from terabrain.parallel.plans import apply_hidden_unit_plan
+from terabrain.parallel.hidden_unit_plan import apply_hidden_unit_plan
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ import os
 import pickle
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,6 @@ from terabrain.errors import TrainingError
 from terabrain.files import fsync_dir, write_text_atomically
 from terabrain.parallel.launch import is_main_rank
 from terabrain.train.optim import optimizer_state_template
-
-# DCP warns on every single-process save and load; that is how this toolkit runs on a laptop.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

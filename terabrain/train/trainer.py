@@ -51,7 +51,7 @@ class BatchOrder:
 
 class BatchSource(Protocol):
     """Where batches come from when the data set is not one in-memory tensor (a streamed
-    collection: terabrain.data.stream.BatchStream). ``batch(step)`` returns this rank's
+    collection: terabrain.data.batch_stream.BatchStream). ``batch(step)`` returns this rank's
     share of the global batch of ``step``, a pure function of (seed, step, rank);
     ``metrics()`` is called on every rank at logged steps (it may be a collective)."""
 

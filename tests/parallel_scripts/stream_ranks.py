@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from collections_for_tests import image_id, interrupted_and_resumed  # noqa: E402
 
 from terabrain.data.sources import data_config  # noqa: E402
-from terabrain.data.streaming import StreamSource  # noqa: E402
+from terabrain.data.streamed_source import StreamSource  # noqa: E402
 from terabrain.parallel import (  # noqa: E402
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )

@@ -10,7 +10,6 @@ training examples; both are deterministic for a given seed, like the in-memory p
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +28,11 @@ from terabrain.data.examples import OUTSIDE_TRAINING
 from terabrain.data.order import SampleOrder
 from terabrain.data.patches import remove_patch_mean
 from terabrain.data.staging import PLANNED_STEPS, Stager, copy_order
-from terabrain.data.stream import BatchStream, ReplicaShare
+from terabrain.data.batch_stream import BatchStream, ReplicaShare
 from terabrain.data.whitening import ZCA
 from terabrain.data.sources import DataSection, source_of
 from terabrain.errors import ConfigError, TrainingError
-from terabrain.parallel.launch import is_main_rank
+from terabrain.parallel.launch import LaunchEnv, detect_launch_env, is_main_rank
 
 # A D x D whitening matrix above this many dimensions is too large to be useful here.
 MAX_WHITENING_DIM = 4096
@@ -67,11 +66,16 @@ class RowTransform:
 
 class StreamSource:
     """A prepared streamed collection: the reader, the training examples and the transform;
-    ``open`` makes the per-rank ``BatchStream`` of a training stage."""
+    ``open`` makes the per-rank ``BatchStream`` of a training stage.
 
-    def __init__(self, config: DataSection, seed: int):
+    ``launch``: where this process sits (its local rank, the local world size and its host,
+    ``node``), which node-local staging divides the copying by. The launcher's own variables,
+    read by ``detect_launch_env``, when not given."""
+
+    def __init__(self, config: DataSection, seed: int, launch: Optional[LaunchEnv] = None):
         self.config = config
         self.seed = seed
+        self.launch = launch if launch is not None else detect_launch_env()
         source = source_of(config)
         self.catalog: Optional[Catalog] = source.stream_catalog(config)
         self.problems: list[tuple[str, str]] = list(self.catalog.problems) if self.catalog else []
@@ -208,14 +212,14 @@ class StreamSource:
         catalog = self.catalog
         assert isinstance(catalog, ShardCatalog)
         if isinstance(stream.order, ShardAffineOrder):
-            need, local_rank, local_world = node_shards(stream, catalog, self.config.stage_dir)
+            need, local_rank, local_world = node_shards(stream, catalog, self.config.stage_dir,
+                                                        self.launch.node)
         else:
             # Shards in the order this rank first needs them in the current epoch's first steps.
             steps = range(min(stream.order.per_epoch, PLANNED_STEPS))
             need = copy_order((catalog.shards_of(stream.local_ids(step)) for step in steps),
                               range(len(catalog.tables)))
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            local_rank, local_world = self.launch.local_rank, self.launch.local_world_size
         try:
             self.stager = Stager(
                 catalog.tables, self.config.stage_dir, need, source=self.config.root,

@@ -1,0 +1,243 @@
+"""Two ranks on one host under the real launchers: srun (a one-node SLURM cluster that the
+test starts: munged, slurmctld and slurmd, configured in a temporary directory), Open MPI's
+mpirun and MPICH's mpirun (Hydra). Each rank runs ``parallel_scripts/launcher_layout.py``:
+``detect_launch_env`` must give both ranks local world size 2, local ranks 0 and 1 and the
+same host, and node-local staging into a shared directory must divide the shards between
+them by those values (srun and mpirun set no LOCAL_RANK / LOCAL_WORLD_SIZE, so reading
+those would make both ranks local rank 0 of 1 and copy everything).
+
+Debian: ``apt-get install slurm-wlm munge openmpi-bin libopenmpi-dev mpich`` (``.ci/run``
+does so). A test is skipped, saying which, when its launcher's programs are absent.
+"""
+
+from __future__ import annotations
+
+import getpass
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, SCRIPTS, clean_environ, free_port
+from terabrain.data.catalogs import ShardCatalog
+from terabrain.data.pack import pack
+
+LAUNCH_TIMEOUT_S = 120
+
+
+def _program(*names: str) -> str | None:
+    """The first of `names` found on PATH or in the sbin directories (daemons live there)."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"])
+    for name in names:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """16 small grey images in 6 shards: enough for each of 2 ranks to copy some."""
+    base = tmp_path_factory.mktemp("launchers")
+    images = base / "images"
+    images.mkdir()
+    for index in range(16):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((40, 40), 8 * index, np.uint8)).save(buffer, "PNG", compress_level=0)
+        (images / f"img{index:03d}.png").write_bytes(buffer.getvalue())
+    pack(images, base / "shards", shard_bytes=15_000, workers=1, log=lambda *_: None)
+    return base / "shards"
+
+
+def _check_two_ranks_on_one_host(out: Path, shards: Path, launcher: str, result) -> None:
+    assert result.returncode == 0, f"{launcher} failed:\n{result.stdout}\n{result.stderr}"
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, seen in enumerate(ranks):
+        assert seen["launcher"] == launcher
+        assert (seen["rank"], seen["world_size"], seen["group_rank"]) == (rank, 2, rank)
+        assert seen["local_world_size"] == 2, seen
+        # The stream found the same place by itself (its default is detect_launch_env()).
+        assert seen["global_launch"] == seen["shard_affine_launch"] == {
+            k: v for k, v in seen.items() if k in seen["global_launch"]}
+    assert sorted(seen["local_rank"] for seen in ranks) == [0, 1]
+    assert ranks[0]["node"] == ranks[1]["node"] == socket.gethostname()
+    every_shard = sorted(t.path.name for t in ShardCatalog(shards).tables)
+    for order in ("global", "shard_affine"):
+        copied = [seen[f"{order}_copied"] for seen in ranks]
+        # Divided between the two ranks of the host: every other shard of the rank's copy list
+        # (one rank alone, or both taking themselves for local rank 0 of 1, copy them all).
+        assert sorted(len(c) for c in copied) == [len(every_shard) // 2, (len(every_shard) + 1) // 2]
+        (staged,) = (out / f"stage-{order}").iterdir()
+        assert sorted(p.name for p in staged.glob("*.tar")) == sorted(set(copied[0] + copied[1]))
+    # Under the shard-affine order the ranks of one host (grouped by `node`) agree on one copy
+    # list, so the halves are disjoint and together all shards (both replicas are here). The
+    # global order's list is each rank's own reading order, so its halves may overlap.
+    copied = [seen["shard_affine_copied"] for seen in ranks]
+    assert not set(copied[0]) & set(copied[1]) and sorted(copied[0] + copied[1]) == every_shard
+
+
+# --- SLURM --------------------------------------------------------------------------------
+
+SLURM_PROGRAMS = ("srun", "sinfo", "slurmctld", "slurmd", "munged")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM cluster on this host; yields srun's environment (SLURM_CONF)."""
+    programs = {name: _program(name) for name in SLURM_PROGRAMS}
+    absent = [name for name, path in programs.items() if path is None]
+    if absent:
+        pytest.skip(f"SLURM not installed ({', '.join(absent)} not found; Debian: "
+                    "apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        pytest.skip("the test's SLURM cluster needs root (slurmd starts tasks as their user)")
+    base = tmp_path_factory.mktemp("slurm")
+    munge_dir = base / "munge"
+    munge_dir.mkdir(mode=0o700)
+    key = munge_dir / "munge.key"
+    key.write_bytes(os.urandom(128))
+    key.chmod(0o600)
+    sock = base / "munge.socket"
+    host = socket.gethostname()
+    user = getpass.getuser()
+    (base / "state").mkdir()
+    (base / "spool").mkdir()
+    conf = base / "slurm.conf"
+    conf.write_text(f"""\
+ClusterName=terabraintest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={sock}
+SlurmUser={user}
+SlurmdUser={user}
+StateSaveLocation={base / "state"}
+SlurmdSpoolDir={base / "spool"}
+SlurmctldPidFile={base / "slurmctld.pid"}
+SlurmdPidFile={base / "slurmd.pid"}
+SlurmctldLogFile={base / "slurmctld.log"}
+SlurmdLogFile={base / "slurmd.log"}
+PlugStackConfig=/dev/null
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN
+PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""")
+    environ = {**clean_environ(), "SLURM_CONF": str(conf)}
+    daemons: list[subprocess.Popen] = []
+
+    def start(*command) -> None:
+        log = open(base / f"{Path(command[0]).name}.out", "wb")
+        daemons.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                        env=environ, cwd=base))
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
+                         for p in sorted(base.glob("*.out")) + sorted(base.glob("*.log")))
+
+    try:
+        start(programs["munged"], "--foreground", "--force", f"--key-file={key}",
+              f"--socket={sock}", f"--pid-file={base / 'munged.pid'}",
+              f"--log-file={base / 'munged.log'}", f"--seed-file={base / 'munged.seed'}")
+        _wait_for(lambda: sock.exists(), 10, "munged's socket", logs)
+        start(programs["slurmctld"], "-D", "-c", "-f", str(conf))
+        start(programs["slurmd"], "-D", "-N", host, "-f", str(conf))
+
+        def node_idle() -> bool:
+            state = subprocess.run([programs["sinfo"], "-h", "-o", "%t"], env=environ,
+                                   capture_output=True, text=True, timeout=10).stdout
+            return state.strip() == "idle"
+
+        _wait_for(node_idle, 30, "the SLURM node to be idle", logs)
+        yield environ
+    finally:
+        for daemon in reversed(daemons):
+            daemon.terminate()
+        for daemon in reversed(daemons):
+            try:
+                daemon.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+
+
+def _wait_for(condition, timeout_s: float, what: str, logs) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{logs()}")
+        time.sleep(0.2)
+
+
+def test_srun_two_tasks_on_one_node(slurm_cluster, shards, tmp_path):
+    environ = {**slurm_cluster, "MASTER_PORT": str(free_port())}
+    command = [_program("srun"), "--overcommit", "--nodes=1", "--ntasks=2", "--kill-on-bad-exit=1",
+               "--time=2", sys.executable, str(SCRIPTS / "launcher_layout.py"), str(shards),
+               str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                            cwd=REPO, env=environ)
+    _check_two_ranks_on_one_host(tmp_path, shards, "slurm", result)
+
+
+# --- MPI ----------------------------------------------------------------------------------
+
+def _open_mpi_mpirun() -> str | None:
+    found = _program("mpirun.openmpi")
+    if found is None and _program("ompi_info") is not None:
+        found = _program("mpirun")
+    return found
+
+
+def _mpich_mpirun() -> str | None:
+    return _program("mpirun.mpich", "mpiexec.hydra")
+
+
+def _mpi_environ() -> dict[str, str]:
+    return {**clean_environ(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+
+
+def test_open_mpi_mpirun_two_ranks(shards, tmp_path):
+    mpirun = _open_mpi_mpirun()
+    if mpirun is None:
+        pytest.skip("Open MPI not installed (no mpirun.openmpi; Debian: apt-get install openmpi-bin)")
+    as_root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    environ = _mpi_environ()
+    # -x: exported to every rank (needed on other hosts; on this one they inherit it anyway).
+    exported = [a for name in ("MASTER_ADDR", "MASTER_PORT", "PYTHONPATH") if name in environ
+                for a in ("-x", name)]
+    command = [mpirun, "-np", "2", "--oversubscribe", *as_root, *exported, sys.executable,
+               str(SCRIPTS / "launcher_layout.py"), str(shards), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                            cwd=REPO, env=environ)
+    _check_two_ranks_on_one_host(tmp_path, shards, "open-mpi", result)
+
+
+def test_mpich_mpirun_two_ranks(shards, tmp_path):
+    mpirun = _mpich_mpirun()
+    if mpirun is None:
+        pytest.skip("MPICH not installed (no mpirun.mpich / mpiexec.hydra; Debian: apt-get "
+                    "install mpich)")
+    command = [mpirun, "-np", "2", sys.executable,
+               str(SCRIPTS / "launcher_layout.py"), str(shards), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                            cwd=REPO, env=_mpi_environ())
+    _check_two_ranks_on_one_host(tmp_path, shards, "pmi", result)
