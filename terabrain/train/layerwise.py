@@ -13,8 +13,8 @@ gradient of the summed losses is each layer's own gradient: with a per-parameter
   for ``early_stopping.patience`` logged steps. Its forward copy is refreshed then, once.
   The optimizer's state is cleared when a layer starts (L-BFGS's curvature history belongs
   to the layer before).
-- pipelined: layer L+1 starts once layer L has trained ``train.start_after`` steps; layer
-  L keeps training, and its forward copy is refreshed every ``train.sync_every`` of its steps
+- pipelined: layer L+1 starts once layer L has trained ``model.start_after`` steps; layer
+  L keeps training, and its forward copy is refreshed every ``model.sync_every`` of its steps
   and when it finishes.
 
 Everything the schedule decides is in its checkpointed state and the forward copies are
@@ -67,7 +67,7 @@ class LayerSchedule(Callback):
         min_delta: float = 0.0,
     ):
         if schedule not in ("greedy", "pipelined"):
-            raise ValueError(f"train.schedule {schedule!r}; allowed: greedy, pipelined")
+            raise ValueError(f"model.schedule {schedule!r}; allowed: greedy, pipelined")
         self.model = model
         self.budgets = list(budgets)
         self.schedule = schedule
