@@ -26,12 +26,9 @@ from terabrain.nn.init import init_by_unit_
 from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
 from terabrain.nn.normalization import LocalContrastNorm
 from terabrain.nn.pooling import L2Pool2d
+from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 
 Shape = tuple[int, int, int]  # (channels, height, width)
-
-
-def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
-    return weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 class FilterBank(nn.Module):
@@ -172,12 +169,12 @@ class RICALayer(UnitInitialized):
         return F.pad(x, [before, after, before, after]) if before or after else x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha * self.encoder.apply(self._pad(x), _unit_rows(self.encoder.weight))
+        return self.alpha * self.encoder.apply(self._pad(x), unit_rows(self.encoder.weight))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encode(x)
         decoder = self.decoder or self.encoder
-        reconstruction = decoder.adjoint(codes, _unit_rows(decoder.weight))
+        reconstruction = decoder.adjoint(codes, unit_rows(decoder.weight))
         if any(self.padding):
             _, height, width = self.in_shape
             top = self.padding[0]
@@ -188,12 +185,12 @@ class RICALayer(UnitInitialized):
     def normalize_(self) -> None:
         for bank in self.banks():
             if bank.weight.device.type != "meta":
-                bank.weight.div_(bank.weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                normalize_rows_(bank.weight)
 
     def filters(self) -> torch.Tensor:
         """Every hidden unit's filter as a row (the encoder's): (kh, kw, C) order for local
         and conv layers, the input's (C, H, W) order for dense ones."""
-        weight = _unit_rows(self.encoder.weight.detach())
+        weight = unit_rows(self.encoder.weight.detach())
         return weight.reshape(-1, weight.shape[-1])
 
 
@@ -298,7 +295,7 @@ class DeepNetwork(UnitInitialized):
         evenly spaced locations are shown, all maps of each."""
         layer = self.layers[0]
         channels = layer.in_shape[0]
-        weight = _unit_rows(layer.encoder.weight.detach())
+        weight = unit_rows(layer.encoder.weight.detach())
         if isinstance(layer.encoder, DenseBank):  # rows in the input's (C, H, W) order
             _, height, width = layer.in_shape
             rows = weight[:limit].view(-1, channels, height, width).permute(0, 2, 3, 1)

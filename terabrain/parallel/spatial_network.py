@@ -40,8 +40,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.errors import ConfigError
-from terabrain.nn.deep import DeepNetwork, DenseBank, LocalBank, RICALayer, _unit_rows
+from terabrain.nn.deep import DeepNetwork, DenseBank, LocalBank, RICALayer
 from terabrain.nn.local import locally_connected, locally_connected_transpose
+from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 from terabrain.parallel.parallelism import local
 from terabrain.parallel.row_split import Axis, row_split
 from terabrain.parallel.row_state import RowShard
@@ -188,11 +189,11 @@ class _SplitLayer(nn.Module):
     @torch.no_grad()
     def normalize_(self) -> None:
         for weight in self._weights():
-            weight.div_(weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            normalize_rows_(weight)
 
     def filters(self) -> torch.Tensor:
         """This rank's units' filters, one per row."""
-        weight = _unit_rows(self._weights()[0].detach())
+        weight = unit_rows(self._weights()[0].detach())
         return weight.reshape(-1, weight.shape[-1])
 
 
@@ -253,14 +254,14 @@ class RowSplitLocalLayer(_SplitLayer):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         needed = gather_halo(self._pad(x), self.block, self.axis.group)
-        codes = locally_connected(needed, _unit_rows(self.encoder.layer.weight), self.kernel_size,
+        codes = locally_connected(needed, unit_rows(self.encoder.layer.weight), self.kernel_size,
                                   self.stride, (self.output_rows, self.out_width), self.block_bytes)
         return self.alpha_summed() * codes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encode(x)
         decoder = self.encoder if self.tied else self.decoder
-        needed = locally_connected_transpose(codes, _unit_rows(decoder.layer.weight),
+        needed = locally_connected_transpose(codes, unit_rows(decoder.layer.weight),
                                              self.kernel_size, self.stride, self._needed_size,
                                              self.block_bytes)
         owned = scatter_add_halo(needed, self.block, self.axis.group)
@@ -298,13 +299,13 @@ class UnitSplitDenseLayer(_SplitLayer):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         whole = _GatherRows.apply(x, self.input_blocks, self.axis)
-        codes = F.linear(whole.flatten(1), _unit_rows(self.encoder.weight))[:, :, None, None]
+        codes = F.linear(whole.flatten(1), unit_rows(self.encoder.weight))[:, :, None, None]
         return self.alpha_summed() * codes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encode(x)
         decoder = self.encoder if self.tied else self.decoder
-        partial = (codes.flatten(1) @ _unit_rows(decoder.weight)).view(-1, *self.in_shape)
+        partial = (codes.flatten(1) @ unit_rows(decoder.weight)).view(-1, *self.in_shape)
         return codes, _ReduceToRows.apply(partial, self.input_blocks, self.axis) + self.bias
 
 
