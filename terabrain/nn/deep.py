@@ -32,8 +32,8 @@ Shape = tuple[int, int, int]  # (channels, height, width)
 
 
 class FilterBank(nn.Module):
-    """The linear map of one layer and its adjoint, given (possibly normalized) weights.
-    ``weight``'s last dimension is one hidden unit's filter. Each bank initialises its own
+    """The linear map of one layer (``transform``) and its adjoint, given (possibly
+    normalized) weights; ``apply`` is nn.Module's, as on any module. ``weight``'s last dimension is one hidden unit's filter. Each bank initialises its own
     rows from its own seed, hidden unit by hidden unit (terabrain.nn.init)."""
 
     weight: nn.Parameter
@@ -51,7 +51,7 @@ class FilterBank(nn.Module):
         if self.weight.device.type != "meta":
             self.init_rows_(self.weight.data)
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def transform(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def adjoint(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ class LocalBank(FilterBank):
     def weight(self) -> nn.Parameter:  # registered once, in the layer (state_dict keys unique)
         return self.layer.weight
 
-    def apply(self, x, weight):
+    def transform(self, x, weight):
         layer = self.layer
         return locally_connected(x, weight, layer.kernel_size, layer.stride, layer.output_size,
                                  layer.block_bytes)
@@ -99,7 +99,7 @@ class ConvBank(FilterBank):
         # Rows in (kh, kw, C) order, as the locally connected layer's and the pictures'.
         return weight.view(weight.shape[0], self.kernel, self.kernel, self.in_shape[0]).permute(0, 3, 1, 2)
 
-    def apply(self, x, weight):
+    def transform(self, x, weight):
         return F.conv2d(x, self._kernel(weight), stride=self.stride)
 
     def adjoint(self, y, weight):
@@ -117,7 +117,7 @@ class DenseBank(FilterBank):
         self.reset_parameters()
         self.out_shape = (maps, 1, 1)
 
-    def apply(self, x, weight):
+    def transform(self, x, weight):
         return F.linear(x.flatten(1), weight)[:, :, None, None]
 
     def adjoint(self, y, weight):
@@ -169,7 +169,7 @@ class RICALayer(UnitInitialized):
         return F.pad(x, [before, after, before, after]) if before or after else x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha * self.encoder.apply(self._pad(x), unit_rows(self.encoder.weight))
+        return self.alpha * self.encoder.transform(self._pad(x), unit_rows(self.encoder.weight))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encode(x)
