@@ -11,13 +11,12 @@ dimensions and initialises each shard in place.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from terabrain.config.schema import ModelConfig
 from terabrain.nn.init import init_by_unit_
 from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 
@@ -204,7 +203,19 @@ class SupervisedHead(UnitInitialized):
         return self.head(self.dropout(self.features.encode(x)))
 
 
-def build_model(config: ModelConfig, inputs: int, seed: Optional[int] = None) -> UnitInitialized:
+class ModelSpec(Protocol):
+    """What ``build_model`` reads (terabrain.config's ModelConfig has these attributes; nn
+    does not import the config)."""
+
+    kind: str  # rica or autoencoder
+    hidden: int
+    dropout: float
+    tied: bool
+    activation: str
+    decoder_activation: str
+
+
+def build_model(config: ModelSpec, inputs: int, seed: Optional[int] = None) -> UnitInitialized:
     if config.kind == "rica":
         return RICA(inputs, config.hidden, config.dropout, seed=seed)
     return Autoencoder(

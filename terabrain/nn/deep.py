@@ -14,13 +14,12 @@ layerwise) or split over ranks (terabrain.parallel).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from terabrain.config.schema import LayerConfig
 from terabrain.nn.autoencoder import UnitInitialized, _draw_seed
 from terabrain.nn.init import init_by_unit_
 from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
@@ -29,6 +28,21 @@ from terabrain.nn.pooling import L2Pool2d
 from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 
 Shape = tuple[int, int, int]  # (channels, height, width)
+
+
+class LayerSpec(Protocol):
+    """What one layer is built from: the attributes read here (terabrain.config's
+    LayerConfig has them; nn does not import the config). ``pool`` is None or has
+    ``kind``, ``kernel``, ``stride``; ``lcn`` is None or has ``kernel``, ``sigma``."""
+
+    kind: str  # local, conv or dense
+    maps: int
+    kernel: int
+    stride: int
+    tied: bool
+    padding_sides: tuple[int, int]
+    pool: Any
+    lcn: Any
 
 
 class FilterBank(nn.Module):
@@ -124,7 +138,7 @@ class DenseBank(FilterBank):
         return (y.flatten(1) @ weight).view(-1, *self.in_shape)
 
 
-def _bank(config: LayerConfig, in_shape: Shape, seed: int) -> FilterBank:
+def _bank(config: LayerSpec, in_shape: Shape, seed: int) -> FilterBank:
     if config.kind == "local":
         return LocalBank(in_shape, config.maps, config.kernel, config.stride, seed)
     if config.kind == "conv":
@@ -137,7 +151,7 @@ class RICALayer(UnitInitialized):
     (cropped back to ``x``'s size). Rows are normalized in the forward pass as in
     terabrain.nn.autoencoder.RICA, and kept at unit norm after every step (``normalize_``)."""
 
-    def __init__(self, config: LayerConfig, in_shape: Shape, seed: Optional[int] = None):
+    def __init__(self, config: LayerSpec, in_shape: Shape, seed: Optional[int] = None):
         super().__init__()
         self.init_seed = _draw_seed(seed)
         self.in_shape = tuple(in_shape)
@@ -198,7 +212,7 @@ def _pooled(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
 
 
-def _post(config: LayerConfig, shape: Shape) -> tuple[nn.Module, Shape]:
+def _post(config: LayerSpec, shape: Shape) -> tuple[nn.Module, Shape]:
     """Pooling then LCN after a layer, and the shape that comes out."""
     steps: list[nn.Module] = []
     if config.pool is not None:
@@ -220,7 +234,7 @@ class DeepNetwork(UnitInitialized):
     terabrain.data produces — or image tensors (N, C, H, W).
     """
 
-    def __init__(self, layers: Sequence[LayerConfig], input_shape: Shape, seed: Optional[int] = None):
+    def __init__(self, layers: Sequence[LayerSpec], input_shape: Shape, seed: Optional[int] = None):
         super().__init__()
         self.init_seed = _draw_seed(seed)
         self.input_shape: Shape = tuple(input_shape)
