@@ -38,7 +38,7 @@ from terabrain.nn.autoencoder import SupervisedHead, build_model
 from terabrain.nn.deep import DeepNetwork, input_shape_from
 from terabrain.objectives import build_objective, build_supervised_objective
 from terabrain.parallel.communication_log import communication_callbacks
-from terabrain.parallel.hogwild import fit_hogwild
+from terabrain.train.hogwild import fit_hogwild
 from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full, local
 from terabrain.parallel.plans import check_divisible
