@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from terabrain.config.loader import load_experiment
-from terabrain.train import layerwise
+from terabrain.learners import layerwise
 from terabrain.errors import ConfigError
 from terabrain.train.run import build_network, run_experiment
 

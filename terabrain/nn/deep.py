@@ -8,7 +8,7 @@ A layer is one of
 - dense: fully connected on the flattened input.
 Every layer is RICA (seed 000, eq. 1): codes ``alpha W x`` with W's rows (one per hidden
 unit) of unit norm, reconstruction ``D^T codes + b`` with ``D = W`` (tied) or a separate
-decoder (untied, as Le et al.). Nothing here knows how it is trained (terabrain.train.
+decoder (untied, as Le et al.). Nothing here knows how it is trained (terabrain.learners.
 layerwise) or split over ranks (terabrain.parallel).
 """
 

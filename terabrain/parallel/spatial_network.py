@@ -21,8 +21,8 @@ and leaves the model code as it is. Every map between layers is split by rows in
   gradient sum; use parallel.data).
 
 The RICA loss of a layer, a sum over every position, is a sum over ranks of each rank's
-part: ``SpatialLayerwiseObjective`` all-reduces it (backward: identity, each rank seeds its
-own part), replicated ``alpha`` has its gradient summed over the model axis, and row-split
+part: ``sum_of_parts`` all-reduces it (backward: identity, each rank seeds its own part;
+terabrain.learners.layerwise.SpatialLayerwiseObjective uses it), replicated ``alpha`` has its gradient summed over the model axis, and row-split
 parameters keep their own gradients. Parameters are plain local tensors; checkpoints see
 them as ``row_state.RowShard`` (true offsets), so DCP saves every rank's block and reloads
 on any split or on one process.
@@ -50,7 +50,6 @@ from terabrain.parallel.spatial import (
     RowBlock, Rows, gather_halo, gather_rows, row_partition, rows_of_parameter,
     scatter_add_halo, split_evenly,
 )
-from terabrain.train.layerwise import LayerwiseObjective
 
 
 # --- collectives with their gradients ---------------------------------------------------------
@@ -379,20 +378,10 @@ def model_axis(network: DeepNetwork) -> Optional[Axis]:
     return layer.axis if isinstance(layer, _SplitLayer) else None
 
 
-class SpatialLayerwiseObjective(LayerwiseObjective):
-    """Layer-wise RICA on a split network: each rank's loss over its rows and units, summed
-    over the model axis (so are the logged parts)."""
-
-    def __call__(self, model, x: torch.Tensor, y: Optional[torch.Tensor] = None):
-        network = model.network
-        axis = model_axis(network)
-        images = network.to_images(local(x))
-        start, stop = network.layers[0].owned_rows
-        total, parts = super().__call__(model, images[:, :, start:stop], y)
-        names = list(parts)
-        flat = torch.stack([parts[n].float() for n in names]) if names else total.new_zeros(0)
-        dist.all_reduce(flat, group=axis.group)
-        return _SumOfParts.apply(total, axis), {n: flat[i] for i, n in enumerate(names)}
+def sum_of_parts(part: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """The sum over the model axis of every rank's ``part`` of a loss (forward); backward is
+    the identity, since each rank differentiates its own part."""
+    return _SumOfParts.apply(part, axis)
 
 
 def whole_tensor_count(network: DeepNetwork) -> int:

@@ -43,11 +43,11 @@ from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full, local
 from terabrain.parallel.plans import check_divisible
 from terabrain.parallel.spatial_network import (
-    SpatialLayerwiseObjective, partition_network, whole_tensor_count,
+    partition_network, whole_tensor_count,
 )
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
-from terabrain.train.layerwise import LayerSchedule, LayerwiseModel, LayerwiseObjective
+from terabrain.learners.layerwise import LayerSchedule, LayerwiseModel, LayerwiseObjective, SpatialLayerwiseObjective
 from terabrain.train.optim import build_optimizer
 from terabrain.train.trainer import Trainer
 from torch.distributed.device_mesh import DeviceMesh
