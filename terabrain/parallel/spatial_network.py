@@ -11,9 +11,8 @@ and leaves the model code as it is. Every map between layers is split by rows in
   fields read come from their owners, and the reconstruction's partial sums on halo rows go
   back to them (``spatial.gather_halo`` / ``scatter_add_halo``); its input-shaped bias is
   split like its input;
-- pooling and LCN are terabrain/parallel/row_split.py's (shared with
-  ``partition_spatially``): pooling reads a halo of ``kernel - stride`` rows (its output
-  rows split evenly); LCN reads ``2 (kernel // 2)`` rows on each side (two nested Gaussian
+- pooling and LCN are terabrain/parallel/row_split.py's: pooling reads a halo of
+  ``kernel - stride`` rows (its output rows split evenly); LCN reads ``2 (kernel // 2)`` rows on each side (two nested Gaussian
   windows) and all-reduces its per-image mean spread;
 - a dense layer (the top layer only) is split by hidden unit: it all-gathers its input,
   computes its units' codes, and reduces its partial reconstruction to each rank's rows;
