@@ -13,13 +13,15 @@ import time
 import torch
 
 from terabrain.config.loader import load_experiment
+from terabrain.learners.layerwise import (
+    LayerSchedule, LayerwiseModel, LayerwiseObjective, SpatialLayerwiseObjective,
+)
 from terabrain.nn.deep import DeepNetwork, input_shape_from
 from terabrain.parallel import (
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
 from terabrain.parallel.parallelism import Parallelism
-from terabrain.parallel.spatial_network import SpatialLayerwiseObjective, partition_network
-from terabrain.train.layerwise import LayerSchedule, LayerwiseModel, LayerwiseObjective
+from terabrain.parallel.spatial_network import partition_network
 from terabrain.train.trainer import Trainer
 
 

@@ -16,7 +16,7 @@ from terabrain.config.loader import load_experiment
 from terabrain.errors import ConfigError
 from terabrain.nn.autoencoder import Autoencoder
 from terabrain.objectives import ReconstructionObjective
-from terabrain.parallel.hogwild import fit_hogwild
+from terabrain.train.hogwild import fit_hogwild
 from terabrain.train.trainer import Callback, Trainer
 
 # A small colour-patch autoencoder whose loss falls fast (24 -> 4 in 60 SGD steps).

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from terabrain.config.loader import load_experiment
-from terabrain.train import layerwise
+from terabrain.learners import layerwise
 from terabrain.errors import ConfigError
 from terabrain.learners.registry import build_network
 from terabrain.train.run import run_experiment
@@ -151,3 +151,27 @@ def test_reset_parameters_redraws_the_constructed_values():
         assert torch.equal(value, built[key]), key
     # An untied decoder draws from its own seed, not the encoder's.
     assert not torch.equal(built["layers.2.encoder.weight"], built["layers.2.decoder.weight"])
+
+
+def test_deep_network_apply_visits_modules_like_any_module():
+    # FilterBank's linear map is ``transform``: nn.Module.apply is not shadowed.
+    from terabrain.config.schema import LayerConfig
+    from terabrain.nn.deep import DeepNetwork, FilterBank, RICALayer
+
+    layers = [LayerConfig(kind="local", maps=4, kernel=4, stride=2, tied=False),
+              LayerConfig(kind="conv", maps=4, kernel=3),
+              LayerConfig(kind="dense", maps=8)]
+    network = DeepNetwork(layers, (1, 12, 12), seed=3)
+    visited = []
+    assert network.apply(visited.append) is network
+    assert len(visited) == len(list(network.modules()))
+    assert {id(m) for m in visited} == {id(m) for m in network.modules()}
+    assert visited[-1] is network  # children first, then the module itself
+    banks = [m for m in visited if isinstance(m, FilterBank)]
+    assert len(banks) == 4  # local: encoder and decoder; conv and dense: tied, one bank each
+    built = {k: v.clone() for k, v in network.state_dict().items()}
+    for parameter in network.parameters():
+        parameter.data.add_(1.0)
+    network.apply(lambda m: m.reset_parameters() if isinstance(m, RICALayer) else None)
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, built[key]), key

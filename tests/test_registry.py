@@ -113,6 +113,7 @@ def test_the_earlier_single_section_layout_still_loads(tmp_path):
     """A config.yaml written by the earlier layout (every field of every kind and source,
     schedule under train) loads as the same experiment."""
     old = yaml.safe_load(builtin_text("faces-deep"))
+    old["model"].pop("schedule")
     old["model"].update(hidden=128, tied=True, activation="sigmoid", dropout=0.0, layers=old["model"]["layers"])
     old["data"].update(path=None, root=None, metadata=None, yfcc_tags_any=[], stream=None,
                        stage_dir=None, order="global", color=False, test_fraction=0.25)

@@ -1,5 +1,6 @@
 """The spatially partitioned locally connected layer: row blocks and halos (pure layout
-math), and the layer on 2 and 4 real gloo ranks against one process."""
+math), and layers split by the spatial plan (partition_network) on 2 and 4 real gloo ranks
+against one process."""
 
 import pytest
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from terabrain.capacity.costs import FP32
-from terabrain.capacity.units import format_bytes, format_count
+from terabrain.units import format_bytes, format_count
 from terabrain.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ def register(commands) -> None:
 
 def run_pack(args: argparse.Namespace) -> int:
     from terabrain.data.pack import pack
-    from terabrain.capacity.units import parse_memory
+    from terabrain.units import parse_memory
 
     pack(args.source, args.dest, parse_memory(args.shard_size, "--shard-size"), args.workers,
          decode=_decode_spec(args))

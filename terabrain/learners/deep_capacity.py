@@ -34,7 +34,7 @@ import torch
 
 from terabrain.capacity.costs import FP32, optimizer_state, ring_all_reduce
 from terabrain.capacity.planner import Capacity, RankFigures
-from terabrain.capacity.units import format_count
+from terabrain.units import format_count
 from terabrain.errors import ConfigError
 from terabrain.nn.deep import DeepNetwork, input_shape_from
 from terabrain.parallel.spatial import split_evenly

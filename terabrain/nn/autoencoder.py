@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from terabrain.nn.init import init_by_unit_
+from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 
 
 def _draw_seed(seed: Optional[int]) -> int:
@@ -78,14 +79,14 @@ class RICA(UnitInitialized):
     def init_parameter_(self, name: str, tensor: torch.Tensor, first_unit: int = 0) -> None:
         if name == "weight":  # random directions: Gaussian rows scaled to unit norm
             init_by_unit_(tensor, 0, first_unit, self.init_seed, 0, "normal", 1.0)
-            tensor.div_(tensor.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            normalize_rows_(tensor)
         elif name == "alpha":
             tensor.fill_(1.0)
         else:
             tensor.zero_()
 
     def unit_weight(self) -> torch.Tensor:
-        return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return unit_rows(self.weight)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.alpha * F.linear(self.dropout(x), self.unit_weight())
@@ -97,7 +98,7 @@ class RICA(UnitInitialized):
 
     @torch.no_grad()
     def normalize_(self) -> None:
-        self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        normalize_rows_(self.weight)
 
     def filters(self) -> torch.Tensor:
         return self.unit_weight().detach()

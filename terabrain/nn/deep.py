@@ -8,15 +8,13 @@ A layer is one of
 - dense: fully connected on the flattened input.
 Every layer is RICA (seed 000, eq. 1): codes ``alpha W x`` with W's rows (one per hidden
 unit) of unit norm, reconstruction ``D^T codes + b`` with ``D = W`` (tied) or a separate
-decoder (untied, as Le et al.). Nothing here knows how it is trained (terabrain.train.
+decoder (untied, as Le et al.). Nothing here knows how it is trained (terabrain.learners.
 layerwise) or split over ranks (terabrain.parallel).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from typing import Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +25,30 @@ from terabrain.nn.init import init_by_unit_
 from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
 from terabrain.nn.normalization import LocalContrastNorm
 from terabrain.nn.pooling import L2Pool2d
+from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 
 Shape = tuple[int, int, int]  # (channels, height, width)
 
-if TYPE_CHECKING:  # duck-typed: any object with a layer section's attributes
-    from terabrain.learners.deep import LayerConfig
 
 
-def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
-    return weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+class LayerSpec(Protocol):
+    """What one layer is built from: the attributes read here (terabrain.config's
+    LayerConfig has them; nn does not import the config). ``pool`` is None or has
+    ``kind``, ``kernel``, ``stride``; ``lcn`` is None or has ``kernel``, ``sigma``."""
+
+    kind: str  # local, conv or dense
+    maps: int
+    kernel: int
+    stride: int
+    tied: bool
+    padding_sides: tuple[int, int]
+    pool: Any
+    lcn: Any
 
 
 class FilterBank(nn.Module):
-    """The linear map of one layer and its adjoint, given (possibly normalized) weights.
-    ``weight``'s last dimension is one hidden unit's filter. Each bank initialises its own
+    """The linear map of one layer (``transform``) and its adjoint, given (possibly
+    normalized) weights; ``apply`` is nn.Module's, as on any module. ``weight``'s last dimension is one hidden unit's filter. Each bank initialises its own
     rows from its own seed, hidden unit by hidden unit (terabrain.nn.init)."""
 
     weight: nn.Parameter
@@ -58,7 +66,7 @@ class FilterBank(nn.Module):
         if self.weight.device.type != "meta":
             self.init_rows_(self.weight.data)
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def transform(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def adjoint(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -80,7 +88,7 @@ class LocalBank(FilterBank):
     def weight(self) -> nn.Parameter:  # registered once, in the layer (state_dict keys unique)
         return self.layer.weight
 
-    def apply(self, x, weight):
+    def transform(self, x, weight):
         layer = self.layer
         return locally_connected(x, weight, layer.kernel_size, layer.stride, layer.output_size,
                                  layer.block_bytes)
@@ -106,7 +114,7 @@ class ConvBank(FilterBank):
         # Rows in (kh, kw, C) order, as the locally connected layer's and the pictures'.
         return weight.view(weight.shape[0], self.kernel, self.kernel, self.in_shape[0]).permute(0, 3, 1, 2)
 
-    def apply(self, x, weight):
+    def transform(self, x, weight):
         return F.conv2d(x, self._kernel(weight), stride=self.stride)
 
     def adjoint(self, y, weight):
@@ -124,14 +132,14 @@ class DenseBank(FilterBank):
         self.reset_parameters()
         self.out_shape = (maps, 1, 1)
 
-    def apply(self, x, weight):
+    def transform(self, x, weight):
         return F.linear(x.flatten(1), weight)[:, :, None, None]
 
     def adjoint(self, y, weight):
         return (y.flatten(1) @ weight).view(-1, *self.in_shape)
 
 
-def _bank(config: LayerConfig, in_shape: Shape, seed: int) -> FilterBank:
+def _bank(config: LayerSpec, in_shape: Shape, seed: int) -> FilterBank:
     if config.kind == "local":
         return LocalBank(in_shape, config.maps, config.kernel, config.stride, seed)
     if config.kind == "conv":
@@ -144,7 +152,7 @@ class RICALayer(UnitInitialized):
     (cropped back to ``x``'s size). Rows are normalized in the forward pass as in
     terabrain.nn.autoencoder.RICA, and kept at unit norm after every step (``normalize_``)."""
 
-    def __init__(self, config: LayerConfig, in_shape: Shape, seed: Optional[int] = None):
+    def __init__(self, config: LayerSpec, in_shape: Shape, seed: Optional[int] = None):
         super().__init__()
         self.init_seed = _draw_seed(seed)
         self.in_shape = tuple(in_shape)
@@ -176,12 +184,12 @@ class RICALayer(UnitInitialized):
         return F.pad(x, [before, after, before, after]) if before or after else x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha * self.encoder.apply(self._pad(x), _unit_rows(self.encoder.weight))
+        return self.alpha * self.encoder.transform(self._pad(x), unit_rows(self.encoder.weight))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encode(x)
         decoder = self.decoder or self.encoder
-        reconstruction = decoder.adjoint(codes, _unit_rows(decoder.weight))
+        reconstruction = decoder.adjoint(codes, unit_rows(decoder.weight))
         if any(self.padding):
             _, height, width = self.in_shape
             top = self.padding[0]
@@ -192,12 +200,12 @@ class RICALayer(UnitInitialized):
     def normalize_(self) -> None:
         for bank in self.banks():
             if bank.weight.device.type != "meta":
-                bank.weight.div_(bank.weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                normalize_rows_(bank.weight)
 
     def filters(self) -> torch.Tensor:
         """Every hidden unit's filter as a row (the encoder's): (kh, kw, C) order for local
         and conv layers, the input's (C, H, W) order for dense ones."""
-        weight = _unit_rows(self.encoder.weight.detach())
+        weight = unit_rows(self.encoder.weight.detach())
         return weight.reshape(-1, weight.shape[-1])
 
 
@@ -205,7 +213,7 @@ def _pooled(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
 
 
-def _post(config: LayerConfig, shape: Shape) -> tuple[nn.Module, Shape]:
+def _post(config: LayerSpec, shape: Shape) -> tuple[nn.Module, Shape]:
     """Pooling then LCN after a layer, and the shape that comes out."""
     steps: list[nn.Module] = []
     if config.pool is not None:
@@ -227,7 +235,7 @@ class DeepNetwork(UnitInitialized):
     terabrain.data produces — or image tensors (N, C, H, W).
     """
 
-    def __init__(self, layers: Sequence[LayerConfig], input_shape: Shape, seed: Optional[int] = None):
+    def __init__(self, layers: Sequence[LayerSpec], input_shape: Shape, seed: Optional[int] = None):
         super().__init__()
         self.init_seed = _draw_seed(seed)
         self.input_shape: Shape = tuple(input_shape)
@@ -302,7 +310,7 @@ class DeepNetwork(UnitInitialized):
         evenly spaced locations are shown, all maps of each."""
         layer = self.layers[0]
         channels = layer.in_shape[0]
-        weight = _unit_rows(layer.encoder.weight.detach())
+        weight = unit_rows(layer.encoder.weight.detach())
         if isinstance(layer.encoder, DenseBank):  # rows in the input's (C, H, W) order
             _, height, width = layer.in_shape
             rows = weight[:limit].view(-1, channels, height, width).permute(0, 2, 3, 1)

@@ -39,6 +39,7 @@ from torch import nn
 
 from terabrain.nn.autoencoder import UnitInitialized, _draw_seed
 from terabrain.nn.init import init_by_unit_
+from terabrain.nn.unit_rows import normalize_rows_
 
 DEFAULT_BLOCK_BYTES = None  # per device and thread count: see block_bytes_for
 
@@ -346,7 +347,7 @@ class LocallyConnected2d(UnitInitialized):
 
     @torch.no_grad()
     def normalize_(self) -> None:
-        self.weight.div_(self.weight.norm(dim=2, keepdim=True).clamp_min(1e-12))
+        normalize_rows_(self.weight)
 
     def filters(self) -> torch.Tensor:
         """One row per hidden unit (location-major), ``k * k * in_channels`` values each in

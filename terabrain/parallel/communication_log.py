@@ -8,14 +8,17 @@ and ``comm_saving``, how many times fewer bytes than an fp32 all-reduce of the s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from terabrain.hooks import Callback
 from terabrain.parallel.exchange import GradientExchange
 from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, local
-from terabrain.train.trainer import Callback, Trainer
+
+if TYPE_CHECKING:  # annotations only: parallel does not import the training loop
+    from terabrain.train.trainer import Trainer
 
 
 class CommunicationLog(Callback):

@@ -14,12 +14,17 @@ replica 0's parameters and optimizer state (the replicas' copies differ there): 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
+from terabrain.hooks import Callback
 from terabrain.parallel.exchange import all_reduce_bytes
 from terabrain.parallel.parallelism import Parallelism, local
-from terabrain.train.trainer import Callback, Trainer
+
+if TYPE_CHECKING:  # annotations only: parallel does not import the training loop
+    from terabrain.train.trainer import Trainer
 
 
 class LocalSGD(Callback):

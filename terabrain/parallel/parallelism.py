@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
-from terabrain.config.schema import ParallelConfig
+from terabrain.config.sections import ParallelConfig
 from terabrain.parallel.compressors import build_compressor
 from terabrain.parallel.data_parallel import DataParallel
 from terabrain.parallel.exchange import GradientExchange, all_reduce_bytes

@@ -1,6 +1,5 @@
-"""LCN and pooling on maps split by rows across the model axis: the one implementation both
-spatial plans use (``partition_spatially`` for plain stacks, ``partition_network`` for
-DeepNetwork training).
+"""LCN and pooling on maps split by rows across the model axis, as the spatial plan
+(``terabrain.parallel.spatial_network.partition_network``) uses them after its layers.
 
 A map's layout is its row blocks, ``owned[i] = (start, stop)`` for rank ``i``, tiling rows
 ``0 .. height`` in rank order; tensors are batch-first ``(N, C, rows, W)`` (the halo
@@ -34,7 +33,6 @@ from terabrain.nn.pooling import L2Pool2d
 from terabrain.parallel.halo import Rows, exchange_plan, gather_halo, split_evenly, tiled_height
 
 POOLING = (L2Pool2d, nn.MaxPool2d, nn.AvgPool2d)
-ROW_SPLIT_STEPS = (LocalContrastNorm, *POOLING)  # what ``row_split`` splits
 
 
 class Axis:

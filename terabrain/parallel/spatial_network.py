@@ -11,9 +11,8 @@ and leaves the model code as it is. Every map between layers is split by rows in
   fields read come from their owners, and the reconstruction's partial sums on halo rows go
   back to them (``spatial.gather_halo`` / ``scatter_add_halo``); its input-shaped bias is
   split like its input;
-- pooling and LCN are terabrain/parallel/row_split.py's (shared with
-  ``partition_spatially``): pooling reads a halo of ``kernel - stride`` rows (its output
-  rows split evenly); LCN reads ``2 (kernel // 2)`` rows on each side (two nested Gaussian
+- pooling and LCN are terabrain/parallel/row_split.py's: pooling reads a halo of
+  ``kernel - stride`` rows (its output rows split evenly); LCN reads ``2 (kernel // 2)`` rows on each side (two nested Gaussian
   windows) and all-reduces its per-image mean spread;
 - a dense layer (the top layer only) is split by hidden unit: it all-gathers its input,
   computes its units' codes, and reduces its partial reconstruction to each rank's rows;
@@ -21,8 +20,8 @@ and leaves the model code as it is. Every map between layers is split by rows in
   gradient sum; use parallel.data).
 
 The RICA loss of a layer, a sum over every position, is a sum over ranks of each rank's
-part: ``SpatialLayerwiseObjective`` all-reduces it (backward: identity, each rank seeds its
-own part), replicated ``alpha`` has its gradient summed over the model axis, and row-split
+part: ``sum_of_parts`` all-reduces it (backward: identity, each rank seeds its own part;
+terabrain.learners.layerwise.SpatialLayerwiseObjective uses it), replicated ``alpha`` has its gradient summed over the model axis, and row-split
 parameters keep their own gradients. Parameters are plain local tensors; checkpoints see
 them as ``row_state.RowShard`` (true offsets), so DCP saves every rank's block and reloads
 on any split or on one process.
@@ -40,8 +39,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.errors import ConfigError
-from terabrain.nn.deep import DeepNetwork, DenseBank, LocalBank, RICALayer, _unit_rows
+from terabrain.nn.deep import DeepNetwork, DenseBank, LocalBank, RICALayer
 from terabrain.nn.local import locally_connected, locally_connected_transpose
+from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 from terabrain.parallel.parallelism import local
 from terabrain.parallel.row_split import Axis, row_split
 from terabrain.parallel.row_state import RowShard
@@ -49,7 +49,6 @@ from terabrain.parallel.spatial import (
     RowBlock, Rows, gather_halo, gather_rows, row_partition, rows_of_parameter,
     scatter_add_halo, split_evenly,
 )
-from terabrain.train.layerwise import LayerwiseObjective
 
 
 # --- collectives with their gradients ---------------------------------------------------------
@@ -188,11 +187,11 @@ class _SplitLayer(nn.Module):
     @torch.no_grad()
     def normalize_(self) -> None:
         for weight in self._weights():
-            weight.div_(weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            normalize_rows_(weight)
 
     def filters(self) -> torch.Tensor:
         """This rank's units' filters, one per row."""
-        weight = _unit_rows(self._weights()[0].detach())
+        weight = unit_rows(self._weights()[0].detach())
         return weight.reshape(-1, weight.shape[-1])
 
 
@@ -253,14 +252,14 @@ class RowSplitLocalLayer(_SplitLayer):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         needed = gather_halo(self._pad(x), self.block, self.axis.group)
-        codes = locally_connected(needed, _unit_rows(self.encoder.layer.weight), self.kernel_size,
+        codes = locally_connected(needed, unit_rows(self.encoder.layer.weight), self.kernel_size,
                                   self.stride, (self.output_rows, self.out_width), self.block_bytes)
         return self.alpha_summed() * codes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encode(x)
         decoder = self.encoder if self.tied else self.decoder
-        needed = locally_connected_transpose(codes, _unit_rows(decoder.layer.weight),
+        needed = locally_connected_transpose(codes, unit_rows(decoder.layer.weight),
                                              self.kernel_size, self.stride, self._needed_size,
                                              self.block_bytes)
         owned = scatter_add_halo(needed, self.block, self.axis.group)
@@ -298,13 +297,13 @@ class UnitSplitDenseLayer(_SplitLayer):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         whole = _GatherRows.apply(x, self.input_blocks, self.axis)
-        codes = F.linear(whole.flatten(1), _unit_rows(self.encoder.weight))[:, :, None, None]
+        codes = F.linear(whole.flatten(1), unit_rows(self.encoder.weight))[:, :, None, None]
         return self.alpha_summed() * codes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encode(x)
         decoder = self.encoder if self.tied else self.decoder
-        partial = (codes.flatten(1) @ _unit_rows(decoder.weight)).view(-1, *self.in_shape)
+        partial = (codes.flatten(1) @ unit_rows(decoder.weight)).view(-1, *self.in_shape)
         return codes, _ReduceToRows.apply(partial, self.input_blocks, self.axis) + self.bias
 
 
@@ -378,20 +377,10 @@ def model_axis(network: DeepNetwork) -> Optional[Axis]:
     return layer.axis if isinstance(layer, _SplitLayer) else None
 
 
-class SpatialLayerwiseObjective(LayerwiseObjective):
-    """Layer-wise RICA on a split network: each rank's loss over its rows and units, summed
-    over the model axis (so are the logged parts)."""
-
-    def __call__(self, model, x: torch.Tensor, y: Optional[torch.Tensor] = None):
-        network = model.network
-        axis = model_axis(network)
-        images = network.to_images(local(x))
-        start, stop = network.layers[0].owned_rows
-        total, parts = super().__call__(model, images[:, :, start:stop], y)
-        names = list(parts)
-        flat = torch.stack([parts[n].float() for n in names]) if names else total.new_zeros(0)
-        dist.all_reduce(flat, group=axis.group)
-        return _SumOfParts.apply(total, axis), {n: flat[i] for i, n in enumerate(names)}
+def sum_of_parts(part: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """The sum over the model axis of every rank's ``part`` of a loss (forward); backward is
+    the identity, since each rank differentiates its own part."""
+    return _SumOfParts.apply(part, axis)
 
 
 def whole_tensor_count(network: DeepNetwork) -> int:

@@ -18,9 +18,10 @@ import torch
 
 from terabrain.errors import TrainingError
 from terabrain.files import write_text_atomically
+from terabrain.hooks import Callback, Plateau
 from terabrain.parallel.parallelism import local
 from terabrain.train.checkpoint import CheckpointManager
-from terabrain.train.trainer import Callback, Trainer
+from terabrain.train.trainer import Trainer
 
 
 class MetricsLogger(Callback):
@@ -164,30 +165,6 @@ class NaNGuard(Callback):
             f"loss became {metrics['loss']} at step {step}; stopping. {where}. "
             "Lower optimizer.lr or check the data for NaN/Inf values."
         )
-
-
-class Plateau:
-    """Counts logged losses that failed to improve on the best by ``min_delta`` (relative)."""
-
-    def __init__(self, patience: int, min_delta: float):
-        self.patience = patience
-        self.min_delta = min_delta
-        self.best = math.inf
-        self.waited = 0
-
-    def update(self, loss: float) -> bool:
-        """Records ``loss``; True once ``patience`` losses in a row brought no progress."""
-        if loss < self.best - self.min_delta * abs(self.best if math.isfinite(self.best) else 0):
-            self.best, self.waited = loss, 0
-        else:
-            self.waited += 1
-        return bool(self.patience) and self.waited >= self.patience
-
-    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor(self.best, dtype=torch.float64), torch.tensor(self.waited)
-
-    def load(self, best: torch.Tensor, waited: torch.Tensor) -> None:
-        self.best, self.waited = float(best), int(waited)
 
 
 class EarlyStopping(Callback):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor import empty as dtensor_empty
 
-from terabrain.config.schema import OptimizerConfig
+from terabrain.config.sections import OptimizerConfig
 from terabrain.parallel.row_state import RowShard
 
 

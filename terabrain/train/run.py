@@ -38,7 +38,7 @@ from terabrain.learners.registry import learner_of
 from terabrain.nn.autoencoder import SupervisedHead
 from terabrain.objectives import build_supervised_objective
 from terabrain.parallel.communication_log import communication_callbacks
-from terabrain.parallel.hogwild import fit_hogwild
+from terabrain.train.hogwild import fit_hogwild
 from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.train import callbacks as cb

@@ -16,6 +16,7 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
+from terabrain.hooks import Callback  # the loop's hooks, defined where plans can import them
 from terabrain.objectives import Objective
 from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.train.optim import load_optimizer_state_tensors, optimizer_state_tensors
@@ -66,21 +67,6 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def close(self) -> None: ...
-
-
-class Callback:
-    """Hooks into the loop. ``state_dict`` returns tensors to checkpoint, if any."""
-
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-
-    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None: ...
-
-    def on_train_end(self, trainer: "Trainer") -> None: ...
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass

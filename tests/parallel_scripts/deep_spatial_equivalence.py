@@ -24,14 +24,16 @@ import torch.distributed as dist
 
 from terabrain.config.schema import LayerConfig
 from terabrain.errors import ConfigError
+from terabrain.learners.layerwise import (
+    LayerSchedule, LayerwiseModel, LayerwiseObjective, SpatialLayerwiseObjective,
+)
 from terabrain.nn.deep import DeepNetwork
 from terabrain.parallel import (
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
 from terabrain.parallel.parallelism import Parallelism, full
-from terabrain.parallel.spatial_network import SpatialLayerwiseObjective, partition_network
+from terabrain.parallel.spatial_network import partition_network
 from terabrain.train.checkpoint import CheckpointManager, restore
-from terabrain.train.layerwise import LayerSchedule, LayerwiseModel, LayerwiseObjective
 from terabrain.train.trainer import Callback, Trainer
 
 SHAPE = (3, 28, 28)

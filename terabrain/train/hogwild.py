@@ -78,7 +78,7 @@ def fit_hogwild(trainer: Trainer, workers: int) -> None:
     # once (not from this one, whose OpenMP thread pool a fork would copy in a broken state),
     # so N workers cost one interpreter start, not N.
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["terabrain.parallel.hogwild"])
+    context.set_forkserver_preload(["terabrain.train.hogwild"])
     reports = context.Queue()
     stop = context.Event()
     threads = max(1, torch.get_num_threads() // workers)

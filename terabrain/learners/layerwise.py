@@ -19,20 +19,28 @@ gradient of the summed losses is each layer's own gradient: with a per-parameter
 
 Everything the schedule decides is in its checkpointed state and the forward copies are
 part of the model's state, so a resumed run continues exactly.
+
+On a network split by rows across the model axis (terabrain.parallel.spatial_network),
+``SpatialLayerwiseObjective`` sums each rank's part of the losses over that axis.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from terabrain.hooks import Callback, Plateau
 from terabrain.nn.deep import DeepNetwork
 from terabrain.objectives import Objective, rica_loss
-from terabrain.train.callbacks import Plateau
-from terabrain.train.trainer import Callback, Trainer
+from terabrain.parallel.parallelism import local
+from terabrain.parallel.spatial_network import model_axis, sum_of_parts
+
+if TYPE_CHECKING:  # annotations only: learners do not import the training loop
+    from terabrain.train.trainer import Trainer
 
 
 class LayerwiseModel(nn.Module):
@@ -181,3 +189,19 @@ class LayerwiseObjective(Objective):
 
     def after_step(self, model: LayerwiseModel) -> None:
         model.network.normalize_()
+
+
+class SpatialLayerwiseObjective(LayerwiseObjective):
+    """Layer-wise RICA on a split network: each rank's loss over its rows and units, summed
+    over the model axis (so are the logged parts)."""
+
+    def __call__(self, model, x: torch.Tensor, y: Optional[torch.Tensor] = None):
+        network = model.network
+        axis = model_axis(network)
+        images = network.to_images(local(x))
+        start, stop = network.layers[0].owned_rows
+        total, parts = super().__call__(model, images[:, :, start:stop], y)
+        names = list(parts)
+        flat = torch.stack([parts[n].float() for n in names]) if names else total.new_zeros(0)
+        dist.all_reduce(flat, group=axis.group)
+        return sum_of_parts(total, axis), {n: flat[i] for i, n in enumerate(names)}
