@@ -30,7 +30,7 @@ from terabrain.data.affine import ShardAffineOrder
 from terabrain.data.order import SampleOrder
 
 RANKS_PER_NODE = 8
-LOCAL_BATCH = 192 // 8  # seed 000's 192-image batches, split over a node's 8 ranks
+LOCAL_BATCH = 192 // 8  # Ni et al. 2015's 192-image batches, split over a node's 8 ranks
 
 
 def modelled_pack(images: int, shard_bytes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ def rica_loss(
     codes: torch.Tensor, reconstruction: torch.Tensor, x: torch.Tensor,
     sparsity_weight: float, epsilon: float,
 ) -> tuple[torch.Tensor, Parts]:
-    """Seed 000, eq. 1, per example and averaged over the batch; any shapes (images too):
+    """Ni et al. 2015, eq. 1, per example and averaged over the batch; any shapes (images too):
     everything but the batch dimension is summed."""
     error = _squared_error(reconstruction.flatten(1), x.flatten(1))
     sparsity = torch.sqrt(codes.float().flatten(1).pow(2) + epsilon).sum(dim=1).mean()
@@ -47,7 +47,7 @@ def rica_loss(
 
 
 class RICAObjective(Objective):
-    """Seed 000, eq. 1: ``||W^T(alpha W x) + b - x||^2 + lambda sum_j sqrt((alpha W x)_j^2
+    """Ni et al. 2015, eq. 1: ``||W^T(alpha W x) + b - x||^2 + lambda sum_j sqrt((alpha W x)_j^2
     + eps)`` subject to unit-norm rows of W. The square root is the smooth L1 penalty of
     Le et al. (2011); ``eps`` makes it differentiable at zero."""
 

@@ -40,7 +40,7 @@ def test_seed_000_centre_scale_and_crop():
     small = decode(_png(tall), "tall.png", ImageSpec(crop=300, size=32, color=True))
     assert small.shape == (32, 32, 3)
     assert small[..., 0].min() > 0.99 and small[..., 1].max() < 0.01
-    # Small images are scaled up to the crop size (seed 000: the smaller side becomes 300).
+    # Small images are scaled up to the crop size (Ni et al. 2015: the smaller side becomes 300).
     assert decode(image_bytes(5, size=(40, 30)), "tiny.png", ImageSpec(crop=300)).shape == (300, 300)
 
 

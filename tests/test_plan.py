@@ -1,4 +1,4 @@
-"""`terabrain plan`: parameter counts of the LBANN autoencoders (seed 001) without allocating
+"""`terabrain plan`: parameter counts of the LBANN autoencoders (Van Essen et al. 2015) without allocating
 them, memory per rank and bytes sent per step for each (data, model) split, the CLI, and the
 small LBANN variant actually training.
 

@@ -11,9 +11,9 @@ from terabrain.learners.deep_capacity import layer_table
 
 
 @pytest.mark.parametrize("name, seed_count", [
-    ("yfcc-15b", 15e9),   # seed 000
-    ("le2012-1b", 1e9),   # Le et al. 2012, as quoted by seeds 000 and 003
-    ("cots-11b", 11.2e9),  # seed 003
+    ("yfcc-15b", 15e9),   # Ni et al. 2015
+    ("le2012-1b", 1e9),   # Le et al. 2012, as quoted by Ni et al. 2015 and Coates et al. 2013
+    ("cots-11b", 11.2e9),  # Coates et al. 2013
 ])
 def test_seed_networks_have_the_seeds_parameter_counts(name, seed_count):
     plan = plan_experiment(load_experiment(name), devices=64, device_memory=80 * 10**9)

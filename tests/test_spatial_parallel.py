@@ -10,7 +10,7 @@ from terabrain.parallel.spatial import halo_bytes, row_partition
 
 
 def test_row_blocks_cover_every_output_row_and_halos_are_what_fields_read():
-    # Seed 000 layer 1 geometry at 300 x 300: 72 output rows, fields 16 rows, stride 4.
+    # Ni et al. 2015 layer 1 geometry at 300 x 300: 72 output rows, fields 16 rows, stride 4.
     blocks = row_partition(300, 16, 4, 5)
     assert [b.output_rows for b in blocks] == [(0, 15), (15, 30), (30, 44), (44, 58), (58, 72)]
     assert blocks[0].owned_rows == (0, 60) and blocks[-1].owned_rows == (232, 300)

@@ -1,4 +1,4 @@
-"""The best-single-neuron test of Le et al. 2012 (seed 003's table: faces 88.2% against 64.7%
+"""The best-single-neuron test of Le et al. 2012 (Coates et al. 2013's table: faces 88.2% against 64.7%
 for guessing and 64.8% for a random network).
 
 Every neuron's activation is thresholded at ``count`` evenly spaced values between its

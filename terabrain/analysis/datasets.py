@@ -94,7 +94,7 @@ def load_analysis_data(name: str, run=None, max_examples: Optional[int] = None,
         data = AnalysisData(name, Split(prepared.train_x.numpy(), train_y),
                             Split(prepared.holdout_x.numpy(), test_y), preprocessed=True,
                             description="the run's own held-out examples, preprocessed as "
-                            "in training (shown whitened, as in seed 000 fig. 5)")
+                            "in training (shown whitened, as in Ni et al. 2015 fig. 5)")
     else:
         raise ConfigError(f"--data {name!r}; allowed: {', '.join(DATA_SETS)}")
     data.train = _subsample(data.train, max_examples, seed)

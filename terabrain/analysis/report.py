@@ -224,7 +224,7 @@ def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions(),
             "among inputs with the norm of its best stimulus, found by projected gradient "
             f"ascent on that sphere ({options.maximize_steps} steps from a random input), so "
             "its activation can be compared with the top stimulus's. "
-            + ("Stimuli are shown as the model sees them (whitened), as in seed 000 fig. 5."
+            + ("Stimuli are shown as the model sees them (whitened), as in Ni et al. 2015 fig. 5."
                if signed_images else "Stimuli are shown as images (before preprocessing).")),
         Picture("top_stimuli.png", "rows: neurons, best stimulus first, activation under each; "
                 "right: optimal stimulus"),
@@ -262,7 +262,7 @@ def _concept_section(document: Document, run: LoadedRun, options: AnalyzeOptions
         "discriminant of the model's input, computed with the labels of the selection split "
         "(its shrinkage chosen by a split of the selection split) and thresholded like a "
         "neuron: a supervised baseline, unlike the others. Random network: the same architecture with "
-        f"random weights, mean over {options.random_networks} seeds. Seed 003 (Le et al., "
+        f"random weights, mean over {options.random_networks} seeds. Coates et al. 2013 (Le et al., "
         "reproduced by Coates et al.): faces 88.2% against 64.7% guessing and 64.8% random."))
     table = []
     for row, _, _ in concept_rows:

@@ -23,7 +23,7 @@ class Section(BaseModel):
 
 
 class LCNConfig(Section):
-    """Local contrast normalization (seed 000; Jarrett et al. 2009): subtract a Gaussian-
+    """Local contrast normalization (Ni et al. 2015; Jarrett et al. 2009): subtract a Gaussian-
     weighted local mean, divide by the local standard deviation."""
 
     kernel: PositiveInt = Field(9, description="Side of the Gaussian window, in positions.")

@@ -34,7 +34,7 @@ class BadSample(TrainingError):
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What every decoded image becomes: ``crop`` x ``crop`` (seed 000: 300), then
+    """What every decoded image becomes: ``crop`` x ``crop`` (Ni et al. 2015: 300), then
     ``size`` x ``size`` if set, grey (H, W) or colour (H, W, 3), float32 in [0, 1]."""
 
     crop: int = 300

@@ -2,7 +2,7 @@
 
 Plain order: a fresh permutation of all examples every epoch (the same generator as the
 in-memory ``BatchOrder``, so a streamed array and an in-memory one give the same batches).
-Block order (seed 000: blocks of 960 images, five mini-batches of 192): the collection is
+Block order (Ni et al. 2015: blocks of 960 images, five mini-batches of 192): the collection is
 cut into consecutive blocks, the blocks are visited in a random order and the examples of
 a block are shuffled among themselves. Reading a block touches a short stretch of one or two
 shards, which is what makes it fast on a parallel file system.

@@ -1,8 +1,8 @@
-"""Layer-wise training of a deep network: greedy, and pipelined as in seed 000, section 3.1.
+"""Layer-wise training of a deep network: greedy, and pipelined as in Ni et al. 2015, section 3.1.
 
 Each Trainer step trains every *active* layer once on the same batch. An active layer's
 input is what the layers below it produce through their *forward copies* — separate, frozen
-instances of those layers, refreshed from the weights being trained (seed 000 runs "two
+instances of those layers, refreshed from the weights being trained (Ni et al. 2015 runs "two
 instances of layer L: one which continues training and one that uses up-to-date parameters
 to forward propagate data ... periodically synchronized"). Inputs are detached, so the
 gradient of the summed losses is each layer's own gradient: with a per-parameter optimizer

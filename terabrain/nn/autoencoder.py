@@ -55,7 +55,7 @@ _ACTIVATIONS = {
 
 
 class RICA(UnitInitialized):
-    """Reconstruction ICA with scale and offset (seed 000, eq. 1):
+    """Reconstruction ICA with scale and offset (Ni et al. 2015, eq. 1):
     codes ``h = alpha W x``, reconstruction ``W^T h + b``, rows of ``W`` of unit norm.
 
     The forward pass uses ``W`` with each row divided by its norm. The stored rows are kept

@@ -1,12 +1,12 @@
 """Deep unsupervised networks: a stack of RICA layers on images, each followed by optional
-pooling and local contrast normalization (seed 000's 3-layer network, the 9-layer network
-of Le et al. 2012, the COTS-HPC networks of seed 003).
+pooling and local contrast normalization (Ni et al. 2015's 3-layer network, the 9-layer network
+of Le et al. 2012, the COTS-HPC networks of Coates et al. 2013).
 
 A layer is one of
 - local: untied locally connected filters (terabrain.nn.local), the seeds' choice;
 - conv: the same filters shared over positions (torch's conv2d);
 - dense: fully connected on the flattened input.
-Every layer is RICA (seed 000, eq. 1): codes ``alpha W x`` with W's rows (one per hidden
+Every layer is RICA (Ni et al. 2015, eq. 1): codes ``alpha W x`` with W's rows (one per hidden
 unit) of unit norm, reconstruction ``D^T codes + b`` with ``D = W`` (tied) or a separate
 decoder (untied, as Le et al.). Nothing here knows how it is trained (terabrain.learners.
 layerwise) or split over ranks (terabrain.parallel).

@@ -1,7 +1,7 @@
-"""The untied locally connected layer of seeds 000 and 003: every output location has its own
+"""The untied locally connected layer of Ni et al. 2015 and Coates et al. 2013: every output location has its own
 filters over its own k x k receptive field (no weight sharing, no padding).
 
-How it is computed (seed 003, "small dense multiplies"): the ``F = out_channels`` units at
+How it is computed (Coates et al. 2013, "small dense multiplies"): the ``F = out_channels`` units at
 one location share a receptive field, so a location is one dense GEMM
 ``(F, K) @ (K, N)`` with ``K = k k C``, and a block of locations is one batched GEMM
 ``(L, F, K) @ (L, K, N)``. Neither a loop over locations in Python nor a dense masked

@@ -1,4 +1,4 @@
-"""Local contrast normalization (Jarrett et al. 2009; after every layer in seed 000 and in
+"""Local contrast normalization (Jarrett et al. 2009; after every layer in Ni et al. 2015 and in
 Le et al. 2012): subtract a Gaussian-weighted local mean taken across all channels, then
 divide by the Gaussian-weighted local standard deviation, never by less than its mean over
 the image (so flat regions are not blown up to unit contrast).

@@ -1,5 +1,5 @@
 """Rows of a map split across the ranks of the model axis, and the halo exchange between
-them: seed 003's "distributed array" for maps split by rows.
+them: Coates et al. 2013's "distributed array" for maps split by rows.
 
 Each rank holds a contiguous block of rows (``owned``) and reads a possibly larger block
 (``needed``): the rows of its own plus a *halo* owned by neighbours. ``exchange_plan`` says

@@ -1,13 +1,13 @@
 """Model-parallel plans: which parameters are split across the model axis, and how.
 
 The fully connected feature learners are split by hidden unit, the "distributed array" of
-seed 003 and the distributed matrices of seed 001: each rank of a model group holds the rows
+Coates et al. 2013 and the distributed matrices of Van Essen et al. 2015: each rank of a model group holds the rows
 of W for its share of the hidden units (and the matching columns of an untied decoder).
 Each rank computes its hidden units' codes from the full input; the reconstruction,
 a sum over hidden units, is a partial sum on each rank and is all-reduced across the model
 axis. Per step and rank that sends O(batch x inputs) for the reconstruction plus O(batch)
 scalars for sums over hidden units (the sparsity penalty) — the O(batch x (inputs + hidden))
-of seed 003 at most, and never the weights.
+of Coates et al. 2013 at most, and never the weights.
 
 Why DTensor (rather than hand-written collectives in autograd): the model and objective code
 stay exactly the code a single process runs — DTensor propagates the sharding through

@@ -1,4 +1,4 @@
-"""Spatial model parallelism for locally connected layers: seed 003's "distributed array".
+"""Spatial model parallelism for locally connected layers: Coates et al. 2013's "distributed array".
 
 A locally connected layer's ``Ho`` output rows are split into contiguous blocks, one per rank
 of the model axis; each rank holds the filters of its rows' locations only (no weight is
@@ -16,13 +16,13 @@ terabrain/parallel/halo.py with the exchange itself) so a planner can count rows
 without a process group; this module is that API, plus ``rows_of_parameter`` (a layer's
 slice of rows, created where it lives). The plan that applies it to a network is
 ``terabrain.parallel.spatial_network.partition_network``: each local layer becomes this
-rank's block of rows, and each pooling and ``LocalContrastNorm`` step (seed 000 normalises
+rank's block of rows, and each pooling and ``LocalContrastNorm`` step (Ni et al. 2015 normalises
 after every layer) its row-split version (terabrain/parallel/row_split.py) on the rows the
 layers hand on; the model code is unchanged.
 
 Per layer and forward pass a rank receives ``N C W (k - s)`` values (one halo) and sends as
 many, against ``N C W H / P`` values of its own input; the backward pass moves the same
-amount back. For seed 000's first layer (k 16, s 4) that is 12 input rows per block.
+amount back. For Ni et al. 2015's first layer (k 16, s 4) that is 12 input rows per block.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hogwild (Recht et al. 2011; seed 004's first approach): ``parallel.workers`` processes on
+"""Hogwild (Recht et al. 2011; Noel 2015's first approach): ``parallel.workers`` processes on
 one machine update one copy of the parameters in shared memory, without locks.
 
 The model's parameters and the training data are moved to shared memory
@@ -12,7 +12,7 @@ it receives each worker's loss, counts updates as steps and runs the usual callb
 When it helps: Hogwild's convergence guarantee assumes sparse updates, where two workers
 rarely write the same parameter. The dense layers trained here are not sparse: every update
 writes every weight, so concurrent updates overwrite each other and the gain over one process
-is bounded by the machine's memory bandwidth (seed 004: it "plateaus with core counts").
+is bounded by the machine's memory bandwidth (Noel 2015: it "plateaus with core counts").
 Each worker's optimizer state (momentum, Adam's moments) is its own and is not checkpointed:
 a resumed Hogwild run restarts those from zero.
 """

@@ -148,7 +148,7 @@ def check_network(what, layers, shape, mesh, group):
 
 
 def check_stack(mesh, group):
-    """Layer, L2 pooling, LCN, layer, L2 pooling (stride 2), LCN (seeds 000 and Le et al.
+    """Layer, L2 pooling, LCN, layer, L2 pooling (stride 2), LCN (Ni et al. 2015 and Le et al.
     2012)."""
     torch.manual_seed(1)
     layers = [LayerConfig(kind="local", maps=3, kernel=4, stride=2,
