@@ -6,7 +6,7 @@ other source's settings), whether it is streamed or held in memory, whether it h
 the shape of one example, how many training rows it has and the bytes the trainer keeps
 (what `terabrain plan` counts), and its loader: ``load`` for in-memory sources, ``catalog``
 for streamed image collections. The preprocessing after loading (mean removal, LCN, ZCA) is
-common to all and lives in terabrain.data.prepare / terabrain.data.streaming.
+common to all and lives in terabrain.data.prepare / terabrain.data.streamed_source.
 
 Adding a source is one section class, one ``DataSource`` subclass and one line in
 ``SOURCES``.
@@ -373,7 +373,7 @@ class DataSource:
     def catalog(self, config: DataSection) -> "Catalog":
         raise NotImplementedError(f"data.source {self.name} has no image catalog")
 
-    # Streamed sources (terabrain.data.streaming reads them while training runs).
+    # Streamed sources (terabrain.data.streamed_source reads them while training runs).
 
     def stream_catalog(self, config: DataSection) -> Optional["Catalog"]:
         """The listing of a streamed image collection (None for arrays)."""
