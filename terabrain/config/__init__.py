@@ -1,4 +1,6 @@
-from terabrain.config.loader import load_experiment, to_yaml
-from terabrain.config.schema import ExperimentConfig
+"""Experiment configuration: the shared sections (``sections``), the assembled schema
+(``schema``), loading with overrides (``loader``) and the generated reference (``reference``).
 
-__all__ = ["ExperimentConfig", "load_experiment", "to_yaml"]
+Nothing is imported here: ``terabrain.config.sections`` is imported by the learners and the
+data sources, which the schema in turn assembles, so the package itself must stay empty.
+"""
