@@ -84,9 +84,9 @@ def test_pack_refuses_an_existing_pack_and_bad_sizes(packed, capsys):
 @pytest.mark.parametrize("overrides, named", [
     (["data.source=folder"], "data.root is required"),
     (["data.source=folder", "data.root=/nonexistent/images"], "data.root: not a directory"),
-    (["data.on_error=ignore"], "data.on_error: got 'ignore'; allowed: 'skip' or 'fail'"),
+    (["data.source=folder", "data.root=IMAGES", "data.on_error=ignore"], "data.on_error: got 'ignore'; allowed: 'skip' or 'fail'"),
     (["data.source=shards", "data.root=SHARDS", "data.block_size=10"], "data.block_size (10) must be a multiple"),
-    (["data.source=folder", "data.root=IMAGES", "data.stage_dir=/tmp/x"], "data.stage_dir works with data.source shards"),
+    (["data.source=folder", "data.root=IMAGES", "data.stage_dir=/tmp/x"], "data.stage_dir is not a field of data.source=folder"),
     (["data.source=shards", "data.root=SHARDS", "train.batch_size=null"], "train.batch_size: a streamed collection needs"),
     (["data.source=shards", "data.root=SHARDS", "data.stage_wait=true"], "data.stage_wait needs data.stage_dir"),
 ])

@@ -95,6 +95,11 @@ def format_validation_error(error: ValidationError) -> str:
     for item in error.errors():
         location = ".".join(str(part) for part in _user_path(item["loc"]))
         message = item["msg"].removeprefix("Value error, ")
+        loc = item["loc"]
+        if item["type"] == "missing" and len(loc) > 2 and loc[0] in _UNION_SECTIONS:
+            tag = "source" if loc[0] == "data" else "kind"
+            lines.append(f"{location} is required when {loc[0]}.{tag} is {loc[1]}")
+            continue
         if item["type"] == "union_tag_invalid":
             context = item.get("ctx", {})
             location = f"{location}.{context.get('discriminator', '').strip(chr(39))}"
