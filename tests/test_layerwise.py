@@ -84,9 +84,11 @@ def test_pipelined_run_resumes_exactly(tmp_path, monkeypatch):
 
 def test_deep_stack_fine_tunes_with_a_classifier(tmp_path):
     config = load_experiment("digits-sae", [
-        "model.kind=deep", "objective.kind=rica", "optimizer.name=adam", "optimizer.lr=0.01",
+        # Whole sections: digits-sae's autoencoder fields do not belong to a deep model.
+        'model={kind: deep, layers: [{kind: local, maps: 8, kernel: 4, stride: 2}, '
+        '{kind: dense, maps: 32}]}',
+        "objective={kind: rica}", "optimizer.name=adam", "optimizer.lr=0.01",
         "data.remove_mean=false", "data.whitening=none",
-        'model.layers=[{kind: local, maps: 8, kernel: 4, stride: 2}, {kind: dense, maps: 32}]',
         "train.steps=20", "train.batch_size=128", "train.progress=false",
         "supervised.fine_tune=true", "supervised.train.steps=150", "supervised.train.progress=false",
     ])
