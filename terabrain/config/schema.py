@@ -23,11 +23,10 @@ from terabrain.data.sources import DEFAULT_SOURCE, SOURCES, DataConfig, source_o
 from terabrain.learners.deep import LayerConfig, PoolConfig  # noqa: F401  (re-exported)
 from terabrain.learners.registry import DEFAULT_KIND, LEARNERS, ModelConfig, learner_of
 
-# Fields an earlier layout kept in another section: old path -> new path. A file written for
-# that layout still loads (the value moves); `terabrain show` prints the new layout.
-MOVED = {("train", "schedule"): ("model", "schedule"),
-         ("train", "start_after"): ("model", "start_after"),
-         ("train", "sync_every"): ("model", "sync_every")}
+# Fields an earlier layout kept in the train section: they belong to the model kind named
+# here. A file written for that layout still loads (the value moves into the model section);
+# `terabrain show` prints the new layout.
+MOVED_FROM_TRAIN = {"schedule": "deep", "start_after": "deep", "sync_every": "deep"}
 
 
 class ExperimentConfig(Section):
@@ -103,18 +102,16 @@ def _field_defaults(sections) -> dict[str, list[Any]]:
 
 
 def _section_fields(
-    raw: dict[str, Any], section: str, tag: str, variants: dict[str, type[Section]], default: str,
+    raw: dict[str, Any], section: str, tag: str, variants: dict[str, type[Section]],
 ) -> None:
     """Check ``raw[section]`` against the variant its ``tag`` names. A field of another
     variant is refused with one line; one that still has its default value (as the files of
     the earlier, single-section layout wrote every field) is dropped."""
     body = raw.get(section)
-    if body is None:
-        return
     if not isinstance(body, dict):
-        return  # pydantic reports the type
-    chosen = body.get(tag, default)
-    if chosen not in variants:
+        return  # absent (the default), or pydantic reports the type
+    chosen = body.get(tag)  # _own_fields has filled in the default
+    if not isinstance(chosen, str) or chosen not in variants:
         return  # pydantic reports the allowed values
     own = variants[chosen].model_fields
     others = _field_defaults(v for k, v in variants.items() if k != chosen)
@@ -142,21 +139,21 @@ def _own_fields(raw: dict[str, Any]) -> dict[str, Any]:
     for section in ("model", "data", "objective", "train"):
         if isinstance(raw.get(section), dict):
             raw[section] = dict(raw[section])
-    for (old_section, name), (new_section, new_name) in MOVED.items():
-        body = raw.get(old_section)
-        if isinstance(body, dict) and name in body:
-            value = body.pop(name)
-            model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-            if model.get("kind", DEFAULT_KIND) == "deep":
-                model.setdefault(new_name, value)
-                raw["model"] = model
-            elif value not in (None, _moved_default(new_name)):
-                raise ValueError(f"{old_section}.{name} is now {new_section}.{new_name}, a field "
-                                 f"of model.kind=deep only")
+    train = raw.get("train")
+    for name, owner in MOVED_FROM_TRAIN.items():
+        if not isinstance(train, dict) or name not in train:
+            continue
+        value = train.pop(name)
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        if model.get("kind", DEFAULT_KIND) == owner:
+            model.setdefault(name, value)
+            raw["model"] = model
+        elif value not in (None, LEARNERS[owner].section.model_fields[name].default):
+            raise ValueError(f"train.{name} is now model.{name}, a field of model.kind={owner} only")
     model = raw.get("model")
     kind = model.get("kind", DEFAULT_KIND) if isinstance(model, dict) else DEFAULT_KIND
     objective = raw.get("objective")
-    if kind in LEARNERS and (objective is None or (isinstance(objective, dict)
+    if isinstance(kind, str) and kind in LEARNERS and (objective is None or (isinstance(objective, dict)
                                                    and objective.get("kind") is None)):
         objective = dict(objective or {})
         objective["kind"] = LEARNERS[kind].objectives[0]
@@ -165,13 +162,8 @@ def _own_fields(raw: dict[str, Any]) -> dict[str, Any]:
         model.setdefault("kind", DEFAULT_KIND)
     if isinstance(raw.get("data"), dict):
         raw["data"].setdefault("source", DEFAULT_SOURCE)
-    _section_fields(raw, "model", "kind", {k: v.section for k, v in LEARNERS.items()}, DEFAULT_KIND)
-    _section_fields(raw, "data", "source", {k: v.section for k, v in SOURCES.items()},
-                    DEFAULT_SOURCE)
+    _section_fields(raw, "model", "kind", {k: v.section for k, v in LEARNERS.items()})
+    _section_fields(raw, "data", "source", {k: v.section for k, v in SOURCES.items()})
     _section_fields(raw, "objective", "kind", {s.model_fields["kind"].default: s
-                                               for s in OBJECTIVE_SECTIONS}, "rica")
+                                               for s in OBJECTIVE_SECTIONS})
     return raw
-
-
-def _moved_default(name: str) -> Any:
-    return LEARNERS["deep"].section.model_fields[name].default

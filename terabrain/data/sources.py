@@ -318,19 +318,20 @@ class Loaded:
     labels: Optional[tuple[np.ndarray, np.ndarray]] = None
 
 
-def _held_out_split(rows: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    order = rng.permutation(rows)
-    test = max(1, int(round(rows * fraction)))
-    return order[test:], order[:test]
+def _test_rows(rows: int, fraction: float) -> int:
+    """Rows a labelled set keeps for testing: ``test_fraction`` of them, at least one."""
+    return max(1, int(round(rows * fraction)))
 
 
 def _training_rows(rows: int, fraction: float) -> int:
-    return rows - max(1, int(round(rows * fraction)))
+    return rows - _test_rows(rows, fraction)
 
 
 def _split_labelled(data: np.ndarray, labels: Optional[np.ndarray], shape: tuple[int, ...],
                     fraction: float, rng: np.random.Generator) -> Loaded:
-    train_rows, test_rows = _held_out_split(len(data), fraction, rng)
+    order = rng.permutation(len(data))
+    test = _test_rows(len(data), fraction)
+    train_rows, test_rows = order[test:], order[:test]
     split_labels = None if labels is None else (labels[train_rows], labels[test_rows])
     return Loaded(data[train_rows], data[test_rows], shape, split_labels)
 
@@ -370,13 +371,10 @@ class DataSource:
     def load(self, config: DataSection, rng: np.random.Generator) -> Loaded:
         raise NotImplementedError(f"data.source {self.name} is streamed")
 
-    def catalog(self, config: DataSection) -> "Catalog":
-        raise NotImplementedError(f"data.source {self.name} has no image catalog")
-
     # Streamed sources (terabrain.data.streamed_source reads them while training runs).
 
-    def stream_catalog(self, config: DataSection) -> Optional["Catalog"]:
-        """The listing of a streamed image collection (None for arrays)."""
+    def catalog(self, config: DataSection) -> Optional["Catalog"]:
+        """The listing of a streamed image collection (None for arrays and in-memory sets)."""
         return None
 
     def stream_reader(self, config: DataSection, seed: int, catalog: Optional["Catalog"]):
@@ -386,6 +384,14 @@ class DataSource:
     def location(self, config: DataSection) -> str:
         """Where a streamed collection lives, for messages."""
         return ""
+
+    def sample_order(self, config: DataSection) -> str:
+        """global (a shuffle of the whole collection) or shard_affine (shards only)."""
+        return "global"
+
+    def stage_dir(self, config: DataSection) -> Optional[Path]:
+        """The node-local directory a collection is staged into (shards only)."""
+        return None
 
 
 class PhotosSource(DataSource):
@@ -498,6 +504,11 @@ def open_npy(path: Path) -> np.ndarray:
     return array
 
 
+def _npy_example_shape(array: np.ndarray) -> tuple[int, ...]:
+    """(H, W[, C]) for an (N, H, W[, C]) array; (D,) for rows of plain vectors."""
+    return tuple(array.shape[1:]) if array.ndim > 2 else (array.shape[1],)
+
+
 class NpySource(DataSource):
     name, section = "npy", NpyData
 
@@ -508,8 +519,7 @@ class NpySource(DataSource):
         return config.stream
 
     def example_shape(self, config: NpyData) -> tuple[int, ...]:
-        shape = open_npy(config.path).shape
-        return tuple(shape[1:]) if len(shape) > 2 else (shape[1],)
+        return _npy_example_shape(open_npy(config.path))
 
     def training_rows(self, config: NpyData) -> Optional[int]:
         if config.stream:
@@ -526,7 +536,7 @@ class NpySource(DataSource):
 
     def load(self, config: NpyData, rng: np.random.Generator) -> Loaded:
         array = open_npy(config.path)
-        shape = tuple(array.shape[1:]) if array.ndim > 2 else (array.shape[1],)
+        shape = _npy_example_shape(array)
         data = np.asarray(array, dtype=np.float32).reshape(len(array), -1)
         labels = None
         if config.labels_path is not None:
@@ -551,9 +561,6 @@ class ImageCollectionSource(DataSource):
     def training_rows(self, config: ImageCollectionData) -> None:
         return None
 
-    def stream_catalog(self, config: ImageCollectionData) -> "Catalog":
-        return self.catalog(config)
-
     def stream_reader(self, config: ImageCollectionData, seed: int, catalog: "Catalog"):
         from terabrain.data.decode import ImageSpec
         from terabrain.data.examples import ImageExamples
@@ -576,6 +583,12 @@ class FolderSource(ImageCollectionSource):
 
 class ShardsSource(ImageCollectionSource):
     name, section = "shards", ShardsData
+
+    def sample_order(self, config: ShardsData) -> str:
+        return config.order
+
+    def stage_dir(self, config: ShardsData) -> Optional[Path]:
+        return config.stage_dir
 
     def catalog(self, config: ShardsData) -> "Catalog":
         from terabrain.data.catalogs import ShardCatalog

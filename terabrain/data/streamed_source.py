@@ -38,10 +38,6 @@ from terabrain.parallel.launch import LaunchEnv, detect_launch_env, is_main_rank
 MAX_WHITENING_DIM = 4096
 
 
-def is_streamed(config: DataSection) -> bool:
-    return source_of(config).streamed(config)
-
-
 class RowTransform:
     """What every batch goes through after decoding: per-example mean removal, local
     contrast normalization (``data.lcn``), whitening."""
@@ -76,8 +72,8 @@ class StreamSource:
         self.config = config
         self.seed = seed
         self.launch = launch if launch is not None else detect_launch_env()
-        source = source_of(config)
-        self.catalog: Optional[Catalog] = source.stream_catalog(config)
+        self.source = source = source_of(config)
+        self.catalog: Optional[Catalog] = source.catalog(config)
         self.problems: list[tuple[str, str]] = list(self.catalog.problems) if self.catalog else []
         self.read = source.stream_reader(config, seed, self.catalog)
         where = source.location(config)
@@ -177,7 +173,7 @@ class StreamSource:
             raise ConfigError(f"data.block_size ({config.block_size}) must be a multiple of the "
                               f"{images} images of a batch and at most the {len(self.train_ids)} "
                               "training images")
-        if getattr(config, "order", "global") == "shard_affine":  # shards only
+        if self.source.sample_order(config) == "shard_affine":
             order = self._affine_order(images, replicas)
         else:
             order = SampleOrder(len(self.train_ids), images, self.seed, config.block_size)
@@ -190,7 +186,7 @@ class StreamSource:
             prefetch=config.prefetch, timeout_s=config.read_timeout_s, on_error=config.on_error,
             device=device, per_sample=self.per_sample, unusable=len(self.problems),
         )
-        if getattr(config, "stage_dir", None) is not None and self.stager is None:  # shards only
+        if self.source.stage_dir(config) is not None and self.stager is None:
             self._start_staging(stream)
         stream.staging = self.stager
         return stream

@@ -4,7 +4,6 @@ units split across the model axis."""
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field
@@ -63,9 +62,6 @@ class AutoencoderLearner(HiddenUnitLearner):
     def describe(self, config):
         return f"autoencoder with {config.model.hidden} hidden units"
 
-    def capacity(self, config, example_shape):
-        capacity = super().capacity(config, example_shape)
-        inputs = math.prod(example_shape)
-        capacity.description = (f"autoencoder {inputs:,} -> {config.model.hidden:,} -> "
-                                f"{inputs:,} ({'tied' if config.model.tied else 'untied'})")
-        return capacity
+    def plan_description(self, config, inputs):
+        return (f"autoencoder {inputs:,} -> {config.model.hidden:,} -> {inputs:,} "
+                f"({'tied' if config.model.tied else 'untied'})")

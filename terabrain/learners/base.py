@@ -10,7 +10,7 @@ analysis its filters and a description.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
@@ -54,7 +54,6 @@ class FilterPicture:
     filters: torch.Tensor
     shape: tuple[int, ...]
     comparable: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Learner:

@@ -197,8 +197,8 @@ class DeepLearner(Learner):
 
     def picture(self, config, network, weights, example_shape):
         whole = network
-        if any(p.device.type == "meta" for p in network.parameters()) or _is_split(network):
-            whole = self.build(config, example_shape, config.seed)  # the gathered weights
+        if _is_split(network):  # each rank holds its rows: the gathered weights, whole
+            whole = self.build(config, example_shape, config.seed)
             whole.load_state_dict(weights)
         filters, shape = whole.first_layer_filters()
         return FilterPicture(filters, shape, comparable=False)

@@ -90,6 +90,10 @@ class HiddenUnitLearner(Learner):
             values += 2 * inputs
         return values
 
+    def plan_description(self, config: "ExperimentConfig", inputs: int) -> str:
+        """The model in one line of `terabrain plan`'s report."""
+        raise NotImplementedError
+
     def summed_scalars(self, config: "ExperimentConfig", rows: int) -> int:
         """Scalars summed over hidden units per evaluation (all-reduced on the model axis)."""
         return 0
@@ -165,7 +169,7 @@ class HiddenUnitLearner(Learner):
             )
 
         return Capacity(
-            description=self.describe(config).replace("INPUTS", f"{inputs:,}"),
+            description=self.plan_description(config, inputs),
             parameters=total, hidden=hidden, parameter_table=params,
             evaluations_per_step=evaluations, per_rank=per_rank,
             notes=[

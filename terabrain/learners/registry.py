@@ -32,10 +32,10 @@ def learner_of(config: "ExperimentConfig") -> Learner:
     return LEARNERS[config.model.kind]
 
 
-def build_network(config: "ExperimentConfig", example_shape: tuple[int, ...],
-                  seed: Optional[int] = None):
-    """The experiment's network for examples of ``example_shape`` (no parallelism)."""
-    return learner_of(config).build(config, example_shape, seed)
+def build_network(config: "ExperimentConfig", example_shape: tuple[int, ...]):
+    """The experiment's network for examples of ``example_shape``, initialised from the
+    experiment's seed (no parallelism)."""
+    return learner_of(config).build(config, example_shape, config.seed)
 
 
 def build_model(model, inputs: int, seed: Optional[int] = None):

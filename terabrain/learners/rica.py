@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field
@@ -35,8 +34,5 @@ class RICALearner(HiddenUnitLearner):
     def describe(self, config):
         return f"rica with {config.model.hidden} hidden units"
 
-    def capacity(self, config, example_shape):
-        capacity = super().capacity(config, example_shape)
-        inputs = math.prod(example_shape)
-        capacity.description = f"rica {inputs:,} -> {config.model.hidden:,}"
-        return capacity
+    def plan_description(self, config, inputs):
+        return f"rica {inputs:,} -> {config.model.hidden:,}"

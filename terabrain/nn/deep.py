@@ -30,7 +30,6 @@ from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 Shape = tuple[int, int, int]  # (channels, height, width)
 
 
-
 class LayerSpec(Protocol):
     """What one layer is built from: the attributes read here (terabrain.config's
     LayerConfig has them; nn does not import the config). ``pool`` is None or has
@@ -48,8 +47,8 @@ class LayerSpec(Protocol):
 
 class FilterBank(nn.Module):
     """The linear map of one layer (``transform``) and its adjoint, given (possibly
-    normalized) weights; ``apply`` is nn.Module's, as on any module. ``weight``'s last dimension is one hidden unit's filter. Each bank initialises its own
-    rows from its own seed, hidden unit by hidden unit (terabrain.nn.init)."""
+    normalized) weights; ``apply`` is nn.Module's, as on any module. ``weight``'s last
+    dimension is one hidden unit's filter. Each bank initialises its own rows from its own seed, hidden unit by hidden unit (terabrain.nn.init)."""
 
     weight: nn.Parameter
     out_shape: Shape
