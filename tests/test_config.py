@@ -97,3 +97,19 @@ def test_set_reaches_into_lists_by_index():
     assert config.model.layers[0].steps == 7 and config.model.layers[2].maps == 32
     with pytest.raises(ConfigError, match=r"model.layers.5: index out of range; the list has 3"):
         load_experiment("yfcc-15b-small", ["model.layers.5.steps=1"])
+
+
+@pytest.mark.parametrize("content, named", [
+    (b"", "the file is empty"),
+    (bytes(range(128, 256)), "not a text (UTF-8) file"),
+    (b"model:\n  kind: rica\n  kind: deep\n", "duplicate key 'kind'"),
+    (b"a: [1,\n", "not valid YAML"),
+])
+def test_hostile_experiment_files_end_in_one_line(tmp_path, capsys, content, named):
+    from terabrain.cli import main
+
+    path = tmp_path / "experiment.yaml"
+    path.write_bytes(content)
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("terabrain: error:") and named in err[0], err

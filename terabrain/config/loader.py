@@ -29,20 +29,41 @@ def builtin_text(name: str) -> str:
     return resources.files(EXPERIMENTS_PACKAGE).joinpath(f"{name}.yaml").read_text()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping: the later one would
+    silently replace the earlier."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_source(source: str) -> dict[str, Any]:
     path = Path(source)
     if source.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
             raise ConfigError(f"experiment file not found: {source}")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{source}: not a text (UTF-8) file: byte {error.start} "
+                              "cannot be decoded") from None
     else:
         text = builtin_text(source)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+        where = " ".join(str(error).split())  # one line
+        raise ConfigError(f"{source}: not valid YAML: {where}") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"{source}: the file is empty; an experiment is a YAML mapping "
+                          "(`terabrain show natural-patches-rica` prints one)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: an experiment is a YAML mapping, got {type(raw).__name__}")
     return raw
