@@ -15,7 +15,6 @@ Adding a source is one section class, one ``DataSource`` subclass and one line i
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Optional, Union
@@ -25,14 +24,13 @@ from pydantic import Field, PositiveFloat, PositiveInt, TypeAdapter, field_valid
 
 from terabrain.config.sections import LCNConfig, Section
 from terabrain.data.embedded import PHOTOS
+from terabrain.data.labelled import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_ENV
 from terabrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from terabrain.data.catalogs import Catalog
 
 FP32 = 4
-FASHION_MNIST_ENV = "TERABRAIN_FASHION_MNIST"
-FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 
 # --- config sections ----------------------------------------------------------------------
@@ -135,14 +133,8 @@ class FashionMNISTData(DataSection):
     source: Literal["fashion-mnist"] = "fashion-mnist"
     root: Optional[Path] = Field(
         None, description=f"Directory of the idx files; null: ${FASHION_MNIST_ENV} when set, "
-        f"else {FASHION_MNIST_DEBIAN}.",
+        f"else {DEBIAN_FASHION_MNIST_DIR}.",
     )
-
-    @property
-    def directory(self) -> Path:
-        if self.root is not None:
-            return Path(self.root)
-        return Path(os.environ.get(FASHION_MNIST_ENV, str(FASHION_MNIST_DEBIAN)))
 
 
 class StreamedData(DataSection):
@@ -482,8 +474,8 @@ class FashionMNISTSource(DataSource):
         from terabrain.data.labelled import load_fashion_mnist
 
         try:  # the published split: train for training, test held out
-            train, train_labels = load_fashion_mnist("train", config.directory)
-            test, test_labels = load_fashion_mnist("test", config.directory)
+            train, train_labels = load_fashion_mnist("train", config.root)
+            test, test_labels = load_fashion_mnist("test", config.root)
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"data.source fashion-mnist: {error}") from None
         return Loaded(train.reshape(len(train), -1), test.reshape(len(test), -1),

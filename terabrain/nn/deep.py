@@ -48,7 +48,8 @@ class LayerSpec(Protocol):
 class FilterBank(nn.Module):
     """The linear map of one layer (``transform``) and its adjoint, given (possibly
     normalized) weights; ``apply`` is nn.Module's, as on any module. ``weight``'s last
-    dimension is one hidden unit's filter. Each bank initialises its own rows from its own seed, hidden unit by hidden unit (terabrain.nn.init)."""
+    dimension is one hidden unit's filter. Each bank initialises its own rows from its own
+    seed, hidden unit by hidden unit (terabrain.nn.init)."""
 
     weight: nn.Parameter
     out_shape: Shape
