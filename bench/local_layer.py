@@ -19,7 +19,7 @@ a low rate. Repetitions are interleaved (ceiling, terabrain, unfold, dense, ceil
 clock drift and other load hit all alike; the table shows medians and ranges.
 
 Default shape: a scaled-down seed-000 layer 1: batch 192, 16 x 16 x 3 receptive fields at
-stride 4 (the seed's) on 48 x 48 inputs (9 x 9 locations instead of 72 x 72) and 96 units per
+stride 4 (Ni et al. 2015's) on 48 x 48 inputs (9 x 9 locations instead of 72 x 72) and 96 units per
 location (the seed has 4 x 4 x 24 = 384 per field):
 
     python bench/local_layer.py                       # defaults

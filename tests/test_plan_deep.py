@@ -1,4 +1,4 @@
-"""`terabrain plan` for the seed networks: parameter counts match the seeds, per-layer
+"""`terabrain plan` for the papers' networks: parameter counts match the papers, per-layer
 figures follow from the layer shapes, the model axis counts halos."""
 
 import json

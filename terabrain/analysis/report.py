@@ -262,8 +262,8 @@ def _concept_section(document: Document, run: LoadedRun, options: AnalyzeOptions
         "discriminant of the model's input, computed with the labels of the selection split "
         "(its shrinkage chosen by a split of the selection split) and thresholded like a "
         "neuron: a supervised baseline, unlike the others. Random network: the same architecture with "
-        f"random weights, mean over {options.random_networks} seeds. Coates et al. 2013 (Le et al., "
-        "reproduced by Coates et al.): faces 88.2% against 64.7% guessing and 64.8% random."))
+        f"random weights, mean over {options.random_networks} seeds. Le et al. 2012's "
+        "network, as Coates et al. 2013 report it: faces 88.2% against 64.7% guessing and 64.8% random."))
     table = []
     for row, _, _ in concept_rows:
         beats = row.learned > row.random_network and row.learned > row.best_pixel

@@ -32,8 +32,8 @@ def sample_patches(
 
 
 def remove_patch_mean(patches: np.ndarray, channels: int = 1) -> np.ndarray:
-    """Subtract each patch's own mean brightness (per channel), as the seeds do before
-    whitening: the DC component carries no edge information and dominates the variance."""
+    """Subtract each patch's own mean brightness (per channel), as Ni et al. 2015 and Coates
+    et al. 2013 do before whitening: the DC component carries no edge information and dominates the variance."""
     n, d = patches.shape
     by_channel = patches.reshape(n, d // channels, channels)
     return (by_channel - by_channel.mean(axis=1, keepdims=True)).reshape(n, d)

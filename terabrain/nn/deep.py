@@ -3,7 +3,7 @@ pooling and local contrast normalization (Ni et al. 2015's 3-layer network, the 
 of Le et al. 2012, the COTS-HPC networks of Coates et al. 2013).
 
 A layer is one of
-- local: untied locally connected filters (terabrain.nn.local), the seeds' choice;
+- local: untied locally connected filters (terabrain.nn.local), as in Ni et al. 2015 and Coates et al. 2013;
 - conv: the same filters shared over positions (torch's conv2d);
 - dense: fully connected on the flattened input.
 Every layer is RICA (Ni et al. 2015, eq. 1): codes ``alpha W x`` with W's rows (one per hidden
