@@ -10,7 +10,7 @@ import math
 from typing import Literal, Optional, Union
 
 import torch
-from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from terabrain.config.sections import LCNConfig, Section
 from terabrain.errors import ConfigError

@@ -44,7 +44,6 @@ from terabrain.parallel.hidden_unit_plan import check_divisible, hidden_unit_pla
 
 if TYPE_CHECKING:
     from terabrain.config.schema import ExperimentConfig
-    from terabrain.parallel.parallelism import Parallelism
 
 RECONSTRUCTION_ALL_REDUCES = 1  # forward only: the plan makes the reconstruction whole
 

@@ -42,7 +42,6 @@ from terabrain.errors import ConfigError
 from terabrain.nn.deep import DeepNetwork, DenseBank, LocalBank, RICALayer
 from terabrain.nn.local import locally_connected, locally_connected_transpose
 from terabrain.nn.unit_rows import normalize_rows_, unit_rows
-from terabrain.parallel.parallelism import local
 from terabrain.parallel.row_split import Axis, row_split
 from terabrain.parallel.row_state import RowShard
 from terabrain.parallel.spatial import (

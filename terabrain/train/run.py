@@ -18,7 +18,6 @@ Run directory::
 from __future__ import annotations
 
 import json
-import math
 import time
 from datetime import datetime
 from pathlib import Path
