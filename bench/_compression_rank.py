@@ -33,7 +33,7 @@ from terabrain.parallel.compressors import threshold_for
 from terabrain.parallel.exchange import all_reduce_bytes
 from terabrain.parallel.parallelism import Parallelism
 from terabrain.train.optim import build_optimizer
-from terabrain.train.trainer import Trainer
+from terabrain.train.stage import build_trainer
 
 RESULT_PREFIX = "COMPRESSION_RESULT "
 
@@ -81,12 +81,14 @@ def run(method: str, config, data, mesh, wire: WireCounter, steps: int, tau: flo
     optimizer = build_optimizer(config.optimizer, model.parameters())
     scheme, _, multiple = method.partition("@")  # threshold@8: tau x 8
     tau = tau * float(multiple or 1)
-    settings = ParallelConfig(compression=scheme if not method.startswith("ddp") else "none",
-                              threshold_tau=tau, adaptive_proportion=config.parallel.adaptive_proportion)
+    scheme = scheme if not method.startswith("ddp") else "none"
+    tuning = {"threshold": {"threshold_tau": tau},
+              "adaptive": {"adaptive_proportion": config.parallel.adaptive_proportion}}
+    settings = ParallelConfig(compression=scheme, **tuning.get(scheme, {}))
     parallel = Parallelism(mesh, settings)
-    trainer = Trainer(model, objective, optimizer, data.train_x, None, steps=steps,
-                      batch_size=config.train.batch_size, seed=config.seed,
-                      device=torch.device("cpu"), parallel=parallel)
+    trainer = build_trainer(model, objective, optimizer=optimizer,
+                            train=config.train.model_copy(update={"steps": steps}),
+                            seed=config.seed, inputs=data.train_x, parallel=parallel)
     ddp = None
     if method.startswith("ddp"):
         ddp = DistributedDataParallel(model)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from terabrain.config.loader import load_experiment
+from terabrain.config.schema import OptimizerConfig, TrainConfig
 from terabrain.learners.layerwise import (
     LayerSchedule, LayerwiseModel, LayerwiseObjective, SpatialLayerwiseObjective,
 )
@@ -22,7 +23,7 @@ from terabrain.parallel import (
 )
 from terabrain.parallel.parallelism import Parallelism
 from terabrain.parallel.spatial_network import partition_network
-from terabrain.train.trainer import Trainer
+from terabrain.train.stage import build_trainer
 
 
 def main() -> None:
@@ -55,9 +56,10 @@ def main() -> None:
             schedule, [layer.sparsity_weight or 0.1 for layer in layers], 0.01)
         inputs = torch.randn(2 * args.batch, args.patch * args.patch * 3,
                              generator=torch.Generator().manual_seed(0))
-        trainer = Trainer(model, objective, torch.optim.Adam(network.parameters(), lr=1e-3),
-                          inputs, None, steps=10**6, batch_size=args.batch, seed=0,
-                          device=torch.device("cpu"), parallel=parallel)
+        trainer = build_trainer(
+            model, objective, optimizer=OptimizerConfig(name="adam", lr=1e-3),
+            parameters=network.parameters(), train=TrainConfig(steps=10**6, batch_size=args.batch),
+            seed=0, inputs=inputs, parallel=parallel)
         times = []
         for step in range(args.warmup + args.steps):
             x, y = trainer.batch(step)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 
-from terabrain.config.schema import OptimizerConfig
+from terabrain.config.schema import OptimizerConfig, TrainConfig
 from terabrain.nn.autoencoder import RICA, Autoencoder
 from terabrain.objectives import ReconstructionObjective, RICAObjective
 from terabrain.parallel import (
@@ -47,6 +47,7 @@ from terabrain.parallel import (
 from terabrain.parallel.parallelism import Parallelism
 from terabrain.parallel.hidden_unit_plan import check_divisible
 from terabrain.train.optim import build_optimizer
+from terabrain.train.stage import build_trainer
 from terabrain.train.trainer import Callback, Trainer
 
 LR, MOMENTUM = 0.01, 0.9
@@ -273,10 +274,10 @@ def main(argv=None) -> int:
         parallel = Parallelism(build_mesh(data_ranks, model_ranks, env))
         model, objective, optimizer, data = build(args, parallel, device)
         clock = StepClock(device)
-        trainer = Trainer(model, objective, optimizer, data, None,
-                          steps=args.warmup, batch_size=args.batch, seed=args.seed,
-                          device=device, log_every=args.log_every, callbacks=[clock],
-                          parallel=parallel)
+        trainer = build_trainer(
+            model, objective, optimizer=optimizer,
+            train=TrainConfig(steps=args.warmup, batch_size=args.batch, log_every=args.log_every),
+            seed=args.seed, inputs=data, device=device, callbacks=[clock], parallel=parallel)
         trainer.fit()  # warm-up: allocator, thread pools, gloo pairs, momentum buffers
 
         if env.world_size > 1:

@@ -43,6 +43,7 @@ import torch
 from _common import OtherLoad  # bench/ is on sys.path: scripts run as bench/NAME.py
 
 from terabrain.config.loader import load_experiment
+from terabrain.config.schema import TrainConfig
 from terabrain.data.sources import data_config
 from terabrain.data.decode import ImageSpec
 from terabrain.data.embedded import PHOTOS, load_photo
@@ -50,8 +51,7 @@ from terabrain.data.pack import pack
 from terabrain.data.streamed_source import StreamSource
 from terabrain.learners.registry import build_model
 from terabrain.objectives import build_objective
-from terabrain.train.optim import build_optimizer
-from terabrain.train.trainer import Trainer
+from terabrain.train.stage import build_trainer
 
 TARGET = 3.0
 
@@ -116,9 +116,9 @@ def consumer_rate(name: str, overrides: list[str], steps: int, device: torch.dev
     torch.manual_seed(0)
     x = torch.randn(batch, inputs)
     model = build_model(config.model, inputs, seed=0)
-    trainer = Trainer(model, build_objective(config.objective),
-                      build_optimizer(config.optimizer, model.parameters()), x, None,
-                      steps=steps, batch_size=batch, seed=0, device=device)
+    trainer = build_trainer(model, build_objective(config.objective), optimizer=config.optimizer,
+                            train=TrainConfig(steps=steps, batch_size=batch), seed=0, inputs=x,
+                            device=device)
     trainer.train_step(*trainer.batch(0))  # warm-up
     _sync(device)
     begin = time.perf_counter()

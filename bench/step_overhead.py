@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -44,11 +43,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _common import OtherLoad  # bench/ is on sys.path: scripts run as bench/NAME.py
 
-from terabrain.config.schema import OptimizerConfig
+from terabrain.config.schema import OptimizerConfig, TrainConfig
 from terabrain.nn.autoencoder import Autoencoder
 from terabrain.objectives import ReconstructionObjective
 from terabrain.train.callbacks import EarlyStopping, MetricsLogger, NaNGuard
 from terabrain.train.optim import build_optimizer
+from terabrain.train.stage import build_trainer
 from terabrain.train.trainer import BatchOrder, Trainer
 
 LR, MOMENTUM, LOG_EVERY, TARGET = 0.01, 0.9, 10, 1.05
@@ -159,10 +159,10 @@ class TerabrainLoop:
         metrics.parent.mkdir(parents=True)
         if callbacks is None:
             callbacks = [MetricsLogger(metrics, "features"), NaNGuard(), EarlyStopping(0, 0.0)]
-        trainer = Trainer(
-            self.model, self.objective, self.optimizer, self.data, None,
-            steps=steps, batch_size=self.batch, seed=self.seed, device=self.device,
-            precision="fp32", log_every=LOG_EVERY, callbacks=callbacks,
+        trainer = build_trainer(
+            self.model, self.objective, optimizer=self.optimizer,
+            train=TrainConfig(steps=steps, batch_size=self.batch, log_every=LOG_EVERY),
+            seed=self.seed, inputs=self.data, device=self.device, callbacks=callbacks,
         )
         return trainer, metrics
 

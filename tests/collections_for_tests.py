@@ -91,20 +91,18 @@ def recording_trainer(stream, seen: dict, manager, *, steps: int, batch_size: in
                       units: int, model_seed: int, seed: int, parallel=None):
     """A RICA trainer on 16x16 streamed examples that checkpoints every ``checkpoint_every``
     steps and records, per step, which images its batch held (into ``seen``)."""
-    import torch
 
-    from terabrain.config.schema import OptimizerConfig
+    from terabrain.config.schema import OptimizerConfig, TrainConfig
     from terabrain.nn.autoencoder import RICA
     from terabrain.objectives import RICAObjective
     from terabrain.train import callbacks as cb
-    from terabrain.train.optim import build_optimizer
-    from terabrain.train.trainer import Trainer
+    from terabrain.train.stage import build_trainer
 
-    model = RICA(16 * 16, units, seed=model_seed)
-    optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.01), model.parameters())
-    trainer = Trainer(model, RICAObjective(0.1, 0.01), optimizer, None, None, steps=steps,
-                      batch_size=batch_size, seed=seed, device=torch.device("cpu"), parallel=parallel,
-                      callbacks=[cb.Checkpointing(manager, checkpoint_every)], batches=stream)
+    trainer = build_trainer(
+        RICA(16 * 16, units, seed=model_seed), RICAObjective(0.1, 0.01),
+        optimizer=OptimizerConfig(name="adam", lr=0.01),
+        train=TrainConfig(steps=steps, batch_size=batch_size), seed=seed, parallel=parallel,
+        callbacks=[cb.Checkpointing(manager, checkpoint_every)], batches=stream)
     original = trainer.batch
 
     def recording_batch(step):

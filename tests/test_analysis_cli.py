@@ -3,7 +3,6 @@ parallel top-k / features pass on 2 gloo ranks against one process."""
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

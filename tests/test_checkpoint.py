@@ -14,7 +14,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
 from terabrain.errors import TrainingError
-from terabrain.config.schema import OptimizerConfig, ReconstructionObjectiveConfig, RICAObjectiveConfig
+from terabrain.config.schema import (
+    OptimizerConfig, ReconstructionObjectiveConfig, RICAObjectiveConfig, TrainConfig,
+)
 from terabrain.learners.autoencoder import AutoencoderModel
 from terabrain.learners.rica import RICAModel
 from terabrain.learners.registry import build_model
@@ -28,10 +30,10 @@ from terabrain.train.checkpoint import (
     template_from_metadata,
 )
 from terabrain.train.optim import (
-    build_optimizer,
     load_optimizer_state_tensors,
     optimizer_state_tensors,
 )
+from terabrain.train.stage import build_trainer
 from terabrain.train.trainer import Trainer
 
 
@@ -284,16 +286,9 @@ def _trainer(setup: dict, steps: int) -> Trainer:
     torch.manual_seed(0)
     x = _data()
     model = build_model(setup["model"], x.shape[1])
-    return Trainer(
-        model,
-        build_objective(setup["objective"]),
-        build_optimizer(setup["optimizer"], model.parameters()),
-        x,
-        None,
-        steps=steps,
-        batch_size=setup["batch_size"],
-        seed=3,
-        device=torch.device("cpu"),
+    return build_trainer(
+        model, build_objective(setup["objective"]), optimizer=setup["optimizer"],
+        train=TrainConfig(steps=steps, batch_size=setup["batch_size"]), seed=3, inputs=x,
         callbacks=[cb.EarlyStopping(patience=100, min_delta=0.0)],
     )
 

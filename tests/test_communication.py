@@ -13,11 +13,13 @@ from sklearn.datasets import load_digits
 
 from conftest import SCRIPTS, torchrun
 from terabrain.config.loader import load_experiment
+from terabrain.config.schema import OptimizerConfig, TrainConfig
 from terabrain.errors import ConfigError
 from terabrain.nn.autoencoder import Autoencoder
 from terabrain.objectives import ReconstructionObjective
 from terabrain.train.hogwild import fit_hogwild
-from terabrain.train.trainer import Callback, Trainer
+from terabrain.train.stage import build_trainer
+from terabrain.train.trainer import Callback
 
 # A small colour-patch autoencoder whose loss falls fast (24 -> 4 in 60 SGD steps).
 AE = ["lbann-ae-small", "--set", "data.patch_size=8", "--set", "data.num_patches=2000",
@@ -134,10 +136,11 @@ def test_onebit_on_a_model_by_data_mesh_compresses_each_model_shard(tmp_path):
 def test_hogwild_workers_share_the_parameters_and_lower_the_loss():
     x = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
     model = Autoencoder(64, 32, tied=True, activation="sigmoid", seed=3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     seen = Recorder()
-    trainer = Trainer(model, ReconstructionObjective(), optimizer, x, None, steps=300,
-                      batch_size=64, seed=0, device=torch.device("cpu"), callbacks=[seen])
+    trainer = build_trainer(model, ReconstructionObjective(),
+                            optimizer=OptimizerConfig(name="sgd", lr=0.02, momentum=0.9),
+                            train=TrainConfig(steps=300, batch_size=64), seed=0, inputs=x,
+                            callbacks=[seen])
     with torch.no_grad():
         initial = float(trainer.objective(model, x)[0])
     fit_hogwild(trainer, workers=2)

@@ -38,13 +38,15 @@ def test_overrides_parse_yaml_values():
         ("train.steps=abc", "train.steps"),
         ("data.photos=[nowhere]", "data.photos: unknown photograph"),
         ("objective.kind=sparse_autoencoder", "allowed: rica"),
-        ("optimizer.nesterov=true", "optimizer.nesterov needs optimizer.momentum > 0"),
+        (["optimizer.name=sgd", "optimizer.nesterov=true"],
+         "optimizer.nesterov needs optimizer.momentum > 0"),
+        ("optimizer.nesterov=true", "nesterov applies only when name is sgd, and name is lbfgs"),
         ("model.dropout=1.5", "model.dropout"),
     ],
 )
 def test_bad_values_name_the_field(override, expected):
     with pytest.raises(ConfigError, match=None) as error:
-        load_experiment(None, [override])
+        load_experiment(None, override if isinstance(override, list) else [override])
     assert expected in str(error.value)
 
 

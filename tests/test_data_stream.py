@@ -17,7 +17,7 @@ import torch
 
 from collections_for_tests import image_id, recording_trainer, write_folder
 from conftest import SCRIPTS, torchrun
-from terabrain.config.schema import OptimizerConfig
+from terabrain.config.schema import OptimizerConfig, TrainConfig
 from terabrain.data.sources import data_config
 from terabrain.data.catalogs import FolderCatalog
 from terabrain.data.decode import BadSample
@@ -29,8 +29,7 @@ from terabrain.errors import TrainingError
 from terabrain.nn.autoencoder import RICA
 from terabrain.objectives import RICAObjective
 from terabrain.train.checkpoint import CheckpointManager, restore
-from terabrain.train.optim import build_optimizer
-from terabrain.train.trainer import Trainer
+from terabrain.train.stage import build_trainer
 
 GOOD = 39  # + 3 damaged = 42 entries; 2 held out -> 40 training entries, 5 batches of 8
 
@@ -146,9 +145,10 @@ def test_a_hanging_read_stops_the_run_instead_of_waiting_forever():
 
 def _trainer(x, batches=None, steps=6):
     model = RICA(x.shape[1], 6, seed=1)
-    optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.01), model.parameters())
-    return Trainer(model, RICAObjective(0.1, 0.01), optimizer, None if batches else x, None,
-                   steps=steps, batch_size=8, seed=5, device=torch.device("cpu"), batches=batches)
+    return build_trainer(model, RICAObjective(0.1, 0.01),
+                         optimizer=OptimizerConfig(name="adam", lr=0.01),
+                         train=TrainConfig(steps=steps, batch_size=8), seed=5,
+                         inputs=None if batches else x, batches=batches)
 
 
 def test_streamed_array_trains_exactly_like_the_in_memory_tensor(tmp_path):

@@ -30,12 +30,8 @@ import torch
 from safetensors.torch import load_file
 
 from terabrain.config.loader import load_experiment
-from terabrain.learners.registry import build_model
-from terabrain.objectives import build_objective
-from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
-from terabrain.train.optim import build_optimizer
-from terabrain.train.trainer import Trainer
+from terabrain.train.stage import feature_trainer
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 16
@@ -156,14 +152,9 @@ def _check_after_kill(run_dir: Path) -> Optional[int]:
 
     config = load_experiment(str(run_dir / "config.yaml"))
     inputs = config.data.patch_size ** 2 * (3 if config.data.color else 1)
-    model = build_model(config.model, inputs)
-    trainer = Trainer(
-        model, build_objective(config.objective),
-        build_optimizer(config.optimizer, model.parameters()), torch.zeros(1, inputs), None,
-        steps=config.train.steps, batch_size=None, seed=config.seed, device=torch.device("cpu"),
-        callbacks=[cb.EarlyStopping(config.train.early_stopping.patience,
-                                    config.train.early_stopping.min_delta)],
-    )
+    # The run's own feature stage, as run.py builds it (early stopping from the config).
+    trainer = feature_trainer(config, (inputs,), inputs=torch.zeros(1, inputs)).trainer
+    model = trainer.model
     rng = torch.get_rng_state()
     try:
         restore(latest, trainer)

@@ -216,3 +216,36 @@ def test_a_new_cycle_is_caught():
     table = import_table()
     table["terabrain.nn.init"] = table["terabrain.nn.init"] + [("terabrain.nn.deep", False)]
     assert not any("terabrain.nn.init" in c for c in cycles(table))
+
+
+# --- one factory builds trainers ---------------------------------------------------------
+
+
+def trainer_constructions(tree: ast.AST) -> list[int]:
+    """Lines that call ``Trainer(...)`` (by name or as an attribute)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name == "Trainer":
+                lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_stage_factory_constructs_a_trainer():
+    factory = PACKAGE / "train" / "stage.py"
+    found = []
+    for folder in ("terabrain", "tests", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == factory:
+                continue
+            for line in trainer_constructions(ast.parse(path.read_text())):
+                found.append(f"{path.relative_to(ROOT)}:{line}")
+    assert not found, f"build trainers with terabrain.train.stage instead: {found}"
+    assert trainer_constructions(ast.parse(factory.read_text())), "the factory itself is gone"
+
+
+def test_a_hand_wired_trainer_is_caught():
+    assert trainer_constructions(ast.parse("t = Trainer(model, objective, opt, x, None)")) == [1]
+    assert trainer_constructions(ast.parse("t = trainer.Trainer(m)")) == [1]
+    assert trainer_constructions(ast.parse("t = build_trainer(m)")) == []

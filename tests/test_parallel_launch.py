@@ -5,12 +5,10 @@ processes on CPU/gloo: 2 and 4 ranks under torchrun, and a hand-launched pair of
 one dies or hangs, to check that the other exits with a message instead of hanging.
 """
 
-import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

@@ -11,9 +11,15 @@ import pytest
 import yaml
 
 from terabrain.cli import main
-from terabrain.config.loader import builtin_names, builtin_text, load_experiment, to_yaml
+from terabrain.config.loader import (
+    builtin_names,
+    builtin_text,
+    load_experiment,
+    to_yaml,
+)
 from terabrain.config.reference import markdown
 from terabrain.data.sources import SOURCES, source_of
+from terabrain.errors import ConfigError
 from terabrain.learners.registry import LEARNERS, learner_of
 
 PACKAGE = Path(__file__).resolve().parents[1] / "terabrain"
@@ -93,6 +99,14 @@ def test_show_prints_only_applicable_fields_and_round_trips(name, tmp_path, caps
     assert set(raw["data"]) == set(source_of(config.data).section.model_fields)
     assert set(raw["objective"]) == set(type(config.objective).model_fields)
     assert "schedule" not in raw["train"]
+    # optimizer and parallel settings of other optimizers / modes are not shown either
+    for section, tag in (("optimizer", "name"), ("parallel", "compression"), ("parallel", "mode")):
+        shown_fields = set(raw[section])
+        for field in getattr(config, section).inapplicable_fields():
+            assert field not in shown_fields, (section, field)
+    assert ("max_iter" in raw["optimizer"]) == (config.optimizer.name == "lbfgs")
+    assert ("momentum" in raw["optimizer"]) == (config.optimizer.name in ("sgd", "rmsprop"))
+    assert "workers" not in raw["parallel"] and "average_every" not in raw["parallel"]
     path = tmp_path / "shown.yaml"
     path.write_text(shown)
     assert to_yaml(load_experiment(str(path))) == shown
@@ -107,6 +121,32 @@ def test_a_field_of_another_variant_is_one_line_naming_the_fields(capsys):
     code = main(["show", "natural-patches-rica", "--set", "data.yfcc_tags_any=[cat]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "data.source=photos" in err[0]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optimizer.momentum=0.5", "momentum applies only when name is sgd or rmsprop, and name is lbfgs"),
+    ("parallel.workers=4", "workers applies only when mode is hogwild, and mode is sync"),
+    ("parallel.threshold_tau=0.1", "threshold_tau applies only when compression is threshold"),
+])
+def test_a_setting_of_another_optimizer_or_mode_is_refused_in_one_line(override, expected, capsys):
+    """It would be ignored silently; a user who sets it means something else."""
+    code = main(["show", "natural-patches-rica", "--set", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert main(["show", "natural-patches-rica", "--set", "optimizer.name=sgd", "--set",
+                 "optimizer.momentum=0.5"]) == 0
+
+
+def test_switching_the_optimizer_drops_the_experiments_settings_for_the_old_one():
+    """lbann-ae-small uses SGD with momentum: switching to Adam or L-BFGS from the command
+    line must not trip over the experiment's own momentum."""
+    assert load_experiment("lbann-ae-small").optimizer.momentum > 0
+    adam = load_experiment("lbann-ae-small", ["optimizer.name=adam"]).optimizer
+    assert adam.name == "adam" and adam.momentum == 0.0
+    lbfgs = load_experiment("lbann-ae-small", ["optimizer.name=lbfgs", "optimizer.max_iter=4"])
+    assert lbfgs.optimizer.max_iter == 4
+    with pytest.raises(ConfigError, match="momentum applies only when name is sgd or rmsprop"):
+        load_experiment("lbann-ae-small", ["optimizer.name=adam", "optimizer.momentum=0.5"])
 
 
 def test_the_earlier_single_section_layout_still_loads(tmp_path):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from terabrain.config.schema import ExperimentConfig
+from terabrain.config.sections import Section
 from terabrain.errors import ConfigError
 
 EXPERIMENTS_PACKAGE = "terabrain.config.experiments"
@@ -144,11 +146,48 @@ def validate(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(format_validation_error(error)) from None
 
 
+def _section_class(path: list[str]) -> type | None:
+    """The Section class at ``path`` (e.g. ["supervised", "optimizer"]) of the schema, if the
+    path leads through plain (non-union) sections."""
+    current: Any = ExperimentConfig
+    for part in path:
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        current = next((c for c in candidates
+                        if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return current if isinstance(current, type) and issubclass(current, Section) else None
+
+
+def _drop_settings_of_the_old_variant(raw: dict[str, Any], overrides: list[str]) -> None:
+    """``--set optimizer.name=adam`` on an experiment with SGD momentum: the momentum came
+    from the experiment, not from the user, and means nothing for Adam, so it goes (as a
+    whole-section ``--set 'optimizer={name: adam}'`` would). A setting the user gives in the
+    same command stays, and is refused if it does not apply."""
+    given = {assignment.partition("=")[0] for assignment in overrides}
+    for key in given:
+        *path, tag = key.split(".")
+        section = _section_class(path)
+        node: Any = raw
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if section is None or not isinstance(node, dict):
+            continue
+        for name, info in section.model_fields.items():
+            extra = info.json_schema_extra
+            condition = extra.get("applies_when") if isinstance(extra, dict) else None
+            if (condition and condition["field"] == tag and node.get(tag) not in condition["values"]
+                    and ".".join([*path, name]) not in given):
+                node.pop(name, None)
+
+
 def load_experiment(source: str | None, overrides: list[str] = ()) -> ExperimentConfig:
     """A built-in name or a YAML path (None: the default experiment), with overrides."""
     raw = _read_source(source or DEFAULT_EXPERIMENT)
     for assignment in overrides:
         apply_override(raw, assignment)
+    _drop_settings_of_the_old_variant(raw, list(overrides))
     return validate(raw)
 
 
@@ -164,9 +203,23 @@ def _tag_first(value: Any) -> Any:
     return value
 
 
+def _applicable(section: Any, dumped: Any) -> Any:
+    """``dumped`` (``section``'s JSON dump) without the fields that do not apply to it
+    (Section.inapplicable_fields: they are at their defaults, so nothing is lost)."""
+    if isinstance(section, BaseModel):
+        skipped = set(section.inapplicable_fields()) if isinstance(section, Section) else set()
+        return {name: _applicable(getattr(section, name), value)
+                for name, value in dumped.items() if name not in skipped}
+    if isinstance(section, (list, tuple)) and isinstance(dumped, list):
+        return [_applicable(item, value) for item, value in zip(section, dumped)]
+    return dumped
+
+
 def to_yaml(config: ExperimentConfig) -> str:
-    """The fully resolved experiment; `terabrain train` reads it back unchanged."""
-    return yaml.safe_dump(_tag_first(config.model_dump(mode="json")), sort_keys=False)
+    """The fully resolved experiment, with only the fields that apply to it; `terabrain
+    train` reads it back unchanged."""
+    dumped = _applicable(config, config.model_dump(mode="json"))
+    return yaml.safe_dump(_tag_first(dumped), sort_keys=False)
 
 
 def describe_builtins() -> list[tuple[str, str]]:

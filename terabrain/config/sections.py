@@ -9,17 +9,51 @@ experiment, and an error message quotes the field's path and allowed values.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator,
 )
 
 
+def applies_when(field: str, *values: str) -> dict[str, Any]:
+    """``json_schema_extra`` of a field that means something only while the sibling ``field``
+    has one of ``values`` (momentum for sgd/rmsprop, the L-BFGS settings for lbfgs...)."""
+    return {"applies_when": {"field": field, "values": list(values)}}
+
+
 class Section(BaseModel):
-    """Unknown keys are errors, not silently ignored: a typo must not change an experiment."""
+    """Unknown keys are errors, not silently ignored: a typo must not change an experiment.
+
+    A field marked with :func:`applies_when` is left out of `terabrain show` while it does not
+    apply, and setting it to anything but its default while it does not apply is an error
+    (it would be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def inapplicable_fields(self) -> list[str]:
+        """Fields that mean nothing with this section's current settings."""
+        names = []
+        for name, info in type(self).model_fields.items():
+            extra = info.json_schema_extra
+            condition = extra.get("applies_when") if isinstance(extra, dict) else None
+            if condition and getattr(self, condition["field"]) not in condition["values"]:
+                names.append(name)
+        return names
+
+    @model_validator(mode="after")
+    def _inapplicable_fields_left_at_default(self) -> "Section":
+        for name in self.inapplicable_fields():
+            info = type(self).model_fields[name]
+            if getattr(self, name) != info.get_default(call_default_factory=True):
+                condition = info.json_schema_extra["applies_when"]
+                raise ValueError(
+                    f"{name} applies only when {condition['field']} is "
+                    f"{' or '.join(condition['values'])}, and {condition['field']} is "
+                    f"{getattr(self, condition['field'])}; remove {name} or change "
+                    f"{condition['field']}"
+                )
+        return self
 
 
 class LCNConfig(Section):
@@ -45,16 +79,22 @@ class OptimizerConfig(Section):
         "lbfgs", description="An optimizer from torch.optim, by name."
     )
     lr: PositiveFloat = Field(1.0, description="Learning rate (L-BFGS: initial step length).")
-    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd, rmsprop: momentum.")
-    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0).")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd, rmsprop: momentum.",
+                            json_schema_extra=applies_when("name", "sgd", "rmsprop"))
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0).",
+                           json_schema_extra=applies_when("name", "sgd"))
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled from the objective.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="adam, adamw: betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam, adamw: betas.",
+                                       json_schema_extra=applies_when("name", "adam", "adamw"))
     max_iter: PositiveInt = Field(
-        25, description="lbfgs: iterations per training step (each on the full batch)."
+        25, description="lbfgs: iterations per training step (each on the full batch).",
+        json_schema_extra=applies_when("name", "lbfgs"),
     )
-    history_size: PositiveInt = Field(20, description="lbfgs: curvature pairs kept.")
+    history_size: PositiveInt = Field(20, description="lbfgs: curvature pairs kept.",
+                                       json_schema_extra=applies_when("name", "lbfgs"))
     line_search: Literal["strong_wolfe", "none"] = Field(
-        "strong_wolfe", description="lbfgs: line search."
+        "strong_wolfe", description="lbfgs: line search.",
+        json_schema_extra=applies_when("name", "lbfgs"),
     )
 
     @model_validator(mode="after")
@@ -134,22 +174,27 @@ class ParallelConfig(Section):
         True,
         description="onebit / threshold / adaptive: carry what quantization left out to the "
         "next step. Without it, they do not converge to the uncompressed result.",
+        json_schema_extra=applies_when("compression", "onebit", "threshold", "adaptive"),
     )
     threshold_tau: PositiveFloat = Field(
         1e-3,
         description="threshold: the magnitude an accumulated gradient entry must exceed to be "
         "sent; it is reconstructed as +-tau. Scale it to the gradients (bench/compression.py "
         "calibrates it so about 1/32 of the entries are sent).",
+        json_schema_extra=applies_when("compression", "threshold"),
     )
     adaptive_proportion: float = Field(
         1 / 32, gt=0.0, le=1.0,
         description="adaptive: fraction of each column's entries sent per step; 1/32 sends "
         "about as many bytes as onebit.",
+        json_schema_extra=applies_when("compression", "adaptive"),
     )
     average_every: PositiveInt = Field(
-        8, description="localsgd: steps between parameter averages (K)."
+        8, description="localsgd: steps between parameter averages (K).",
+        json_schema_extra=applies_when("mode", "localsgd"),
     )
-    workers: PositiveInt = Field(2, description="hogwild: worker processes.")
+    workers: PositiveInt = Field(2, description="hogwild: worker processes.",
+                                  json_schema_extra=applies_when("mode", "hogwild"))
 
     @model_validator(mode="after")
     def _communication_fits(self) -> "ParallelConfig":

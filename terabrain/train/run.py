@@ -21,11 +21,12 @@ import json
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.analysis.filters import compare_with_random, save_filter_grid
 from terabrain.config.loader import to_yaml
@@ -36,15 +37,12 @@ from terabrain.files import replace_atomically, write_text_atomically
 from terabrain.learners.registry import learner_of
 from terabrain.nn.autoencoder import SupervisedHead
 from terabrain.objectives import build_supervised_objective
-from terabrain.parallel.communication_log import communication_callbacks
-from terabrain.train.hogwild import fit_hogwild
 from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full
-from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
-from terabrain.train.optim import build_optimizer
+from terabrain.train.hogwild import fit_hogwild
+from terabrain.train.stage import build_trainer, feature_trainer, run_callbacks
 from terabrain.train.trainer import Trainer
-from torch.distributed.device_mesh import DeviceMesh
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,57 +90,8 @@ def _export(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _train_stage(
-    *,
-    stage: str,
-    run_dir: Path,
-    checkpoint_dir: Path,
-    model: torch.nn.Module,
-    objective,
-    optimizer: torch.optim.Optimizer,
-    inputs: torch.Tensor,
-    targets: Optional[torch.Tensor],
-    train: TrainConfig,
-    config: ExperimentConfig,
-    device: torch.device,
-    parallel: Parallelism,
-    filter_image=None,
-    schedule: Optional[LayerSchedule] = None,
-    stream=None,
-) -> Trainer:
-    """``schedule``: a layer-wise schedule, which replaces the stage-wide early stopping
-    (each layer stops on its own) and decides the number of steps."""
-    manager = CheckpointManager(checkpoint_dir, keep=train.keep_checkpoints)
-    # A streamed collection: this rank's batches come from its own reader (checks its sizes).
-    batches = stream.open(train.batch_size, parallel, device) if stream is not None else None
-    global_batch = train.batch_size or len(inputs)
-    if global_batch % parallel.data_ranks:
-        what = "train.batch_size" if train.batch_size else "the number of training examples"
-        raise ConfigError(
-            f"{what} ({global_batch}) must divide evenly among parallel.data = "
-            f"{parallel.data_ranks} replicas"
-        )
-    loggers = [
-        cb.MetricsLogger(run_dir / "metrics.jsonl", stage),
-        cb.TensorBoardLogger(run_dir / "tb", stage, train.histogram_every, filter_image),
-        cb.ProgressBar(stage, train.progress),
-    ]
-    stopping = schedule or cb.EarlyStopping(
-        train.early_stopping.patience, train.early_stopping.min_delta
-    )
-    callbacks = communication_callbacks(parallel, config.parallel) + (
-        loggers if is_main_rank() else []) + [
-        cb.NaNGuard(manager),
-        stopping,
-        cb.Checkpointing(manager, train.checkpoint_every),
-    ]
-    trainer = Trainer(
-        model, objective, optimizer, inputs, targets,
-        steps=schedule.total_budget if schedule is not None else train.steps,
-        batch_size=train.batch_size, seed=config.seed, device=device,
-        precision=config.precision, log_every=train.log_every, callbacks=callbacks,
-        parallel=parallel, batches=batches,
-    )
+def _fit(trainer: Trainer, stage: str, manager: CheckpointManager, config: ExperimentConfig) -> None:
+    """Continue from the stage's newest checkpoint, if any, and train to the end."""
     latest = manager.latest()
     if latest is not None:
         restore(latest, trainer)
@@ -154,7 +103,16 @@ def _train_stage(
         trainer.fit()
     if trainer.stop_reason and is_main_rank():
         print(f"[{stage}] {trainer.stop_reason}")
-    return trainer
+
+
+def _check_divisible(train: TrainConfig, rows: int, parallel: Parallelism) -> None:
+    global_batch = train.batch_size or rows
+    if global_batch % parallel.data_ranks:
+        what = "train.batch_size" if train.batch_size else "the number of training examples"
+        raise ConfigError(
+            f"{what} ({global_batch}) must divide evenly among parallel.data = "
+            f"{parallel.data_ranks} replicas"
+        )
 
 
 def _last_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
@@ -180,17 +138,20 @@ def _feature_stage(
     if results.done("features"):
         weights = load_file(str(run_dir / "model.safetensors"))
         return learner.restore(config, shape, parallel, device, weights)
-    network = learner.materialize(config, shape, parallel, device)
-    training = learner.training(config, network, parallel, shape)
     started = time.perf_counter()
-    trainer = _train_stage(
-        stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
-        model=training.model, objective=training.objective,
-        optimizer=build_optimizer(config.optimizer, training.parameters),
-        inputs=data.train_x, targets=None, train=config.train, config=config, device=device,
-        parallel=parallel, stream=data.stream, filter_image=training.filter_image,
-        schedule=training.schedule,
+    train = config.train
+    manager = CheckpointManager(run_dir / "checkpoints", keep=train.keep_checkpoints)
+    # A streamed collection: this rank's batches come from its own reader (checks its sizes).
+    batches = data.stream.open(train.batch_size, parallel, device) if data.stream is not None else None
+    _check_divisible(train, len(data.train_x) if data.train_x is not None else 0, parallel)
+    stage = feature_trainer(
+        config, shape, inputs=data.train_x, batches=batches, parallel=parallel, device=device,
+        callbacks=lambda training: run_callbacks(
+            stage="features", run_dir=run_dir, manager=manager, train=train, config=config,
+            parallel=parallel, training=training),
     )
+    _fit(stage.trainer, "features", manager, config)
+    trainer, training, network = stage.trainer, stage.training, stage.network
     summary = {
         "steps": trainer.step,
         "stop_reason": trainer.stop_reason or "finished",
@@ -241,13 +202,17 @@ def _supervised_stage(
     if not settings.fine_tune:
         for parameter in model.features.parameters():
             parameter.requires_grad_(False)
-    optimizer = build_optimizer(settings.optimizer, model.parameters())
-    trainer = _train_stage(
-        stage="supervised", run_dir=run_dir, checkpoint_dir=run_dir / "supervised" / "checkpoints",
-        model=model, objective=build_supervised_objective(settings.task), optimizer=optimizer,
-        inputs=data.train_x, targets=data.train_y, train=settings.train, config=config,
-        device=device, parallel=parallel,
+    train = settings.train
+    manager = CheckpointManager(run_dir / "supervised" / "checkpoints", keep=train.keep_checkpoints)
+    _check_divisible(train, len(data.train_x), parallel)
+    trainer = build_trainer(
+        model, build_supervised_objective(settings.task), optimizer=settings.optimizer,
+        train=train, seed=config.seed, precision=config.precision, inputs=data.train_x,
+        targets=data.train_y, parallel=parallel, device=device,
+        callbacks=run_callbacks(stage="supervised", run_dir=run_dir, manager=manager,
+                                train=train, config=config, parallel=parallel),
     )
+    _fit(trainer, "supervised", manager, config)
     _export(model, run_dir / "supervised" / "model.safetensors")
     evaluation = _evaluate(
         model, parallel.inputs(data.holdout_x.to(device)), data.holdout_y.to(device), settings.task
@@ -259,7 +224,7 @@ def _supervised_stage(
 
 
 def run_experiment(
-    config: ExperimentConfig, run_dir: Path, mesh: Optional[DeviceMesh] = None
+    config: ExperimentConfig, run_dir: Path, mesh: DeviceMesh | None = None
 ) -> dict[str, Any]:
     """Train ``config`` in ``run_dir``; continues from its checkpoints if it has any.
     ``mesh``: the (data, model) mesh when launched on several ranks (see terabrain.parallel)."""

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from sklearn.datasets import load_digits
 
-from terabrain.config.schema import OptimizerConfig, ParallelConfig
+from terabrain.config.schema import OptimizerConfig, ParallelConfig, TrainConfig
 from terabrain.nn.autoencoder import Autoencoder
 from terabrain.objectives import ReconstructionObjective
 from terabrain.parallel import build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed
@@ -42,8 +42,9 @@ from terabrain.parallel.exchange import (
 from terabrain.parallel.localsgd import LocalSGD
 from terabrain.parallel.parallelism import Parallelism
 from terabrain.train.checkpoint import CheckpointManager, restore
-from terabrain.train.optim import build_optimizer
-from terabrain.train.trainer import Trainer
+from terabrain.train.stage import build_trainer
+
+MOMENTUM_SGD = OptimizerConfig(name="sgd", lr=0.02, momentum=0.9)
 
 HIDDEN, BATCH, STEPS, K = 32, 64, 200, 6
 
@@ -54,12 +55,11 @@ def digits() -> torch.Tensor:
 
 def make_trainer(x, settings, mesh, steps, callbacks=True):
     model = Autoencoder(x.shape[1], HIDDEN, tied=True, activation="sigmoid", seed=3)
-    optimizer = build_optimizer(OptimizerConfig(name="sgd", lr=0.02, momentum=0.9), model.parameters())
     parallel = Parallelism(mesh, settings)
-    trainer = Trainer(model, ReconstructionObjective(), optimizer, x, None, steps=steps,
-                      batch_size=BATCH, seed=0, device=torch.device("cpu"), parallel=parallel,
-                      callbacks=[CommunicationLog(parallel.exchange)] if callbacks else [])
-    return trainer
+    return build_trainer(model, ReconstructionObjective(), optimizer=MOMENTUM_SGD,
+                         train=TrainConfig(steps=steps, batch_size=BATCH), seed=0, inputs=x,
+                         parallel=parallel,
+                         callbacks=[CommunicationLog(parallel.exchange)] if callbacks else [])
 
 
 def flat_weights(model) -> torch.Tensor:
@@ -99,7 +99,8 @@ def train(schemes, mesh, rank):
             tau = torch.tensor(threshold_for([p.grad for p in probe.model.parameters()], 1 / 32))
             dist.all_reduce(tau)  # every rank must use the same tau
             tau = float(tau) / dist.get_world_size()
-        settings = ParallelConfig(compression=scheme, threshold_tau=tau or 1e-3, adaptive_proportion=1 / 16)
+        tuning = {"threshold": {"threshold_tau": tau}, "adaptive": {"adaptive_proportion": 1 / 16}}
+        settings = ParallelConfig(compression=scheme, **tuning.get(scheme, {}))
         trainer = make_trainer(x, settings, mesh, STEPS, callbacks=False)
         exchange = trainer.parallel.exchange
         with torch.no_grad():
@@ -129,11 +130,10 @@ def local_sgd(mesh, rank, every=5, steps=STEPS):
     settings = ParallelConfig(mode="localsgd", average_every=every)
     parallel = Parallelism(mesh, settings)
     model = Autoencoder(x.shape[1], HIDDEN, tied=True, activation="sigmoid", seed=3)
-    optimizer = build_optimizer(OptimizerConfig(name="sgd", lr=0.02, momentum=0.9), model.parameters())
     averaging = LocalSGD(parallel, every)
-    trainer = Trainer(model, ReconstructionObjective(), optimizer, x, None, steps=steps,
-                      batch_size=BATCH, seed=0, device=torch.device("cpu"), parallel=parallel,
-                      callbacks=[averaging])
+    trainer = build_trainer(model, ReconstructionObjective(), optimizer=MOMENTUM_SGD,
+                            train=TrainConfig(steps=steps, batch_size=BATCH), seed=0, inputs=x,
+                            parallel=parallel, callbacks=[averaging])
     with torch.no_grad():
         initial, _ = trainer.objective(model, x)
     for step in range(1, steps + 1):

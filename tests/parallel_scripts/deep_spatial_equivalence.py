@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from terabrain.config.schema import LayerConfig
+from terabrain.config.schema import LayerConfig, OptimizerConfig, TrainConfig
 from terabrain.errors import ConfigError
 from terabrain.learners.layerwise import (
     LayerSchedule, LayerwiseModel, LayerwiseObjective, SpatialLayerwiseObjective,
@@ -34,7 +34,8 @@ from terabrain.parallel import (
 from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.parallel.spatial_network import partition_network
 from terabrain.train.checkpoint import CheckpointManager, restore
-from terabrain.train.trainer import Callback, Trainer
+from terabrain.train.stage import build_trainer
+from terabrain.train.trainer import Callback
 
 SHAPE = (3, 28, 28)
 LAYERS = [
@@ -86,10 +87,11 @@ def trainer_for(network, objective_class, parallel, callbacks, inputs, steps=STE
     schedule = LayerSchedule(model, [2 * STEPS] * len(LAYERS), "pipelined", start_after=1,
                              sync_every=2)
     objective = objective_class(schedule, [layer.sparsity_weight for layer in LAYERS], 0.01)
-    optimizer = torch.optim.Adam(network.parameters(), lr=0.01)
-    return Trainer(model, objective, optimizer, inputs, None, steps=steps, batch_size=BATCH,
-                   seed=3, device=torch.device("cpu"), callbacks=[schedule, *callbacks],
-                   parallel=parallel), schedule, objective
+    trainer = build_trainer(
+        model, objective, optimizer=OptimizerConfig(name="adam", lr=0.01),
+        parameters=network.parameters(), train=TrainConfig(steps=steps, batch_size=BATCH),
+        seed=3, inputs=inputs, callbacks=[schedule, *callbacks], parallel=parallel)
+    return trainer, schedule, objective
 
 
 def main():

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from terabrain.config.schema import OptimizerConfig
+from terabrain.config.schema import OptimizerConfig, TrainConfig
 from terabrain.nn.autoencoder import RICA, Autoencoder, SupervisedHead
 from terabrain.objectives import (
     ClassificationObjective, ReconstructionObjective, RICAObjective, SparseAutoencoderObjective,
@@ -20,8 +20,7 @@ from terabrain.parallel import (
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
 from terabrain.parallel.parallelism import Parallelism, full
-from terabrain.train.optim import build_optimizer
-from terabrain.train.trainer import Trainer
+from terabrain.train.stage import build_trainer
 
 INPUTS, HIDDEN, ROWS, BATCH, STEPS = 24, 8, 96, 32, 3
 
@@ -43,9 +42,9 @@ CASES = {
 
 
 def trainer(model, objective, optimizer_config, x, y, parallel=None):
-    return Trainer(model, objective, build_optimizer(optimizer_config, model.parameters()), x, y,
-                   steps=STEPS, batch_size=BATCH, seed=0, device=torch.device("cpu"),
-                   parallel=parallel)
+    return build_trainer(model, objective, optimizer=optimizer_config,
+                         train=TrainConfig(steps=STEPS, batch_size=BATCH), seed=0,
+                         inputs=x, targets=y, parallel=parallel)
 
 
 def max_difference(reference, parallel, attribute):
