@@ -78,11 +78,13 @@ def _check_two_ranks_on_one_host(out: Path, shards: Path, launcher: str, result)
         assert sorted(len(c) for c in copied) == [len(every_shard) // 2, (len(every_shard) + 1) // 2]
         (staged,) = (out / f"stage-{order}").iterdir()
         assert sorted(p.name for p in staged.glob("*.tar")) == sorted(set(copied[0] + copied[1]))
-    # Under the shard-affine order the ranks of one host (grouped by `node`) agree on one copy
-    # list, so the halves are disjoint and together all shards (both replicas are here). The
-    # global order's list is each rank's own reading order, so its halves may overlap.
-    copied = [seen["shard_affine_copied"] for seen in ranks]
-    assert not set(copied[0]) & set(copied[1]) and sorted(copied[0] + copied[1]) == every_shard
+    # The ranks of one host agree on one copy list (the global batches' reading order, or
+    # under the shard-affine order the host's replicas' shards), so the halves are disjoint
+    # and together all shards (both replicas are here).
+    for order in ("global", "shard_affine"):
+        copied = [seen[f"{order}_copied"] for seen in ranks]
+        assert not set(copied[0]) & set(copied[1]), order
+        assert sorted(copied[0] + copied[1]) == every_shard, order
 
 
 # --- SLURM --------------------------------------------------------------------------------

@@ -211,10 +211,15 @@ class StreamSource:
             need, local_rank, local_world = node_shards(stream, catalog, self.config.stage_dir,
                                                         self.launch.node)
         else:
-            # Shards in the order this rank first needs them in the current epoch's first steps.
+            # Shards in the order the global batches first read them in this epoch's first
+            # steps. Every rank of the node computes the same list (not its own share's reading
+            # order), so that "every local_world-th shard of it" divides the copying between
+            # them without overlap or gaps.
             steps = range(min(stream.order.per_epoch, PLANNED_STEPS))
-            need = copy_order((catalog.shards_of(stream.local_ids(step)) for step in steps),
-                              range(len(catalog.tables)))
+            need = copy_order(
+                (catalog.shards_of(stream.ids[stream.order.global_batch(step).numpy()])
+                 for step in steps),
+                range(len(catalog.tables)))
             local_rank, local_world = self.launch.local_rank, self.launch.local_world_size
         try:
             self.stager = Stager(
