@@ -65,7 +65,8 @@ class Compute(_Strict):
         description="Fraction of the roofline a GEMM reaches where no point was measured.")
     gemm_points: list[GemmPoint] = Field(default_factory=list)
     local_efficiency: float = Field(
-        gt=0, le=1, description="Locally connected layer rate / GEMM rate of the same shape.")
+        gt=0, le=4, description="Locally connected layer rate / GEMM rate of one location's "
+        "product (above 1 where the layer batches locations into larger products).")
     elementwise_bandwidth: PositiveFloat = Field(
         description="Bytes/s that elementwise kernels stream (reads + writes).")
     optimizer_bandwidth: PositiveFloat = Field(
