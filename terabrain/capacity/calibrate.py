@@ -3,6 +3,8 @@
 
 What is measured, on the device given (``--device cpu|cuda``), with this process's threads:
 
+- On CPU every rate is measured on one core (one thread) and multiplied by the node's
+  cores (an assumption that holds on small nodes; memory bandwidth saturates on large ones).
 - GEMM points: ``torch.mm`` at the shapes the learners run (thin batch-40 and batch-256
   products, their weight-gradient transposes, squares); the fastest is the measured peak.
 - memory bandwidth: a large copy (read + write).
@@ -303,16 +305,26 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    # Under a launcher rank 0 measures the device alone, with all of a CPU node's cores,
-    # while the other ranks wait: the rates are the device's, not a rank's share of it.
+    # Under a launcher rank 0 measures the device alone while the other ranks wait. On CPU it
+    # measures one core (one thread) and counts the node as cores x that: a rate measured
+    # with every core at once swings with whatever else runs (OpenMP threads wait for each
+    # other when one of them is descheduled), while ranks with cores // ranks threads each
+    # scale as the cores do (bench/scaling.py: 2 ranks reach 91-97% of the all-cores run).
     if not distributed or dist.get_rank() == 0:
         threads = torch.get_num_threads()
         if device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or threads)
+            torch.set_num_threads(1)
         try:
             rates = measure_device(device, quick, log)
         finally:
             torch.set_num_threads(threads)
+        if device.type == "cpu":
+            cores = os.cpu_count() or 1
+            for point in rates["points"]:
+                point["flops_per_s"] *= cores
+            for key in ("peak", "memory", "elementwise", "optimizer"):
+                rates[key] *= cores
+            log(f"  x {cores} cores: peak {rates['peak'] / 1e9:.1f} GFLOP/s")
     else:
         rates = {}
     if distributed:
@@ -356,7 +368,7 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
                              "override with plan --gpus-per-node",
             "device_memory": "this machine's memory",
             "compute.peak_flops": "the fastest measured GEMM point",
-            "compute": measured,
+            "compute": measured + (" on one core, x the node's cores" if cpu else ""),
             "network": how,
             "network.nics_per_node": "not measured: 1",
             "reader": measured + " (JPEG: one core x the node's cores)",

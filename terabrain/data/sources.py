@@ -521,6 +521,12 @@ class NpySource(DataSource):
     def example_shape(self, config: NpyData) -> tuple[int, ...]:
         return _npy_example_shape(open_npy(config.path))
 
+    def reading(self, config: NpyData) -> tuple[str, float]:
+        if not config.stream:
+            return "resident", 0.0
+        array = open_npy(config.path)
+        return "pixels", float(array.itemsize * math.prod(array.shape[1:]))
+
     def training_rows(self, config: NpyData) -> Optional[int]:
         if config.stream:
             return None
