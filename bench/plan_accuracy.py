@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from _common import OtherLoad  # bench/ is on sys.path: scripts run as bench/NAME.py
 
 HERE = Path(__file__).resolve().parent

@@ -140,6 +140,7 @@ def seed_003() -> None:
     fastest = min((s for s in plan.splits if s.step_time_s is not None),
                   key=lambda s: s.step_time_s)
     chosen = plan.recommended or fastest
+    what = "recommended" if plan.recommended else "fastest (none fits in 4 GB)"
     # The 185M network: the same three layers with fewer maps (the seed gives no architecture).
     candidates = []
     for maps in range(4, 30):
@@ -152,7 +153,7 @@ def seed_003() -> None:
     one = plan_experiment(small, 1, cots.device_memory, profile=cots).splits[0]
     print(f"\nseed 003: cots-11b ({format_count(plan.parameters)} parameters) on 64 GTX 680s "
           "(16 servers x 4)")
-    print(f"  recommended {chosen.data}x{chosen.model}: step {format_seconds(chosen.step_time_s)}"
+    print(f"  {what} {chosen.data}x{chosen.model}: step {format_seconds(chosen.step_time_s)}"
           f" ({'fits' if chosen.fits else 'does not fit'} in 4 GB; compute "
           f"{format_seconds(chosen.compute_s)}, exposed {format_seconds(chosen.exposed_s)})")
     print(f"  the same layers with {maps} maps ({format_count(parameters)} parameters) on 1 GPU: "
