@@ -13,6 +13,8 @@ What is measured, on the device given (``--device cpu|cuda``), with this process
 - elementwise bandwidth: ``torch.add(a, b, out=c)`` on activation-sized tensors (3 streams).
 - optimizer bandwidth: ``torch.optim.SGD`` with momentum over a 16 MB parameter (5 streams).
 - step overhead: a training step of a 16 x 16 linear layer (framework time, no work).
+- gradient compression: compress + decompress of a 1024 x 1024 gradient by each
+  ``parallel.compression`` scheme's compressor (terabrain.parallel.compressors).
 - reader: JPEG decoding (PIL) of a 300 x 300 image on one core, times the node's cores;
   reading a pre-decoded file from the page cache.
 - links, only under a launcher (torchrun, srun, mpirun with N ranks): real all-reduce,
@@ -101,6 +103,26 @@ def measure_optimizer(device: torch.device, seconds: float) -> float:
     parameter.grad = torch.rand_like(parameter)
     optimizer = torch.optim.SGD([parameter], lr=1e-6, momentum=0.9)
     return 5.0 * 4 * parameter.numel() / timed(optimizer.step, device, seconds)
+
+
+def measure_compression(device: torch.device, seconds: float) -> dict[str, float]:
+    """fp32 gradient bytes/s of one compress + decompress of each scheme's compressor
+    (terabrain.parallel.compressors) on a 1024 x 1024 gradient."""
+    from terabrain.parallel.compressors import SCHEMES, build_compressor
+
+    gradient = torch.randn(1024, 1024, device=device) * 1e-3
+    rates = {}
+    for scheme in SCHEMES:
+        if scheme == "none":
+            continue
+        compressor = build_compressor(scheme)
+
+        def passes(compressor=compressor):
+            payload, layout = compressor.compress(gradient)
+            compressor.decompress(payload, layout)
+
+        rates[scheme] = 4.0 * gradient.numel() / timed(passes, device, seconds)
+    return rates
 
 
 def measure_step_overhead(device: torch.device, seconds: float) -> float:
@@ -288,12 +310,15 @@ def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]
     elementwise = measure_elementwise(device, seconds)
     optimizer = measure_optimizer(device, seconds)
     overhead = measure_step_overhead(device, seconds)
+    compression = measure_compression(device, seconds)
     local = measure_local_efficiency(device, seconds)
     decode, pixel_bytes = measure_reader(seconds)
     log(f"  memory {memory / 1e9:.1f} GB/s, elementwise {elementwise / 1e9:.1f} GB/s, optimizer "
         f"{optimizer / 1e9:.1f} GB/s, step overhead {overhead * 1e3:.2f} ms, local layer "
         f"{local:.0%} of GEMM, JPEG {decode / 1e6:.0f} Mpixel/s, pixels {pixel_bytes / 1e9:.1f} GB/s")
-    rates.update(peak=peak, memory=memory, elementwise=elementwise, optimizer=optimizer,
+    log("  compression (compress + decompress): " + ", ".join(
+        f"{scheme} {rate / 1e9:.2f} GB/s" for scheme, rate in compression.items()))
+    rates.update(compression=compression, peak=peak, memory=memory, elementwise=elementwise, optimizer=optimizer,
                  overhead=overhead, local=local, decode=decode, pixel_bytes=pixel_bytes)
     return rates
 
@@ -324,6 +349,7 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
                 point["flops_per_s"] *= cores
             for key in ("peak", "memory", "elementwise", "optimizer"):
                 rates[key] *= cores
+            rates["compression"] = {k: v * cores for k, v in rates["compression"].items()}
             log(f"  x {cores} cores: peak {rates['peak'] / 1e9:.1f} GFLOP/s")
     else:
         rates = {}
@@ -358,6 +384,7 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
             "gemm_points": rates["points"], "local_efficiency": rates["local"],
             "elementwise_bandwidth": rates["elementwise"],
             "optimizer_bandwidth": rates["optimizer"], "step_overhead_s": rates["overhead"],
+            "compression_bandwidth": rates["compression"],
             "ranks_share_device": cpu,
         },
         network={"backend": backend, "intra_node": intra, "inter_node": inter, "nics_per_node": 1},

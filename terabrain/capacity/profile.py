@@ -71,6 +71,11 @@ class Compute(_Strict):
         description="Bytes/s that elementwise kernels stream (reads + writes).")
     optimizer_bandwidth: PositiveFloat = Field(
         description="Bytes/s the optimizer update streams (parameters, gradients, state).")
+    compression_bandwidth: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="fp32 gradient bytes/s one compress + decompress pass of each "
+                    "parallel.compression scheme handles; a scheme not listed: "
+                    "elementwise_bandwidth / 8 (an assumption).")
     step_overhead_s: float = Field(
         0.0, ge=0, description="Fixed seconds per training step (framework, launches).")
     ranks_share_device: bool = Field(

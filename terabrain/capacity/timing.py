@@ -3,7 +3,7 @@ and a machine profile (terabrain.capacity.profile).
 
 - compute = sum over GEMMs of FLOPs / gemm_rate (locally connected ones at local_efficiency
   of it) + elementwise bytes / elementwise bandwidth + optimizer bytes / optimizer bandwidth
-  + the profile's fixed step overhead. Where the ranks of a node share one device (CPU nodes),
+  + the gradient compressor's passes at its measured rate + the profile's fixed step overhead. Where the ranks of a node share one device (CPU nodes),
   each rank gets 1 / (ranks on the node) of every rate.
 - communication: each collective is alpha x steps(k) + bytes sent / bandwidth over the links
   its group crosses. The mesh is (data, model) row-major, so a model-axis group of m ranks is
@@ -115,6 +115,10 @@ def compute_seconds(profile: MachineProfile, work: StepWork, share: int, bf16: b
         seconds += gemm.flops / rate
     seconds += work.elementwise_bytes / compute.elementwise_bandwidth
     seconds += work.optimizer_bytes / compute.optimizer_bandwidth
+    if work.compression is not None:
+        scheme, processed = work.compression
+        rate = compute.compression_bandwidth.get(scheme, compute.elementwise_bandwidth / 8)
+        seconds += processed / rate
     return seconds * share + compute.step_overhead_s
 
 

@@ -50,7 +50,8 @@ class StepWork:
     elementwise_bytes: float = 0.0
     optimizer_bytes: float = 0.0
     transfers: list[Transfer] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    compression: tuple[str, float] | None = None
+    """(parallel.compression scheme, fp32 gradient bytes its compressor passes over per step)."""
 
     @property
     def flops(self) -> float:
@@ -76,31 +77,34 @@ def optimizer_streams(optimizer) -> float:
 
 # The flat buffer of terabrain.parallel.data_parallel: cat, divide, copy back (2 streams each).
 DATA_PARALLEL_STREAMS = 6
-# A lossy compressor: compress with error feedback, decompress, sum the pieces (~ 8 streams).
-COMPRESSOR_STREAMS = 8
+# Compress + decompress passes over the whole gradient per exchange: half precision casts
+# once each way; a lossy scheme quantizes the gradient, decompresses and sums the pieces of
+# its column range, re-quantizes that range and decompresses the gathered sum (~ 2 passes).
+COMPRESSION_PASSES = {"fp16": 1, "bf16": 1, "onebit": 2, "threshold": 2, "adaptive": 2}
 
 
 def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
-                      evaluations: int = 1) -> tuple[list[Transfer], float]:
+                      evaluations: int = 1) -> tuple[list[Transfer], float, tuple[str, float] | None]:
     """The data axis's collectives per step for ``elements`` local gradient values and the
-    ``scalars`` logged with them, and the elementwise bytes around them. Not overlapped:
-    terabrain.parallel.data_parallel reduces after the whole backward pass."""
+    ``scalars`` logged with them, the elementwise bytes around them, and the compressor's
+    work (StepWork.compression). Not overlapped: terabrain.parallel.data_parallel reduces
+    after the whole backward pass."""
     if data_ranks == 1 or parallel.mode == "hogwild":
-        return [], 0.0
+        return [], 0.0, None
     per_step = evaluations / parallel.average_every if parallel.mode == "localsgd" else evaluations
     compression = parallel.compression if parallel.mode == "sync" else "none"
     copies = DATA_PARALLEL_STREAMS * FP32 * elements * per_step
     if compression == "none":
         sent = ring_all_reduce(data_ranks, FP32 * (elements + scalars))
-        return [Transfer("all_reduce", "data", sent, per_step)], copies
+        return [Transfer("all_reduce", "data", sent, per_step)], copies, None
+    work = (compression, COMPRESSION_PASSES[compression] * FP32 * elements * per_step)
     if compression in ("fp16", "bf16"):
         sent = ring_all_reduce(data_ranks, 2 * elements) + ring_all_reduce(data_ranks, FP32 * scalars)
-        return ([Transfer("all_reduce", "data", sent, per_step)],
-                copies + COMPRESSOR_STREAMS / 2 * FP32 * elements * per_step)
+        return [Transfer("all_reduce", "data", sent, per_step)], copies, work
     # onebit (and, as an estimate, threshold and adaptive): one bit per value, reduced by
     # reduce-scatter, re-quantized and all-gathered (terabrain.parallel.exchange).
     payload = elements / 8 + 2 * 2 * (elements ** 0.5)  # signs + bf16 values per column
     transfers = [Transfer("reduce_scatter", "data", ring_all_gather(data_ranks, payload), per_step),
                  Transfer("all_gather", "data", ring_all_gather(data_ranks, payload), per_step),
                  Transfer("all_reduce", "data", ring_all_reduce(data_ranks, FP32 * scalars), per_step)]
-    return transfers, copies + COMPRESSOR_STREAMS * FP32 * elements * per_step
+    return transfers, copies, work

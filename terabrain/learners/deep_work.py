@@ -84,13 +84,13 @@ def deep_work(config, table: list[dict]):
             if split["sent"]:
                 calls = 3 if spec.kind == "dense" else 4 + (1 if spec.pool else 0) + (2 if spec.lcn else 0)
                 transfers.append(Transfer("point_to_point", "model", split["sent"] / calls, calls))
-        exchange, copies = gradient_exchange(config.parallel, data_ranks, local_total,
+        exchange, copies, compression = gradient_exchange(config.parallel, data_ranks, local_total,
                                              3 * len(table) + 1, evaluations)
         return StepWork(
             rows=rows, gemms=gemms,
             elementwise_bytes=evaluations * elementwise + copies,
             optimizer_bytes=FP32 * streams * local_total,
-            transfers=transfers + exchange,
+            transfers=transfers + exchange, compression=compression,
         )
 
     return work

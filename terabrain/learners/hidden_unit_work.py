@@ -71,12 +71,12 @@ def hidden_unit_work(learner, config, inputs: int, params: list, logged: int):
                 sharded = sum(p.numel for p in params if p.sharded)
                 transfers.append(Transfer("all_gather", "model",
                                           ring_all_gather(model_ranks, FP32 * sharded), evaluations))
-        exchange, copies = gradient_exchange(config.parallel, data_ranks, local, logged, evaluations)
+        exchange, copies, compression = gradient_exchange(config.parallel, data_ranks, local, logged, evaluations)
         return StepWork(
             rows=rows, gemms=gemms,
             elementwise_bytes=evaluations * elementwise + copies,
             optimizer_bytes=FP32 * streams * local,
-            transfers=transfers + exchange,
+            transfers=transfers + exchange, compression=compression,
         )
 
     return work
