@@ -189,16 +189,23 @@ def cause(case: Case) -> str:
     p, measured = case.predicted, case.measured_s
     reasons = []
     if case.other_cores is not None and case.other_cores > 0.2:
-        reasons.append(f"other processes used {case.other_cores:.1f} cores during the run")
+        reasons.append(f"other processes used {case.other_cores:.1f} of the cores during the run "
+                       "(and others ran during calibration)")
     if case.ranks > (os.cpu_count() or 1):
-        reasons.append("more ranks than cores: time-sharing the model does not count")
+        reasons.append("more ranks than cores: they time-share, and under other load more "
+                       "processes get a larger share of the CPU")
     if p["read_s"] and measured > p["step_s"]:
-        reasons.append("streamed reading costs more than the profile's page-cache read rate "
-                       "(per-example indexing and collation in Python)")
+        reasons.append("streamed reading: the profile's reader rate is the page cache's; "
+                       "terabrain's stream (worker processes, per-example reads, collation) runs "
+                       "on the same cores and calibrate does not measure it")
+    if any("compression" in item for item in case.sets):
+        reasons.append("compressed exchange: calibrate times one compress + decompress; the "
+                       "exchange also splits, sums and re-quantizes column ranges (all-to-all)")
+    if case.experiment == DEEP and measured < p["step_s"]:
+        reasons.append("locally connected layers: calibrate's local_efficiency (one 48x48 layer "
+                       "against one location's GEMM) under-rates these smaller layers")
     if p["exposed_s"] > 0.3 * p["step_s"]:
-        reasons.append("communication-dominated: gloo over loopback on shared cores")
-    if measured < p["step_s"] and not reasons:
-        reasons.append("the profile's rates were measured under heavier load than the run")
+        reasons.append("communication-heavy: gloo over loopback shares the cores with compute")
     return "; ".join(reasons) or "unexplained"
 
 

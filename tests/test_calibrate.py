@@ -29,6 +29,8 @@ def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):
     assert len(profile.compute.gemm_points) >= 4
     assert profile.compute.peak_flops == max(p.flops_per_s for p in profile.compute.gemm_points)
     assert "not measured" in profile.sources["network"]  # one process: no links
+    assert set(profile.compute.compression_bandwidth) == {"fp16", "bf16", "onebit", "threshold",
+                                                          "adaptive"}
     plan = plan_experiment(load_experiment("lbann-ae-small", []), 2, profile.device_memory,
                            profile=profile)
     assert all(s.step_time_s > 0 for s in plan.splits if s.valid)

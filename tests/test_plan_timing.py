@@ -165,3 +165,20 @@ def test_reading_is_per_replica_so_model_parallel_strong_scaling_flattens():
         rates[nodes] = 1.0 / (split.compute_s + split.exposed_s + read)
     assert rates[32] / rates[8] > 2.0  # good strong scaling 8 -> 32 nodes
     assert rates[128] / rates[32] < rates[32] / rates[8]  # tapering
+
+
+def test_a_slow_compressor_costs_compute_time(tmp_path):
+    raw = yaml.safe_load(load_profile("h100-sxm").to_yaml())
+    config = load_experiment("lbann-ae-small", ["parallel.compression=onebit"])
+    steps = []
+    for rate in (1e12, 1e8):
+        raw["compute"]["compression_bandwidth"] = {"onebit": rate}
+        path = tmp_path / f"p{rate:g}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        plan = plan_experiment(config, 2, 10**11, profile=load_profile(str(path)))
+        steps.append(next(s for s in plan.splits if s.data == 2))
+    fast, slow = steps
+    elements = fast.local_parameters
+    # Two compress + decompress passes over the fp32 gradient per exchange.
+    assert slow.compute_s - fast.compute_s == pytest.approx(
+        2 * 4 * elements * (1 / 1e8 - 1 / 1e12), rel=1e-6)
