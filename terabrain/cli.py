@@ -124,11 +124,30 @@ def _plan(args: argparse.Namespace) -> int:
     from terabrain.config.loader import load_experiment
     from terabrain.capacity import format_plan, parse_memory, plan_experiment
 
-    memory = parse_memory(args.gpu_memory, "--gpu-memory")
+    from terabrain.capacity.profile import load_profile
+    from terabrain.errors import ConfigError
+
+    profile = load_profile(args.profile) if args.profile else None
+    if args.gpu_memory is not None:
+        memory = parse_memory(args.gpu_memory, "--gpu-memory")
+    elif profile is not None:
+        memory = profile.device_memory
+    else:
+        raise ConfigError("--gpu-memory: give the memory per device (80GB, ...) or a --profile")
     config = load_experiment(args.experiment, args.set)
-    plan = plan_experiment(config, args.gpus, memory, batch=args.batch, headroom=args.headroom)
+    plan = plan_experiment(config, args.gpus, memory, batch=args.batch, headroom=args.headroom,
+                           profile=profile, gpus_per_node=args.gpus_per_node,
+                           dataset_size=args.dataset_size)
     print(plan.to_json() if args.json else format_plan(plan))
     return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """`terabrain calibrate`: measure this machine (and, under a launcher, its links) and write
+    a machine profile for `terabrain plan --profile`."""
+    from terabrain.capacity.calibrate import calibrate_command
+
+    return calibrate_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,16 +189,39 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("experiment", nargs="?", help="a built-in name or an EXPERIMENT.yaml")
     plan.add_argument("--gpus", type=int, required=True, metavar="N",
                       help="devices (ranks) to split the experiment over")
-    plan.add_argument("--gpu-memory", required=True, metavar="SIZE",
-                      help="memory per device: 80GB (10^9 bytes), 80GiB (2^30), 512MB, ...")
+    plan.add_argument("--gpu-memory", metavar="SIZE",
+                      help="memory per device: 80GB (10^9 bytes), 80GiB (2^30), 512MB, ... "
+                           "(default: the profile's)")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a field, e.g. --set model.hidden=100000 (repeatable)")
     plan.add_argument("--batch", type=int, metavar="N",
                       help="global batch size (default: train.batch_size)")
     plan.add_argument("--headroom", type=float, default=0.9,
                       help="fraction of the device memory the plan may use (default 0.9)")
+    plan.add_argument("--profile", metavar="PROFILE",
+                      help="a machine profile (YAML from `terabrain calibrate`, or built-in: "
+                           "h100-sxm, h200, a100-80gb, llnl-edge, llnl-catalyst, cots-hpc): "
+                           "adds the predicted step time of every split")
+    plan.add_argument("--gpus-per-node", type=int, metavar="G",
+                      help="ranks per node (default: the profile's)")
+    plan.add_argument("--dataset-size", type=int, metavar="N",
+                      help="examples per epoch, for the time per epoch (default: the training "
+                           "rows when the source knows them)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_plan)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="measure this machine and write a profile for `plan --profile`",
+        description="terabrain calibrate --out profile.yaml; under torchrun/srun/mpirun with "
+                    "N ranks it also measures the links between them (real collectives)",
+    )
+    calibrate.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    calibrate.add_argument("--out", type=Path, default=Path("profile.yaml"), metavar="PATH",
+                           help="where to write the profile (default profile.yaml)")
+    calibrate.add_argument("--name", help="the profile's name (default: this host's)")
+    calibrate.add_argument("--quick", action="store_true",
+                           help="fewer shapes and repeats (seconds instead of a minute)")
+    calibrate.set_defaults(handler=_calibrate)
 
     from terabrain.analysis.commands import add_parsers as add_analysis_parsers
     from terabrain.data.commands import register as register_data

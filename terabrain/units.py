@@ -46,3 +46,15 @@ def format_count(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.2f} {suffix}"
     return str(count)
+
+
+def format_seconds(seconds: float) -> str:
+    """412 us, 35.2 ms, 1.25 s, 3.4 h, 8.1 d: three significant digits."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
+    for limit, scale, unit in ((60, 1, "s"), (3600, 60, "min"), (86400, 3600, "h")):
+        if seconds < limit:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 86400:.3g} d"

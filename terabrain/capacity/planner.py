@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from terabrain.capacity.costs import FP32
-from terabrain.units import format_bytes, format_count
 from terabrain.errors import ConfigError
+from terabrain.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:
+    from terabrain.capacity.profile import MachineProfile
+    from terabrain.capacity.work import StepWork
     from terabrain.config.schema import ExperimentConfig
 
 DEFAULT_HEADROOM = 0.9
@@ -63,6 +65,9 @@ class Capacity:
     layers: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """How this learner's columns are counted, for the report."""
+    work: Optional[Callable[[int, int, int], "StepWork"]] = None
+    """(data ranks, model ranks, batch rows per replica) -> that rank's work per step
+    (terabrain.capacity.work), for the step-time forecast; None: no forecast."""
 
 
 @dataclass
@@ -87,6 +92,14 @@ class Split:
     sent: int
     configured: bool = False
     recommended: bool = False
+    # The step-time forecast (`--profile`; terabrain.capacity.timing), None without one.
+    step_time_s: Optional[float] = None
+    compute_s: Optional[float] = None
+    communication_s: Optional[float] = None
+    exposed_s: Optional[float] = None
+    read_s: Optional[float] = None
+    images_per_s: Optional[float] = None
+    epoch_s: Optional[float] = None
 
     @property
     def other(self) -> int:
@@ -118,6 +131,11 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     """Deep networks: one row per layer (terabrain.learners.deep_capacity.layer_table)."""
+    profile: Optional[str] = None
+    """The machine profile the step times come from (None: no forecast)."""
+    gpus_per_node: Optional[int] = None
+    dataset_size: Optional[int] = None
+    """Examples per epoch for epoch_s (the training rows when the source knows them)."""
 
     @property
     def usable_memory(self) -> int:
@@ -137,6 +155,8 @@ class Plan:
         for split, raw in zip(self.splits, out["splits"]):
             raw["status"] = split.status
             raw["other"] = split.other
+            raw["peak_bytes"] = split.total
+            raw["sent_bytes"] = split.sent
         return out
 
     def to_json(self) -> str:
@@ -172,10 +192,15 @@ def plan_experiment(
     *,
     batch: Optional[int] = None,
     headroom: float = DEFAULT_HEADROOM,
+    profile: Optional["MachineProfile"] = None,
+    gpus_per_node: Optional[int] = None,
+    dataset_size: Optional[int] = None,
 ) -> Plan:
     """Memory per rank and bytes sent per step for every (data, model) with data * model =
     ``devices``; marks the ones that fit in ``headroom * device_memory`` and recommends the
-    one that fits and sends the fewest bytes."""
+    one that fits and sends the fewest bytes. With a machine ``profile``, every valid split
+    also gets its predicted step time (terabrain.capacity.timing) and the recommendation is
+    the fastest split that fits (fewest bytes among equals)."""
     from terabrain.data.sources import source_of
     from terabrain.learners.registry import learner_of
 
@@ -222,8 +247,17 @@ def plan_experiment(
             sent=figures.model_axis_sent + figures.data_axis_sent,
             configured=configured == (data_ranks, model_ranks),
         ))
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
+    if dataset_size is not None and dataset_size < 1:
+        raise ConfigError(f"--dataset-size must be at least 1, got {dataset_size}")
+    epoch_rows = dataset_size or train_rows
+    if profile is not None and capacity.work is not None:
+        _forecast(splits, capacity, profile, config, batch, gpus_per_node, epoch_rows)
     fitting = [s for s in splits if s.fits]
-    if fitting:
+    if fitting and profile is not None and capacity.work is not None:
+        min(fitting, key=lambda s: (s.step_time_s, s.sent, s.total)).recommended = True
+    elif fitting:
         min(fitting, key=lambda s: (s.sent, s.total)).recommended = True
 
     plan = Plan(
@@ -232,16 +266,46 @@ def plan_experiment(
         parameter_table=capacity.parameter_table, batch=batch, train_rows=train_rows,
         optimizer=config.optimizer.name, evaluations_per_step=capacity.evaluations_per_step,
         devices=devices, device_memory=device_memory, headroom=headroom, splits=splits,
-        layers=capacity.layers,
+        layers=capacity.layers, profile=profile.name if profile is not None else None,
+        gpus_per_node=gpus_per_node or (profile.gpus_per_node if profile is not None else None),
+        dataset_size=epoch_rows,
     )
     plan.notes = _notes(plan, config, capacity.notes)
     return plan
 
 
+def _forecast(splits: list[Split], capacity: Capacity, profile: "MachineProfile",
+              config: "ExperimentConfig", batch: int, gpus_per_node: Optional[int],
+              epoch_rows: Optional[int]) -> None:
+    """Fill in every valid split's step time from the learner's work and the profile."""
+    from terabrain.capacity.timing import predict
+    from terabrain.data.sources import source_of
+
+    reading = source_of(config.data).reading(config.data)
+    for split in splits:
+        if not split.valid:
+            continue
+        work = capacity.work(split.data, split.model, split.rows_per_rank)
+        time = predict(profile, work, split.data, split.model, gpus_per_node=gpus_per_node,
+                       reading=reading, bf16=config.precision == "bf16")
+        split.step_time_s, split.compute_s = time.step_s, time.compute_s
+        split.communication_s, split.exposed_s, split.read_s = (
+            time.communication_s, time.exposed_s, time.read_s)
+        split.images_per_s = time.images_per_s(batch)
+        if epoch_rows is not None:
+            split.epoch_s = epoch_rows / split.images_per_s
+
+
 def _notes(plan: Plan, config: "ExperimentConfig", learner_notes: list[str]) -> list[str]:
     notes = []
     best = plan.recommended
-    if best is not None:
+    if best is not None and best.step_time_s is not None:
+        notes.append(
+            f"recommended: parallel.data={best.data} parallel.model={best.model} "
+            f"(fits, fastest on {plan.profile}: {format_seconds(best.step_time_s)} per step, "
+            f"{best.images_per_s:,.0f} images/s)"
+        )
+    elif best is not None:
         notes.append(
             f"recommended: parallel.data={best.data} parallel.model={best.model} "
             f"(fits, sends the least: {format_bytes(best.sent)} per rank per step)"
@@ -278,6 +342,16 @@ def _notes(plan: Plan, config: "ExperimentConfig", learner_notes: list[str]) -> 
         "not counted: at the end of the stage every rank gathers the full weights "
         "(model.safetensors, filters.png), skipped above 2^30 parameters",
     ]
+    if plan.profile is not None:
+        notes += [
+            f"step: predicted seconds per step on profile {plan.profile} "
+            f"({plan.gpus_per_node} ranks per node) = compute + exposed communication "
+            "(+ reading where it is not hidden); comm: all collectives, alpha-beta per link; "
+            "exposed: the part not overlapped with compute. Today's data-parallel all-reduce "
+            "starts after the whole backward pass, so it is all exposed",
+            "epoch: " + (f"{plan.dataset_size:,} examples / images per second"
+                         if plan.dataset_size else "give --dataset-size (the source is streamed)"),
+        ]
     return notes
 
 
@@ -305,8 +379,12 @@ def format_plan(plan: Plan) -> str:
                 f"{format_count(row['parameters']):>10}  {row['forward_flops_per_example'] / 1e9:>13.2f}"
             )
         lines.append("")
+    timed = plan.profile is not None
     header = ["data", "model", "weights", "grads", "optim", "activ", "other", "total",
-              "fits", "sent:model", "sent:data", "sent", ""]
+              "fits", "sent:model", "sent:data", "sent"]
+    if timed:
+        header += ["step", "compute", "comm", "exposed", "images/s", "epoch"]
+    header.append("")
     rows = []
     for s in plan.splits:
         marks = []
@@ -314,14 +392,21 @@ def format_plan(plan: Plan) -> str:
             marks.append("<- recommended")
         if s.configured:
             marks.append("(config)")
-        rows.append([
+        row = [
             str(s.data), str(s.model), format_bytes(s.weights), format_bytes(s.gradients),
             format_bytes(s.optimizer), format_bytes(s.activations), format_bytes(s.other),
             format_bytes(s.total), s.status, format_bytes(s.model_axis_sent),
-            format_bytes(s.data_axis_sent), format_bytes(s.sent), " ".join(marks),
-        ])
+            format_bytes(s.data_axis_sent), format_bytes(s.sent),
+        ]
+        if timed:
+            row += ([format_seconds(s.step_time_s), format_seconds(s.compute_s),
+                     format_seconds(s.communication_s), format_seconds(s.exposed_s),
+                     f"{s.images_per_s:,.0f}",
+                     format_seconds(s.epoch_s) if s.epoch_s is not None else "-"]
+                    if s.step_time_s is not None else ["-"] * 6)
+        rows.append(row + [" ".join(marks)])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    left = {8, 12}  # fits, marks
+    left = {8, len(header) - 1}  # fits, marks
 
     def line(cells: list[str]) -> str:
         return "  ".join(

@@ -385,6 +385,14 @@ class DataSource:
         """The node-local directory a collection is staged into (shards only)."""
         return None
 
+    def reading(self, config: DataSection) -> tuple[str, float]:
+        """What reading one training example costs, for `terabrain plan --profile`:
+        ("resident", 0) when the set stays in memory, ("pixels", bytes) for arrays read as
+        they are, ("jpeg", pixels decoded) for encoded images."""
+        if not self.streamed(config):
+            return "resident", 0.0
+        return "pixels", float(math.prod(self.example_shape(config)))
+
 
 class PhotosSource(DataSource):
     name, section = "photos", PhotosData
@@ -513,6 +521,12 @@ class NpySource(DataSource):
     def example_shape(self, config: NpyData) -> tuple[int, ...]:
         return _npy_example_shape(open_npy(config.path))
 
+    def reading(self, config: NpyData) -> tuple[str, float]:
+        if not config.stream:
+            return "resident", 0.0
+        array = open_npy(config.path)
+        return "pixels", float(array.itemsize * math.prod(array.shape[1:]))
+
     def training_rows(self, config: NpyData) -> Optional[int]:
         if config.stream:
             return None
@@ -563,6 +577,13 @@ class ImageCollectionSource(DataSource):
     def location(self, config: ImageCollectionData) -> str:
         return str(config.root)
 
+    def reading(self, config: ImageCollectionData) -> tuple[str, float]:
+        # One decoded image (its crop, at least the example's size) yields patches_per_image
+        # examples; decoding cost is counted on the crop (the original's size is not known).
+        side = max(config.crop_size or 0, config.image_size or 0, config.patch_size or 0)
+        pixels = side * side * (3 if config.color else 1) / max(1, config.patches_per_image or 1)
+        return "jpeg", float(pixels)
+
 
 class FolderSource(ImageCollectionSource):
     name, section = "folder", FolderData
@@ -581,6 +602,21 @@ class ShardsSource(ImageCollectionSource):
 
     def stage_dir(self, config: ShardsData) -> Optional[Path]:
         return config.stage_dir
+
+    def reading(self, config: ShardsData) -> tuple[str, float]:
+        """A pre-decoded pack (`data pack --decode`, its index has "decoded") is read as
+        uint8 pixels; otherwise, and when the pack is not there to look at, as JPEG."""
+        import json
+
+        from terabrain.data.shards import INDEX_NAME
+
+        try:
+            decoded = json.loads((Path(config.root) / INDEX_NAME).read_text()).get("decoded")
+        except (OSError, ValueError, AttributeError):
+            decoded = None
+        if decoded is not None:
+            return "pixels", float(math.prod(self.example_shape(config)))
+        return super().reading(config)
 
     def catalog(self, config: ShardsData) -> "Catalog":
         from terabrain.data.catalogs import ShardCatalog

@@ -136,6 +136,8 @@ def _layer_split(spec, info: dict, model_ranks: int, rows_b: int) -> dict:
 
 
 def deep_capacity(config: "ExperimentConfig", example_shape: tuple[int, ...]) -> Capacity:
+    from terabrain.learners.deep_work import deep_work  # it reads _layer_split from here
+
     table = layer_table(config, example_shape)
     total = sum(row["parameters"] for row in table)
 
@@ -160,7 +162,7 @@ def deep_capacity(config: "ExperimentConfig", example_shape: tuple[int, ...]) ->
     )
     return Capacity(
         description=description, parameters=total, hidden=table[-1]["codes"][0],
-        per_rank=per_rank, layers=table,
+        per_rank=per_rank, layers=table, work=deep_work(config, table),
         notes=[
             "layers: " + "; ".join(
                 f"{row['layer']} {row['kind']} {format_count(row['parameters'])} parameters, "

@@ -38,6 +38,7 @@ from terabrain.capacity.costs import (
 )
 from terabrain.capacity.planner import Capacity, RankFigures
 from terabrain.learners.base import FilterPicture, Learner, ModelSection, Training
+from terabrain.learners.hidden_unit_work import hidden_unit_work
 from terabrain.objectives import build_objective
 from terabrain.parallel.parallelism import full, local
 from terabrain.parallel.hidden_unit_plan import check_divisible, hidden_unit_plan
@@ -73,6 +74,9 @@ class ParameterInfo:
 class HiddenUnitLearner(Learner):
     """Base of the one-hidden-layer learners; subclasses build the module and count the
     gradient copies of their weights."""
+
+    normalisation_streams = 0
+    """Passes over the sharded weights per step that keep their rows at unit norm (RICA)."""
 
     def build_module(self, model: HiddenUnitSection, inputs: int,
                      seed: Optional[int]) -> torch.nn.Module:
@@ -171,6 +175,7 @@ class HiddenUnitLearner(Learner):
             description=self.plan_description(config, inputs),
             parameters=total, hidden=hidden, parameter_table=params,
             evaluations_per_step=evaluations, per_rank=per_rank,
+            work=hidden_unit_work(self, config, inputs, params, logged),
             notes=[
                 "grads: the backward pass's peak gradient working set (tied W 3x, untied 2x "
                 "each, RICA 5x, biases 1x)",

@@ -20,6 +20,7 @@ class RICAModel(HiddenUnitSection):
 
 class RICALearner(HiddenUnitLearner):
     kind, section, objectives = "rica", RICAModel, ("rica",)
+    normalisation_streams = 6  # row norms, divide, and their backward: passes over W per step
 
     def build_module(self, model, inputs, seed):
         return RICA(inputs, model.hidden, model.dropout, seed=seed)

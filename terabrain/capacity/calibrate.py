@@ -1,0 +1,442 @@
+"""`terabrain calibrate`: measure this machine and write a machine profile
+(terabrain.capacity.profile) for `terabrain plan --profile`.
+
+What is measured, on the device given (``--device cpu|cuda``), with this process's threads:
+
+- On CPU every rate is measured on one core (one thread) and multiplied by the node's
+  cores (an assumption that holds on small nodes; memory bandwidth saturates on large ones).
+- GEMM points: ``torch.mm`` at the shapes the learners run (thin batch-40 and batch-256
+  products, their weight-gradient transposes, squares); the fastest is the measured peak.
+- memory bandwidth: a large copy (read + write).
+- the locally connected layer (terabrain.nn.local): its forward + backward rate over the
+  GEMM rate of the same per-location shape.
+- elementwise bandwidth: ``torch.add(a, b, out=c)`` on activation-sized tensors (3 streams).
+- optimizer bandwidth: ``torch.optim.SGD`` with momentum over a 16 MB parameter (5 streams).
+- step overhead: a training step of a 16 x 16 linear layer (framework time, no work).
+- gradient compression: compress + decompress of a 1024 x 1024 gradient by each
+  ``parallel.compression`` scheme's compressor (terabrain.parallel.compressors).
+- reader: JPEG decoding (PIL) of a 300 x 300 image on one core, times the node's cores;
+  reading a pre-decoded file from the page cache.
+- links, only under a launcher (torchrun, srun, mpirun with N ranks): real all-reduce,
+  all-gather, reduce-scatter and send/recv over the world (gloo on CPU, NCCL on CUDA) at
+  sizes from 4 kB to 32 MB, fitted to alpha x steps + bytes / bandwidth. When every rank is
+  on one node these are the intra-node links and the inter-node ones are copied from them
+  (the profile's sources say so); across nodes the world group gives the inter-node links
+  and each node's own group the intra-node ones.
+
+Rank 0 writes the profile. Rates are per device: on CPU the device is the node, and
+``ranks_share_device`` tells the planner that ranks on a node divide it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from terabrain.capacity.profile import COLLECTIVES, MachineProfile
+
+GEMM_SHAPES = [  # (m, n, k): thin batch products, weight gradients, squares
+    (40, 1024, 3072), (40, 3072, 1024), (1024, 3072, 40),
+    (256, 4096, 4096), (256, 4096, 2048), (2048, 4096, 256),
+    (1024, 1024, 1024), (2048, 2048, 2048), (192, 96, 768), (64, 512, 512),
+]
+QUICK_SHAPES = [(40, 1024, 3072), (1024, 3072, 40), (256, 2048, 2048), (1024, 1024, 1024)]
+LINK_SIZES = [4 * 1024, 256 * 1024, 4 * 2**20, 32 * 2**20]
+QUICK_LINK_SIZES = [4 * 1024, 1 * 2**20, 8 * 2**20]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, seconds: float = 0.3,
+          at_least: int = 3) -> float:
+    """Median seconds of ``fn`` over repeats filling about ``seconds`` (after one warm-up)."""
+    fn()
+    _sync(device)
+    times = []
+    began = time.perf_counter()
+    while len(times) < at_least or time.perf_counter() - began < seconds:
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def measure_gemm(m: int, n: int, k: int, device: torch.device, seconds: float) -> float:
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    return 2.0 * m * n * k / timed(lambda: torch.mm(a, b, out=out), device, seconds)
+
+
+def measure_copy_bandwidth(device: torch.device, seconds: float) -> float:
+    elements = 64 * 2**20 // 4 if device.type == "cpu" else 512 * 2**20 // 4
+    a = torch.empty(elements, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    return 2.0 * 4 * elements / timed(lambda: b.copy_(a), device, seconds)
+
+
+def measure_elementwise(device: torch.device, seconds: float) -> float:
+    elements = 2**20  # 4 MB: an activation of batch 256 x 4096
+    a, b = torch.rand(elements, device=device), torch.rand(elements, device=device)
+    c = torch.empty_like(a)
+    return 3.0 * 4 * elements / timed(lambda: torch.add(a, b, out=c), device, seconds)
+
+
+def measure_optimizer(device: torch.device, seconds: float) -> float:
+    parameter = torch.nn.Parameter(torch.rand(4 * 2**20, device=device))
+    parameter.grad = torch.rand_like(parameter)
+    optimizer = torch.optim.SGD([parameter], lr=1e-6, momentum=0.9)
+    return 5.0 * 4 * parameter.numel() / timed(optimizer.step, device, seconds)
+
+
+def measure_compression(device: torch.device, seconds: float) -> dict[str, float]:
+    """fp32 gradient bytes/s of one compress + decompress of each scheme's compressor
+    (terabrain.parallel.compressors) on a 1024 x 1024 gradient."""
+    from terabrain.parallel.compressors import SCHEMES, build_compressor
+
+    gradient = torch.randn(1024, 1024, device=device) * 1e-3
+    rates = {}
+    for scheme in SCHEMES:
+        if scheme == "none":
+            continue
+        compressor = build_compressor(scheme)
+
+        def passes(compressor=compressor):
+            payload, layout = compressor.compress(gradient)
+            compressor.decompress(payload, layout)
+
+        rates[scheme] = 4.0 * gradient.numel() / timed(passes, device, seconds)
+    return rates
+
+
+def measure_step_overhead(device: torch.device, seconds: float) -> float:
+    layer = torch.nn.Linear(16, 16).to(device)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.rand(8, 16, device=device)
+
+    def step():
+        optimizer.zero_grad()
+        loss = ((layer(x) - x) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+
+    return timed(step, device, seconds)
+
+
+def measure_local_efficiency(device: torch.device, seconds: float) -> float:
+    """The locally connected layer's forward + backward FLOP rate over the GEMM rate of its
+    per-location shape (bench/local_layer.py's seed-000-like layer, scaled down)."""
+    from terabrain.nn.local import LocallyConnected2d
+
+    batch, channels, size, kernel, stride, maps = 192, 3, 48, 16, 4, 96
+    layer = LocallyConnected2d(channels, maps, (size, size), kernel, stride, seed=0).to(device)
+    x = torch.rand(batch, channels, size, size, device=device, requires_grad=True)
+    locations = layer.weight.shape[0]
+    field = channels * kernel * kernel
+
+    def step():
+        layer.weight.grad = None
+        x.grad = None
+        layer(x).sum().backward()
+
+    flops = 3 * 2.0 * batch * field * maps * locations
+    local_rate = flops / timed(step, device, seconds)
+    return min(4.0, local_rate / measure_gemm(batch, maps, field, device, seconds))
+
+
+def measure_reader(seconds: float) -> tuple[float, float]:
+    """(JPEG pixels/s on all of this node's cores, pre-decoded bytes/s from the page cache)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    side = 300
+    smooth = np.cumsum(rng.normal(size=(side, side)), axis=1)  # photo-like, compressible
+    pixels = ((smooth - smooth.min()) / np.ptp(smooth) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("RGB").save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+
+    def decode():
+        Image.open(io.BytesIO(data)).convert("L").load()
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    decode_rate = side * side * 3 / timed(decode, torch.device("cpu"), seconds) * (cores or 1)
+    with tempfile.NamedTemporaryFile() as handle:
+        block = rng.integers(0, 255, size=32 * 2**20, dtype=np.uint8)
+        handle.write(block.tobytes())
+        handle.flush()
+        read = timed(lambda: np.fromfile(handle.name, dtype=np.uint8), torch.device("cpu"), seconds)
+    return decode_rate, block.nbytes / read
+
+
+# --- links ----------------------------------------------------------------------------------
+
+
+def _ring_sent(collective: str, ranks: int, size: int) -> float:
+    if collective == "all_reduce":
+        return 2.0 * (ranks - 1) / ranks * size
+    if collective in ("all_gather", "reduce_scatter"):
+        return (ranks - 1) / ranks * size
+    return float(size)
+
+
+def _steps(collective: str, ranks: int) -> int:
+    return {"all_reduce": 2 * (ranks - 1), "all_gather": ranks - 1,
+            "reduce_scatter": ranks - 1, "point_to_point": 1}[collective]
+
+
+def fit_alpha_beta(points: list[tuple[float, float]], steps: int) -> tuple[float, float]:
+    """Least squares of time = a + sent / bandwidth over (sent bytes, seconds) points;
+    alpha = a / steps (never below 0)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
+    slope = max(slope, 1e-15)
+    intercept = max(0.0, mean_y - slope * mean_x)
+    return intercept / max(1, steps), 1.0 / slope
+
+
+def timed_fixed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up: collectives need the same number
+    of calls on every rank."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_collective(collective: str, group, device: torch.device, sizes: list[int],
+                       peer: tuple[int, int] = (0, 1), repeats: int = 7) -> dict[str, float]:
+    """alpha and bandwidth of ``collective`` over ``group`` (every rank of it calls this)."""
+    import torch.distributed as dist
+
+    ranks = dist.get_world_size(group)
+    me = dist.get_rank()
+    points = []
+    for size in sizes:
+        elements = size // 4
+        if collective == "all_reduce":
+            tensor = torch.ones(elements, device=device)
+            fn = lambda: dist.all_reduce(tensor, group=group)
+        elif collective == "all_gather":
+            piece = torch.ones(max(1, elements // ranks), device=device)
+            out = torch.empty(piece.numel() * ranks, device=device)
+            fn = lambda: dist.all_gather_into_tensor(out, piece, group=group)
+        elif collective == "reduce_scatter":
+            whole = torch.ones(max(1, elements // ranks) * ranks, device=device)
+            out = torch.empty(whole.numel() // ranks, device=device)
+            fn = lambda: dist.reduce_scatter_tensor(out, whole, group=group)
+        else:
+            tensor = torch.ones(elements, device=device)
+            sender, receiver = peer
+
+            def fn():
+                if me == sender:
+                    dist.send(tensor, receiver)
+                elif me == receiver:
+                    dist.recv(tensor, sender)
+        dist.barrier()
+        seconds = timed_fixed(fn, device, repeats)
+        # The slowest rank decides: take the maximum over ranks.
+        worst = torch.tensor([seconds], device=device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        points.append((_ring_sent(collective, ranks, size), float(worst)))
+    alpha, bandwidth = fit_alpha_beta(points, _steps(collective, ranks))
+    return {"alpha_s": alpha, "bandwidth": bandwidth}
+
+
+def measure_links(device: torch.device, sizes: list[int], local: int) -> tuple[dict, dict, str, str]:
+    """(intra-node links, inter-node links, backend, how) measured over the launcher's ranks,
+    ``local`` of them per node."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    nodes = max(1, world // max(1, local))
+    if nodes == 1:
+        intra = {c: measure_collective(c, None, device, sizes) for c in COLLECTIVES}
+        how = f"{world} ranks on one node: intra-node links measured, inter-node copied from them"
+        return intra, dict(intra), dist.get_backend(), how
+    inter = {c: measure_collective(c, None, device, sizes, peer=(0, local))
+             for c in COLLECTIVES}
+    node_group, _ = dist.new_subgroups(group_size=local)
+    intra = {c: measure_collective(c, node_group, device, sizes) for c in COLLECTIVES}
+    how = f"{world} ranks on {nodes} nodes: inter-node over the world, intra-node per node"
+    return intra, inter, dist.get_backend(), how
+
+
+# --- the profile ----------------------------------------------------------------------------
+
+
+def device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]) -> dict:
+    """Every compute and reader figure of the profile, measured on ``device``."""
+    seconds = 0.15 if quick else 0.4
+    shapes = QUICK_SHAPES if quick else GEMM_SHAPES
+    points = []
+    for m, n, k in shapes:
+        rate = measure_gemm(m, n, k, device, seconds)
+        points.append({"m": m, "n": n, "k": k, "flops_per_s": rate})
+        log(f"  gemm {m} x {n} x {k}: {rate / 1e9:.1f} GFLOP/s")
+    rates = {"points": points}
+    peak = max(p["flops_per_s"] for p in points)
+    memory = measure_copy_bandwidth(device, seconds)
+    elementwise = measure_elementwise(device, seconds)
+    optimizer = measure_optimizer(device, seconds)
+    overhead = measure_step_overhead(device, seconds)
+    compression = measure_compression(device, seconds)
+    local = measure_local_efficiency(device, seconds)
+    decode, pixel_bytes = measure_reader(seconds)
+    log(f"  memory {memory / 1e9:.1f} GB/s, elementwise {elementwise / 1e9:.1f} GB/s, optimizer "
+        f"{optimizer / 1e9:.1f} GB/s, step overhead {overhead * 1e3:.2f} ms, local layer "
+        f"{local:.0%} of GEMM, JPEG {decode / 1e6:.0f} Mpixel/s, pixels {pixel_bytes / 1e9:.1f} GB/s")
+    log("  compression (compress + decompress): " + ", ".join(
+        f"{scheme} {rate / 1e9:.2f} GB/s" for scheme, rate in compression.items()))
+    rates.update(compression=compression, peak=peak, memory=memory, elementwise=elementwise, optimizer=optimizer,
+                 overhead=overhead, local=local, decode=decode, pixel_bytes=pixel_bytes)
+    return rates
+
+
+def calibrate(device: torch.device, *, quick: bool = False, name: str | None = None,
+              local_ranks: int = 1, log: Callable[[str], None] = print) -> MachineProfile | None:
+    """Measure this machine (and, inside an initialised process group, the links); None on
+    ranks other than 0."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    # Under a launcher rank 0 measures the device alone while the other ranks wait. On CPU it
+    # measures one core (one thread) and counts the node as cores x that: a rate measured
+    # with every core at once swings with whatever else runs (OpenMP threads wait for each
+    # other when one of them is descheduled), while ranks with cores // ranks threads each
+    # scale as the cores do (bench/scaling.py: 2 ranks reach 91-97% of the all-cores run).
+    if not distributed or dist.get_rank() == 0:
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            rates = measure_device(device, quick, log)
+        finally:
+            torch.set_num_threads(threads)
+        if device.type == "cpu":
+            cores = os.cpu_count() or 1
+            for point in rates["points"]:
+                point["flops_per_s"] *= cores
+            for key in ("peak", "memory", "elementwise", "optimizer"):
+                rates[key] *= cores
+            rates["compression"] = {k: v * cores for k, v in rates["compression"].items()}
+            log(f"  x {cores} cores: peak {rates['peak'] / 1e9:.1f} GFLOP/s")
+    else:
+        rates = {}
+    if distributed:
+        dist.barrier()
+    if distributed:
+        sizes = QUICK_LINK_SIZES if quick else LINK_SIZES
+        intra, inter, backend, how = measure_links(device, sizes, local_ranks)
+        for collective in COLLECTIVES:
+            log(f"  {collective}: intra {intra[collective]['alpha_s'] * 1e6:.0f} us/step, "
+                f"{intra[collective]['bandwidth'] / 1e9:.2f} GB/s")
+    else:
+        fallback = {"alpha_s": 5e-5, "bandwidth": 1e9}
+        intra = inter = {c: dict(fallback) for c in COLLECTIVES}
+        backend = "gloo" if device.type == "cpu" else "nccl"
+        how = "not measured (one process): run `terabrain calibrate` under a launcher with N ranks"
+    if distributed and dist.get_rank() != 0:
+        return None  # rank 0 writes the profile
+    cpu = device.type == "cpu"
+    threads = os.cpu_count() if cpu else torch.get_num_threads()
+    device_name = (f"{platform.processor() or platform.machine()}, {threads} threads"
+                   if cpu else torch.cuda.get_device_name(device))
+    measured = "terabrain calibrate: measured on this machine"
+    profile = MachineProfile(
+        name=name or f"{socket.gethostname()}-{device.type}",
+        description=f"measured by terabrain calibrate on {socket.gethostname()} ({device_name})",
+        gpus_per_node=max(local_ranks, os.cpu_count() or 1) if cpu else max(local_ranks, torch.cuda.device_count()),
+        device_memory=device_memory(device),
+        compute={
+            "device": device_name, "peak_flops": rates["peak"],
+            "memory_bandwidth": rates["memory"], "gemm_efficiency": 1.0,
+            "gemm_points": rates["points"], "local_efficiency": rates["local"],
+            "elementwise_bandwidth": rates["elementwise"],
+            "optimizer_bandwidth": rates["optimizer"], "step_overhead_s": rates["overhead"],
+            "compression_bandwidth": rates["compression"],
+            "ranks_share_device": cpu,
+        },
+        network={"backend": backend, "intra_node": intra, "inter_node": inter, "nics_per_node": 1},
+        reader={"decode_pixels_per_s": rates["decode"], "pixel_bytes_per_s": rates["pixel_bytes"],
+                "overlaps_compute": not cpu},
+        sources={
+            "gpus_per_node": "the cores of this node (CPU: ranks share them) or its GPUs; "
+                             "override with plan --gpus-per-node",
+            "device_memory": "this machine's memory",
+            "compute.peak_flops": "the fastest measured GEMM point",
+            "compute": measured + (" on one core, x the node's cores" if cpu else ""),
+            "network": how,
+            "network.nics_per_node": "not measured: 1",
+            "reader": measured + " (JPEG: one core x the node's cores)",
+        },
+        measured={
+            "host": socket.gethostname(), "device": device_name, "torch": torch.__version__,
+            "threads": str(threads), "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "links": how,
+        },
+    )
+    return profile
+
+
+def calibrate_command(args) -> int:
+    from terabrain.errors import ConfigError
+    from terabrain.parallel.launch import detect_launch_env, init_distributed
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; allowed: cpu")
+    env = detect_launch_env()
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if env.world_size > 1:
+        init_distributed(env, backend="nccl" if args.device == "cuda" else "gloo")
+    rank0 = env.rank == 0
+    try:
+        if rank0:
+            print(f"terabrain calibrate: {args.device}, {env.world_size} rank(s)", flush=True)
+        profile = calibrate(device, quick=args.quick, name=args.name,
+                            local_ranks=env.local_world_size, log=print if rank0 else (lambda _: None))
+        if rank0:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(profile.to_yaml())
+            print(f"wrote {out}")
+    finally:
+        if env.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+

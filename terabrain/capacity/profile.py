@@ -1,0 +1,178 @@
+"""Machine profiles: what `terabrain plan --profile` needs to turn a learner's work and traffic
+into seconds. A profile is a small YAML file (``terabrain calibrate`` writes one for this
+machine; ``terabrain/capacity/profiles/`` holds the built-in ones), validated here.
+
+Everything is per *device* (a GPU, or a CPU node), in SI units: FLOP/s, bytes/s, seconds.
+
+- ``compute``: the fp32 (and bf16) peak, the memory bandwidth, and measured GEMM points. A
+  GEMM's rate is a roofline, min(peak, intensity x bandwidth), corrected by the measured
+  points nearest its shape (terabrain.capacity.timing.gemm_rate). Thin matrices at batch 40
+  are memory-bound, which the roofline knows; the measured points say by how much the
+  library misses it. The locally connected layer runs at ``local_efficiency`` of the GEMM
+  rate of its per-location shape; elementwise work and the optimizer update stream memory
+  at their own measured bandwidths.
+- ``network``: an alpha-beta cost per collective, for links inside a node and between nodes:
+  a collective over k ranks that sends S bytes per rank takes alpha x steps(k) + S / bandwidth
+  (steps: ring all-reduce 2(k-1), all-gather and reduce-scatter k-1, point-to-point 1).
+- ``reader``: how fast one *node* reads examples when they are not resident: pixels decoded
+  from JPEG per second, and bytes of pre-decoded pixels per second from where the data lies;
+  the ranks of a node share it.
+- ``sources``: for a built-in profile, where each number comes from (a datasheet, a seed, a
+  measurement, or "assumption: ..."); keys are the fields' dotted paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+
+from terabrain.errors import ConfigError
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "point_to_point")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GemmPoint(_Strict):
+    """One measured matrix product: (m x k) @ (k x n) at ``flops_per_s``."""
+
+    m: PositiveInt
+    n: PositiveInt
+    k: PositiveInt
+    flops_per_s: PositiveFloat
+
+
+class Compute(_Strict):
+    device: str = Field(description="What one device is, in words.")
+    peak_flops: PositiveFloat = Field(description="fp32 FLOP/s of one device.")
+    peak_flops_bf16: PositiveFloat | None = Field(
+        None, description="bf16 FLOP/s (tensor cores); None: the fp32 peak.")
+    memory_bandwidth: PositiveFloat = Field(description="Device memory bytes/s.")
+    gemm_efficiency: float = Field(
+        0.8, gt=0, le=1,
+        description="Fraction of the roofline a GEMM reaches where no point was measured.")
+    gemm_points: list[GemmPoint] = Field(default_factory=list)
+    local_efficiency: float = Field(
+        gt=0, le=4, description="Locally connected layer rate / GEMM rate of one location's "
+        "product (above 1 where the layer batches locations into larger products).")
+    elementwise_bandwidth: PositiveFloat = Field(
+        description="Bytes/s that elementwise kernels stream (reads + writes).")
+    optimizer_bandwidth: PositiveFloat = Field(
+        description="Bytes/s the optimizer update streams (parameters, gradients, state).")
+    compression_bandwidth: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="fp32 gradient bytes/s one compress + decompress pass of each "
+                    "parallel.compression scheme handles; a scheme not listed: "
+                    "elementwise_bandwidth / 8 (an assumption).")
+    step_overhead_s: float = Field(
+        0.0, ge=0, description="Fixed seconds per training step (framework, launches).")
+    ranks_share_device: bool = Field(
+        False, description="True on CPU nodes: the ranks of a node share its cores, so each "
+                           "gets 1/ranks-per-node of the rates above.")
+
+
+class Link(_Strict):
+    alpha_s: float = Field(ge=0, description="Seconds per algorithm step (latency).")
+    bandwidth: PositiveFloat = Field(description="Bytes/s each rank sends.")
+
+
+class Links(_Strict):
+    all_reduce: Link
+    all_gather: Link
+    reduce_scatter: Link
+    point_to_point: Link
+
+
+class Network(_Strict):
+    backend: str = Field(description="nccl, gloo, mpi.")
+    intra_node: Links
+    inter_node: Links
+    nics_per_node: PositiveInt = Field(
+        1, description="Inter-node adapters per node: the ranks of a node share them.")
+
+
+class Reader(_Strict):
+    decode_pixels_per_s: PositiveFloat = Field(
+        description="JPEG pixels one node decodes per second (all its cores).")
+    pixel_bytes_per_s: PositiveFloat = Field(
+        description="Bytes of pre-decoded pixels one node reads per second from its storage.")
+    overlaps_compute: bool = Field(
+        True, description="Readers run beside the step (False where they share its cores).")
+
+
+class MachineProfile(_Strict):
+    name: str
+    description: str = ""
+    gpus_per_node: PositiveInt = Field(description="Devices (ranks) per node.")
+    device_memory: PositiveInt = Field(description="Bytes of memory per device.")
+    compute: Compute
+    network: Network
+    reader: Reader
+    sources: dict[str, str] = Field(
+        default_factory=dict, description="Dotted field path -> where the number comes from.")
+    measured: dict[str, str] = Field(
+        default_factory=dict, description="How `terabrain calibrate` measured (host, torch, when).")
+
+    def link(self, collective: str, inter_node: bool) -> Link:
+        links = self.network.inter_node if inter_node else self.network.intra_node
+        return getattr(links, collective)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, width=100)
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(path.stem for path in PROFILES_DIR.glob("*.yaml"))
+
+
+def numeric_fields(profile: MachineProfile) -> list[str]:
+    """The dotted paths of every number a profile states (what ``sources`` must cover)."""
+    out = []
+
+    def walk(value, path):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key not in ("sources", "measured", "gemm_points"):
+                    walk(item, f"{path}.{key}" if path else key)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append(path)
+
+    walk(profile.model_dump(), "")
+    return out
+
+
+def load_profile(name_or_path: str) -> MachineProfile:
+    """A built-in profile by name (``h100-sxm``) or a YAML file; ConfigError naming the field
+    when it is not a valid profile."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        builtin = PROFILES_DIR / f"{name_or_path}.yaml"
+        if not builtin.is_file():
+            raise ConfigError(
+                f"--profile: no file {name_or_path!r} and no built-in profile of that name; "
+                f"built-in: {', '.join(builtin_profiles())}")
+        path = builtin
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--profile {path}: not YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--profile {path}: expected a mapping of profile fields")
+    try:
+        return MachineProfile.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"--profile {path}: {where}: {first['msg']}") from None

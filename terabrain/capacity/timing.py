@@ -1,0 +1,159 @@
+"""Seconds per training step of one rank, from a learner's counted work (terabrain.capacity.work)
+and a machine profile (terabrain.capacity.profile).
+
+- compute = sum over GEMMs of FLOPs / gemm_rate (locally connected ones at local_efficiency
+  of it) + elementwise bytes / elementwise bandwidth + optimizer bytes / optimizer bandwidth
+  + the gradient compressor's passes at its measured rate + the profile's fixed step overhead. Where the ranks of a node share one device (CPU nodes),
+  each rank gets 1 / (ranks on the node) of every rate.
+- communication: each collective is alpha x steps(k) + bytes sent / bandwidth over the links
+  its group crosses. The mesh is (data, model) row-major, so a model-axis group of m ranks is
+  inside a node when m <= ranks per node, and a data-axis group crosses nodes when d x m >
+  ranks per node. Across nodes the ranks of a node share its adapters.
+- exposed communication: what does not overlap with compute. terabrain's data-parallel
+  all-reduce starts after the whole backward pass and the model-axis collectives sit on the
+  critical path of the forward and backward passes, so today all of it is exposed;
+  collectives marked ``overlapped`` are hidden up to the compute time.
+- reading: examples not resident on the device are read by the node (decoded from JPEG or
+  pre-decoded pixels); readers overlap with the step unless the profile says they share its
+  cores. Every rank of a replica reads that replica's rows, so model parallelism does not
+  shrink it: this is what flattens seed 001's strong scaling.
+- step = compute + exposed + the part of reading that is not hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from terabrain.capacity.profile import Link, MachineProfile
+from terabrain.capacity.work import StepWork, Transfer
+
+ALGORITHM_STEPS = {
+    "all_reduce": lambda k: 2 * (k - 1),
+    "all_gather": lambda k: k - 1,
+    "reduce_scatter": lambda k: k - 1,
+    "point_to_point": lambda k: 1,
+}
+
+
+def roofline(profile: MachineProfile, m: int, n: int, k: int, bf16: bool = False) -> float:
+    """FLOP/s bound of one (m x k) @ (k x n) product: min(peak, FLOP per byte x bandwidth),
+    each operand and the result moved once."""
+    compute = profile.compute
+    peak = (compute.peak_flops_bf16 or compute.peak_flops) if bf16 else compute.peak_flops
+    item = 2 if bf16 else 4
+    intensity = 2.0 * m * n * k / (item * (m * k + k * n + m * n))
+    return min(peak, intensity * compute.memory_bandwidth)
+
+
+def gemm_rate(profile: MachineProfile, m: int, n: int, k: int, bf16: bool = False) -> float:
+    """The roofline corrected by the measured points: each point's measured / roofline ratio,
+    weighted by 1 / (1 + squared distance in log2 shape) so that the nearest shapes decide;
+    ``gemm_efficiency`` where no point was measured."""
+    bound = roofline(profile, m, n, k, bf16)
+    points = profile.compute.gemm_points
+    if not points:
+        return bound * profile.compute.gemm_efficiency
+    weights, ratios = [], []
+    for p in points:
+        distance = sum((math.log2(a) - math.log2(b)) ** 2 for a, b in ((m, p.m), (n, p.n), (k, p.k)))
+        weight = 1.0 / (1e-3 + distance) ** 2
+        weights.append(weight)
+        ratios.append(p.flops_per_s / roofline(profile, p.m, p.n, p.k))
+    ratio = sum(w * r for w, r in zip(weights, ratios)) / sum(weights)
+    return bound * min(ratio, 1.0)
+
+
+@dataclass
+class StepTime:
+    compute_s: float
+    communication_s: float
+    exposed_s: float
+    read_s: float
+    step_s: float
+    flops: float
+
+    def images_per_s(self, batch: int) -> float:
+        return batch / self.step_s if self.step_s > 0 else math.inf
+
+
+def ranks_per_node(profile: MachineProfile, devices: int, gpus_per_node: int | None) -> int:
+    return max(1, min(devices, gpus_per_node or profile.gpus_per_node))
+
+
+def crosses_nodes(transfer: Transfer, data: int, model: int, per_node: int) -> bool:
+    if transfer.axis == "model":
+        return model > per_node
+    return data * model > per_node
+
+
+def group_size(transfer: Transfer, data: int, model: int) -> int:
+    return model if transfer.axis == "model" else data
+
+
+def transfer_seconds(profile: MachineProfile, transfer: Transfer, data: int, model: int,
+                     per_node: int) -> float:
+    ranks = group_size(transfer, data, model)
+    if ranks <= 1 or transfer.count == 0:
+        return 0.0
+    inter = crosses_nodes(transfer, data, model, per_node)
+    link: Link = profile.link(transfer.collective, inter)
+    bandwidth = link.bandwidth
+    if inter:  # the ranks of a node share its adapters
+        bandwidth *= min(profile.network.nics_per_node, per_node) / per_node
+    steps = ALGORITHM_STEPS[transfer.collective](ranks)
+    return transfer.count * (link.alpha_s * steps + transfer.sent_bytes / bandwidth)
+
+
+def compute_seconds(profile: MachineProfile, work: StepWork, share: int, bf16: bool) -> float:
+    compute = profile.compute
+    seconds = 0.0
+    for gemm in work.gemms:
+        rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16)
+        if gemm.local:
+            rate *= compute.local_efficiency
+        seconds += gemm.flops / rate
+    seconds += work.elementwise_bytes / compute.elementwise_bandwidth
+    seconds += work.optimizer_bytes / compute.optimizer_bandwidth
+    if work.compression is not None:
+        scheme, processed = work.compression
+        rate = compute.compression_bandwidth.get(scheme, compute.elementwise_bandwidth / 8)
+        seconds += processed / rate
+    return seconds * share + compute.step_overhead_s
+
+
+def read_seconds(profile: MachineProfile, rows: int, reading: tuple[str, float],
+                 per_node: int) -> float:
+    """Seconds for one rank to read its ``rows`` examples, each costing ``reading`` (the data
+    source's (format, amount), terabrain.data.sources.DataSource.reading): the node's reader
+    rate shared by its ranks."""
+    read_format, amount = reading
+    if read_format == "resident":
+        return 0.0
+    if read_format == "jpeg":
+        return rows * amount / (profile.reader.decode_pixels_per_s / per_node)
+    return rows * amount / (profile.reader.pixel_bytes_per_s / per_node)
+
+
+def predict(profile: MachineProfile, work: StepWork, data: int, model: int, *,
+            gpus_per_node: int | None = None,
+            reading: tuple[str, float] = ("resident", 0.0), bf16: bool = False) -> StepTime:
+    """Seconds per step of the (data x model) split whose rank does ``work``."""
+    per_node = ranks_per_node(profile, data * model, gpus_per_node)
+    share = per_node if profile.compute.ranks_share_device else 1
+    compute = compute_seconds(profile, work, share, bf16)
+    exposed = hidden = 0.0
+    for transfer in work.transfers:
+        seconds = transfer_seconds(profile, transfer, data, model, per_node)
+        if transfer.overlapped:
+            hidden += seconds
+        else:
+            exposed += seconds
+    exposed += max(0.0, hidden - compute)  # overlapped transfers longer than the compute
+    communication = sum(transfer_seconds(profile, t, data, model, per_node) for t in work.transfers)
+    read = read_seconds(profile, work.rows, reading, per_node)
+    busy = compute + exposed
+    step = busy + read if not profile.reader.overlaps_compute else max(busy, read)
+    return StepTime(compute_s=compute, communication_s=communication, exposed_s=exposed,
+                    read_s=read, step_s=step, flops=work.flops)
+

@@ -1,0 +1,110 @@
+"""What one training step does on one rank, as the learners count it: the matrix products,
+the bytes elementwise kernels and the optimizer stream, and the collectives. The learners
+fill it in (``Capacity.work``); terabrain.capacity.timing turns it into seconds with a
+machine profile. Counting only: nothing here knows a model kind or a machine.
+
+Counting rules every learner shares are here too: the optimizer's streams per parameter,
+and what the data-parallel gradient exchange sends for each ``parallel.compression``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from terabrain.capacity.costs import FP32, ring_all_gather, ring_all_reduce
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """``count`` products of (m x k) @ (k x n) per step. ``local``: a locally connected
+    layer's per-location product (it runs at the profile's ``local_efficiency``)."""
+
+    m: int
+    n: int
+    k: int
+    count: float = 1.0
+    local: bool = False
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k * self.count
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """``count`` collectives per step on one mesh axis, each sending ``sent_bytes`` per rank
+    (ring factors already applied). ``overlapped``: it runs while compute goes on."""
+
+    collective: str  # all_reduce, all_gather, reduce_scatter, point_to_point
+    axis: str  # model or data
+    sent_bytes: float
+    count: float = 1.0
+    overlapped: bool = False
+
+
+@dataclass
+class StepWork:
+    rows: int
+    """Examples each rank reads per step (its replica's share of the batch)."""
+    gemms: list[Gemm] = field(default_factory=list)
+    elementwise_bytes: float = 0.0
+    optimizer_bytes: float = 0.0
+    transfers: list[Transfer] = field(default_factory=list)
+    compression: tuple[str, float] | None = None
+    """(parallel.compression scheme, fp32 gradient bytes its compressor passes over per step)."""
+
+    @property
+    def flops(self) -> float:
+        return sum(g.flops for g in self.gemms)
+
+
+def optimizer_streams(optimizer) -> float:
+    """fp32 values the update reads and writes per parameter: sgd 3 (parameter, gradient,
+    parameter), +2 with momentum (its buffer); adam, adamw 7 (+ two moments read and
+    written); rmsprop 5 (+2 with momentum); adagrad 5; lbfgs: its two-loop recursion passes
+    over 2 x history_size flat vectors twice, plus the update and the flat copies (~ 4 h + 10)."""
+    name = optimizer.name
+    if name == "sgd":
+        return 5 if optimizer.momentum > 0 else 3
+    if name in ("adam", "adamw"):
+        return 7
+    if name == "rmsprop":
+        return 7 if optimizer.momentum > 0 else 5
+    if name == "adagrad":
+        return 5
+    return 4 * optimizer.history_size + 10  # lbfgs
+
+
+# The flat buffer of terabrain.parallel.data_parallel: cat, divide, copy back (2 streams each).
+DATA_PARALLEL_STREAMS = 6
+# Compress + decompress passes over the whole gradient per exchange: half precision casts
+# once each way; a lossy scheme quantizes the gradient, decompresses and sums the pieces of
+# its column range, re-quantizes that range and decompresses the gathered sum (~ 2 passes).
+COMPRESSION_PASSES = {"fp16": 1, "bf16": 1, "onebit": 2, "threshold": 2, "adaptive": 2}
+
+
+def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
+                      evaluations: int = 1) -> tuple[list[Transfer], float, tuple[str, float] | None]:
+    """The data axis's collectives per step for ``elements`` local gradient values and the
+    ``scalars`` logged with them, the elementwise bytes around them, and the compressor's
+    work (StepWork.compression). Not overlapped: terabrain.parallel.data_parallel reduces
+    after the whole backward pass."""
+    if data_ranks == 1 or parallel.mode == "hogwild":
+        return [], 0.0, None
+    per_step = evaluations / parallel.average_every if parallel.mode == "localsgd" else evaluations
+    compression = parallel.compression if parallel.mode == "sync" else "none"
+    copies = DATA_PARALLEL_STREAMS * FP32 * elements * per_step
+    if compression == "none":
+        sent = ring_all_reduce(data_ranks, FP32 * (elements + scalars))
+        return [Transfer("all_reduce", "data", sent, per_step)], copies, None
+    work = (compression, COMPRESSION_PASSES[compression] * FP32 * elements * per_step)
+    if compression in ("fp16", "bf16"):
+        sent = ring_all_reduce(data_ranks, 2 * elements) + ring_all_reduce(data_ranks, FP32 * scalars)
+        return [Transfer("all_reduce", "data", sent, per_step)], copies, work
+    # onebit (and, as an estimate, threshold and adaptive): one bit per value, reduced by
+    # reduce-scatter, re-quantized and all-gathered (terabrain.parallel.exchange).
+    payload = elements / 8 + 2 * 2 * (elements ** 0.5)  # signs + bf16 values per column
+    transfers = [Transfer("reduce_scatter", "data", ring_all_gather(data_ranks, payload), per_step),
+                 Transfer("all_gather", "data", ring_all_gather(data_ranks, payload), per_step),
+                 Transfer("all_reduce", "data", ring_all_reduce(data_ranks, FP32 * scalars), per_step)]
+    return transfers, copies, work

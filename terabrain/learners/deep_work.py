@@ -1,0 +1,96 @@
+"""The work of one training step of a deep network (terabrain.learners.deep) on one rank, for
+`terabrain plan --profile`. Counted for the pipelined steady state (Ni et al. 2015): every
+layer trains on each step, and the frozen forward copies of the layers below the top one
+encode the batch once more. A greedy schedule trains one layer at a time, so its steps are
+shorter than this figure (each about that layer's share of it).
+
+Per layer, b = batch / data rows, its share of the output rows on the model axis:
+
+- locally connected: at each output location a (b x field) @ (field x maps) product, for
+  the encoder and the reconstruction, forward and twice backward (6 per location, at the
+  profile's ``local_efficiency``); conv: one (b x locations) x field x maps product, 6 times;
+  dense: the five products of a hidden-unit layer (terabrain.learners.hidden_unit_work).
+- elementwise: 18 values moved per input value, 12 per code, 20 per pooled/normalised
+  output value (LCN's two windowed passes), and the weight passes of a tied layer (3
+  partial gradients summed) with its row normalisation.
+- collectives: the halo exchanges and dense-layer collectives of
+  terabrain.learners.deep_capacity (point-to-point on the model axis), then the data axis's
+  gradient exchange.
+"""
+
+from __future__ import annotations
+
+import math
+
+from terabrain.capacity.costs import FP32, evaluations_per_step
+from terabrain.capacity.work import (
+    Gemm,
+    StepWork,
+    Transfer,
+    gradient_exchange,
+    optimizer_streams,
+)
+from terabrain.learners.deep_capacity import _layer_split
+from terabrain.learners.hidden_unit_work import VALUES_PER_HIDDEN, VALUES_PER_INPUT
+
+VALUES_PER_OUTPUT = 20
+WEIGHT_STREAMS = 3 * 2 + 1 + 6  # 3 partial gradients summed, decay, row normalisation
+PASSES = 3  # forward, and two products backward
+
+
+def _layer_gemms(spec, info: dict, model_ranks: int, rows: int, share: float, trains: bool) -> list[Gemm]:
+    maps, out_h, out_w = info["codes"]
+    encode_macs = info["forward_flops_per_example"] / 4  # enc + reconstruct, 2 FLOP per MAC
+    count = 2 * PASSES if trains else 1  # a forward copy only encodes
+    if spec.kind == "dense":
+        inputs = math.prod(info["input"])
+        local_hidden = -(-maps // model_ranks)
+        if not trains:
+            return [Gemm(rows, local_hidden, inputs, 1)]
+        return [Gemm(rows, local_hidden, inputs, 2), Gemm(rows, inputs, local_hidden, 1),
+                Gemm(local_hidden, inputs, rows, 2)]
+    locations = out_h * out_w
+    field = max(1, round(encode_macs / (maps * locations)))
+    if spec.kind == "local":
+        return [Gemm(rows, maps, field, count * math.ceil(locations * share), local=True)]
+    return [Gemm(rows * locations, maps, field, count)]  # conv: replicated on the model axis
+
+
+def deep_work(config, table: list[dict]):
+    """(data ranks, model ranks, rows per replica) -> StepWork for the layers of ``table``
+    (terabrain.learners.deep_capacity.layer_table)."""
+    evaluations = evaluations_per_step(config.optimizer)
+    streams = optimizer_streams(config.optimizer)
+
+    def work(data_ranks: int, model_ranks: int, rows: int) -> StepWork:
+        gemms, elementwise, transfers, local_total = [], 0.0, [], 0
+        top = len(table) - 1
+        for index, (spec, info) in enumerate(zip(config.model.layers, table)):
+            split = _layer_split(spec, info, model_ranks, rows)
+            maps, out_h, out_w = info["codes"]
+            share = 1.0
+            if spec.kind == "local" and model_ranks > 1:
+                share = min(1.0, math.ceil(out_h / model_ranks) / out_h)
+            gemms += _layer_gemms(spec, info, model_ranks, rows, share, True)
+            if index < top:  # the forward copy that feeds the layers above
+                gemms += _layer_gemms(spec, info, model_ranks, rows, share, False)
+            code_values = maps * out_h * out_w * (share if spec.kind != "dense" else 1 / model_ranks)
+            in_values = math.prod(info["input"]) * (share if spec.kind == "local" else 1.0)
+            out_values = math.prod(info["output"]) * share
+            elementwise += FP32 * rows * (VALUES_PER_INPUT * in_values + VALUES_PER_HIDDEN * code_values
+                                          + VALUES_PER_OUTPUT * out_values)
+            elementwise += FP32 * WEIGHT_STREAMS * split["local"]
+            local_total += split["local"]
+            if split["sent"]:
+                calls = 3 if spec.kind == "dense" else 4 + (1 if spec.pool else 0) + (2 if spec.lcn else 0)
+                transfers.append(Transfer("point_to_point", "model", split["sent"] / calls, calls))
+        exchange, copies, compression = gradient_exchange(config.parallel, data_ranks, local_total,
+                                             3 * len(table) + 1, evaluations)
+        return StepWork(
+            rows=rows, gemms=gemms,
+            elementwise_bytes=evaluations * elementwise + copies,
+            optimizer_bytes=FP32 * streams * local_total,
+            transfers=transfers + exchange, compression=compression,
+        )
+
+    return work

@@ -1,0 +1,82 @@
+"""The work of one training step of a fully connected learner (RICA, the autoencoders) on one
+rank, for `terabrain plan --profile` (terabrain.capacity.timing turns it into seconds).
+
+Per closure evaluation, with b = batch / data rows, n inputs, h' = hidden / model local units:
+
+- five matrix products: the encoder x W^T (b x h' x n), the decoder h W (b x n x h'), the
+  codes' gradient g W^T (b x h' x n), and the two weight gradients h^T g and g_z^T x
+  (h' x n x b each). The input needs no gradient.
+- elementwise: about 18 fp32 values moved per input value of a row (bias, residual, square,
+  sum and their gradients, each reading two operands and writing one) and 12 per hidden
+  value (bias, nonlinearity, its gradient, bias gradient); over the weights, summing the
+  partial gradients of a weight used k times (3 streams per extra copy) and one pass of the
+  weight-decay term; RICA's row normalisation adds 6 passes over W.
+- the optimizer: terabrain.capacity.work.optimizer_streams values per local parameter.
+- collectives: on the model axis the forward all-reduce of the (b x n) partial
+  reconstruction (and the summed scalars); on the data axis the gradient exchange
+  (terabrain.capacity.work.gradient_exchange), after the backward pass.
+"""
+
+from __future__ import annotations
+
+from terabrain.capacity.costs import (
+    FP32,
+    evaluations_per_step,
+    ring_all_gather,
+    ring_all_reduce,
+)
+from terabrain.capacity.work import (
+    Gemm,
+    StepWork,
+    Transfer,
+    gradient_exchange,
+    optimizer_streams,
+)
+
+VALUES_PER_INPUT = 18
+VALUES_PER_HIDDEN = 12
+STREAMS_PER_EXTRA_GRADIENT = 3
+
+
+def hidden_unit_work(learner, config, inputs: int, params: list, logged: int):
+    """(data ranks, model ranks, rows per replica) -> StepWork, for ``params`` as
+    HiddenUnitLearner.parameters_of lists them."""
+    hidden = config.model.hidden
+    evaluations = evaluations_per_step(config.optimizer)
+    streams = optimizer_streams(config.optimizer)
+    normalisation = learner.normalisation_streams
+
+    def work(data_ranks: int, model_ranks: int, rows: int) -> StepWork:
+        local_hidden = -(-hidden // model_ranks)
+        local_of = {p.name: -(-p.numel // model_ranks) if p.sharded else p.numel for p in params}
+        local = sum(local_of.values())
+        weight_values = sum(
+            (STREAMS_PER_EXTRA_GRADIENT * (p.gradient_copies - 1) + 1) * local_of[p.name]
+            for p in params)
+        weight_values += normalisation * sum(local_of[p.name] for p in params if p.sharded)
+        elementwise = FP32 * (rows * (VALUES_PER_INPUT * inputs + VALUES_PER_HIDDEN * local_hidden)
+                              + weight_values)
+        gemms = [Gemm(rows, local_hidden, inputs, 2 * evaluations),   # x W^T, g W^T
+                 Gemm(rows, inputs, local_hidden, evaluations),       # h W
+                 Gemm(local_hidden, inputs, rows, 2 * evaluations)]   # h^T g, g_z^T x
+        transfers = []
+        if model_ranks > 1:
+            transfers.append(Transfer("all_reduce", "model",
+                                      ring_all_reduce(model_ranks, FP32 * rows * inputs), evaluations))
+            scalars = learner.summed_scalars(config, rows)
+            if scalars:
+                transfers.append(Transfer("all_reduce", "model",
+                                          ring_all_reduce(model_ranks, FP32 * scalars), evaluations))
+            if config.optimizer.name == "lbfgs":
+                sharded = sum(p.numel for p in params if p.sharded)
+                transfers.append(Transfer("all_gather", "model",
+                                          ring_all_gather(model_ranks, FP32 * sharded), evaluations))
+        exchange, copies, compression = gradient_exchange(config.parallel, data_ranks, local, logged, evaluations)
+        return StepWork(
+            rows=rows, gemms=gemms,
+            elementwise_bytes=evaluations * elementwise + copies,
+            optimizer_bytes=FP32 * streams * local,
+            transfers=transfers + exchange, compression=compression,
+        )
+
+    return work

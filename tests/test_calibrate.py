@@ -1,0 +1,49 @@
+"""`terabrain calibrate`: a profile measured on this machine, and the links measured with real
+gloo collectives between 2 ranks."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import torchrun
+from terabrain.capacity.calibrate import fit_alpha_beta
+from terabrain.capacity.planner import plan_experiment
+from terabrain.capacity.profile import load_profile
+from terabrain.config.loader import load_experiment
+
+
+def test_fit_alpha_beta_recovers_latency_and_bandwidth():
+    alpha, bandwidth, steps = 20e-6, 2e9, 6
+    points = [(size, steps * alpha + size / bandwidth) for size in (4e3, 1e6, 8e6, 32e6)]
+    fitted_alpha, fitted_bandwidth = fit_alpha_beta(points, steps)
+    assert fitted_alpha == pytest.approx(alpha, rel=1e-6)
+    assert fitted_bandwidth == pytest.approx(bandwidth, rel=1e-6)
+
+
+def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):
+    out = tmp_path / "machine.yaml"
+    result = cli("calibrate", "--quick", "--out", str(out), "--name", "here")
+    assert result.returncode == 0, result.stderr
+    profile = load_profile(str(out))
+    assert profile.name == "here" and profile.compute.ranks_share_device
+    assert len(profile.compute.gemm_points) >= 4
+    assert profile.compute.peak_flops == max(p.flops_per_s for p in profile.compute.gemm_points)
+    assert "not measured" in profile.sources["network"]  # one process: no links
+    assert set(profile.compute.compression_bandwidth) == {"fp16", "bf16", "onebit", "threshold",
+                                                          "adaptive"}
+    plan = plan_experiment(load_experiment("lbann-ae-small", []), 2, profile.device_memory,
+                           profile=profile)
+    assert all(s.step_time_s > 0 for s in plan.splits if s.valid)
+
+
+@pytest.mark.slow
+def test_calibrate_under_torchrun_measures_the_links(tmp_path):
+    out = tmp_path / "two.yaml"
+    result = torchrun(2, "-m", "terabrain", "calibrate", "--quick", "--out", str(out), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    profile = load_profile(str(out))
+    assert "2 ranks on one node" in profile.sources["network"]
+    links = profile.network.intra_node
+    for collective in ("all_reduce", "all_gather", "reduce_scatter", "point_to_point"):
+        assert getattr(links, collective).bandwidth > 1e6  # loopback TCP moves more than 1 MB/s
+    assert profile.network.backend == "gloo"

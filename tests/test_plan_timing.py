@@ -1,0 +1,184 @@
+"""`terabrain plan --profile`: machine profiles, the step-time model and the recommendation
+(terabrain.capacity.profile, .timing, .work; the learners' work counts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from terabrain.capacity.planner import plan_experiment
+from terabrain.capacity.profile import builtin_profiles, load_profile, numeric_fields
+from terabrain.capacity.timing import gemm_rate, predict, roofline
+from terabrain.capacity.work import StepWork, Transfer
+from terabrain.cli import main
+from terabrain.config.loader import load_experiment
+from terabrain.errors import ConfigError
+
+BUILTIN = {"h100-sxm", "h200", "a100-80gb", "llnl-edge", "llnl-catalyst", "cots-hpc"}
+
+
+def test_every_builtin_profile_loads_and_names_a_source_for_each_number():
+    assert BUILTIN <= set(builtin_profiles())
+    for name in builtin_profiles():
+        profile = load_profile(name)
+        missing = [path for path in numeric_fields(profile)
+                   if not any(path == key or path.startswith(key + ".") for key in profile.sources)]
+        assert not missing, f"{name}: no source for {missing}"
+        assumed = [text for text in profile.sources.values() if "assumption" in text]
+        cited = [text for text in profile.sources.values() if "assumption" not in text]
+        assert cited, f"{name} cites nothing"
+        assert assumed, f"{name} states no assumption"
+
+
+def test_thin_gemm_at_batch_40_is_memory_bound_and_a_square_one_is_not():
+    h100 = load_profile("h100-sxm")
+    thin = roofline(h100, 40, 6250, 196_608)  # lbann-ae-400k on 64 ranks: (b x h/m x n)
+    square = roofline(h100, 8192, 8192, 8192)
+    assert square == h100.compute.peak_flops
+    # ~ 20 FLOP per fp32 byte (2 x 40 / 4): just under the H100's 67 TFLOPS / 3.35 TB/s...
+    assert thin < h100.compute.peak_flops
+    # ... and in bf16, 40 FLOP per byte against 989 TFLOPS / 3.35 TB/s: far below the peak.
+    assert roofline(h100, 40, 6250, 196_608, bf16=True) < 0.2 * h100.compute.peak_flops_bf16
+
+
+def test_measured_points_decide_the_rate_near_them(tmp_path):
+    raw = yaml.safe_load(load_profile("h100-sxm").to_yaml())
+    raw["compute"]["gemm_points"] = [
+        {"m": 40, "n": 4096, "k": 4096, "flops_per_s": 1e12},
+        {"m": 4096, "n": 4096, "k": 4096, "flops_per_s": 5e13},
+    ]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    profile = load_profile(str(path))
+    assert gemm_rate(profile, 40, 4096, 4096) == pytest.approx(1e12, rel=1e-3)
+    assert gemm_rate(profile, 4096, 4096, 4096) == pytest.approx(5e13, rel=1e-3)
+    between = gemm_rate(profile, 40, 4000, 4100)
+    assert between < 0.1 * gemm_rate(profile, 4000, 4000, 4100)
+
+
+def test_a_wrong_profile_field_is_named(tmp_path):
+    raw = yaml.safe_load(load_profile("a100-80gb").to_yaml())
+    raw["network"]["inter_node"]["all_reduce"]["bandwidth"] = -1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="network.inter_node.all_reduce.bandwidth"):
+        load_profile(str(path))
+    with pytest.raises(ConfigError, match="built-in: .*h100-sxm"):
+        load_profile("no-such-machine")
+
+
+def test_cli_bad_profile_exits_2_with_one_line(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ncompute: {peak_flops: 1}\n")
+    assert main(["plan", "lbann-ae-50k", "--gpus", "8", "--profile", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("terabrain: error: --profile")
+
+
+def test_alpha_beta_links_and_nodes():
+    h100 = load_profile("h100-sxm")
+    work = StepWork(rows=1, transfers=[Transfer("all_reduce", "data", 1e9)])
+    inside = predict(h100, work, 8, 1)  # 8 ranks: one node, NVLink
+    across = predict(h100, work, 16, 1)  # two nodes: InfiniBand
+    assert across.communication_s > 5 * inside.communication_s
+    # Not overlapped: all of it is exposed and adds to the step.
+    assert inside.exposed_s == inside.communication_s
+    assert inside.step_s == pytest.approx(inside.compute_s + inside.exposed_s)
+    hidden = StepWork(rows=1, transfers=[Transfer("all_reduce", "data", 1e9, overlapped=True)])
+    assert predict(h100, hidden, 8, 1).exposed_s < inside.exposed_s
+    # alpha: a tiny all-reduce costs 2 (k-1) steps of latency.
+    tiny = StepWork(rows=1, transfers=[Transfer("all_reduce", "data", 4)])
+    seconds = predict(h100, tiny, 8, 1).communication_s
+    assert seconds == pytest.approx(14 * h100.network.intra_node.all_reduce.alpha_s, rel=0.01)
+
+
+def test_plan_with_profile_recommends_the_fastest_split_that_fits(capsys):
+    assert main(["plan", "lbann-ae-400k", "--gpus", "64", "--profile", "h100-sxm",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["profile"] == "h100-sxm" and plan["device_memory"] == 80_000_000_000
+    for split in plan["splits"]:
+        for key in ("data", "model", "fits", "peak_bytes", "sent_bytes", "step_time_s",
+                    "recommended"):
+            assert key in split
+    timed = [s for s in plan["splits"] if s["fits"]]
+    assert timed
+    fastest = min(timed, key=lambda s: s["step_time_s"])
+    assert fastest["recommended"] and sum(s["recommended"] for s in plan["splits"]) == 1
+    for split in timed:
+        assert split["step_time_s"] == pytest.approx(split["compute_s"] + split["exposed_s"])
+        assert split["images_per_s"] == pytest.approx(plan["batch"] / split["step_time_s"])
+
+
+def test_plan_text_has_the_time_columns():
+    config = load_experiment("lbann-ae-small", [])
+    plan = plan_experiment(config, 4, 10**10, profile=load_profile("a100-80gb"),
+                           dataset_size=1_000_000)
+    from terabrain.capacity.planner import format_plan
+
+    text = format_plan(plan)
+    header = next(line for line in text.splitlines() if line.startswith("data"))
+    for column in ("step", "compute", "comm", "exposed", "images/s", "epoch"):
+        assert column in header.split()
+    for split in plan.splits:
+        if split.valid:
+            assert split.epoch_s == pytest.approx(1_000_000 / split.images_per_s)
+
+
+def test_data_parallel_exchange_grows_with_replicas_and_shrinks_when_compressed():
+    config = load_experiment("lbann-ae-small", [])
+    h100 = load_profile("h100-sxm")
+    plain = plan_experiment(config, 8, 10**11, profile=h100)
+    by_data = {s.data: s for s in plain.splits}
+    assert by_data[8].exposed_s > by_data[2].exposed_s > 0
+    config16 = load_experiment("lbann-ae-small", ["parallel.compression=bf16"])
+    half = {s.data: s for s in plan_experiment(config16, 8, 10**11, profile=h100).splits}
+    assert half[8].communication_s < by_data[8].communication_s
+
+
+def test_deep_networks_are_timed_and_local_layers_are_slower_than_gemms():
+    config = load_experiment("yfcc-15b", [])
+    plan = plan_experiment(config, 64, 80 * 10**9, profile=load_profile("h100-sxm"))
+    timed = [s for s in plan.splits if s.step_time_s is not None]
+    assert timed and all(s.compute_s > 0 for s in timed)
+    # More model ranks split the local layers' rows: less compute per rank.
+    by_model = sorted(timed, key=lambda s: s.model)
+    assert by_model[-1].compute_s < by_model[0].compute_s
+
+
+def test_reading_is_per_replica_so_model_parallel_strong_scaling_flattens():
+    """Seed 001's taper: every rank of a replica reads the whole batch, so as model ranks are
+    added the compute shrinks and reading does not."""
+    # 49,152 hidden units (~ the seed's 50K) divide evenly over 96 ... 1,536 ranks.
+    config = load_experiment("lbann-ae-50k", ["model.hidden=49152"])
+    catalyst = load_profile("llnl-catalyst")
+    rates = {}
+    for nodes in (8, 32, 128):
+        ranks = 12 * nodes
+        work = plan_experiment(config, ranks, 10**12, profile=catalyst)  # memory: not the question
+        split = next(s for s in work.splits if s.data == 1)
+        from terabrain.capacity.timing import read_seconds
+
+        read = read_seconds(catalyst, split.rows_per_rank, ("pixels", 196_608), 12)
+        rates[nodes] = 1.0 / (split.compute_s + split.exposed_s + read)
+    assert rates[32] / rates[8] > 2.0  # good strong scaling 8 -> 32 nodes
+    assert rates[128] / rates[32] < rates[32] / rates[8]  # tapering
+
+
+def test_a_slow_compressor_costs_compute_time(tmp_path):
+    raw = yaml.safe_load(load_profile("h100-sxm").to_yaml())
+    config = load_experiment("lbann-ae-small", ["parallel.compression=onebit"])
+    steps = []
+    for rate in (1e12, 1e8):
+        raw["compute"]["compression_bandwidth"] = {"onebit": rate}
+        path = tmp_path / f"p{rate:g}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        plan = plan_experiment(config, 2, 10**11, profile=load_profile(str(path)))
+        steps.append(next(s for s in plan.splits if s.data == 2))
+    fast, slow = steps
+    elements = fast.local_parameters
+    # Two compress + decompress passes over the fp32 gradient per exchange.
+    assert slow.compute_s - fast.compute_s == pytest.approx(
+        2 * 4 * elements * (1 / 1e8 - 1 / 1e12), rel=1e-6)
