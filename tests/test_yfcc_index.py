@@ -1,0 +1,159 @@
+"""The YFCC100M catalog index: a filtered selection from the index is today's ``select()``
+line for line (plain, bz2, gz; 25 and 23 columns; bad lines counted), the index is
+byte-identical whatever the worker count, interrupted builds restart cleanly, and the
+indexed catalog is what training opens for a config that names the metadata file."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from terabrain.data import yfcc_index_build
+from terabrain.data.yfcc import COLUMNS_23, COLUMNS_25, YFCCFilter, select
+from terabrain.data.yfcc_index import YFCCIndex, open_selection, write_selection
+from terabrain.data.yfcc_index_build import build_index
+
+TAGS = ["city", "new+york", "New+York", "beach", "cat", "night", "caf%C3%A9", "+", " ", "people", "NYC",
+        "sunset", "%E6%9D%B1%E4%BA%AC", "dog"]
+
+
+def metadata_lines(count: int, seed: int, columns: int = 25) -> list[str]:
+    """Lines as the real file has them plus the odd ones a parser must survive: wrong column
+    counts, empty lines, short or missing hashes, ids with leading zeros, odd markers."""
+    rng = random.Random(seed)
+    lines = []
+    for number in range(count):
+        photo = rng.randrange(1, 10**10)
+        row = dict.fromkeys(COLUMNS_25, "")
+        roll = rng.random()
+        digest = f"{rng.getrandbits(128):032x}"
+        if roll < 0.03:
+            digest = rng.choice(["", "abc", "ABCDEF12", "zz99zz", " 00ff00ff00ff00ff00ff00ff00ff00ff "])
+        identifier = str(photo)
+        if 0.03 <= roll < 0.05:
+            identifier = rng.choice(["007", "", "12a", str(2**64 + 5)])
+        row.update(line=str(number), id=identifier, hash=digest, user_nsid="12345678@N00",
+                   user_nickname="some+one", date_taken="2013-06-01 10:00:00.0", date_uploaded="1370080800",
+                   title="a+title", user_tags=",".join(rng.sample(TAGS, rng.randrange(0, 5))),
+                   extension=rng.choice(["jpg", "jpg", "png", "JPG", "", "mp4"]),
+                   marker=rng.choice(["0", "0", "0", "1", " 0", "2"]))
+        names = COLUMNS_25 if columns == 25 else COLUMNS_23
+        line = "\t".join(row[c] for c in names)
+        if 0.05 <= roll < 0.07:
+            line = "\t".join(line.split("\t")[: rng.randrange(1, 24)])  # wrong column count
+        lines.append(line)
+        if rng.random() < 0.02:
+            lines.append("")
+    return lines
+
+
+def write(path: Path, lines: list[str], newline: str = "\n") -> Path:
+    text = newline.join(lines) + newline
+    data = text.encode()
+    if path.suffix == ".bz2":
+        path.write_bytes(bz2.compress(data))
+    elif path.suffix == ".gz":
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+FILTERS = [
+    YFCCFilter(),
+    YFCCFilter("any"),
+    YFCCFilter("video"),
+    YFCCFilter("photo", tags_any=("city", "new york")),
+    YFCCFilter("any", tags_all=("city", "night"), tags_none=("cat",)),
+    YFCCFilter("photo", tags_none=("café", "東京")),
+    YFCCFilter("any", tags_any=("no such tag",)),
+]
+
+
+def selected(index: YFCCIndex, keep: YFCCFilter, layout: str, name: str):
+    from terabrain.data.yfcc_index import IndexProblems
+
+    chosen, pathless = index.select(keep, layout)
+    return [index.image_path(int(r), layout) for r in chosen], list(IndexProblems(index, pathless, name))
+
+
+@pytest.mark.parametrize("suffix,columns,newline", [
+    ("", 25, "\n"), (".bz2", 25, "\n"), (".gz", 23, "\r\n"), ("", 23, "\r"),
+])
+def test_index_selection_equals_select_line_for_line(tmp_path, suffix, columns, newline, monkeypatch):
+    monkeypatch.setattr(yfcc_index_build, "BLOCK", 4096)  # many work units on a small file
+    metadata = write(tmp_path / f"yfcc100m_dataset{suffix}", metadata_lines(600, seed=columns, columns=columns),
+                     newline)
+    index = YFCCIndex(build_index(metadata, tmp_path / "x.tbindex", workers=1))
+    try:
+        for keep in FILTERS:
+            for layout in ("hash", "id"):
+                paths, problems = select(metadata, keep, layout)
+                assert selected(index, keep, layout, str(metadata)) == (paths, problems), (keep, layout)
+        bad = [p for p in select(metadata, YFCCFilter("any"), "id")[1] if "columns" in p[1]]
+        assert len(bad) == len(index["bad_lines"]) > 5  # lines with the wrong column count, counted
+        assert index.checksum.startswith("sha256")
+    finally:
+        index.close()
+
+
+@pytest.mark.parametrize("suffix", ["", ".bz2"])
+def test_index_is_byte_identical_for_one_and_two_workers(tmp_path, suffix, monkeypatch):
+    monkeypatch.setattr(yfcc_index_build, "BLOCK", 8192)
+    metadata = write(tmp_path / f"meta{suffix}", metadata_lines(800, seed=3))
+    one = build_index(metadata, tmp_path / "one.tbindex", workers=1)
+    two = build_index(metadata, tmp_path / "two.tbindex", workers=2)
+    assert one.read_bytes() == two.read_bytes()
+    assert not list(tmp_path.glob(".*building*"))  # the work directory is gone
+
+
+def test_interrupted_build_restarts_cleanly(tmp_path, monkeypatch):
+    monkeypatch.setattr(yfcc_index_build, "BLOCK", 4096)
+    metadata = write(tmp_path / "meta", metadata_lines(500, seed=5))
+    reference = build_index(metadata, tmp_path / "reference.tbindex").read_bytes()
+    target = tmp_path / "meta.tbindex"
+    calls = []
+    original = yfcc_index_build._parse_block
+
+    def dies_on_the_fourth_unit(job):
+        calls.append(job[1])
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return original(job)
+
+    monkeypatch.setattr(yfcc_index_build, "_parse_block", dies_on_the_fourth_unit)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(metadata, target)
+    assert not target.exists()  # no half-written index
+    calls.clear()
+    monkeypatch.setattr(yfcc_index_build, "_parse_block", lambda job: calls.append(job[1]) or original(job))
+    build_index(metadata, target)
+    assert calls and calls[0] == 3  # the three finished units were kept
+    assert target.read_bytes() == reference
+    # A work directory left by a different version of the source is discarded, not mixed in.
+    monkeypatch.setattr(yfcc_index_build, "_parse_block", dies_on_the_fourth_unit)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build_index(metadata, target)
+    write(metadata, metadata_lines(500, seed=6))
+    monkeypatch.setattr(yfcc_index_build, "_parse_block", original)
+    fresh = YFCCIndex(build_index(metadata, target))
+    assert [fresh.image_path(int(r), "hash") for r in fresh.select(YFCCFilter(), "hash")[0]] == \
+        select(metadata, YFCCFilter(), "hash")[0]
+    fresh.close()
+
+
+def test_saved_selection_is_a_memory_map(tmp_path):
+    metadata = write(tmp_path / "meta", metadata_lines(300, seed=7))
+    index = YFCCIndex(build_index(metadata, tmp_path / "meta.tbindex"))
+    keep = YFCCFilter("photo", tags_any=("city",))
+    chosen, pathless = open_selection(write_selection(index, keep, "hash"))
+    assert isinstance(chosen, np.memmap)
+    expected = index.select(keep, "hash")
+    assert np.array_equal(chosen, expected[0]) and np.array_equal(pathless, expected[1])
+    index.close()
