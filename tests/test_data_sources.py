@@ -121,7 +121,11 @@ def test_yfcc_metadata_filters_and_hash_layout(tmp_path):
     videos = data_config(source="yfcc", metadata=metadata, root=root, yfcc_media="video", yfcc_layout="id")
     from terabrain.data.sources import source_of
 
-    assert source_of(videos).catalog(videos).paths == ["104.jpg"]
+    catalog = source_of(videos).catalog(videos)
+    assert [catalog.name(i) for i in range(len(catalog))] == [str(root / "104.jpg")]
+    # Both selections came from one index beside the metadata file, parsed once.
+    assert (tmp_path / "yfcc100m_dataset.tbindex").is_file()
+    assert len(list(tmp_path.glob("yfcc100m_dataset.tbindex.select-*.npy"))) == 2
 
 
 def test_lfw_source_is_labelled_faces():

@@ -157,3 +157,58 @@ def test_saved_selection_is_a_memory_map(tmp_path):
     expected = index.select(keep, "hash")
     assert np.array_equal(chosen, expected[0]) and np.array_equal(pathless, expected[1])
     index.close()
+
+
+def _prepare(metadata, index_dir, builder, queue):
+    from terabrain.data.yfcc_index_build import prepare_selection
+
+    paths = prepare_selection(Path(metadata), Path(index_dir), YFCCFilter("photo", tags_any=("city",)), "hash",
+                              builder=builder, workers=1)
+    queue.put((builder, [str(p) for p in paths]))
+
+
+def test_one_rank_of_a_node_builds_the_others_wait_then_reuse(tmp_path, capfd):
+    import multiprocessing
+
+    metadata = write(tmp_path / "meta", metadata_lines(3000, seed=9))
+    out = tmp_path / "index"
+    out.mkdir()
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    waiters = [context.Process(target=_prepare, args=(metadata, out, False, queue)) for _ in range(2)]
+    for waiter in waiters:  # the waiting local ranks start first and find nothing yet
+        waiter.start()
+    builder = context.Process(target=_prepare, args=(metadata, out, True, queue))
+    builder.start()
+    results = [queue.get(timeout=120) for _ in range(3)]
+    for process in waiters + [builder]:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert len({tuple(paths) for _, paths in results}) == 1
+    assert capfd.readouterr().err.count("building the catalog index") == 1
+    index_file = out / "meta.tbindex"
+    built = index_file.stat().st_mtime_ns
+    # A second run reuses the matching index; a changed source makes the builder rebuild it.
+    _prepare(metadata, out, True, queue)
+    assert index_file.stat().st_mtime_ns == built
+    write(metadata, metadata_lines(3000, seed=10))
+    _prepare(metadata, out, True, queue)
+    index = YFCCIndex(index_file)
+    assert index.records == len(select(metadata, YFCCFilter("any"), "id")[0]) + sum(
+        1 for _, why in select(metadata, YFCCFilter("any"), "id")[1] if "photo hash" in why)
+    index.close()
+
+
+def test_data_index_command(tmp_path):
+    from terabrain.cli import main
+
+    metadata = write(tmp_path / "meta.gz", metadata_lines(200, seed=11))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["data", "index", str(metadata), "--out", str(out), "--workers", "2"]) == 0
+    index = YFCCIndex(out / "meta.gz.tbindex")
+    assert [index.image_path(int(r), "id") for r in index.select(YFCCFilter(), "id")[0]] == \
+        select(metadata, YFCCFilter(), "id")[0]
+    index.close()
+    assert main(["data", "index", str(tmp_path / "missing")]) == 2
+    assert main(["data", "index", str(metadata), "--workers", "0"]) == 2

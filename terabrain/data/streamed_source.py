@@ -74,7 +74,8 @@ class StreamSource:
         self.launch = launch if launch is not None else detect_launch_env()
         self.source = source = source_of(config)
         self.catalog: Optional[Catalog] = source.catalog(config)
-        self.problems: list[tuple[str, str]] = list(self.catalog.problems) if self.catalog else []
+        # A sequence of (where, why); not copied: an index's problems are made on demand.
+        self.problems = self.catalog.problems if self.catalog else []
         self.read = source.stream_reader(config, seed, self.catalog)
         where = source.location(config)
         if len(self.read) < 2:

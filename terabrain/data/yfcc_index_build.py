@@ -485,3 +485,61 @@ def _aligned(size: int) -> int:
 
 def log_to_stderr(message: str) -> None:
     print(f"terabrain: {message}", file=sys.stderr)
+
+
+# --- training: build once per node, or reuse -----------------------------------------------
+
+def prepare_selection(metadata: Path, index_dir: Path | None, keep, layout: str, *, builder: bool,
+                      workers: int = 1, poll_s: float = 0.2) -> tuple[Path, Path]:
+    """The index of ``metadata`` and the saved selection of (``keep``, ``layout``), made if
+    missing or stale by the ``builder`` (rank 0 of each node); the other ranks of the node
+    wait for them. Returns (index path, selection path)."""
+    from terabrain.data.yfcc_index import matches, selection_path, write_selection
+
+    index_path = default_index_path(metadata, index_dir)
+    failed = index_path.with_name(f".{index_path.name}.failed-{socket.gethostname()}")
+    if builder:
+        failed.unlink(missing_ok=True)
+        try:
+            index = _open_matching(index_path, metadata, matches)
+            if index is None:
+                log_to_stderr(f"building the catalog index {index_path} of {metadata} "
+                              f"({workers} worker(s); once, reused while the file is unchanged)")
+                began = time.monotonic()
+                build_index(metadata, index_path, workers, log=log_to_stderr)
+                log_to_stderr(f"index built in {time.monotonic() - began:.1f} s")
+                index = YFCCIndex(index_path)
+            try:
+                selection = selection_path(index, keep, layout)
+                if not selection.exists():
+                    write_selection(index, keep, layout)
+            finally:
+                index.close()
+        except BaseException as error:
+            failed.write_text(f"{type(error).__name__}: {error}")
+            raise
+        return index_path, selection
+    began = time.time()
+    while True:
+        if failed.exists() and failed.stat().st_mtime >= began - 1:
+            raise RuntimeError(f"the local rank 0 failed to build {index_path}: {failed.read_text()}")
+        index = _open_matching(index_path, metadata, matches)
+        if index is not None:
+            selection = selection_path(index, keep, layout)
+            index.close()
+            if selection.exists():
+                return index_path, selection
+        time.sleep(poll_s)
+
+
+def _open_matching(index_path: Path, metadata: Path, matches) -> YFCCIndex | None:
+    if not index_path.exists():
+        return None
+    try:
+        index = YFCCIndex(index_path)
+    except ValueError:
+        return None  # another version, or damaged: rebuilt
+    if matches(index, metadata):
+        return index
+    index.close()
+    return None
