@@ -212,3 +212,50 @@ def test_data_index_command(tmp_path):
     index.close()
     assert main(["data", "index", str(tmp_path / "missing")]) == 2
     assert main(["data", "index", str(metadata), "--workers", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_two_rank_training_from_the_metadata_file_builds_once_and_keeps_batches_full(tmp_path):
+    import json
+
+    from collections_for_tests import image_bytes
+    from conftest import run_cli, torchrun
+
+    rng = random.Random(12)
+    root, lines = tmp_path / "images", []
+    for number in range(40):
+        row = dict.fromkeys(COLUMNS_25, "")
+        digest = f"{rng.getrandbits(128):032x}"
+        row.update(line=str(number), id=str(1000 + number), hash=digest, user_tags="city,night",
+                   extension="jpg", marker="0")
+        lines.append("\t".join(row[c] for c in COLUMNS_25))
+        folder = root / digest[:3] / digest[3:6]
+        folder.mkdir(parents=True, exist_ok=True)
+        # Every eighth image is damaged (cut short), one is missing: replaced, never a short batch.
+        data = image_bytes(number % 40, "jpeg", (48, 40))
+        if number % 8 == 3:
+            data = data[:100]
+        if number != 17:
+            (folder / f"{digest}.jpg").write_bytes(data)
+    lines.append("a\tline\twith\tfour")
+    metadata = write(tmp_path / "yfcc100m_dataset.bz2", lines)
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    sets = ["train", "natural-patches-rica", "--set", "data.source=yfcc", "--set", f"data.metadata={metadata}",
+            "--set", f"data.root={root}", "--set", f"data.index_dir={index_dir}", "--set", "data.crop_size=16",
+            "--set", "data.image_size=8", "--set", "data.whitening=none", "--set", "data.holdout_patches=2",
+            "--set", "optimizer.name=adam", "--set", "optimizer.lr=0.01", "--set", "train.batch_size=8",
+            "--set", "train.steps=6", "--set", "train.log_every=1", "--set", "model.hidden=8",
+            "--set", "data.workers=1"]
+    result = torchrun(2, "-m", "terabrain", *sets, "--out", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.count("building the catalog index") == 1  # local rank 0 built, rank 1 waited
+    assert "1 unusable entry" in result.stderr  # the four-column line, counted
+    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 6 and all(m["data_batch"] == 8 for m in metrics)
+    assert metrics[-1]["data_skipped"] > 0 and all(m["data_unusable"] == 1 for m in metrics)
+    # A second run finds the matching index and its saved selection: nothing is parsed again.
+    again = run_cli(*sets, "--out", str(tmp_path / "one"))
+    assert again.returncode == 0, again.stderr
+    assert "building the catalog index" not in again.stderr
+    assert len(list(index_dir.glob("*.select-*.npy"))) == 1
