@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -72,8 +71,8 @@ def generate(path: Path, lines: int, seed: int = 0) -> None:
             server, secret = rng.randrange(1, 9999), f"{rng.getrandbits(40):010x}"
             fields = (
                 str(number), str(photo), f"{rng.getrandbits(128):032x}", user, f"user{rng.randrange(10**6)}",
-                f"20{rng.randrange(4, 14):02d}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} "
-                f"{rng.randrange(24):02d}:{rng.randrange(60):02d}:{rng.randrange(60):02d}.0",
+                (f"20{rng.randrange(4, 14):02d}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} "
+                f"{rng.randrange(24):02d}:{rng.randrange(60):02d}:{rng.randrange(60):02d}.0"),
                 str(1_100_000_000 + rng.getrandbits(28)), rng.choice(DEVICES), title, description, tags, "",
                 f"{rng.uniform(-180, 180):.6f}" if geo else "", f"{rng.uniform(-90, 90):.6f}" if geo else "",
                 str(rng.randint(1, 16)) if geo else "", f"http://www.flickr.com/photos/{user}/{photo}/",
@@ -97,6 +96,24 @@ def _memory() -> tuple[int, int]:
     return rss, pss
 
 
+def _mapped(pattern: str) -> tuple[int, int, int]:
+    """(RSS, PSS of the mappings of files whose name contains ``pattern``; this process's
+    private anonymous memory) in bytes."""
+    rss = pss = 0
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            inside = pattern in line
+        elif inside and fields[0] == "Rss:":
+            rss += int(fields[1]) * 1024
+        elif inside and fields[0] == "Pss:":
+            pss += int(fields[1]) * 1024
+    anonymous = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                     if line.startswith("RssAnon:"))
+    return rss, pss, anonymous
+
+
 def child(kind: str, metadata: Path, index_dir: Path, start_at: float) -> dict:
     import multiprocessing  # noqa: F401 (imported before measuring: modules are not the catalog)
 
@@ -110,6 +127,7 @@ def child(kind: str, metadata: Path, index_dir: Path, start_at: float) -> dict:
     while time.time() < start_at:  # the two "ranks" open at the same moment
         time.sleep(0.001)
     before = _memory()
+    anonymous_before = _mapped(".tbindex")[2]
     began = time.perf_counter()
     if kind == "list":
         catalog = YFCCCatalog(metadata, Path("/nonexistent"), keep, "hash")
@@ -122,9 +140,15 @@ def child(kind: str, metadata: Path, index_dir: Path, start_at: float) -> dict:
     first = [catalog.name(int(i)) for i in rng.integers(0, len(catalog), BATCH)]
     first_batch = time.perf_counter() - began
     touched = _memory()
-    return {"images": len(catalog), "open_s": opened, "first_batch_s": first_batch,
-            "rss_bytes": after[0] - before[0], "pss_bytes": after[1] - before[1],
-            "first_batch_rss_bytes": touched[0] - after[0], "example": first[0]}
+    result = {"images": len(catalog), "open_s": opened, "first_batch_s": first_batch,
+              "rss_bytes": after[0] - before[0], "pss_bytes": after[1] - before[1],
+              "first_batch_rss_bytes": touched[0] - after[0], "example": first[0]}
+    if kind == "index":  # an epoch later every page of the columns a reader needs is mapped
+        for i in range(len(catalog)):
+            catalog.name(i)
+        rss, pss, anonymous = _mapped(".tbindex")  # the index and its saved selection
+        result.update(epoch_rss_bytes=rss, epoch_pss_bytes=pss, epoch_anonymous_bytes=anonymous - anonymous_before)
+    return result
 
 
 def run_children(kind: str, metadata: Path, index_dir: Path, ranks: int) -> list[dict]:
@@ -216,35 +240,44 @@ def describe(r: dict) -> str:
     n, lst, idx = r["lines"], r["list"], r["index"]
     scale = FULL / n
     one, two = idx["open_1_rank"], idx["open_2_ranks"]
-    per = lambda value, images: value / max(1, images)  # noqa: E731
+    def per(value, images):
+        return value / max(1, images)
+
     rows = [
-        f"synthetic YFCC100M metadata: {n:,} lines, {r['metadata_bytes'] / 1e6:.0f} MB "
-        f"(generated in {r['generate_s']:.1f} s); opened with {FILTER}: {idx['open_1_rank']['images']:,} images",
+        (f"synthetic YFCC100M metadata: {n:,} lines, {r['metadata_bytes'] / 1e6:.0f} MB "
+        f"(generated in {r['generate_s']:.1f} s); opened with {FILTER}: {idx['open_1_rank']['images']:,} images"),
         "",
         f"{'':38}{'list catalog':>16}{'index':>16}{'ratio':>9}   at 99.2M images (index | list)",
-        f"{'build / parse, 1 worker (s)':38}{lst['open_s']:16.2f}{idx['build_s']['1']:16.2f}"
+        (f"{'build / parse, 1 worker (s)':38}{lst['open_s']:16.2f}{idx['build_s']['1']:16.2f}"
         f"{lst['open_s'] / idx['build_s']['1']:9.2f}   {idx['build_s']['1'] * scale / 60:.1f} min | "
-        f"{lst['open_s'] * scale / 60:.1f} min per rank",
-        f"{'build, 2 workers (s)':38}{'':16}{idx['build_s']['2']:16.2f}{'':9}   "
-        f"{idx['build_s']['2'] * scale / 60:.1f} min (byte-identical to 1 worker: {idx['identical_1_vs_2_workers']})",
+        f"{lst['open_s'] * scale / 60:.1f} min per rank"),
+        (f"{'build, 2 workers (s)':38}{'':16}{idx['build_s']['2']:16.2f}{'':9}   "
+        f"{idx['build_s']['2'] * scale / 60:.1f} min (byte-identical to 1 worker: {idx['identical_1_vs_2_workers']})"),
         f"{'index bytes (per line)':38}{'':16}{per(idx['bytes'], n):16.1f}{'':9}   {idx['bytes'] * scale / 1e9:.1f} GB",
-        f"{'tag filter throughput (records/s)':38}{n / r['list_tag_filter_s']:16,.0f}"
+        (f"{'tag filter throughput (records/s)':38}{n / r['list_tag_filter_s']:16,.0f}"
         f"{idx['filter_records_per_s']:16,.0f}"
         f"{idx['filter_records_per_s'] / (n / r['list_tag_filter_s']):9.1f}   {FULL / idx['filter_records_per_s']:.1f} s | "
-        f"{FULL * r['list_tag_filter_s'] / n / 60:.1f} min  ({r['tag_filter_images']:,} images kept)",
+        f"{FULL * r['list_tag_filter_s'] / n / 60:.1f} min  ({r['tag_filter_images']:,} images kept)"),
         f"{'open (s)':38}{lst['open_s']:16.3f}{one['open_s']:16.4f}{lst['open_s'] / one['open_s']:9.0f}",
-        f"{'time to first batch of 192 paths (s)':38}{lst['first_batch_s']:16.3f}{one['first_batch_s']:16.4f}"
+        (f"{'time to first batch of 192 paths (s)':38}{lst['first_batch_s']:16.3f}{one['first_batch_s']:16.4f}"
         f"{lst['first_batch_s'] / one['first_batch_s']:9.0f}   (the index's first batch maps "
-        f"{one['first_batch_rss_bytes'] / 1e6:.1f} MB of pages, whatever N)",
-        f"{'resident bytes per image, 1 rank (RSS)':38}{per(lst['rss_bytes'], lst['images']):16.1f}"
+        f"{one['first_batch_rss_bytes'] / 1e6:.1f} MB of pages, whatever N)"),
+        (f"{'resident bytes per image, 1 rank (RSS)':38}{per(lst['rss_bytes'], lst['images']):16.1f}"
         f"{per(one['rss_bytes'], one['images']):16.2f}"
         f"{per(lst['rss_bytes'], lst['images']) / max(per(one['rss_bytes'], one['images']), 1e-9):9.0f}   "
         f"{per(one['rss_bytes'], one['images']) * FULL / 1e9:.2f} GB | "
-        f"{per(lst['rss_bytes'], lst['images']) * FULL / 1e9:.1f} GB per rank",
+        f"{per(lst['rss_bytes'], lst['images']) * FULL / 1e9:.1f} GB per rank"),
     ]
     for rank, result in enumerate(two):
         rows.append(f"{f'resident per image, rank {rank} of 2 (RSS/PSS)':38}{'':16}"
                     f"{per(result['rss_bytes'], result['images']):8.2f}/{per(result['pss_bytes'], result['images']):<7.2f}")
+    rows.append("after reading every image's path once (an epoch): the index's mapped pages (shared,")
+    rows.append("clean, evictable page cache; RSS/PSS) and the rank's private memory, per image")
+    for name, result in [("1 rank", one)] + [(f"rank {r} of 2", x) for r, x in enumerate(two)]:
+        rows.append(f"{f'  {name}':38}{'':16}"
+                    f"{per(result['epoch_rss_bytes'], result['images']):8.2f}/"
+                    f"{per(result['epoch_pss_bytes'], result['images']):<7.2f} private "
+                    f"{per(result['epoch_anonymous_bytes'], result['images']):.2f}")
     load = r.get("other_load_cores")
     rows += ["", f"other processes used {load:.1f} cores meanwhile (the machine is shared; timings are noisy)"
              if load is not None else ""]
