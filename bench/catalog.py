@@ -261,7 +261,7 @@ def describe(r: dict) -> str:
         f"{'open (s)':38}{lst['open_s']:16.3f}{one['open_s']:16.4f}{lst['open_s'] / one['open_s']:9.0f}",
         (f"{'time to first batch of 192 paths (s)':38}{lst['first_batch_s']:16.3f}{one['first_batch_s']:16.4f}"
         f"{lst['first_batch_s'] / one['first_batch_s']:9.0f}   (the index's first batch maps "
-        f"{one['first_batch_rss_bytes'] / 1e6:.1f} MB of pages, whatever N)"),
+        f"{one['first_batch_rss_bytes'] / 1e6:.1f} MB of pages: a few kernel fault-around windows per path, bounded by the batch, not by N)"),
         (f"{'resident bytes per image, 1 rank (RSS)':38}{per(lst['rss_bytes'], lst['images']):16.1f}"
         f"{per(one['rss_bytes'], one['images']):16.2f}"
         f"{per(lst['rss_bytes'], lst['images']) / max(per(one['rss_bytes'], one['images']), 1e-9):9.0f}   "

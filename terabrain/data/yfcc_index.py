@@ -34,6 +34,7 @@ import hashlib
 import json
 import mmap
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def write_selection(index: YFCCIndex, keep: YFCCFilter, layout: str) -> Path:
     atomically beside the index."""
     chosen, pathless = index.select(keep, layout)
     path = selection_path(index, keep, layout)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # nodes may share it
     with open(temporary, "wb") as stream:
         np.save(stream, chosen)
         np.save(stream, pathless)

@@ -151,7 +151,7 @@ class _Unit:
         self.lines += len(lines)
 
     def save(self, path: Path, digest: bytes) -> None:
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         with open(temporary, "wb") as stream:
             np.savez(
                 stream, marker=np.frombuffer(bytes(self.marker), np.uint8),
