@@ -259,3 +259,21 @@ def test_two_rank_training_from_the_metadata_file_builds_once_and_keeps_batches_
     assert again.returncode == 0, again.stderr
     assert "building the catalog index" not in again.stderr
     assert len(list(index_dir.glob("*.select-*.npy"))) == 1
+
+
+def test_indexed_catalog_travels_to_worker_processes(tmp_path):
+    import pickle
+
+    from terabrain.data.catalogs import IndexedYFCCCatalog
+
+    metadata = write(tmp_path / "meta", metadata_lines(300, seed=13))
+    index = YFCCIndex(build_index(metadata, tmp_path / "meta.tbindex"))
+    selection = write_selection(index, YFCCFilter(), "id")
+    index.close()
+    catalog = IndexedYFCCCatalog(tmp_path / "meta.tbindex", selection, tmp_path / "images", "id", str(metadata))
+    paths, problems = select(metadata, YFCCFilter(), "id")
+    assert [catalog.name(i) for i in range(len(catalog))] == [str(tmp_path / "images" / p) for p in paths]
+    assert list(catalog.problems) == problems
+    copy = pickle.loads(pickle.dumps(catalog))  # what a DataLoader worker receives: paths, not maps
+    assert len(pickle.dumps(catalog)) < 2000
+    assert [copy.name(i) for i in range(len(copy))] == [catalog.name(i) for i in range(len(catalog))]
