@@ -165,5 +165,6 @@ def test_damaged_files_are_counted_in_metrics_and_tensorboard(packed, cli, tmp_p
     skipped = [line["data_skipped"] for line in lines]
     assert skipped == sorted(skipped) and 0 < skipped[-1] <= 4 * 3  # 3 damaged files, 4 steps
     assert all(line["data_unusable"] == 1 for line in lines)  # README.txt
+    assert all(line["data_batch"] == 32 for line in lines)  # damaged images replaced: full batches
     events = EventAccumulator(str(run / "tb")).Reload()
     assert [e.value for e in events.Scalars("features/data_skipped")] == skipped

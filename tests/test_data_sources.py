@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,13 +116,19 @@ def test_yfcc_metadata_filters_and_hash_layout(tmp_path):
     assert any("3 columns" in why for _, why in source.problems)
     stream = source.open(2, None, torch.device("cpu"))
     seen = [image_id(r) for r in stream.batch(0)[0].numpy()]
-    assert set(seen) <= {1, 3, 7, 8} and stream.metrics()["data_skipped"] == 2 - len(seen)
+    missing = sum(1 for i in stream.local_ids(0) if not Path(source.catalog.name(int(i))).exists())
+    assert set(seen) <= {1, 3, 7, 8} and len(seen) == 2  # a missing image is replaced, not dropped
+    assert stream.metrics()["data_skipped"] == missing
     stream.close()
     # Videos only, by id layout (the 23-column release names files <id>.<extension>).
     videos = data_config(source="yfcc", metadata=metadata, root=root, yfcc_media="video", yfcc_layout="id")
     from terabrain.data.sources import source_of
 
-    assert source_of(videos).catalog(videos).paths == ["104.jpg"]
+    catalog = source_of(videos).catalog(videos)
+    assert [catalog.name(i) for i in range(len(catalog))] == [str(root / "104.jpg")]
+    # Both selections came from one index beside the metadata file, parsed once.
+    assert (tmp_path / "yfcc100m_dataset.tbindex").is_file()
+    assert len(list(tmp_path.glob("yfcc100m_dataset.tbindex.select-*.npy"))) == 2
 
 
 def test_lfw_source_is_labelled_faces():

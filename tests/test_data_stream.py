@@ -1,5 +1,6 @@
 """The streaming loader on collections the tests write (with damaged files): every readable
-example exactly once per epoch, across 1 and 2 real gloo ranks; a resumed epoch continues
+example once per epoch, across 1 and 2 real gloo ranks, and each damaged one replaced by the
+next readable example of the rank's order, so every batch is full; a resumed epoch continues
 where it stopped, through a real DCP checkpoint; bad files skipped and counted, or the run
 stops naming the file; never a hang."""
 
@@ -68,21 +69,36 @@ def expected_training_images(root: Path, source: StreamSource) -> set[int]:
     return {ids[int(i)] for i in source.train_ids if ids[int(i)] is not None}
 
 
+def batch_with_replacements(stream: BatchStream, ids: dict, step: int) -> list[int]:
+    """The images the rank's batch of ``step`` must show: its own, each damaged one replaced
+    by the next readable image of the rank's later steps in the epoch (wrapping round)."""
+    per, first = stream.order.per_epoch, stream.order.epoch(step) * stream.order.per_epoch
+    later = [ids[int(i)] for k in range(1, per) for i in stream.local_ids(first + (step - first + k) % per)]
+    later = [image for image in later if image is not None]
+    return [ids[int(i)] if ids[int(i)] is not None else later.pop(0) for i in stream.local_ids(step)]
+
+
 @pytest.mark.parametrize("kind", ["thread", "process"])
-def test_every_readable_image_once_per_epoch_and_damaged_files_counted(collection, kind):
+def test_every_readable_image_once_per_epoch_damaged_ones_replaced_and_counted(collection, kind):
     source = StreamSource(config(collection, worker_kind=kind), seed=3)
     stream = source.open(8, None, torch.device("cpu"))
     assert stream.order.per_epoch == 5
     expected = expected_training_images(collection, source)
     damaged = damaged_in_training(collection, source)
-    assert len(expected) + damaged == 40
-    batches = {step: [image_id(row) for row in stream.batch(step)[0].numpy()] for step in range(10)}
+    assert len(expected) + damaged == 40 and damaged > 0
+    ids = catalog_image_ids(collection)
+    batches = {}
+    for step in range(10):
+        batches[step] = [image_id(row) for row in stream.batch(step)[0].numpy()]
+        assert batches[step] == batch_with_replacements(stream, ids, step)
+        assert len(batches[step]) == 8, "a damaged image leaves no hole in its batch"
     epochs = [[i for s in range(e * 5, e * 5 + 5) for i in batches[s]] for e in (0, 1)]
     for seen in epochs:
-        assert Counter(seen) == Counter(expected)
+        assert set(seen) == expected and len(seen) == 40
+        assert (Counter(seen) - Counter(expected)).total() == damaged  # the replacements
     assert epochs[0] != epochs[1], "each epoch has its own order"
     # Each damaged training file once per epoch; README.txt is unusable (not an image name).
-    assert stream.metrics() == {"data_skipped": 2.0 * damaged, "data_unusable": 1.0}
+    assert stream.metrics() == {"data_skipped": 2.0 * damaged, "data_unusable": 1.0, "data_batch": 8.0}
     stream.close()
     # Same seed, fresh stream: the same batches (deterministic for a given seed and epoch).
     again = source.open(8, None, torch.device("cpu"))
@@ -182,9 +198,12 @@ def test_resumed_epoch_continues_through_a_checkpoint(collection, tmp_path):
     _, first = run(3, manager)  # stops after the checkpoint at step 3, mid-epoch
     resumed, second = run(8, manager, resume=True)
     assert sorted(first) == [0, 1, 2] and sorted(second) == [3, 4, 5, 6, 7]
-    assert {**first, **second} == whole_seen
+    assert {**first, **second} == whole_seen  # replacements included
+    assert all(len(images) == 8 for images in whole_seen.values())
     epoch = [i for s in range(5) for i in {**first, **second}[s]]
-    assert len(epoch) == len(set(epoch)), "no image repeated within the resumed epoch"
+    damaged = damaged_in_training(collection, source)
+    assert damaged and set(epoch) == expected_training_images(collection, source)
+    assert len(epoch) - len(set(epoch)) == damaged, "only the replacements repeat within the epoch"
     for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
     # The skip counter continues across the restart instead of starting again from zero.
@@ -198,14 +217,17 @@ def test_two_gloo_ranks_split_every_epoch_and_resume_mid_epoch(collection, tmp_p
     ids = catalog_image_ids(collection)
     expected = Counter(ids[i] for i in ranks[0]["train_ids"] if ids[i] is not None)
     assert ranks[0]["per_epoch"] == 5
+    damaged = sum(1 for i in ranks[0]["train_ids"] if ids[i] is None)
     for epoch in range(2):
         both = Counter(ranks[0]["epochs"][epoch]) + Counter(ranks[1]["epochs"][epoch])
-        assert both == expected, f"epoch {epoch}: each readable image once across the two ranks"
+        assert set(both) == set(expected), f"epoch {epoch}: each readable image across the two ranks"
+        assert both.total() == 40 and (both - expected).total() == damaged  # damaged ones replaced
+        # A replacement comes from the same rank's order: the ranks still read disjoint images.
         assert not set(ranks[0]["epochs"][epoch]) & set(ranks[1]["epochs"][epoch])
-    # The skip counter is the global one (both ranks report the same total).
+    # The counters are global (both ranks report the same totals); every batch is full.
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
-    damaged = sum(1 for i in ranks[0]["train_ids"] if ids[i] is None)
     assert ranks[0]["metrics"]["data_skipped"] == 2.0 * damaged
+    assert ranks[0]["metrics"]["data_batch"] == 8.0
     for rank in ranks:
         assert rank["resumed_at"] == 4
         steps = {int(k): v for k, v in {**rank["first"], **rank["second"]}.items()}
@@ -216,4 +238,5 @@ def test_two_gloo_ranks_split_every_epoch_and_resume_mid_epoch(collection, tmp_p
     for rank in ranks:
         steps = {int(k): v for k, v in {**rank["first"], **rank["second"]}.items()}
         epoch0 += Counter(i for s in range(5) for i in steps[s])
-    assert epoch0 == expected
+        assert all(len(steps[s]) == 4 for s in steps), "each rank's half of every batch is full"
+    assert set(epoch0) == set(expected) and (epoch0 - expected).total() == damaged

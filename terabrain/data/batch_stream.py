@@ -13,10 +13,15 @@ the GIL while decoding and resizing) or ``process`` (``torch.utils.data.DataLoad
 workers, each producing whole batches). Either way batches arrive in step order, at most
 ``prefetch`` ahead, in pinned memory when training on CUDA.
 
-Bad examples: with ``on_error="skip"`` an unreadable example is left out of its batch (the
-batch is one row shorter), counted, and named in a warning; with ``"fail"`` the run stops
-with a TrainingError naming the file. A batch whose examples are all unreadable stops the
-run either way (there is nothing to train on). No wait is unbounded: if no batch arrives
+Bad examples: with ``on_error="skip"`` an unreadable example is counted, named in a warning,
+and replaced by the next usable example of the same rank's order: the examples this rank
+reads at the following steps of the same epoch (wrapping round to the epoch's first step),
+taken in that order, passing over unreadable ones. Every step thus sees a full batch, and the
+batch is still a pure function of (seed, epoch, step, rank) and of which files are damaged,
+so a resumed run reads exactly what the uninterrupted one did. The replacement is read twice
+in that epoch (here and at its own step); only the damaged slot is counted as skipped. With
+``"fail"`` the run stops with a TrainingError naming the file. If no example of the rank's
+whole epoch is readable the run stops either way (there is nothing to train on). No wait is unbounded: if no batch arrives
 within ``timeout_s`` the run stops and says what it was waiting for.
 """
 
@@ -85,6 +90,7 @@ class BatchStream:
         self.per_sample = per_sample
         self.unusable = unusable
         self.skipped = 0  # this rank, this session
+        self.last_rows = 0  # examples in this rank's latest batch (the metrics report their sum)
         self.skipped_before = 0  # all ranks, earlier sessions (from the checkpoint)
         self._next: Optional[int] = None
         self._pipeline = None
@@ -112,17 +118,20 @@ class BatchStream:
             self.close()
             raise item.error
         self._account(item.bad)
+        self.last_rows = len(item.x)
         return item.x.to(self.device, non_blocking=self.pin), None
 
     def metrics(self) -> dict[str, float]:
         """Counters for the metrics line: a collective over replicas (every rank calls it)."""
-        counters = {"data_skipped": float(self._global_skipped()), "data_unusable": float(self.unusable)}
+        skipped, rows = self._global_counts()
+        counters = {"data_skipped": float(skipped), "data_unusable": float(self.unusable),
+                    "data_batch": float(rows)}
         if self.staging is not None:
             counters.update(self.staging.progress())
         return counters
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"skipped": torch.tensor(self._global_skipped(), dtype=torch.int64)}
+        return {"skipped": torch.tensor(self._global_counts()[0], dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.skipped_before = int(state["skipped"])
@@ -136,11 +145,12 @@ class BatchStream:
 
     # --- producing batches ----------------------------------------------------------------
 
-    def _global_skipped(self) -> int:
-        count = torch.tensor([float(self.skipped)], dtype=torch.float64)
+    def _global_counts(self) -> tuple[int, int]:
+        """(skipped examples, all sessions; examples in the latest global batch), all replicas."""
+        count = torch.tensor([float(self.skipped), float(self.last_rows)], dtype=torch.float64)
         if self.reduce_sum is not None:
             self.reduce_sum(count)
-        return self.skipped_before + int(count.item())
+        return self.skipped_before + int(count[0].item()), int(count[1].item())
 
     def _account(self, bad: list[tuple[str, str]]) -> None:
         self.skipped += len(bad)
@@ -158,25 +168,43 @@ class BatchStream:
     def make(self, step: int, pool: Optional[ThreadPoolExecutor] = None) -> _Batch:
         """Read, preprocess and assemble this rank's batch of ``step``."""
         epoch = self.order.epoch(step)
-        ids = self.local_ids(step)
-        if pool is None:
-            results = [_read_one(self.read, int(i), epoch) for i in ids]
-        else:
-            results = list(pool.map(lambda i: _read_one(self.read, int(i), epoch), ids))
-        rows = [r for r in results if not isinstance(r, BadSample)]
+
+        def read(ids) -> list:
+            if pool is None:
+                return [_read_one(self.read, int(i), epoch) for i in ids]
+            return list(pool.map(lambda i: _read_one(self.read, int(i), epoch), ids))
+
+        results = read(self.local_ids(step))
         bad = [(r.name, r.reason) for r in results if isinstance(r, BadSample)]
         if bad and self.on_error == "fail":
             name, reason = bad[0]
             return _Batch(step, error=BadSample(name, f"{reason} (data.on_error is fail)"))
-        if not rows:
-            return _Batch(step, error=TrainingError(
-                f"every example of this rank's batch at step {step} is unreadable, e.g. "
-                f"{bad[0][0]} ({bad[0][1]}); check the collection with `terabrain data stats`"))
-        x = np.concatenate(rows).astype(np.float32, copy=False)
+        holes = [slot for slot, r in enumerate(results) if isinstance(r, BadSample)]
+        if holes:
+            candidates = self._replacements(step)
+            while holes:
+                wanted = list(itertools.islice(candidates, len(holes)))
+                if not wanted:
+                    return _Batch(step, error=TrainingError(
+                        f"no readable example in this rank's whole epoch at step {step}, e.g. "
+                        f"{bad[0][0]} ({bad[0][1]}); check the collection with `terabrain data stats`"))
+                for found in read(wanted):
+                    if not isinstance(found, BadSample):
+                        results[holes.pop(0)] = found
+        x = np.concatenate(results).astype(np.float32, copy=False)
         if self.transform is not None:
             x = self.transform(x)
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         return _Batch(step, tensor, bad)
+
+
+    def _replacements(self, step: int):
+        """The examples this rank reads at the steps after ``step`` in the same epoch,
+        wrapping round to the epoch's first step: what replaces a damaged example."""
+        per_epoch = self.order.per_epoch
+        first = self.order.epoch(step) * per_epoch
+        for later in range(1, per_epoch):
+            yield from self.local_ids(first + (step - first + later) % per_epoch)
 
 
 def _read_one(read: Reader, index: int, epoch: int):

@@ -20,6 +20,7 @@ from terabrain.data.decode import BadSample, is_image_name
 from terabrain.data.predecoded import DecodedPack, checksum
 from terabrain.data.shards import ShardTable, load_pack
 from terabrain.data.yfcc import YFCCFilter, select
+from terabrain.data.yfcc_index import IndexProblems, YFCCIndex, open_selection
 
 
 class Catalog:
@@ -82,6 +83,39 @@ class YFCCCatalog(FolderCatalog):
     def __init__(self, metadata: Path, root: Path, keep: YFCCFilter, layout: str):
         self.root = Path(root)
         self.paths, self.problems = select(Path(metadata), keep, layout)
+
+
+class IndexedYFCCCatalog(Catalog):
+    """The images of a saved selection of a YFCC100M index (``terabrain data index``): the
+    index and the selection are memory maps, so a rank holds only the pages it touches and
+    every rank of a node shares them; nothing is parsed or listed at start-up."""
+
+    def __init__(self, index: Path, selection: Path, root: Path, layout: str, metadata_name: str):
+        self.index_path, self.selection_path = Path(index), Path(selection)
+        self.root, self.layout, self.metadata_name = Path(root), layout, metadata_name
+        self._open()
+
+    def _open(self) -> None:
+        self.index = YFCCIndex(self.index_path)
+        self.records, pathless = open_selection(self.selection_path)
+        self.problems = IndexProblems(self.index, pathless, self.metadata_name)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("index", "records", "problems")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def name(self, index: int) -> str:
+        return str(self.root / self.index.image_path(int(self.records[index]), self.layout))
+
+    def read(self, index: int) -> bytes:
+        name = self.name(index)
+        return _read_file(Path(name), name)
 
 
 class ShardCatalog(Catalog):

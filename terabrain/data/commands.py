@@ -1,9 +1,11 @@
-"""The ``terabrain data`` sub-commands (pack, stats); cli.py only registers them."""
+"""The ``terabrain data`` sub-commands (pack, stats, index); cli.py only registers them."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 
 
@@ -45,6 +47,22 @@ def register(commands) -> None:
     stats.add_argument("--workers", type=int, default=4)
     stats.add_argument("--json", action="store_true", help="print the report as JSON")
     stats.set_defaults(handler=run_stats)
+    index = sub.add_parser(
+        "index", help="build the catalog index of a YFCC100M metadata file (training maps it)",
+        description="terabrain data index /data/yfcc100m_dataset.bz2 --workers 8\n"
+                    "terabrain data index /data/yfcc100m_dataset --out /local/nvme/$USER\n\n"
+                    "Writes <file>.tbindex beside the file (or in --out). Training with\n"
+                    "data.metadata set to the file uses it (data.index_dir names --out).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    index.add_argument("metadata", type=Path, metavar="METADATA",
+                       help="a YFCC100M metadata file (23 or 25 columns; plain, .bz2 or .gz)")
+    index.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="directory for the index (default: beside the file)")
+    index.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="parsing processes (default: the CPU count); the index is the same for any")
+    index.add_argument("--force", action="store_true", help="rebuild even if a matching index exists")
+    index.set_defaults(handler=run_index)
 
 
 def run_pack(args: argparse.Namespace) -> int:
@@ -78,3 +96,42 @@ def run_stats(args: argparse.Namespace) -> int:
     result = stats(args.dest, verify=not args.no_verify, decode=not args.no_decode, workers=args.workers)
     print(json.dumps(result, indent=2) if args.json else format_stats(result))
     return 1 if result.get("checksums", {}).get("mismatched") else 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from terabrain.data.yfcc_index import YFCCIndex, matches
+    from terabrain.data.yfcc_index_build import build_index, default_index_path
+    from terabrain.errors import ConfigError
+
+    if not args.metadata.is_file():
+        raise ConfigError(f"METADATA: not a file: {args.metadata} (a YFCC100M metadata file; "
+                          "image folders and shard packs are not indexed)")
+    if args.workers < 1:
+        raise ConfigError(f"--workers: got {args.workers}; allowed: 1 or more")
+    if args.out is not None and not args.out.is_dir():
+        raise ConfigError(f"--out: not a directory: {args.out}")
+    target = default_index_path(args.metadata, args.out)
+    reused = False
+    if target.exists() and not args.force:
+        try:
+            existing = YFCCIndex(target)
+            reused = matches(existing, args.metadata)
+            existing.close()
+        except ValueError:
+            pass
+    began = time.monotonic()
+    if not reused:
+        try:
+            build_index(args.metadata, target, args.workers)
+        except OSError as error:
+            raise ConfigError(f"--out: cannot write {target}: {error}") from None
+    index = YFCCIndex(target)
+    sections = index.header["sections"]
+    print(f"{target}: {'up to date, reused' if reused else f'built in {time.monotonic() - began:.1f} s'}\n"
+          f"  {index.records} records (lines of 23 or 25 columns), "
+          f"{sections['bad_lines']['shape'][0]} lines with another column count\n"
+          f"  {index.header['tags']} distinct tags, {target.stat().st_size} bytes "
+          f"({target.stat().st_size / max(1, index.records):.1f} per record)\n"
+          f"  source checksum {index.checksum}")
+    index.close()
+    return 0

@@ -47,7 +47,10 @@ class SampleOrder:
         cached = self._cached  # read once: the loader thread and the trainer's thread both ask
         if cached[0] != epoch:
             count = self.samples if self.block is None else self.samples // self.block
-            cached = self._cached = (epoch, torch.randperm(count, generator=self._generator(epoch)))
+            permutation = torch.randperm(count, generator=self._generator(epoch))
+            if count < 1 << 31:  # kept for the epoch: 4 bytes an example instead of 8
+                permutation = permutation.to(torch.int32)
+            cached = self._cached = (epoch, permutation)
         if self.block is None:
             start = position * self.batch
             return cached[1][start : start + self.batch]

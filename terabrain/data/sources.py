@@ -15,6 +15,7 @@ Adding a source is one section class, one ``DataSource`` subclass and one line i
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Optional, Union
@@ -285,6 +286,11 @@ class YFCCData(ImageCollectionData):
     yfcc_layout: Literal["hash", "id"] = Field(
         "hash", description="Image paths under `root`: hash: <h[:3]>/<h[3:6]>/<h>.jpg "
         "(Multimedia Commons mirror, 25-column file); id: <photo id>.<extension>.",
+    )
+    index_dir: Optional[Path] = Field(
+        None, description="Where the catalog index of `metadata` is kept (`terabrain data "
+        "index`; built by the first run if missing or stale, then memory-mapped); null: beside "
+        "the metadata file. A node-local directory works: rank 0 of each node builds its own.",
     )
 
     @model_validator(mode="after")
@@ -631,13 +637,24 @@ class YFCCSource(ImageCollectionSource):
     name, section = "yfcc", YFCCData
 
     def catalog(self, config: YFCCData) -> "Catalog":
-        from terabrain.data.catalogs import YFCCCatalog
+        from terabrain.data.catalogs import IndexedYFCCCatalog
         from terabrain.data.yfcc import YFCCFilter
+        from terabrain.data.yfcc_index_build import prepare_selection
+        from terabrain.parallel.launch import detect_launch_env
 
         keep = YFCCFilter(config.yfcc_media, tuple(t.lower() for t in config.yfcc_tags_any),
                           tuple(t.lower() for t in config.yfcc_tags_all),
                           tuple(t.lower() for t in config.yfcc_tags_none))
-        return YFCCCatalog(config.metadata, config.root, keep, config.yfcc_layout)
+        workers = max(1, min(config.workers, os.cpu_count() or 1))
+        try:
+            index, selection = prepare_selection(
+                config.metadata, config.index_dir, keep, config.yfcc_layout,
+                builder=detect_launch_env().local_rank == 0, workers=workers)
+        except OSError as error:
+            where = config.index_dir or Path(config.metadata).parent
+            raise ConfigError(f"data.index_dir: cannot write the catalog index in {where} ({error}); "
+                              "set data.index_dir to a writable directory") from None
+        return IndexedYFCCCatalog(index, selection, config.root, config.yfcc_layout, str(config.metadata))
 
 
 SOURCES: dict[str, DataSource] = {source.name: source for source in (

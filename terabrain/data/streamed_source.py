@@ -38,6 +38,10 @@ from terabrain.parallel.launch import LaunchEnv, detect_launch_env, is_main_rank
 MAX_WHITENING_DIM = 4096
 
 
+def _index_type(count: int) -> type:
+    return np.uint32 if count < 1 << 32 else np.int64
+
+
 class RowTransform:
     """What every batch goes through after decoding: per-example mean removal, local
     contrast normalization (``data.lcn``), whitening."""
@@ -74,7 +78,8 @@ class StreamSource:
         self.launch = launch if launch is not None else detect_launch_env()
         self.source = source = source_of(config)
         self.catalog: Optional[Catalog] = source.catalog(config)
-        self.problems: list[tuple[str, str]] = list(self.catalog.problems) if self.catalog else []
+        # A sequence of (where, why); not copied: an index's problems are made on demand.
+        self.problems = self.catalog.problems if self.catalog else []
         self.read = source.stream_reader(config, seed, self.catalog)
         where = source.location(config)
         if len(self.read) < 2:
@@ -98,7 +103,10 @@ class StreamSource:
         if len(holdout) == 0:
             raise TrainingError("no readable example for the held-out set" + self._problem_hint())
         self.holdout_ids = np.sort(permutation[:held])
-        self.train_ids = np.sort(permutation[held:])  # collection order: blocks read shards sequentially
+        # Collection order: blocks read shards sequentially. 4 bytes an example, not 8: at
+        # YFCC100M's scale this array is most of what a rank holds per image (docs/data.md).
+        self.train_ids = np.sort(permutation[held:]).astype(_index_type(len(self.read)))
+        del permutation
         self.example_shape = self.read.example_shape
         self.channels = self.example_shape[2] if len(self.example_shape) == 3 else 1
         whitening = None
