@@ -211,6 +211,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingError as error:
         print(f"terabrain: run failed: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a full disk, a quota, a vanished mount: one line, the path
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"terabrain: run failed: {where}{error.strerror or error}"[:300], file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("terabrain: interrupted; resume with `terabrain train --resume RUN_DIR`", file=sys.stderr)
         return 130

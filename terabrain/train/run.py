@@ -25,14 +25,15 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from terabrain.analysis.filters import compare_with_random, save_filter_grid
 from terabrain.config.loader import to_yaml
 from terabrain.config.schema import ExperimentConfig, TrainConfig
 from terabrain.data.prepare import PreparedData, prepare_data
-from terabrain.errors import ConfigError
+from terabrain.errors import ConfigError, TrainingError
 from terabrain.files import replace_atomically, write_text_atomically
+from terabrain.tensor_files import load_tensors
 from terabrain.learners.registry import learner_of
 from terabrain.nn.autoencoder import SupervisedHead
 from terabrain.objectives import build_supervised_objective
@@ -143,7 +144,9 @@ def _train_stage(
         precision=config.precision, log_every=train.log_every, callbacks=callbacks,
         parallel=parallel, batches=batches,
     )
-    latest = manager.latest()
+    latest, skipped = manager.restorable()  # the newest checkpoint that verifies
+    if skipped and is_main_rank():
+        print(f"[{stage}] {skipped}")
     if latest is not None:
         restore(latest, trainer)
         if is_main_rank():
@@ -178,8 +181,13 @@ def _feature_stage(
     learner.check_parallel(config, parallel)
     shape = data.example_shape
     if results.done("features"):
-        weights = load_file(str(run_dir / "model.safetensors"))
-        return learner.restore(config, shape, parallel, device, weights)
+        path = run_dir / "model.safetensors"
+        weights = load_tensors(path, TrainingError, "the finished stage's export")
+        try:
+            return learner.restore(config, shape, parallel, device, weights)
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise TrainingError(f"{path} does not fit config.yaml: "
+                                f"{(str(error).splitlines() or ['?'])[0][:200]}") from None
     network = learner.materialize(config, shape, parallel, device)
     training = learner.training(config, network, parallel, shape)
     started = time.perf_counter()
