@@ -19,6 +19,7 @@ from terabrain.config.sections import (  # noqa: F401  (re-exported: the schema'
     ParallelConfig, ReconstructionObjectiveConfig, RICAObjectiveConfig, Section,
     SparseAutoencoderObjectiveConfig, SupervisedConfig, TrainConfig,
 )
+from terabrain.config.sections import SEED_LIMIT
 from terabrain.data.sources import DEFAULT_SOURCE, SOURCES, DataConfig, source_of
 from terabrain.learners.deep import LayerConfig, PoolConfig  # noqa: F401  (re-exported)
 from terabrain.learners.registry import DEFAULT_KIND, LEARNERS, ModelConfig, learner_of
@@ -34,7 +35,8 @@ class ExperimentConfig(Section):
 
     name: str = Field("experiment", description="Used in the run directory's name.")
     description: str = Field("", description="One line shown by `terabrain configs`.")
-    seed: int = Field(0, description="Seeds data sampling, initialisation and batching.")
+    seed: int = Field(0, ge=0, le=SEED_LIMIT,
+                      description="Seeds data sampling, initialisation and batching.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when a GPU is present, else CPU."
     )

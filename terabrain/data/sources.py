@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Optional, Union
 import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt, TypeAdapter, field_validator, model_validator
 
-from terabrain.config.sections import LCNConfig, Section
+from terabrain.config.sections import TIMEOUT_LIMIT_S, LCNConfig, Section
 from terabrain.data.embedded import PHOTOS
 from terabrain.data.labelled import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_ENV
 from terabrain.errors import ConfigError
@@ -154,7 +154,7 @@ class StreamedData(DataSection):
     )
     prefetch: PositiveInt = Field(4, description="Batches read ahead per rank.")
     read_timeout_s: PositiveFloat = Field(
-        300.0, description="Stop with an error when no batch arrives for this long.",
+        300.0, le=TIMEOUT_LIMIT_S, description="Stop with an error when no batch arrives for this long.",
     )
     on_error: Literal["skip", "fail"] = Field(
         "skip", description="Unreadable examples: skip and count them (metrics data_skipped), "
@@ -400,6 +400,11 @@ class PhotosSource(DataSource):
         from terabrain.data.patches import sample_patches
 
         images = [load_photo(name, config.color) for name in config.photos]
+        largest = max(min(image.shape[:2]) for image in images)
+        if config.patch_size > largest:
+            raise ConfigError(
+                f"data.patch_size: {config.patch_size} is larger than every photograph in "
+                f"data.photos (the largest square that fits is {largest}x{largest} pixels)")
         patches = sample_patches(
             images, config.patch_size, config.num_patches + config.holdout_patches, rng
         )
