@@ -206,6 +206,11 @@ class ImageCollectionData(StreamedData):
         "patch_size patches from each image (positions seeded by seed, epoch, image).",
     )
     patch_size: PositiveInt = _patch_size_field("With patches_per_image > 0: side of the patches.")
+    max_file_bytes: PositiveInt = Field(
+        64 * 2**20, le=2**40, description="Largest image file (or shard member) read, in bytes; "
+        "a larger one is an unreadable example (data.on_error), so a damaged file cannot "
+        "exhaust memory. FIFOs and devices are never read.",
+    )
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "ImageCollectionData":
@@ -575,7 +580,7 @@ class FolderSource(ImageCollectionSource):
     def catalog(self, config: FolderData) -> "Catalog":
         from terabrain.data.catalogs import FolderCatalog
 
-        return FolderCatalog(config.root)
+        return FolderCatalog(config.root, config.max_file_bytes)
 
 
 class ShardsSource(ImageCollectionSource):
@@ -591,7 +596,7 @@ class ShardsSource(ImageCollectionSource):
         from terabrain.data.catalogs import ShardCatalog
 
         try:
-            return ShardCatalog(config.root)
+            return ShardCatalog(config.root, config.max_file_bytes)
         except (ValueError, OSError) as error:
             raise ConfigError(f"data.root: {error}") from None
 
@@ -606,7 +611,8 @@ class YFCCSource(ImageCollectionSource):
         keep = YFCCFilter(config.yfcc_media, tuple(t.lower() for t in config.yfcc_tags_any),
                           tuple(t.lower() for t in config.yfcc_tags_all),
                           tuple(t.lower() for t in config.yfcc_tags_none))
-        return YFCCCatalog(config.metadata, config.root, keep, config.yfcc_layout)
+        return YFCCCatalog(config.metadata, config.root, keep, config.yfcc_layout,
+                           config.max_file_bytes)
 
 
 SOURCES: dict[str, DataSource] = {source.name: source for source in (
