@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from collections_for_tests import image_bytes, image_id, write_folder
+
 from terabrain.data.catalogs import FolderCatalog, ShardCatalog, read_regular_file
 from terabrain.data.decode import BadSample
 from terabrain.data.sources import data_config
@@ -94,7 +94,7 @@ def test_a_fifo_in_place_of_a_shard_does_not_hang(tmp_path):
 
     write_folder(tmp_path / "images", 6, damaged=False)
     pack(tmp_path / "images", tmp_path / "shards", shard_bytes=2000, workers=1, log=lambda *_: None)
-    shard = sorted((tmp_path / "shards").glob("*.tar"))[0]
+    shard = min((tmp_path / "shards").glob("*.tar"))
     catalog = ShardCatalog(tmp_path / "shards")
     shard.unlink()
     os.mkfifo(shard)
