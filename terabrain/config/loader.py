@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,17 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def _quoted(value: Any) -> str:
+    """A bounded repr of user input (the work is bounded too: nothing large is built)."""
+    return _short(_REPR.repr(value))
+
+
 def format_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -209,15 +221,15 @@ def format_validation_error(error: ValidationError) -> str:
         if item["type"] == "union_tag_invalid":
             context = item.get("ctx", {})
             location = f"{location}.{context.get('discriminator', '').strip(chr(39))}"
-            message = (f"got {_short(context.get('tag'))}; allowed: "
+            message = (f"got {_quoted(context.get('tag'))}; allowed: "
                        f"{context.get('expected_tags', '').replace(chr(39), '')}")
         elif item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; `terabrain show NAME` lists the keys)"
         elif item["type"] == "literal_error":
             allowed = item.get("ctx", {}).get("expected", "")
-            message = f"got {_short(item['input'])}; allowed: {allowed}"
+            message = f"got {_quoted(item['input'])}; allowed: {allowed}"
         elif "input" in item and not isinstance(item["input"], dict):
-            message = f"{message} (got {_short(item['input'])})"
+            message = f"{message} (got {_quoted(item['input'])})"
         lines.append(f"{location}: {message}" if location else message)
     text = "invalid experiment: " + "; ".join(lines)
     return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
