@@ -10,7 +10,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from terabrain import __version__
 from terabrain.errors import ConfigError, TrainingError
@@ -19,7 +19,11 @@ from terabrain.errors import ConfigError, TrainingError
 def _train(args: argparse.Namespace) -> int:
     from terabrain.config.loader import load_experiment
     from terabrain.parallel import (
-        build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
+        build_mesh,
+        detect_launch_env,
+        fail_fast,
+        init_distributed,
+        shutdown_distributed,
     )
     from terabrain.parallel.launch import is_main_rank
     from terabrain.train.run import default_run_dir, run_experiment
@@ -38,6 +42,11 @@ def _train(args: argparse.Namespace) -> int:
         else:
             config = load_experiment(args.experiment, args.set)
             run_dir = args.out or default_run_dir(config)
+        from terabrain.capacity.fits import check_fits_this_machine
+
+        # Before anything is allocated: a model or data set too large for this machine is a
+        # one-line message naming the fields, not an allocator traceback.
+        check_fits_this_machine(config, env.world_size, env.local_world_size)
         init_distributed(env, config.parallel.backend, config.parallel.timeout_s)
         mesh = build_mesh(config.parallel.data, config.parallel.model, env)
         run_dir = _same_on_every_rank(run_dir)
@@ -121,10 +130,9 @@ def _show(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     """`terabrain plan EXPERIMENT --gpus N --gpu-memory 80GB`: memory per rank and bytes sent
     per step for every (data, model) split of N devices; the model is never allocated."""
-    from terabrain.config.loader import load_experiment
     from terabrain.capacity import format_plan, parse_memory, plan_experiment
-
     from terabrain.capacity.profile import load_profile
+    from terabrain.config.loader import load_experiment
     from terabrain.errors import ConfigError
 
     profile = load_profile(args.profile) if args.profile else None
@@ -150,8 +158,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     return calibrate_command(args)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its usage errors in one line (exit code 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, _one_line(f"{self.prog}: error: {message} (see {self.prog} -h)") + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="terabrain", description="Large-scale unsupervised feature learning on PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"terabrain {__version__}")
@@ -231,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MESSAGE_LIMIT = 300
+
+
+def _one_line(text: str) -> str:
+    """Messages are one line of bounded length, whatever input they quote."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command in `argv` (default: this process's arguments); the exit code.
 
@@ -248,10 +272,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.handler(args)
     except ConfigError as error:
-        print(f"terabrain: error: {error}", file=sys.stderr)
+        print(_one_line(f"terabrain: error: {error}"), file=sys.stderr)
         return 2
     except TrainingError as error:
-        print(f"terabrain: run failed: {error}", file=sys.stderr)
+        print(_one_line(f"terabrain: run failed: {error}"), file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk, a quota, a vanished mount: one line, the path
+        where = f"{error.filename}: " if error.filename else ""
+        print(_one_line(f"terabrain: run failed: {where}{error.strerror or error}"), file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("terabrain: run failed: out of memory; `terabrain plan` estimates what an "
+              "experiment needs", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("terabrain: interrupted; resume with `terabrain train --resume RUN_DIR`", file=sys.stderr)

@@ -9,25 +9,24 @@ run's example shape, made grey or colour, each example's mean removed and the ru
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from terabrain.config.loader import load_experiment
 from terabrain.config.schema import ExperimentConfig
-from terabrain.data.faces import resize
 from terabrain.data.contrast import normalize_contrast
 from terabrain.data.embedded import to_colour, to_grey
+from terabrain.data.faces import resize
 from terabrain.data.patches import remove_patch_mean
+from terabrain.data.sources import source_of
 from terabrain.data.whitening import ZCA
 from terabrain.errors import ConfigError
-from terabrain.data.sources import source_of
 from terabrain.learners.registry import learner_of
+from terabrain.tensor_files import load_tensors
 
 
 def example_shape(config: ExperimentConfig) -> tuple[int, ...]:
@@ -109,8 +108,8 @@ def load_run(run_dir: Path) -> LoadedRun:
     shape = recorded if recorded is not None else example_shape(config)
     model = _build(config, shape, config.seed)
     try:
-        model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    except RuntimeError as error:
+        model.load_state_dict(load_tensors(run_dir / "model.safetensors", ConfigError))
+    except (RuntimeError, ValueError) as error:
         raise ConfigError(f"{run_dir}/model.safetensors does not fit config.yaml: "
                           f"{str(error).splitlines()[0]}") from None
     whitening = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 import typing
 from importlib import resources
 from pathlib import Path
@@ -46,23 +47,91 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# An experiment is a few KB; a file far larger is a mistake (or not an experiment at all).
+FILE_LIMIT_BYTES = 1 << 20
+# Values after expanding YAML aliases: a real experiment has a few hundred. A few KB of nested
+# aliases ("billion laughs") expand to billions, which validation and messages would walk.
+VALUE_LIMIT = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values in ``node`` once every alias is expanded; shared nodes are counted once per use
+    but computed once, so this is linear in the file's size."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ConfigError(_yaml_where(node.start_mark) + "an alias refers to itself")
+    open_nodes.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes, open_nodes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, sizes, open_nodes) + _expanded_size(v, sizes, open_nodes)
+                     for k, v in node.value)
+    open_nodes.discard(key)
+    sizes[key] = total = min(total, VALUE_LIMIT + 1)
+    if total > VALUE_LIMIT:
+        raise ConfigError(_yaml_where(node.start_mark) + f"more than {VALUE_LIMIT} values once "
+                          "its aliases are expanded; an experiment has a few hundred")
+    return total
+
+
+class _NotYAML(ConfigError):
+    """A YAML syntax error (a ``--set`` value that is not YAML is taken as text)."""
+
+
+def _yaml_where(mark: Any) -> str:
+    return f"{mark.line + 1}:{mark.column + 1}: " if mark is not None else " "
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    loader = None
+    try:
+        loader = _UniqueKeyLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            _expanded_size(node, {}, set())
+        except ConfigError as error:
+            raise ConfigError(f"{source}:{error}") from None
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as error:
+        problem = " ".join(str(error.problem or error.context or "invalid YAML").split())
+        raise _NotYAML(f"{source}:{error.problem_mark.line + 1}:"
+                          f"{error.problem_mark.column + 1}: not valid YAML: {problem[:120]}"
+                          if error.problem_mark is not None
+                          else f"{source}: not valid YAML: {problem[:120]}") from None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "reason", None) or " ".join(str(error).split())
+        raise _NotYAML(f"{source}: not valid YAML: {str(problem)[:120]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be an experiment") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 def _read_source(source: str) -> dict[str, Any]:
     path = Path(source)
     if source.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
             raise ConfigError(f"experiment file not found: {source}")
+        size = path.stat().st_size
+        if size > FILE_LIMIT_BYTES:
+            raise ConfigError(f"{source}: {size} bytes; an experiment file is a few KB "
+                              f"(at most {FILE_LIMIT_BYTES})")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             raise ConfigError(f"{source}: not a text (UTF-8) file: byte {error.start} "
                               "cannot be decoded") from None
+        except OSError as error:
+            raise ConfigError(f"{source}: cannot be read: {error.strerror or error}") from None
     else:
         text = builtin_text(source)
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as error:
-        where = " ".join(str(error).split())  # one line
-        raise ConfigError(f"{source}: not valid YAML: {where}") from None
+    raw = _parse_yaml(text, source)
     if raw is None:
         raise ConfigError(f"{source}: the file is empty; an experiment is a YAML mapping "
                           "(`terabrain show natural-patches-rica` prints one)")
@@ -74,13 +143,17 @@ def _read_source(source: str) -> dict[str, Any]:
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` in place; ``value`` is parsed as YAML (numbers, lists, null)."""
     key, sep, text = assignment.partition("=")
+    shown = _short(assignment)
     if not sep or not key:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optimizer.lr=0.01")
-    try:
-        value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        value = text
+        raise ConfigError(f"--set {shown}: expected KEY=VALUE, e.g. optimizer.lr=0.01")
     parts = key.split(".")
+    if any(not part.strip() for part in parts):
+        raise ConfigError(f"--set {shown}: {_short(key)} has an empty field name; expected "
+                          "dotted names such as optimizer.lr=0.01")
+    try:
+        value = _parse_yaml(text, f"--set {shown}") if text.strip() != "" else ""
+    except _NotYAML:
+        value = text  # a path or a name with YAML's special characters
     node: Any = raw
     for depth, part in enumerate(parts):
         where = ".".join(parts[: depth + 1])
@@ -88,12 +161,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if isinstance(node, list):  # model.layers.0.steps: an index into a list
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(
-                    f"--set {assignment!r}: {where}: index out of range; the list has "
+                    f"--set {shown}: {_short(where)}: index out of range; the list has "
                     f"{len(node)} items (0..{len(node) - 1})"
                 )
             part = int(part)
         elif not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[:depth])} is not a section")
+            raise ConfigError(f"--set {shown}: {_short('.'.join(parts[:depth]))} is not a section")
         if last:
             node[part] = value
         else:
@@ -108,16 +181,40 @@ _UNION_SECTIONS = ("model", "data", "objective")
 
 
 def _user_path(location: tuple) -> tuple:
-    if len(location) > 2 and location[0] in _UNION_SECTIONS and isinstance(location[1], str):
+    if len(location) >= 2 and location[0] in _UNION_SECTIONS and isinstance(location[1], str):
         return (location[0],) + tuple(location[2:])
     return tuple(location)
+
+
+MESSAGE_LIMIT = 300
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages quote input, never all of it."""
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def _quoted(value: Any) -> str:
+    """A bounded repr of user input (the work is bounded too: nothing large is built)."""
+    return _short(_REPR.repr(value))
 
 
 def format_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in _user_path(item["loc"]))
+        location = _short(".".join(str(part) for part in _user_path(item["loc"])), 80)
         message = item["msg"].removeprefix("Value error, ")
+        if message.startswith("@"):  # a section's check naming one of its fields
+            field, _, message = message[1:].partition(": ")
+            location = f"{location}.{_short(field, 40)}" if location else _short(field, 40)
         loc = item["loc"]
         if item["type"] == "missing" and len(loc) > 2 and loc[0] in _UNION_SECTIONS:
             tag = "source" if loc[0] == "data" else "kind"
@@ -126,17 +223,18 @@ def format_validation_error(error: ValidationError) -> str:
         if item["type"] == "union_tag_invalid":
             context = item.get("ctx", {})
             location = f"{location}.{context.get('discriminator', '').strip(chr(39))}"
-            message = (f"got {context.get('tag')!r}; allowed: "
+            message = (f"got {_quoted(context.get('tag'))}; allowed: "
                        f"{context.get('expected_tags', '').replace(chr(39), '')}")
         elif item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; `terabrain show NAME` lists the keys)"
         elif item["type"] == "literal_error":
             allowed = item.get("ctx", {}).get("expected", "")
-            message = f"got {item['input']!r}; allowed: {allowed}"
+            message = f"got {_quoted(item['input'])}; allowed: {allowed}"
         elif "input" in item and not isinstance(item["input"], dict):
-            message = f"{message} (got {item['input']!r})"
+            message = f"{message} (got {_quoted(item['input'])})"
         lines.append(f"{location}: {message}" if location else message)
-    return "invalid experiment: " + "; ".join(lines)
+    text = "invalid experiment: " + "; ".join(lines)
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
 
 
 def validate(raw: dict[str, Any]) -> ExperimentConfig:

@@ -15,9 +15,19 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from terabrain.config.sections import (  # noqa: F401  (re-exported: the schema's sections)
-    OBJECTIVE_SECTIONS, EarlyStoppingConfig, LCNConfig, ObjectiveConfig, OptimizerConfig,
-    ParallelConfig, ReconstructionObjectiveConfig, RICAObjectiveConfig, Section,
-    SparseAutoencoderObjectiveConfig, SupervisedConfig, TrainConfig,
+    OBJECTIVE_SECTIONS,
+    SEED_LIMIT,
+    EarlyStoppingConfig,
+    LCNConfig,
+    ObjectiveConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    ReconstructionObjectiveConfig,
+    RICAObjectiveConfig,
+    Section,
+    SparseAutoencoderObjectiveConfig,
+    SupervisedConfig,
+    TrainConfig,
 )
 from terabrain.data.sources import DEFAULT_SOURCE, SOURCES, DataConfig, source_of
 from terabrain.learners.deep import LayerConfig, PoolConfig  # noqa: F401  (re-exported)
@@ -34,7 +44,8 @@ class ExperimentConfig(Section):
 
     name: str = Field("experiment", description="Used in the run directory's name.")
     description: str = Field("", description="One line shown by `terabrain configs`.")
-    seed: int = Field(0, description="Seeds data sampling, initialisation and batching.")
+    seed: int = Field(0, ge=0, le=SEED_LIMIT,
+                      description="Seeds data sampling, initialisation and batching.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when a GPU is present, else CPU."
     )

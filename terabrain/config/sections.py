@@ -9,11 +9,62 @@ experiment, and an error message quotes the field's path and allowed values.
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
 )
+
+# Integers beyond int64 overflow every tensor and most C libraries they reach.
+INT_LIMIT = 2**63
+# Seeds are multiplied into torch and numpy generators' seeds; 32 bits is what users expect.
+SEED_LIMIT = 2**32 - 1
+# A day: longer than any collective or read should take, and well inside timedelta's range.
+TIMEOUT_LIMIT_S = 86400.0
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _accepts_bool(typing.get_args(annotation)[0])
+    if origin is Literal:
+        return any(isinstance(value, bool) for value in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return any(_accepts_bool(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _numeric(annotation: Any) -> bool:
+    """int or float, possibly optional or constrained: where a YAML ``true`` would become 1."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _numeric(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return any(_numeric(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _item_type(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return args[0] if args else Any
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if typing.get_origin(arg) in (list, tuple):
+                return _item_type(arg)
+    return None
 
 
 def applies_when(field: str, *values: str) -> dict[str, Any]:
@@ -24,12 +75,36 @@ def applies_when(field: str, *values: str) -> dict[str, Any]:
 
 class Section(BaseModel):
     """Unknown keys are errors, not silently ignored: a typo must not change an experiment.
+    Floats must be finite, a boolean is not a number (``hidden: true`` is not 1), and no
+    integer leaves int64.
 
     A field marked with :func:`applies_when` is left out of `terabrain show` while it does not
     apply, and setting it to anything but its default while it does not apply is an error
     (it would be silently ignored)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_numbers(cls, data: Any) -> Any:
+        # A model-level check: a field-level "before" validator is not allowed on the
+        # discriminator fields (data.source, model.kind). "@name:" tells the loader's message
+        # which field it is.
+        if not isinstance(data, dict):
+            return data
+        for name, value in data.items():
+            field = cls.model_fields.get(name) if isinstance(name, str) else None
+            if field is None:
+                continue
+            annotation = field.annotation
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, bool) and not _accepts_bool(annotation) and (
+                        _numeric(annotation) or _numeric(_item_type(annotation))):
+                    raise ValueError(f"@{name}: expected a number, got {str(item).lower()}")
+                if type(item) is int and not -INT_LIMIT <= item < INT_LIMIT:
+                    raise ValueError(f"@{name}: integer out of range (must be between -2^63 "
+                                     "and 2^63 - 1)")
+        return data
 
     def inapplicable_fields(self) -> list[str]:
         """Fields that mean nothing with this section's current settings."""
@@ -149,7 +224,7 @@ class ParallelConfig(Section):
         "auto", description="auto: nccl when CUDA is available, else gloo."
     )
     timeout_s: PositiveFloat = Field(
-        300.0,
+        300.0, le=TIMEOUT_LIMIT_S,
         description="Collective timeout: when a rank dies or hangs, the others stop with a "
         "message after at most this long.",
     )

@@ -21,8 +21,12 @@ batch is still a pure function of (seed, epoch, step, rank) and of which files a
 so a resumed run reads exactly what the uninterrupted one did. The replacement is read twice
 in that epoch (here and at its own step); only the damaged slot is counted as skipped. With
 ``"fail"`` the run stops with a TrainingError naming the file. If no example of the rank's
-whole epoch is readable the run stops either way (there is nothing to train on). No wait is unbounded: if no batch arrives
-within ``timeout_s`` the run stops and says what it was waiting for.
+whole epoch is readable the run stops either way (there is nothing to train on). No wait is
+unbounded: if no batch arrives within ``timeout_s`` the run stops and says what it was waiting
+for. The decode threads are daemon threads and the run does not wait for them once it has
+given up: a read blocked in the kernel (a hung network file system) cannot be interrupted, but
+it cannot keep the process alive past ``timeout_s`` either. (The catalogs never open a FIFO or
+a device, so no ordinary read blocks; see terabrain.data.catalogs.)
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import queue
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -165,7 +169,7 @@ class BatchStream:
         pipeline = _ThreadPipeline if self.kind == "thread" else _ProcessPipeline
         self._pipeline = pipeline(self, step)
 
-    def make(self, step: int, pool: Optional[ThreadPoolExecutor] = None) -> _Batch:
+    def make(self, step: int, pool: Optional[DaemonPool] = None) -> _Batch:
         """Read, preprocess and assemble this rank's batch of ``step``."""
         epoch = self.order.epoch(step)
 
@@ -207,6 +211,59 @@ class BatchStream:
             yield from self.local_ids(first + (step - first + later) % per_epoch)
 
 
+class DaemonPool:
+    """A fixed set of daemon threads running ``map`` in order. Unlike ThreadPoolExecutor,
+    whose threads the interpreter joins at exit, a thread stuck in a read never keeps the
+    process from ending."""
+
+    def __init__(self, workers: int, name: str):
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                        for i in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            future, function, argument = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(argument))
+            except BaseException as error:  # noqa: BLE001 (handed to map's caller)
+                future.set_exception(error)
+
+    def map(self, function: Callable[[Any], Any], items: Any,
+            timeout: Optional[float] = None) -> list[Any]:
+        """``[function(item) ...]`` in order; TimeoutError when the whole call takes longer
+        than ``timeout`` seconds."""
+        futures = []
+        for item in items:
+            future: Future = Future()
+            self.tasks.put((future, function, item))
+            futures.append(future)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                for future in futures]
+
+    def shutdown(self, wait: bool = True) -> None:
+        while True:  # queued work is cancelled, never started
+            try:
+                task = self.tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in self.threads:
+            self.tasks.put(None)
+        if wait:
+            for thread in self.threads:
+                thread.join()
+
+
 def _read_one(read: Reader, index: int, epoch: int):
     try:
         return read(index, epoch)
@@ -221,7 +278,7 @@ class _ThreadPipeline:
         self.stream = stream
         self.queue: queue.Queue = queue.Queue(maxsize=stream.prefetch)
         self.stopping = threading.Event()
-        self.pool = ThreadPoolExecutor(stream.workers, "terabrain-decode") if stream.workers > 0 else None
+        self.pool = DaemonPool(stream.workers, "terabrain-decode") if stream.workers > 0 else None
         self.thread = threading.Thread(target=self._run, args=(start,), name="terabrain-loader", daemon=True)
         self.thread.start()
 
@@ -253,7 +310,7 @@ class _ThreadPipeline:
                 if not self.thread.is_alive():
                     raise TrainingError(f"data loader stopped before step {step}") from None
                 if time.monotonic() > deadline:
-                    self.stop()
+                    self.stop(abandon=True)
                     raise TrainingError(
                         f"no batch for step {step} within data.read_timeout_s = "
                         f"{self.stream.timeout_s:g} s (is the file system hanging?)") from None
@@ -261,11 +318,14 @@ class _ThreadPipeline:
             assert item.step == step, (item.step, step)
             return item
 
-    def stop(self) -> None:
+    def stop(self, abandon: bool = False) -> None:
+        """``abandon``: the reads are stuck; the run goes on (to its error) without them,
+        and later calls (the stream's close) do not wait for them either."""
+        self.abandoned = abandon = abandon or getattr(self, "abandoned", False)
         self.stopping.set()
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=1 if abandon else 30)
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=not abandon and not self.thread.is_alive())
 
 
 def _as_is(item):

@@ -9,7 +9,9 @@ files, ``..`` members, truncated shards ...): the loader counts them and reports
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,14 +20,19 @@ import numpy as np
 
 from terabrain.data.decode import BadSample, is_image_name
 from terabrain.data.predecoded import DecodedPack, checksum
-from terabrain.data.shards import ShardTable, load_pack
+from terabrain.data.shards import load_pack
 from terabrain.data.yfcc import YFCCFilter, select
 from terabrain.data.yfcc_index import IndexProblems, YFCCIndex, open_selection
+
+# data.max_file_bytes' default: a photograph is a few MB; a larger "image" is damaged or not
+# an image, and reading it whole could exhaust memory.
+DEFAULT_MAX_FILE_BYTES = 64 * 2**20
 
 
 class Catalog:
     problems: list[tuple[str, str]]
     decoded: Optional[DecodedPack] = None  # members hold pre-decoded pixels, not image files
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files or members are unreadable examples
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -37,20 +44,57 @@ class Catalog:
         raise NotImplementedError
 
 
-def _read_file(path: Path, name: str) -> bytes:
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISDIR, "a directory"))
+
+
+def _not_regular(mode: int) -> str:
+    kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
+    return f"not a regular file ({kind})"
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"{size} bytes, more than data.max_file_bytes = {limit}"
+
+
+def read_regular_file(path: Path, name: str, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; BadSample
+    otherwise. Opened non-blocking, so a FIFO (which would wait for a writer forever) or a
+    device (``/dev/zero`` never ends) is refused after the open instead of read; a symlink
+    to a regular file is fine."""
     try:
-        with open(path, "rb") as stream:
-            return stream.read()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         raise BadSample(name, f"unreadable file ({error.strerror or error})") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadSample(name, _not_regular(info.st_mode))
+        if info.st_size > limit:
+            raise BadSample(name, _too_large(info.st_size, limit))
+        chunks, total = [], 0
+        while True:  # never more than limit + 1 bytes, even if the file grows meanwhile
+            block = os.read(descriptor, min(1 << 20, limit + 1 - total))
+            if not block:
+                return b"".join(chunks)
+            chunks.append(block)
+            total += len(block)
+            if total > limit:
+                raise BadSample(name, _too_large(total, limit))
+    except OSError as error:
+        raise BadSample(name, f"unreadable file ({error.strerror or error})") from None
+    finally:
+        os.close(descriptor)
 
 
 class FolderCatalog(Catalog):
     """Every image file under ``root`` (recursively, sorted, hidden files left out). Files
     whose name is not an image's are listed in ``problems`` and not used."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.root = Path(root)
+        self.max_bytes = max_bytes
         self.paths: list[str] = []
         self.problems = []
         for directory, subdirectories, files in os.walk(self.root):
@@ -73,15 +117,17 @@ class FolderCatalog(Catalog):
         return str(self.root / self.paths[index])
 
     def read(self, index: int) -> bytes:
-        return _read_file(self.root / self.paths[index], self.name(index))
+        return read_regular_file(self.root / self.paths[index], self.name(index), self.max_bytes)
 
 
 class YFCCCatalog(FolderCatalog):
     """The images a YFCC100M metadata file names (after filtering), under an image root.
     A listed image missing from the root is an unreadable example (skipped and counted)."""
 
-    def __init__(self, metadata: Path, root: Path, keep: YFCCFilter, layout: str):
+    def __init__(self, metadata: Path, root: Path, keep: YFCCFilter, layout: str,
+                 max_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.root = Path(root)
+        self.max_bytes = max_bytes
         self.paths, self.problems = select(Path(metadata), keep, layout)
 
 
@@ -90,7 +136,9 @@ class IndexedYFCCCatalog(Catalog):
     index and the selection are memory maps, so a rank holds only the pages it touches and
     every rank of a node shares them; nothing is parsed or listed at start-up."""
 
-    def __init__(self, index: Path, selection: Path, root: Path, layout: str, metadata_name: str):
+    def __init__(self, index: Path, selection: Path, root: Path, layout: str, metadata_name: str,
+                 max_bytes: int = DEFAULT_MAX_FILE_BYTES):
+        self.max_bytes = max_bytes
         self.index_path, self.selection_path = Path(index), Path(selection)
         self.root, self.layout, self.metadata_name = Path(root), layout, metadata_name
         self._open()
@@ -115,7 +163,7 @@ class IndexedYFCCCatalog(Catalog):
 
     def read(self, index: int) -> bytes:
         name = self.name(index)
-        return _read_file(Path(name), name)
+        return read_regular_file(Path(name), name, self.max_bytes)
 
 
 class ShardCatalog(Catalog):
@@ -123,8 +171,9 @@ class ShardCatalog(Catalog):
     (set by staging) maps a shard to a node-local copy once one is complete and verified.
     Members with a CRC-32 in the index (pre-decoded packs) are checked on every read."""
 
-    def __init__(self, location: Path):
+    def __init__(self, location: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.location = Path(location)
+        self.max_bytes = max_bytes
         self.tables, self.decoded = load_pack(self.location)
         self.problems = [problem for table in self.tables for problem in table.problems]
         counts = np.array([len(t.names) for t in self.tables], dtype=np.int64)
@@ -162,7 +211,13 @@ class ShardCatalog(Catalog):
             with self._lock:
                 descriptor = self._descriptors.get(path)
                 if descriptor is None:
-                    descriptor = self._descriptors[path] = os.open(path, os.O_RDONLY)
+                    # Non-blocking: a FIFO in place of a shard would wait for a writer forever.
+                    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    mode = os.fstat(descriptor).st_mode
+                    if not stat.S_ISREG(mode):
+                        os.close(descriptor)
+                        raise OSError(errno.EINVAL, _not_regular(mode))
+                    self._descriptors[path] = descriptor
         return descriptor
 
     def read(self, index: int) -> bytes:
@@ -170,6 +225,8 @@ class ShardCatalog(Catalog):
         table = self.tables[shard]
         path = self.locate(shard) if self.locate is not None else table.path
         size, offset = table.sizes[member], table.offsets[member]
+        if size > self.max_bytes:
+            raise BadSample(self.name(index), _too_large(int(size), self.max_bytes))
         try:
             data = os.pread(self._descriptor(path), size, offset)
         except OSError as error:

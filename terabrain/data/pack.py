@@ -24,10 +24,27 @@ from pathlib import Path
 from typing import Optional
 
 from terabrain.data.catalogs import FolderCatalog, ShardCatalog
-from terabrain.data.decode import BadSample, ImageSpec, decode_pixels, is_image_name, unreadable_reason
-from terabrain.data.predecoded import MEMBER_SUFFIX, DecodedPack, checksum, is_member_name, member_bytes
+from terabrain.data.decode import (
+    BadSample,
+    ImageSpec,
+    decode_pixels,
+    is_image_name,
+    unreadable_reason,
+)
+from terabrain.data.predecoded import (
+    MEMBER_SUFFIX,
+    DecodedPack,
+    checksum,
+    is_member_name,
+    member_bytes,
+)
 from terabrain.data.shards import (
-    INDEX_FORMAT, INDEX_NAME, SUMS_NAME, file_sha256, read_index, scan_shard,
+    INDEX_FORMAT,
+    INDEX_NAME,
+    SUMS_NAME,
+    file_sha256,
+    read_index,
+    scan_shard,
 )
 from terabrain.errors import ConfigError
 from terabrain.files import fsync_dir, write_text_atomically

@@ -21,9 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Optional, Union
 
 import numpy as np
-from pydantic import Field, PositiveFloat, PositiveInt, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
-from terabrain.config.sections import LCNConfig, Section
+from terabrain.config.sections import TIMEOUT_LIMIT_S, LCNConfig, Section
 from terabrain.data.embedded import PHOTOS
 from terabrain.data.labelled import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_ENV
 from terabrain.errors import ConfigError
@@ -155,7 +162,7 @@ class StreamedData(DataSection):
     )
     prefetch: PositiveInt = Field(4, description="Batches read ahead per rank.")
     read_timeout_s: PositiveFloat = Field(
-        300.0, description="Stop with an error when no batch arrives for this long.",
+        300.0, le=TIMEOUT_LIMIT_S, description="Stop with an error when no batch arrives for this long.",
     )
     on_error: Literal["skip", "fail"] = Field(
         "skip", description="Unreadable examples: skip and count them (metrics data_skipped), "
@@ -207,6 +214,11 @@ class ImageCollectionData(StreamedData):
         "patch_size patches from each image (positions seeded by seed, epoch, image).",
     )
     patch_size: PositiveInt = _patch_size_field("With patches_per_image > 0: side of the patches.")
+    max_file_bytes: PositiveInt = Field(
+        64 * 2**20, le=2**40, description="Largest image file (or shard member) read, in bytes; "
+        "a larger one is an unreadable example (data.on_error), so a damaged file cannot "
+        "exhaust memory. FIFOs and devices are never read.",
+    )
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "ImageCollectionData":
@@ -414,6 +426,11 @@ class PhotosSource(DataSource):
         from terabrain.data.patches import sample_patches
 
         images = [load_photo(name, config.color) for name in config.photos]
+        largest = max(min(image.shape[:2]) for image in images)
+        if config.patch_size > largest:
+            raise ConfigError(
+                f"data.patch_size: {config.patch_size} is larger than every photograph in "
+                f"data.photos (the largest square that fits is {largest}x{largest} pixels)")
         patches = sample_patches(
             images, config.patch_size, config.num_patches + config.holdout_patches, rng
         )
@@ -597,7 +614,7 @@ class FolderSource(ImageCollectionSource):
     def catalog(self, config: FolderData) -> "Catalog":
         from terabrain.data.catalogs import FolderCatalog
 
-        return FolderCatalog(config.root)
+        return FolderCatalog(config.root, config.max_file_bytes)
 
 
 class ShardsSource(ImageCollectionSource):
@@ -628,7 +645,7 @@ class ShardsSource(ImageCollectionSource):
         from terabrain.data.catalogs import ShardCatalog
 
         try:
-            return ShardCatalog(config.root)
+            return ShardCatalog(config.root, config.max_file_bytes)
         except (ValueError, OSError) as error:
             raise ConfigError(f"data.root: {error}") from None
 
@@ -654,7 +671,8 @@ class YFCCSource(ImageCollectionSource):
             where = config.index_dir or Path(config.metadata).parent
             raise ConfigError(f"data.index_dir: cannot write the catalog index in {where} ({error}); "
                               "set data.index_dir to a writable directory") from None
-        return IndexedYFCCCatalog(index, selection, config.root, config.yfcc_layout, str(config.metadata))
+        return IndexedYFCCCatalog(index, selection, config.root, config.yfcc_layout, str(config.metadata),
+                                  config.max_file_bytes)
 
 
 SOURCES: dict[str, DataSource] = {source.name: source for source in (

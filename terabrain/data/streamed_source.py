@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -21,16 +20,16 @@ import torch.distributed as dist
 
 from terabrain.config.sections import LCNConfig
 from terabrain.data.affine import ShardAffineOrder, node_shards
+from terabrain.data.batch_stream import BatchStream, DaemonPool, ReplicaShare
 from terabrain.data.catalogs import Catalog, ShardCatalog
 from terabrain.data.contrast import normalize_contrast
 from terabrain.data.decode import BadSample
 from terabrain.data.examples import OUTSIDE_TRAINING
 from terabrain.data.order import SampleOrder
 from terabrain.data.patches import remove_patch_mean
-from terabrain.data.staging import PLANNED_STEPS, Stager, copy_order
-from terabrain.data.batch_stream import BatchStream, ReplicaShare
-from terabrain.data.whitening import ZCA
 from terabrain.data.sources import DataSection, source_of
+from terabrain.data.staging import PLANNED_STEPS, Stager, copy_order
+from terabrain.data.whitening import ZCA
 from terabrain.errors import ConfigError, TrainingError
 from terabrain.parallel.launch import LaunchEnv, detect_launch_env, is_main_rank
 
@@ -148,8 +147,16 @@ class StreamSource:
                     raise BadSample(bad.name, f"{bad.reason} (reading the {purpose}; data.on_error is fail)") from None
                 return None
 
-        with ThreadPoolExecutor(max(1, self.config.workers)) as pool:
-            rows = [r for r in pool.map(one, ids) if r is not None]
+        pool = DaemonPool(max(1, self.config.workers), "terabrain-sample")
+        try:
+            rows = [r for r in pool.map(one, ids, timeout=self.config.read_timeout_s)
+                    if r is not None]
+        except TimeoutError:
+            raise TrainingError(
+                f"the {purpose} was not read within data.read_timeout_s = "
+                f"{self.config.read_timeout_s:g} s (is the file system hanging?)") from None
+        finally:
+            pool.shutdown(wait=False)
         if not rows:
             if allow_empty:
                 return np.zeros((0, self.read.dim), np.float32)

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from terabrain.errors import ConfigError
+from terabrain.tensor_files import expect_tensors, load_tensors
 
 
 class ZCA:
@@ -52,7 +55,11 @@ class ZCA:
 
     @classmethod
     def load(cls, path: Path) -> "ZCA":
-        tensors = load_file(str(path))
+        tensors = load_tensors(path, ConfigError, "the whitening transform")
+        expect_tensors(tensors, {"mean": 1, "matrix": 2, "epsilon": 1}, path, ConfigError)
+        width = tensors["mean"].shape[0]
+        if tuple(tensors["matrix"].shape) != (width, width) or tensors["epsilon"].numel() != 1:
+            raise ConfigError(f"{path} is damaged: its matrix is not {width} x {width}")
         return cls(
             tensors["mean"].numpy(), tensors["matrix"].numpy(), float(tensors["epsilon"][0])
         )

@@ -25,20 +25,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.analysis.filters import compare_with_random, save_filter_grid
 from terabrain.config.loader import to_yaml
 from terabrain.config.schema import ExperimentConfig, TrainConfig
 from terabrain.data.prepare import PreparedData, prepare_data
-from terabrain.errors import ConfigError
+from terabrain.errors import ConfigError, TrainingError
 from terabrain.files import replace_atomically, write_text_atomically
 from terabrain.learners.registry import learner_of
 from terabrain.nn.autoencoder import SupervisedHead
 from terabrain.objectives import build_supervised_objective
 from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full
+from terabrain.tensor_files import load_tensors
 from terabrain.train.checkpoint import CheckpointManager, restore
 from terabrain.train.hogwild import fit_hogwild
 from terabrain.train.stage import build_trainer, feature_trainer, run_callbacks
@@ -92,7 +93,9 @@ def _export(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
 
 def _fit(trainer: Trainer, stage: str, manager: CheckpointManager, config: ExperimentConfig) -> None:
     """Continue from the stage's newest checkpoint, if any, and train to the end."""
-    latest = manager.latest()
+    latest, skipped = manager.restorable()  # the newest checkpoint that verifies
+    if skipped and is_main_rank():
+        print(f"[{stage}] {skipped}")
     if latest is not None:
         restore(latest, trainer)
         if is_main_rank():
@@ -136,8 +139,13 @@ def _feature_stage(
     learner.check_parallel(config, parallel)
     shape = data.example_shape
     if results.done("features"):
-        weights = load_file(str(run_dir / "model.safetensors"))
-        return learner.restore(config, shape, parallel, device, weights)
+        path = run_dir / "model.safetensors"
+        weights = load_tensors(path, TrainingError, "the finished stage's export")
+        try:
+            return learner.restore(config, shape, parallel, device, weights)
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise TrainingError(f"{path} does not fit config.yaml: "
+                                f"{(str(error).splitlines() or ['?'])[0][:200]}") from None
     started = time.perf_counter()
     train = config.train
     manager = CheckpointManager(run_dir / "checkpoints", keep=train.keep_checkpoints)

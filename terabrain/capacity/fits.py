@@ -1,0 +1,97 @@
+"""Before a run allocates anything: does the experiment fit this machine's memory?
+
+An experiment whose model or data set cannot fit (``model.hidden=10000000000000``) would
+otherwise end in an allocator traceback, or worse, in the kernel's OOM killer after minutes of
+swapping. The planner (terabrain.capacity.planner) already estimates the memory per rank
+without allocating; this check compares the configured split's estimate, times the ranks on
+this machine, with the machine's memory (RAM for CPU ranks, device memory for GPU ranks).
+
+The message names the fields that make the experiment too large: each integer field of the
+``model`` and ``data`` sections (and ``train.batch_size``) is halved in turn and the estimate
+made again; the fields whose halving shrinks it by more than a quarter are the ones to change.
+
+Only clear cases are refused: the estimate must exceed the whole memory, not a fraction of it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from terabrain.errors import ConfigError
+from terabrain.units import format_bytes
+
+if TYPE_CHECKING:
+    from terabrain.config.schema import ExperimentConfig
+
+_SHRINKS = 0.75
+
+
+def machine_memory(device: str) -> tuple[int, str]:
+    """(bytes, what) for one rank's device: a GPU's memory, or this machine's RAM."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory, "GPU memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
+
+
+def estimated_bytes(config: ExperimentConfig, ranks: int) -> int | None:
+    """Memory per rank of the configured split, or None when the planner cannot say (a
+    streamed collection without a batch size, a split the ranks do not make)."""
+    from terabrain.capacity.planner import plan_experiment
+
+    try:
+        plan = plan_experiment(config, ranks, 1)
+    except (ConfigError, ValueError, ArithmeticError, OverflowError):
+        return None
+    chosen = [s for s in plan.splits if s.configured] or (plan.splits if ranks == 1 else [])
+    return chosen[0].total if chosen else None
+
+
+def _halved(config: ExperimentConfig, section: str, name: str) -> ExperimentConfig | None:
+    raw = config.model_dump(mode="json")
+    value = raw[section][name]
+    raw[section][name] = value // 2
+    try:
+        return type(config).model_validate(raw)
+    except ValueError:  # pydantic's ValidationError: the halved value breaks a rule
+        return None
+
+
+def driving_fields(config: ExperimentConfig, ranks: int, total: int) -> list[str]:
+    """``section.field=value`` for the integer fields whose halving shrinks the estimate."""
+    found: list[tuple[float, str]] = []
+    candidates: list[tuple[str, str, Any]] = []
+    for section in ("model", "data", "train"):
+        values = getattr(config, section).model_dump()
+        for name, value in values.items():
+            if type(value) is int and value >= 2 and (section != "train" or name == "batch_size"):
+                candidates.append((section, name, value))
+    for section, name, value in candidates:
+        smaller = _halved(config, section, name)
+        estimate = estimated_bytes(smaller, ranks) if smaller is not None else None
+        if estimate is not None and estimate < _SHRINKS * total:
+            found.append((estimate / total, f"{section}.{name}={value}"))
+    return [text for _, text in sorted(found)[:3]]
+
+
+def check_fits_this_machine(config: ExperimentConfig, ranks: int, ranks_here: int) -> None:
+    """ConfigError (one line, naming the fields) when the experiment's estimate for this
+    machine's ``ranks_here`` ranks (of ``ranks``) exceeds its memory."""
+    per_rank = estimated_bytes(config, ranks)
+    if per_rank is None:
+        return
+    memory, what = machine_memory(config.device)
+    here = per_rank if what == "GPU memory" else per_rank * ranks_here
+    if here <= memory:
+        return
+    fields = driving_fields(config, ranks, per_rank)
+    cause = (f"set by {', '.join(fields)}" if fields
+             else "set by the model and data sections")
+    where = f"{ranks_here} ranks here" if ranks_here > 1 and what == "memory" else "one rank"
+    raise ConfigError(
+        f"the experiment needs about {format_bytes(here)} ({where}), more than this machine's "
+        f"{format_bytes(memory)} of {what}; {cause}. Make them smaller, or see "
+        "`terabrain plan` for splits over more devices")
