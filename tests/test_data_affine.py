@@ -188,6 +188,19 @@ def test_two_gloo_ranks_read_and_stage_only_their_shards_and_resume(shards, tmp_
     assert shared == names
     assert sorted(ranks[0]["copied_to_shared"] + ranks[1]["copied_to_shared"]) == names
 
+    # The held-out set and the whitening sample came from each replica's own shards: the
+    # start-up read nothing else; the ranks agree on the split and on one ZCA transform.
+    starts = [rank["startup"] for rank in ranks]
+    for start in starts:
+        assert start["touched"] and set(start["touched"]) <= set(start["owned"])
+        assert start["holdout_rows"] >= 1
+    assert not set(starts[0]["owned"]) & set(starts[1]["owned"])
+    assert starts[0]["holdout_ids"] == starts[1]["holdout_ids"] and starts[0]["zca"] == starts[1]["zca"]
+    assert starts[0]["train_ids"] == starts[1]["train_ids"]
+    assert sorted(starts[0]["holdout_ids"] + starts[0]["train_ids"]) == list(range(len(catalog)))
+    held_shards = set(catalog.shards_of(np.array(starts[0]["holdout_ids"])).tolist())
+    assert held_shards & set(starts[0]["owned"]) and held_shards & set(starts[1]["owned"])
+
     # Every epoch: no image twice across ranks, the same count each, all drawn from training.
     dropped = len(train) - 2 * used
     assert 0 < dropped < len(train) // 2

@@ -53,14 +53,17 @@ class ShardAffineOrder:
     ``ids``); ``batch`` is the global batch in examples, a multiple of ``replicas``.
     """
 
-    def __init__(self, sample_shards: np.ndarray, shards: int, batch: int, replicas: int, seed: int):
+    def __init__(self, sample_shards: np.ndarray, shards: int, batch: int, replicas: int, seed: int,
+                 owner: Optional[np.ndarray] = None):
         sample_shards = np.asarray(sample_shards, dtype=np.int64)
         if shards < replicas:
             raise ValueError(f"{shards} shard(s) cannot give each of {replicas} replicas its own")
         if batch < replicas or batch % replicas:
             raise ValueError(f"a batch of {batch} does not divide among {replicas} replicas")
         counts = np.bincount(sample_shards, minlength=shards)
-        self.owner = assign_shards(counts, replicas, seed)
+        # ``owner``: an assignment made before the held-out set was taken (StreamSource's),
+        # so that the held-out set could come from each replica's own shards.
+        self.owner = assign_shards(counts, replicas, seed) if owner is None else np.asarray(owner)
         self.replicas, self.seed = replicas, seed
         self.samples, self.batch = len(sample_shards), batch
         self.local_batch = batch // replicas

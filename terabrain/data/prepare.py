@@ -45,18 +45,21 @@ class PreparedData:
         return int(torch.cat([self.train_y, self.holdout_y]).max()) + 1
 
 
-def _prepare_stream(config: DataSection, seed: int) -> PreparedData:
+def _prepare_stream(config: DataSection, seed: int, replicas=None) -> PreparedData:
     from terabrain.data.streamed_source import StreamSource
 
-    source = StreamSource(config, seed)
+    source = StreamSource(config, seed, replicas=replicas)
     return PreparedData(None, source.holdout_x, source.example_shape,
                         whitening=source.whitening, stream=source)
 
 
-def prepare_data(config: DataSection, seed: int) -> PreparedData:
+def prepare_data(config: DataSection, seed: int, replicas=None) -> PreparedData:
+    """``replicas``: the data-parallel group (``DataParallel``: rank, size, group) when
+    training on several ranks; under ``data.order: shard_affine`` the held-out set and the
+    whitening sample then come from each replica's own shards."""
     source = source_of(config)
     if source.streamed(config):
-        return _prepare_stream(config, seed)
+        return _prepare_stream(config, seed, replicas)
     loaded = source.load(config, np.random.default_rng(seed))
     train, holdout, shape, labels = loaded.train, loaded.holdout, loaded.shape, loaded.labels
 

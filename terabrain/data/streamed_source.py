@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from terabrain.config.sections import LCNConfig
-from terabrain.data.affine import ShardAffineOrder, node_shards
+from terabrain.data.affine import ShardAffineOrder, assign_shards, node_shards
 from terabrain.data.batch_stream import BatchStream, DaemonPool, ReplicaShare
 from terabrain.data.catalogs import Catalog, ShardCatalog
 from terabrain.data.contrast import normalize_contrast
@@ -35,6 +35,12 @@ from terabrain.parallel.launch import LaunchEnv, detect_launch_env, is_main_rank
 
 # A D x D whitening matrix above this many dimensions is too large to be useful here.
 MAX_WHITENING_DIM = 4096
+
+
+def _too_few_shards(shards: int, replicas: int, why: str) -> str:
+    return (f"data.order: shard_affine over {shards} shards and parallel.data = {replicas} replicas "
+            f"{why}; pack more, smaller shards (`terabrain data pack --shard-size`), use a smaller "
+            "train.batch_size, or data.order global")
 
 
 def _index_type(count: int) -> type:
@@ -71,7 +77,7 @@ class StreamSource:
     ``node``), which node-local staging divides the copying by. The launcher's own variables,
     read by ``detect_launch_env``, when not given."""
 
-    def __init__(self, config: DataSection, seed: int, launch: Optional[LaunchEnv] = None):
+    def __init__(self, config: DataSection, seed: int, launch: Optional[LaunchEnv] = None, replicas=None):
         self.config = config
         self.seed = seed
         self.launch = launch if launch is not None else detect_launch_env()
@@ -90,8 +96,45 @@ class StreamSource:
                                 f"{len(self.problems)} such problem(s) in the collection)")
         self._report_problems()
         rng = np.random.default_rng(seed)
-        permutation = rng.permutation(len(self.read))
         held = max(1, min(math.ceil(config.holdout_patches / self.read.per_sample), len(self.read) // 10))
+        # Under shard_affine each replica owns shards from the start (assigned on the whole
+        # collection), and its held-out examples and whitening sample come from them.
+        self.replicas = replicas
+        self.affine_owner: Optional[np.ndarray] = None
+        if source.sample_order(config) == "shard_affine" and isinstance(self.catalog, ShardCatalog):
+            if len(self.catalog.tables) < self._replica_count():
+                raise ConfigError(_too_few_shards(len(self.catalog.tables), self._replica_count(),
+                                                  "each replica needs at least one"))
+            self.affine_owner = assign_shards(np.diff(self.catalog.starts), self._replica_count(), seed)
+            holdout = self._affine_holdout(held)
+        else:
+            holdout = self._global_holdout(rng, held)
+        self.example_shape = self.read.example_shape
+        self.channels = self.example_shape[2] if len(self.example_shape) == 3 else 1
+        whitening = None
+        if config.whitening == "zca":
+            if self.read.dim > MAX_WHITENING_DIM:
+                raise ConfigError(
+                    f"data.whitening: zca on {self.read.dim}-dimensional examples would need a "
+                    f"{self.read.dim}x{self.read.dim} matrix; use data.patches_per_image, a small "
+                    f"data.image_size, or data.whitening none")
+            count = math.ceil(config.whitening_fit_samples / self.read.per_sample)
+            if self.affine_owner is not None:
+                whitening = self._affine_whitening(count)
+            else:
+                fit_ids = np.sort(rng.permutation(self.train_ids)[:count])
+                sample = self._read_rows(fit_ids, "whitening fit")
+                sample = RowTransform(config.remove_mean, self.example_shape, config.lcn, None)(sample)
+                whitening = ZCA.fit(sample[: config.whitening_fit_samples], config.whitening_epsilon)
+        self.whitening = whitening
+        self._by_replica = None  # only needed at start-up
+        self.transform = RowTransform(config.remove_mean, self.example_shape, config.lcn, whitening)
+        self.holdout_x = torch.from_numpy(self.transform(holdout).astype(np.float32))
+        self.stager: Optional[Stager] = None
+
+    def _global_holdout(self, rng: np.random.Generator, held: int) -> np.ndarray:
+        """A seeded choice from the whole collection; sets holdout_ids and train_ids."""
+        permutation = rng.permutation(len(self.read))
         # Damaged files are never in the held-out set: more candidates are taken until it
         # has a readable example (at most half the collection is tried).
         holdout = self._read_rows(permutation[:held], "held-out set", allow_empty=True)
@@ -105,25 +148,71 @@ class StreamSource:
         # Collection order: blocks read shards sequentially. 4 bytes an example, not 8: at
         # YFCC100M's scale this array is most of what a rank holds per image (docs/data.md).
         self.train_ids = np.sort(permutation[held:]).astype(_index_type(len(self.read)))
-        del permutation
-        self.example_shape = self.read.example_shape
-        self.channels = self.example_shape[2] if len(self.example_shape) == 3 else 1
-        whitening = None
-        if config.whitening == "zca":
-            if self.read.dim > MAX_WHITENING_DIM:
-                raise ConfigError(
-                    f"data.whitening: zca on {self.read.dim}-dimensional examples would need a "
-                    f"{self.read.dim}x{self.read.dim} matrix; use data.patches_per_image, a small "
-                    f"data.image_size, or data.whitening none")
-            count = math.ceil(config.whitening_fit_samples / self.read.per_sample)
-            fit_ids = np.sort(rng.permutation(self.train_ids)[:count])
-            sample = self._read_rows(fit_ids, "whitening fit")
-            sample = RowTransform(config.remove_mean, self.example_shape, config.lcn, None)(sample)
-            whitening = ZCA.fit(sample[: config.whitening_fit_samples], config.whitening_epsilon)
-        self.whitening = whitening
-        self.transform = RowTransform(config.remove_mean, self.example_shape, config.lcn, whitening)
-        self.holdout_x = torch.from_numpy(self.transform(holdout).astype(np.float32))
-        self.stager: Optional[Stager] = None
+        return holdout
+
+    def _replica_count(self) -> int:
+        return self.replicas.size if self.replicas is not None else 1
+
+    def _replica_examples(self, replica: int) -> np.ndarray:
+        """The examples (ascending) of the shards ``replica`` owns."""
+        if getattr(self, "_by_replica", None) is None:
+            owner = self.affine_owner[self.catalog.shards_of(np.arange(len(self.read)))]
+            order = np.argsort(owner, kind="stable")
+            counts = np.bincount(owner, minlength=self._replica_count())
+            self._by_replica = np.split(order, np.cumsum(counts)[:-1])
+        return self._by_replica[replica]
+
+    def _affine_holdout(self, held: int) -> np.ndarray:
+        """Each replica's share of the held-out set, drawn (seeded) from its own shards: this
+        rank reads only its replica's part, which is its ``holdout_x``. Every rank knows every
+        replica's draw, so all agree on the training examples; how far each replica had to go
+        past damaged files is the one thing they exchange."""
+        count = self._replica_count()
+        me = self.replicas.rank if self.replicas is not None else 0
+        draws, takes = [], []
+        for replica in range(count):
+            mine = self._replica_examples(replica)
+            draws.append(mine[np.random.default_rng([self.seed, 4, replica]).permutation(len(mine))])
+            takes.append(min(len(mine), math.ceil(held * len(mine) / len(self.read))))
+        draw, take = draws[me], takes[me]
+        holdout = self._read_rows(draw[:take], "held-out set", allow_empty=True)
+        while len(holdout) == 0 and take < len(draw) // 2:
+            more = draw[take : take + max(1, take)]
+            take += len(more)
+            holdout = self._read_rows(more, "held-out set", allow_empty=True)
+        if len(holdout) == 0:
+            raise TrainingError("no readable example for the held-out set in this replica's shards"
+                                + self._problem_hint())
+        agreed = torch.zeros(count, dtype=torch.int64)
+        agreed[me] = take
+        if self.replicas is not None:
+            dist.all_reduce(agreed, group=self.replicas.group)
+        chosen = np.concatenate([d[: int(t)] for d, t in zip(draws, agreed)])
+        self.holdout_ids = np.sort(chosen)
+        training = np.ones(len(self.read), bool)
+        training[chosen] = False
+        self.train_ids = np.flatnonzero(training).astype(_index_type(len(self.read)))
+        return holdout
+
+    def _affine_whitening(self, count: int) -> ZCA:
+        """ZCA fitted on a seeded sample of each replica's own training examples: each replica
+        reads its part and the replicas add up their moments, so they all get one transform."""
+        config = self.config
+        replicas = self._replica_count()
+        me = self.replicas.rank if self.replicas is not None else 0
+        mine = np.intersect1d(self._replica_examples(me), self.train_ids)
+        part = math.ceil(count / replicas)
+        fit_ids = np.sort(mine[np.random.default_rng([self.seed, 5, me]).permutation(len(mine))[:part]])
+        sample = self._read_rows(fit_ids, "whitening fit")
+        sample = RowTransform(config.remove_mean, self.example_shape, config.lcn, None)(sample)
+        sample = sample[: math.ceil(config.whitening_fit_samples / replicas)].astype(np.float64)
+        moments = torch.from_numpy(np.concatenate([[len(sample)], sample.sum(axis=0), (sample.T @ sample).ravel()]))
+        if self.replicas is not None:
+            dist.all_reduce(moments, group=self.replicas.group)
+        dim = sample.shape[1]
+        moments = moments.numpy()
+        return ZCA.from_moments(int(moments[0]), moments[1 : 1 + dim],
+                                moments[1 + dim :].reshape(dim, dim), config.whitening_epsilon)
 
     def _problem_hint(self) -> str:
         if not self.problems:
@@ -210,14 +299,12 @@ class StreamSource:
         catalog = self.catalog
         assert isinstance(catalog, ShardCatalog)  # the schema allows shard_affine with shards only
         try:
+            owner = self.affine_owner if self.affine_owner is not None and replicas == self._replica_count() else None
             return ShardAffineOrder(catalog.shards_of(self.train_ids), len(catalog.tables),
-                                    images, replicas, self.seed)
+                                    images, replicas, self.seed, owner=owner)
         except ValueError as error:
-            raise ConfigError(
-                f"data.order: shard_affine over {len(catalog.tables)} shards and parallel.data = "
-                f"{replicas} replicas with {images} images per batch: {error}; pack more, smaller "
-                "shards (`terabrain data pack --shard-size`), use a smaller train.batch_size, "
-                "or data.order global") from None
+            raise ConfigError(_too_few_shards(len(catalog.tables), replicas,
+                                              f"with {images} images per batch: {error}")) from None
 
     def _start_staging(self, stream: BatchStream) -> None:
         catalog = self.catalog

@@ -33,6 +33,18 @@ class ZCA:
         mean = data.mean(axis=0)
         centred = data - mean
         covariance = centred.T @ centred / max(len(data) - 1, 1)
+        return cls._from_covariance(mean, covariance, epsilon)
+
+    @classmethod
+    def from_moments(cls, count: int, total: np.ndarray, outer: np.ndarray, epsilon: float) -> "ZCA":
+        """Fit from the count, sum and sum of outer products of the rows (float64): what
+        replicas add up to fit one transform on samples that each read from its own shards."""
+        mean = total / count
+        covariance = (outer - count * np.outer(mean, mean)) / max(count - 1, 1)
+        return cls._from_covariance(mean, covariance, epsilon)
+
+    @classmethod
+    def _from_covariance(cls, mean: np.ndarray, covariance: np.ndarray, epsilon: float) -> "ZCA":
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
         eigenvalues = np.clip(eigenvalues, 0.0, None)
         floor = epsilon * eigenvalues.mean()

@@ -247,7 +247,7 @@ def run_experiment(
         if not path.exists() or path.read_text() != resolved:
             write_text_atomically(path, resolved)
     torch.manual_seed(config.seed)
-    data = prepare_data(config.data, config.seed)
+    data = prepare_data(config.data, config.seed, parallel.data)
     if data.stream is not None and config.supervised is not None:
         raise ConfigError("supervised: the supervised stage needs labelled data in memory; "
                           "set data.stream false (npy) or drop supervised")

@@ -28,6 +28,7 @@ from terabrain.data.streamed_source import StreamSource  # noqa: E402
 from terabrain.parallel import (  # noqa: E402
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
+from terabrain.data.catalogs import ShardCatalog  # noqa: E402
 from terabrain.parallel.parallelism import Parallelism  # noqa: E402
 from terabrain.train.checkpoint import CheckpointManager  # noqa: E402
 
@@ -79,7 +80,31 @@ def main():
             lambda: source.open(BATCH, parallel, torch.device("cpu")), manager, steps=STEPS,
             checkpoint_at=CHECKPOINT_AT, batch_size=BATCH, parallel=parallel)
         source.close()
+
+        # Held-out set and whitening sample from this replica's own shards: record which
+        # shards the start-up reads touched, and what every rank agreed on.
+        touched = []
+        read = ShardCatalog.read
+
+        def recording(catalog, index):
+            touched.append(catalog.shard_of(index)[0])
+            return read(catalog, index)
+
+        ShardCatalog.read = recording
+        whitened = StreamSource(data_config(source="shards", root=shards, order="shard_affine", crop_size=16,
+                                            image_size=8, whitening="zca", holdout_patches=4, workers=2),
+                                seed=0, replicas=parallel.data)
+        ShardCatalog.read = read
+        whitened_order = whitened.open(BATCH, parallel, torch.device("cpu")).order
+        startup = {
+            "touched": sorted(set(touched)), "owned": whitened_order.shards_of(rank).tolist(),
+            "holdout_ids": whitened.holdout_ids.tolist(), "train_ids": whitened.train_ids.tolist(),
+            "holdout_rows": len(whitened.holdout_x),
+            "zca": [float(whitened.whitening.matrix.sum()), float(whitened.whitening.mean.sum())],
+        }
+        whitened.close()
         result = {
+            "startup": startup,
             "rank": rank, "per_epoch": per_epoch, "used": order.used, "owned": mine,
             "owned_indices": order.shards_of(rank).tolist(), "staged": staged,
             "copied_to_shared": copied, "epochs": epochs, "shards_read": shards_read,
