@@ -81,7 +81,9 @@ def deep_sets(steps: int) -> list[str]:
 
 
 def cases(npy: Path, steps: int) -> list[Case]:
-    streamed = ["data={source: npy, path: %s, stream: true}" % npy]
+    # The resident run's preprocessing (lbann-ae-small: no mean removal, no whitening).
+    streamed = ["data={source: npy, path: %s, stream: true, remove_mean: false, "
+                "whitening: none}" % npy]
     return [
         Case("ae-1", AE, 1, 1),
         Case("ae-model-2", AE, 1, 2),
