@@ -81,7 +81,9 @@ def deep_sets(steps: int) -> list[str]:
 
 
 def cases(npy: Path, steps: int) -> list[Case]:
-    streamed = ["data={source: npy, path: %s, stream: true}" % npy]
+    # The resident run's preprocessing (lbann-ae-small: no mean removal, no whitening).
+    streamed = ["data={source: npy, path: %s, stream: true, remove_mean: false, "
+                "whitening: none}" % npy]
     return [
         Case("ae-1", AE, 1, 1),
         Case("ae-model-2", AE, 1, 2),
@@ -195,9 +197,8 @@ def cause(case: Case) -> str:
         reasons.append("more ranks than cores: they time-share, and under other load more "
                        "processes get a larger share of the CPU")
     if p["read_s"] and measured > p["step_s"]:
-        reasons.append("streamed reading: the profile's reader rate is the page cache's; "
-                       "terabrain's stream (worker processes, per-example reads, collation) runs "
-                       "on the same cores and calibrate does not measure it")
+        reasons.append("streamed reading: the stream's worker threads run on the same cores as "
+                       "the step, and calibrate timed the stream alone")
     if any("compression" in item for item in case.sets):
         reasons.append("compressed exchange: calibrate times one compress + decompress; the "
                        "exchange also splits, sums and re-quantizes column ranges (all-to-all)")

@@ -182,3 +182,9 @@ def test_a_slow_compressor_costs_compute_time(tmp_path):
     # Two compress + decompress passes over the fp32 gradient per exchange.
     assert slow.compute_s - fast.compute_s == pytest.approx(
         2 * 4 * elements * (1 / 1e8 - 1 / 1e12), rel=1e-6)
+
+
+def test_cli_plan_needs_a_memory_size_or_a_profile(capsys):
+    assert main(["plan", "lbann-ae-50k", "--gpus", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpu-memory" in err[0] and "--profile" in err[0]

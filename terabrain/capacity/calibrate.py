@@ -16,7 +16,7 @@ What is measured, on the device given (``--device cpu|cuda``), with this process
 - gradient compression: compress + decompress of a 1024 x 1024 gradient by each
   ``parallel.compression`` scheme's compressor (terabrain.parallel.compressors).
 - reader: JPEG decoding (PIL) of a 300 x 300 image on one core, times the node's cores;
-  reading a pre-decoded file from the page cache.
+  terabrain's own stream reading fp32 rows of a .npy memory map (workers, queue, collation).
 - links, only under a launcher (torchrun, srun, mpirun with N ranks): real all-reduce,
   all-gather, reduce-scatter and send/recv over the world (gloo on CPU, NCCL on CUDA) at
   sizes from 4 kB to 32 MB, fitted to alpha x steps + bytes / bandwidth. When every rank is
@@ -161,7 +161,8 @@ def measure_local_efficiency(device: torch.device, seconds: float) -> float:
 
 
 def measure_reader(seconds: float) -> tuple[float, float]:
-    """(JPEG pixels/s on all of this node's cores, pre-decoded bytes/s from the page cache)."""
+    """(JPEG pixels/s on all of this node's cores, pre-decoded bytes/s through terabrain's
+    stream)."""
     import numpy as np
     from PIL import Image
 
@@ -178,12 +179,33 @@ def measure_reader(seconds: float) -> tuple[float, float]:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     decode_rate = side * side * 3 / timed(decode, torch.device("cpu"), seconds) * (cores or 1)
-    with tempfile.NamedTemporaryFile() as handle:
-        block = rng.integers(0, 255, size=32 * 2**20, dtype=np.uint8)
-        handle.write(block.tobytes())
-        handle.flush()
-        read = timed(lambda: np.fromfile(handle.name, dtype=np.uint8), torch.device("cpu"), seconds)
-    return decode_rate, block.nbytes / read
+    return decode_rate, measure_stream(seconds)
+
+
+def measure_stream(seconds: float, rows: int = 40, values: int = 3072) -> float:
+    """Bytes/s of terabrain's own stream (terabrain.data.streamed_source, default workers and
+    prefetch) reading fp32 rows of a .npy memory map: what a streamed pre-decoded source
+    costs per byte, queue and collation included."""
+    import numpy as np
+
+    from terabrain.data.sources import NpyData
+    from terabrain.data.streamed_source import StreamSource
+    from terabrain.parallel.launch import LaunchEnv
+
+    with tempfile.TemporaryDirectory(prefix="terabrain-calibrate-") as scratch:
+        path = Path(scratch) / "rows.npy"
+        np.save(path, np.random.default_rng(0).random((50 * rows, values), dtype=np.float32))
+        config = NpyData(path=path, stream=True, whitening="none", remove_mean=False)
+        source = StreamSource(config, 0, LaunchEnv())
+        stream = source.open(rows, None, torch.device("cpu"))
+        try:
+            steps = iter(range(10**9))
+            per_batch = timed(lambda: stream.batch(next(steps)), torch.device("cpu"), seconds,
+                              at_least=10)
+        finally:
+            stream.close()
+            source.close()
+    return 4.0 * rows * values / per_batch
 
 
 # --- links ----------------------------------------------------------------------------------

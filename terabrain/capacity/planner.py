@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from terabrain.capacity.costs import FP32
-from terabrain.errors import ConfigError
 from terabrain.units import format_bytes, format_count, format_seconds
+from terabrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from terabrain.capacity.profile import MachineProfile
