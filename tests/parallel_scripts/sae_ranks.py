@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from terabrain.config.schema import OptimizerConfig
+from terabrain.config.schema import OptimizerConfig, TrainConfig
 from terabrain.learners.topk_sae import TopKSAEObjective
 from terabrain.nn.topk_sae import TopKSAE, ordered_topk, selection_mask, selection_rows
 from terabrain.parallel import (
@@ -28,8 +28,7 @@ from terabrain.parallel import (
 )
 from terabrain.parallel.latent_topk import ShardedTopK, sharded_topk_counts
 from terabrain.parallel.parallelism import Parallelism, full
-from terabrain.train.optim import build_optimizer
-from terabrain.train.trainer import Trainer
+from terabrain.train.stage import build_trainer
 
 INPUTS, LATENTS, ROWS, BATCH, STEPS = 12, 16, 96, 32, 4
 
@@ -88,9 +87,9 @@ def _difference(reference, sharded, attribute):
 
 def _trainer(model, objective, x, parallel=None):
     trained = [model.encoder, model.encoder_bias, model.decoder, model.pre_bias]
-    optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.01), trained)
-    return Trainer(model, objective, optimizer, x, None, steps=STEPS, batch_size=BATCH, seed=0,
-                   device=torch.device("cpu"), parallel=parallel)
+    return build_trainer(model, objective, optimizer=OptimizerConfig(name="adam", lr=0.01),
+                         parameters=trained, train=TrainConfig(steps=STEPS, batch_size=BATCH),
+                         seed=0, inputs=x, parallel=parallel)
 
 
 def run_case(name, parallel, rank):
