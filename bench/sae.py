@@ -18,6 +18,7 @@ per latent, latent sharding on 2 and 4 gloo ranks against one process, and the p
 
     python bench/sae.py            # about 3 minutes on 2 shared CPU cores
     python bench/sae.py --json
+    python bench/sae.py --steps 20 --repeats 5 --threads 1
 """
 
 from __future__ import annotations
@@ -164,8 +165,11 @@ def main():
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads for the speed comparison (1 avoids OpenMP "
+                        "threads waiting for their share of a busy machine)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     load = OtherLoad()
     with tempfile.TemporaryDirectory() as scratch:
         width_file = Path(scratch) / "w4096.npy"
