@@ -31,12 +31,15 @@ def source_settings(tmp_path_factory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("sources")
     array = root / "rows.npy"
     np.save(array, np.zeros((40, 8, 8), np.float32))
+    activations = root / "activations.npy"
+    np.save(activations, np.zeros((40, 64), np.float32))
     images = root / "images"
     images.mkdir()
     metadata = root / "yfcc.tsv"
     metadata.write_text("")
     extra = {
         "npy": [f"data.path={array}"],
+        "activations": [f"data.path={activations}"],
         "folder": [f"data.root={images}"],
         "shards": [f"data.root={images}"],
         "yfcc": [f"data.root={images}", f"data.metadata={metadata}"],

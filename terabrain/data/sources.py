@@ -197,6 +197,28 @@ class NpyData(StreamedData):
         return self
 
 
+class ActivationsData(StreamedData):
+    """A network's activations: one .npy or .safetensors file of shape (rows, width), or a
+    directory of such shards, read in file-name order (terabrain.data.activation_shards).
+    For a sparse autoencoder set remove_mean false and whitening none: the model keeps its
+    own bias and input scale."""
+
+    source: Literal["activations"] = "activations"
+    path: Path = Field(description="A .npy / .safetensors shard, or a directory of them.")
+    tensor: Optional[str] = Field(
+        None, description="The tensor to read in safetensors shards; null: the only one.")
+    test_fraction: float = _test_fraction_field()
+    stream: bool = Field(
+        False, description="true reads batches from the shards while training (only their "
+        "rows are read); false loads every row into memory.")
+
+    @model_validator(mode="after")
+    def _path_exists(self) -> "ActivationsData":
+        if not Path(self.path).exists():
+            raise ValueError(f"data.path: not found: {self.path}")
+        return self
+
+
 class ImageCollectionData(StreamedData):
     """Fields of the streamed image collections (folder, shards, yfcc)."""
 
@@ -577,6 +599,43 @@ class NpySource(DataSource):
         return _split_labelled(data, labels, shape, config.test_fraction, rng)
 
 
+def open_activations(config: ActivationsData):
+    from terabrain.data.activation_shards import ActivationShards, ShardError
+
+    try:
+        return ActivationShards(config.path, config.tensor)
+    except ShardError as error:
+        raise ConfigError(f"data.path: {error}") from None
+
+
+class ActivationsSource(DataSource):
+    name, section = "activations", ActivationsData
+
+    def streamed(self, config: ActivationsData) -> bool:
+        return config.stream
+
+    def example_shape(self, config: ActivationsData) -> tuple[int, ...]:
+        return (open_activations(config).shape[1],)
+
+    def training_rows(self, config: ActivationsData) -> Optional[int]:
+        if config.stream:
+            return None
+        return _training_rows(len(open_activations(config)), config.test_fraction)
+
+    def stream_reader(self, config: ActivationsData, seed: int, catalog: None):
+        from terabrain.data.examples import ArrayExamples
+
+        return ArrayExamples(open_activations(config), str(config.path))
+
+    def location(self, config: ActivationsData) -> str:
+        return str(config.path)
+
+    def load(self, config: ActivationsData, rng: np.random.Generator) -> Loaded:
+        shards = open_activations(config)
+        data = shards.rows(0, len(shards))
+        return _split_labelled(data, None, (data.shape[1],), config.test_fraction, rng)
+
+
 class ImageCollectionSource(DataSource):
     """Streamed image collections: examples are whole images or patches of them."""
 
@@ -676,7 +735,8 @@ class YFCCSource(ImageCollectionSource):
 
 
 SOURCES: dict[str, DataSource] = {source.name: source for source in (
-    PhotosSource(), DigitsSource(), NpySource(), LFWSource(), FashionMNISTSource(),
+    PhotosSource(), DigitsSource(), NpySource(), ActivationsSource(), LFWSource(),
+    FashionMNISTSource(),
     FolderSource(), ShardsSource(), YFCCSource(), FaceMixSource(),
 )}
 DEFAULT_SOURCE = "photos"

@@ -106,6 +106,13 @@ class Learner:
         network.load_state_dict(weights)
         return self.parallelize(config, network.to(device), parallel, device)
 
+    def fit_to_data(self, config: "ExperimentConfig", network: torch.nn.Module,
+                    sample: torch.Tensor) -> dict[str, Any]:
+        """Data-dependent initialisation before the first step (a sparse autoencoder's b_dec
+        and input scale), from training rows that are the same on every rank; returns what
+        to record in results.json. A resumed run then loads its checkpoint over it."""
+        return {}
+
     def training(self, config: "ExperimentConfig", network: torch.nn.Module,
                  parallel: "Parallelism", example_shape: tuple[int, ...]) -> Training:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from terabrain.learners.autoencoder import AutoencoderLearner
 from terabrain.learners.base import Learner
 from terabrain.learners.deep import DeepLearner
 from terabrain.learners.rica import RICALearner
+from terabrain.learners.topk_sae import TopKSAELearner
 
 if TYPE_CHECKING:
     from terabrain.config.schema import ExperimentConfig
@@ -19,6 +20,7 @@ LEARNERS: dict[str, Learner] = {learner.kind: learner for learner in (
     RICALearner(),
     AutoencoderLearner(),
     DeepLearner(),
+    TopKSAELearner(),
 )}
 DEFAULT_KIND = "rica"
 

@@ -154,6 +154,7 @@ def _feature_stage(
     _check_divisible(train, len(data.train_x) if data.train_x is not None else 0, parallel)
     stage = feature_trainer(
         config, shape, inputs=data.train_x, batches=batches, parallel=parallel, device=device,
+        sample=data.holdout_x if data.train_x is None else None,
         callbacks=lambda training: run_callbacks(
             stage="features", run_dir=run_dir, manager=manager, train=train, config=config,
             parallel=parallel, training=training),
@@ -164,6 +165,7 @@ def _feature_stage(
         "steps": trainer.step,
         "stop_reason": trainer.stop_reason or "finished",
         **training.summary(),
+        **stage.fitted,
         "final": _last_metrics(run_dir, "features"),
         "seconds_this_session": time.perf_counter() - started,
     }

@@ -80,6 +80,8 @@ class FeatureStage:
     network: torch.nn.Module
     training: Training
     trainer: Trainer
+    fitted: dict[str, Any]
+    """What the learner's data-dependent initialisation recorded (Learner.fit_to_data)."""
 
 
 def feature_trainer(
@@ -92,6 +94,7 @@ def feature_trainer(
     device: torch.device = CPU,
     callbacks: Callable[[Training], Sequence[Callback]] | None = None,
     network: torch.nn.Module | None = None,
+    sample: torch.Tensor | None = None,
 ) -> FeatureStage:
     """The feature-learning stage of ``config`` on examples of ``example_shape``: from
     ``inputs`` (in memory) or ``batches`` (a streamed collection).
@@ -100,12 +103,16 @@ def feature_trainer(
     view so that it can place a layer-wise schedule and draw filters. By default the stage
     stops early as ``config.train.early_stopping`` says, or follows the schedule.
     ``network``: an already materialized network (default: the learner builds one from
-    ``config.seed`` and places it on ``parallel``)."""
+    ``config.seed`` and places it on ``parallel``). ``sample``: training rows, the same on
+    every rank, for the learner's data-dependent initialisation (default: ``inputs``); a
+    resumed run loads its checkpoint over that start."""
     parallel = parallel or Parallelism(None)
     learner = learner_of(config)
     learner.check_parallel(config, parallel)
     if network is None:
         network = learner.materialize(config, example_shape, parallel, device)
+    rows = sample if sample is not None else inputs
+    fitted = learner.fit_to_data(config, network, rows) if rows is not None else {}
     training = learner.training(config, network, parallel, example_shape)
     chosen = callbacks(training) if callbacks is not None else [stopping(config.train, training)]
     trainer = build_trainer(
@@ -115,7 +122,7 @@ def feature_trainer(
         device=device, callbacks=chosen,
         steps=training.schedule.total_budget if training.schedule is not None else None,
     )
-    return FeatureStage(learner, network, training, trainer)
+    return FeatureStage(learner, network, training, trainer, fitted)
 
 
 def stopping(train: TrainConfig, training: Training | None = None) -> Callback:
