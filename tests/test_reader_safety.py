@@ -85,7 +85,9 @@ def test_training_stream_skips_them_and_counts_them(tmp_path, kind):
     hostile_asked = sum(1 for i in asked
                         if Path(source.catalog.name(i)).stem in ("fifo", "zero", "big"))
     assert stream.metrics()["data_skipped"] == hostile_asked > 0
-    assert len(seen) == len(asked) - hostile_asked
+    # Each refused file's slot is taken by a readable example of the rank's order: every
+    # batch is full (terabrain.data.batch_stream).
+    assert len(seen) == len(asked)
     stream.close()
 
 
