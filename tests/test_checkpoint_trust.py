@@ -303,28 +303,34 @@ def test_safetensors_from_a_fifo_or_dev_zero_do_not_hang(tmp_path):
             load_tensors(tmp_path / name, TrainingError)
 
 
-def test_analyze_reports_a_crafted_model_safetensors_in_one_line(tmp_path):
-    """In a subprocess, as a user runs it: exit 2, one line, no traceback."""
+def test_analyze_reports_a_crafted_model_safetensors_in_one_line(tmp_path, capsys):
+    """One subprocess, as a user runs it (exit 2, one line, no traceback); the other crafted
+    files in this process through the same entry point."""
     from safetensors.torch import save_file
 
+    from terabrain.cli import main
     from terabrain.config.loader import load_experiment, to_yaml
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     config = load_experiment("natural-patches-rica", ["model.hidden=8"])
     (run_dir / "config.yaml").write_text(to_yaml(config))
-    for kind in ("offsets beyond the file", "huge header length"):
-        (run_dir / "model.safetensors").write_bytes(CRAFTED_SAFETENSORS[kind])
-        result = _run([sys.executable, "-m", "terabrain", "analyze", str(run_dir),
-                       "--concepts", "none"])
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "model.safetensors is damaged" in lines[0], result.stderr
-    # Well-formed but with the wrong tensors: also one line (it does not fit config.yaml).
-    save_file({"nonsense": torch.zeros(3)}, str(run_dir / "model.safetensors"))
+    (run_dir / "model.safetensors").write_bytes(CRAFTED_SAFETENSORS["offsets beyond the file"])
     result = _run([sys.executable, "-m", "terabrain", "analyze", str(run_dir), "--concepts",
                    "none"])
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.safetensors is damaged" in lines[0], result.stderr
+    for kind in ("huge header length", "deep json", "shape larger than its bytes"):
+        (run_dir / "model.safetensors").write_bytes(CRAFTED_SAFETENSORS[kind])
+        assert main(["analyze", str(run_dir), "--concepts", "none"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "model.safetensors is damaged" in lines[0], lines
+    # Well-formed but with the wrong tensors: also one line (it does not fit config.yaml).
+    save_file({"nonsense": torch.zeros(3)}, str(run_dir / "model.safetensors"))
+    assert main(["analyze", str(run_dir), "--concepts", "none"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "does not fit config.yaml" in lines[0], lines
 
 
 # --- write errors during a save -----------------------------------------------------------
