@@ -1,7 +1,8 @@
 """`terabrain <command>`: parse arguments, call one function per command.
 
 Exit codes: 0 success, 2 bad usage or configuration (one message naming the field),
-1 a failure during the run.
+1 a failure during the run, 75 pre-empted (a signal in train.preempt_signals: every rank
+wrote a checkpoint of the last step; the same command with --resume-if-exists continues).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from terabrain import __version__
-from terabrain.errors import ConfigError, TrainingError
+from terabrain.errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted, TrainingError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -22,10 +23,16 @@ def _train(args: argparse.Namespace) -> int:
         build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
     )
     from terabrain.parallel.launch import is_main_rank
+    from terabrain.train.preemption import watch_signals
     from terabrain.train.run import default_run_dir, run_experiment
 
     env = detect_launch_env()
     with fail_fast(env):
+        if args.resume_if_exists and (args.resume is not None or args.out is None):
+            raise ConfigError("--resume-if-exists needs --out DIR (and no --resume): it starts "
+                              "the run in DIR, or continues it if DIR already holds it")
+        if args.resume_if_exists and (args.out / "config.yaml").is_file():
+            args.resume, args.out, args.experiment = args.out, None, None
         if args.resume is not None:
             if args.experiment is not None or args.out is not None:
                 raise ConfigError("--resume DIR takes the experiment and the output from DIR; "
@@ -38,13 +45,20 @@ def _train(args: argparse.Namespace) -> int:
         else:
             config = load_experiment(args.experiment, args.set)
             run_dir = args.out or default_run_dir(config)
-        init_distributed(env, config.parallel.backend, config.parallel.timeout_s)
-        mesh = build_mesh(config.parallel.data, config.parallel.model, env)
-        run_dir = _same_on_every_rank(run_dir)
-        if is_main_rank():
-            where = f" on {env.world_size} ranks ({env.launcher})" if env.world_size > 1 else ""
-            print(f"terabrain: {config.name} -> {run_dir}{where}")
-        results = run_experiment(config, run_dir, mesh)
+        # Before the process group forms: a signal from here on stops the run at a step
+        # boundary with a checkpoint instead of killing it.
+        with watch_signals(config.train.preempt_signals):
+            init_distributed(env, config.parallel.backend, config.parallel.timeout_s)
+            mesh = build_mesh(config.parallel.data, config.parallel.model, env)
+            run_dir = _same_on_every_rank(run_dir)
+            if is_main_rank():
+                where = f" on {env.world_size} ranks ({env.launcher})" if env.world_size > 1 else ""
+                print(f"terabrain: {config.name} -> {run_dir}{where}")
+            try:
+                results = run_experiment(config, run_dir, mesh)
+            except Preempted as stop:
+                stop.run_dir = run_dir
+                raise
         if is_main_rank():
             _print_summary(results, run_dir)
         shutdown_distributed()
@@ -145,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run directory (default runs/<name>-<time>)")
     train.add_argument("--resume", type=Path, metavar="DIR",
                        help="continue the run in DIR from its last checkpoint")
+    train.add_argument("--resume-if-exists", action="store_true",
+                       help="with --out DIR: continue the run in DIR if there is one, else start "
+                       "it (a requeued batch job runs the same command again)")
     train.set_defaults(handler=_train)
 
     launch = commands.add_parser(
@@ -208,6 +225,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         print(f"terabrain: error: {error}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"terabrain: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except TrainingError as error:
         print(f"terabrain: run failed: {error}", file=sys.stderr)
         return 1

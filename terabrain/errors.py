@@ -7,3 +7,27 @@ class ConfigError(Exception):
 
 class TrainingError(Exception):
     """A run that cannot go on (diverged, interrupted data): exit code 1."""
+
+
+# The exit code of a pre-empted run (EX_TEMPFAIL from sysexits.h, "try again later"): a
+# checkpoint of the last step was written and the same command continues the run.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """A watched signal (train.preempt_signals) stopped the run at a step boundary after
+    every rank wrote the checkpoint of ``step``: exit code PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(signal_name, step)
+        self.signal_name = signal_name
+        self.step = step
+        self.run_dir = None  # set by the command line, which knows it
+
+    def __str__(self) -> str:
+        where = f" in {self.run_dir}" if self.run_dir is not None else ""
+        again = (f"`terabrain train --resume {self.run_dir}`" if self.run_dir is not None
+                 else "`terabrain train --resume RUN_DIR`")
+        return (f"pre-empted by {self.signal_name}: checkpoint of step {self.step} written"
+                f"{where}; continue with {again} or the same command with --resume-if-exists "
+                f"(exit code {PREEMPTED_EXIT_CODE})")

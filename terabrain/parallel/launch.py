@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from terabrain.errors import ConfigError, TrainingError
+from terabrain.errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted, TrainingError
 
 
 def is_main_rank() -> bool:
@@ -322,7 +322,8 @@ def fail_fast(env: LaunchEnv) -> Iterator[None]:
         stretch one rank may compute (or write a checkpoint) between two collectives.
     The exception becomes one line on stderr, `terabrain: rank R failed: <message>`, and exit
     code 1 (a ConfigError: `terabrain: error: rank R: <message>`, exit code 2, as the command
-    line reports config errors). Errors raised outside torch.distributed that are not
+    line reports config errors; a pre-emption, `Preempted`: rank 0's one line and exit code
+    75 on every rank, which all stopped at the same step). Errors raised outside torch.distributed that are not
     TrainingError print their traceback first, since they are bugs. The exit is `os._exit`,
     after flushing stdout and stderr: a normal exit runs atexit handlers and destructors (the
     process group's among them) that may wait for the dead peer, the hang this avoids.
@@ -338,18 +339,23 @@ def fail_fast(env: LaunchEnv) -> Iterator[None]:
         if env.world_size == 1:
             raise
         code, line = _failure_report(env.rank, error)
+        if isinstance(error, Preempted) and env.rank != 0:
+            line = ""  # every rank stops at the same step; rank 0 says so for all
         if code == 1 and not isinstance(error, TrainingError) and not _in_distributed(error):
             traceback.print_exception(error, file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         # One write call: lines from many ranks sharing a terminal or log stay whole.
-        os.write(sys.stderr.fileno(), f"{line}\n".encode())
+        if line:
+            os.write(sys.stderr.fileno(), f"{line}\n".encode())
         os._exit(code)
 
 
 def _failure_report(rank: int, error: BaseException) -> tuple[int, str]:
     """(exit code, message line) for an exception that ends rank `rank`."""
     prefix = f"terabrain: rank {rank} failed:"
+    if isinstance(error, Preempted):
+        return PREEMPTED_EXIT_CODE, f"terabrain: {error}"
     if isinstance(error, ConfigError):
         return 2, f"terabrain: error: rank {rank}: {error}"
     if isinstance(error, KeyboardInterrupt):

@@ -43,6 +43,7 @@ from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
 from terabrain.train.optim import build_optimizer
+from terabrain.train.preemption import PreemptionStop
 from terabrain.train.trainer import Trainer
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -130,11 +131,13 @@ def _train_stage(
     stopping = schedule or cb.EarlyStopping(
         train.early_stopping.patience, train.early_stopping.min_delta
     )
+    checkpointing = cb.Checkpointing(manager, train.checkpoint_every)
     callbacks = communication_callbacks(parallel, config.parallel) + (
         loggers if is_main_rank() else []) + [
         cb.NaNGuard(manager),
         stopping,
-        cb.Checkpointing(manager, train.checkpoint_every),
+        checkpointing,
+        PreemptionStop(checkpointing),  # a signal: every rank saves this step and stops
     ]
     trainer = Trainer(
         model, objective, optimizer, inputs, targets,
