@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SCRIPTS, clean_environ, free_port
+from conftest import REPO, SCRIPTS, clean_environ, free_port, torchrun
+from preemption_runs import (
+    MODEL_PARALLEL, assert_same_run, check_preempted, train_arguments, wait_for_step,
+)
 from terabrain.data.catalogs import ShardCatalog
 from terabrain.data.pack import pack
 
@@ -241,3 +245,131 @@ def test_mpich_mpirun_two_ranks(shards, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
                             cwd=REPO, env=_mpi_environ())
     _check_two_ranks_on_one_host(tmp_path, shards, "pmi", result)
+
+
+# --- training under the real launchers: equivalence, a dead rank, pre-emption -------------
+#
+# Each launcher starts 2 ranks of: the sharded-equals-one-process check; a rank that dies
+# after the process group formed (its peer must end with one line, long before the timeout);
+# and a small model-parallel run that receives SIGUSR1 mid-run (scancel --signal=USR1 for
+# srun; for mpirun, the signal sent to mpirun, which forwards it to the ranks), must stop
+# with a checkpoint and exit code 75, and, run again with the same command, must finish
+# bit for bit like the uninterrupted run (a torchrun run of the same 2-rank layout).
+
+
+class Launcher:
+    """How to start 2 ranks of a python command under one launcher, and signal them."""
+
+    def __init__(self, name: str, prefix: list[str], environ: dict[str, str]):
+        self.name = name
+        self.prefix = prefix
+        self.environ = environ
+
+    def command(self, *arguments: str) -> list[str]:
+        return [*self.prefix, sys.executable, *arguments]
+
+    def run(self, *arguments: str, timeout: float = LAUNCH_TIMEOUT_S * 3):
+        environ = {**self.environ, "MASTER_PORT": str(free_port())}
+        return subprocess.run(self.command(*arguments), check=False, capture_output=True,
+                              text=True, timeout=timeout, cwd=REPO, env=environ)
+
+    def start(self, *arguments: str) -> subprocess.Popen:
+        environ = {**self.environ, "MASTER_PORT": str(free_port())}
+        return subprocess.Popen(self.command(*arguments), cwd=REPO, env=environ, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def signal_ranks(self, process: subprocess.Popen, name: str) -> None:
+        """SIGUSR1 to every rank, the way this launcher's users send it."""
+        if self.name == "srun":
+            job = self.job_name()
+            subprocess.run([_program("scancel"), f"--signal={name}", f"--name={job}"],
+                           env=self.environ, check=True, timeout=30)
+        else:
+            process.send_signal(getattr(signal, f"SIG{name}"))
+
+    def job_name(self) -> str:
+        return next(a.split("=", 1)[1] for a in self.prefix if a.startswith("--job-name="))
+
+
+def _srun(environ: dict[str, str], job_name: str) -> Launcher:
+    return Launcher("srun", [_program("srun"), "--overcommit", "--nodes=1", "--ntasks=2",
+                             "--kill-on-bad-exit=1", "--time=10", f"--job-name={job_name}"],
+                    environ)
+
+
+def _open_mpi() -> Launcher:
+    mpirun = _open_mpi_mpirun()
+    if mpirun is None:
+        pytest.skip("Open MPI not installed (no mpirun.openmpi)")
+    as_root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    # No MASTER_ADDR: on one host the ranks find rank 0 at 127.0.0.1 by themselves.
+    return Launcher("mpirun.openmpi", [mpirun, "-np", "2", "--oversubscribe", *as_root,
+                                       "-x", "MASTER_PORT", "-x", "PYTHONPATH"],
+                    clean_environ())
+
+
+def _mpich() -> Launcher:
+    mpirun = _mpich_mpirun()
+    if mpirun is None:
+        pytest.skip("MPICH not installed (no mpirun.mpich / mpiexec.hydra)")
+    return Launcher("mpirun.mpich", [mpirun, "-np", "2"], clean_environ())
+
+
+@pytest.fixture(params=["srun", "mpirun.openmpi", "mpirun.mpich"])
+def launcher(request, tmp_path) -> Launcher:
+    if request.param == "srun":
+        return _srun(request.getfixturevalue("slurm_cluster"), f"terabrain-{tmp_path.name}")
+    return _open_mpi() if request.param == "mpirun.openmpi" else _mpich()
+
+
+@pytest.mark.slow
+def test_two_ranks_under_the_launcher_equal_one_process(launcher):
+    result = launcher.run(str(SCRIPTS / "sharded_equivalence.py"), "1x2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):
+        assert f"rank {rank}: all cases ok" in result.stdout
+
+
+def test_a_dead_rank_under_the_launcher_ends_the_job_with_one_line(launcher):
+    """Rank 1 exits (code 3) right after the process group forms; rank 0, in an all-reduce,
+    must stop with one line and no traceback, long before the 60 s collective timeout (a
+    launcher may also end it first: then it prints nothing, which is fine too)."""
+    start = time.monotonic()
+    result = launcher.run(str(SCRIPTS / "peer_failure.py"), "1", "exit", "60")
+    elapsed = time.monotonic() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "rank 0: joined" in output and "unexpectedly succeeded" not in output, output
+    assert "Traceback" not in output, output
+    assert len([line for line in output.splitlines() if "rank 0 failed" in line]) <= 1, output
+    assert elapsed < 60, f"{elapsed:.0f} s"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_ranks(tmp_path_factory) -> Path:
+    """The small model-parallel run on 2 torchrun ranks, never interrupted."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = torchrun(2, *train_arguments(run, *MODEL_PARALLEL))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_usr1_under_the_launcher_checkpoints_and_the_same_command_finishes_identically(
+        launcher, uninterrupted_two_ranks, tmp_path):
+    run = tmp_path / "run"
+    arguments = train_arguments(run, *MODEL_PARALLEL)
+    process = launcher.start(*arguments)
+    try:
+        seen = wait_for_step(run, 4, process)
+        launcher.signal_ranks(process, "USR1")
+        _, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S * 3)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    check_preempted(run, seen, process.returncode, stderr, "SIGUSR1")
+    result = launcher.run(*arguments)  # the requeued job: the same command again
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert_same_run(run, uninterrupted_two_ranks)

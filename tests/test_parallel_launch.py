@@ -180,6 +180,16 @@ def test_mpi_errors_name_the_variable(environ, drop, named):
         detect_launch_env({k: v for k, v in environ.items() if k != drop})
 
 
+@pytest.mark.parametrize("environ", [OPEN_MPI, PMI], ids=["open-mpi", "pmi"])
+def test_mpirun_on_one_host_needs_no_master_address(environ):
+    """Every rank on this host (local size = world size): rank 0 is on 127.0.0.1. Ranks on
+    several hosts still need MASTER_ADDR (test above)."""
+    one_host = {k: v for k, v in environ.items() if k != "MASTER_ADDR"}
+    one_host.update({"OMPI_COMM_WORLD_LOCAL_SIZE": one_host["OMPI_COMM_WORLD_SIZE"]}
+                    if "OMPI_COMM_WORLD_SIZE" in one_host else {})
+    assert detect_launch_env(one_host).master_addr == "127.0.0.1"
+
+
 # --- mesh shape and single-process behaviour ----------------------------------------------
 
 FOUR_TORCHRUN = LaunchEnv(rank=0, world_size=4, master_addr="h", master_port=1,

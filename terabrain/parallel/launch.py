@@ -184,14 +184,20 @@ def _from_open_mpi(environ: Mapping[str, str]) -> LaunchEnv:
     values = _require_ints(environ, "open-mpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
                            "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
     env = LaunchEnv(*values, launcher="open-mpi", world_size_var="OMPI_COMM_WORLD_SIZE")
-    return _with_master(environ, env, derived_addr=None)
+    return _with_master(environ, env, derived_addr=_one_host_addr(env))
 
 
 def _from_pmi(environ: Mapping[str, str]) -> LaunchEnv:
     values = _require_ints(environ, "pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID",
                            "MPI_LOCALNRANKS")
     env = LaunchEnv(*values, launcher="pmi", world_size_var="PMI_SIZE")
-    return _with_master(environ, env, derived_addr=None)
+    return _with_master(environ, env, derived_addr=_one_host_addr(env))
+
+
+def _one_host_addr(env: LaunchEnv) -> str | None:
+    """127.0.0.1 when every rank runs on this host (mpirun on one node names no rendezvous
+    host, and needs none); None otherwise (MASTER_ADDR must say where rank 0 runs)."""
+    return "127.0.0.1" if env.local_world_size == env.world_size else None
 
 
 # (variables that reveal a launcher, its reader), in the order they are tried.
@@ -348,6 +354,12 @@ def fail_fast(env: LaunchEnv) -> Iterator[None]:
         # One write call: lines from many ranks sharing a terminal or log stay whole.
         if line:
             os.write(sys.stderr.fileno(), f"{line}\n".encode())
+        if isinstance(error, Preempted):
+            # Every rank is alive and here: wait for rank 0's line before any rank exits, so
+            # that a launcher which ends the others when one exits (srun --kill-on-bad-exit)
+            # cannot cut it short.
+            with contextlib.suppress(Exception):
+                dist.barrier()
         os._exit(code)
 
 
