@@ -25,14 +25,15 @@ def _train(args: argparse.Namespace) -> int:
     from terabrain.parallel.launch import is_main_rank
     from terabrain.train.preemption import watch_signals
     from terabrain.train.run import default_run_dir, run_experiment
+    from terabrain.train.run_directory import claim_run_directory
 
     env = detect_launch_env()
     with fail_fast(env):
         if args.resume_if_exists and (args.resume is not None or args.out is None):
             raise ConfigError("--resume-if-exists needs --out DIR (and no --resume): it starts "
                               "the run in DIR, or continues it if DIR already holds it")
-        if args.resume_if_exists and (args.out / "config.yaml").is_file():
-            args.resume, args.out, args.experiment = args.out, None, None
+        resuming = args.resume is not None or (
+            args.resume_if_exists and (args.out / "config.yaml").is_file())
         if args.resume is not None:
             if args.experiment is not None or args.out is not None:
                 raise ConfigError("--resume DIR takes the experiment and the output from DIR; "
@@ -51,17 +52,26 @@ def _train(args: argparse.Namespace) -> int:
             init_distributed(env, config.parallel.backend, config.parallel.timeout_s)
             mesh = build_mesh(config.parallel.data, config.parallel.model, env)
             run_dir = _same_on_every_rank(run_dir)
-            if is_main_rank():
-                where = f" on {env.world_size} ranks ({env.launcher})" if env.world_size > 1 else ""
-                print(f"terabrain: {config.name} -> {run_dir}{where}")
+            claim = claim_run_directory(run_dir, config, resuming)
             try:
-                results = run_experiment(config, run_dir, mesh)
-            except Preempted as stop:
-                stop.run_dir = run_dir
-                raise
-        if is_main_rank():
-            _print_summary(results, run_dir)
-        shutdown_distributed()
+                if claim.finished:
+                    if is_main_rank():
+                        print(f"terabrain: {run_dir} holds this run, finished; nothing to do")
+                    shutdown_distributed()
+                    return 0
+                if is_main_rank():
+                    where = f" on {env.world_size} ranks ({env.launcher})" if env.world_size > 1 else ""
+                    print(f"terabrain: {config.name} -> {run_dir}{where}")
+                try:
+                    results = run_experiment(config, run_dir, mesh)
+                except Preempted as stop:
+                    stop.run_dir = run_dir
+                    raise
+                if is_main_rank():
+                    _print_summary(results, run_dir)
+                shutdown_distributed()
+            finally:
+                claim.release()  # the run directory is free for the next command
     return 0
 
 

@@ -5,6 +5,11 @@ class ConfigError(Exception):
     """Bad usage or configuration: exit code 2. The message names the field."""
 
 
+class SharedConfigError(ConfigError):
+    """A ConfigError that every rank raises together, with the same message (rank 0 decided
+    and told the others): reported once, by rank 0."""
+
+
 class TrainingError(Exception):
     """A run that cannot go on (diverged, interrupted data): exit code 1."""
 

@@ -29,7 +29,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from terabrain.errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted, TrainingError
+from terabrain.errors import (
+    PREEMPTED_EXIT_CODE, ConfigError, Preempted, SharedConfigError, TrainingError,
+)
 
 
 def is_main_rank() -> bool:
@@ -345,8 +347,9 @@ def fail_fast(env: LaunchEnv) -> Iterator[None]:
         if env.world_size == 1:
             raise
         code, line = _failure_report(env.rank, error)
-        if isinstance(error, Preempted) and env.rank != 0:
-            line = ""  # every rank stops at the same step; rank 0 says so for all
+        shared = isinstance(error, (Preempted, SharedConfigError))
+        if shared and env.rank != 0:
+            line = ""  # every rank stops at the same point for the same reason: rank 0 says so
         if code == 1 and not isinstance(error, TrainingError) and not _in_distributed(error):
             traceback.print_exception(error, file=sys.stderr)
         sys.stdout.flush()
@@ -354,7 +357,7 @@ def fail_fast(env: LaunchEnv) -> Iterator[None]:
         # One write call: lines from many ranks sharing a terminal or log stay whole.
         if line:
             os.write(sys.stderr.fileno(), f"{line}\n".encode())
-        if isinstance(error, Preempted):
+        if shared:
             # Every rank is alive and here: wait for rank 0's line before any rank exits, so
             # that a launcher which ends the others when one exits (srun --kill-on-bad-exit)
             # cannot cut it short.
@@ -368,6 +371,8 @@ def _failure_report(rank: int, error: BaseException) -> tuple[int, str]:
     prefix = f"terabrain: rank {rank} failed:"
     if isinstance(error, Preempted):
         return PREEMPTED_EXIT_CODE, f"terabrain: {error}"
+    if isinstance(error, SharedConfigError):
+        return 2, f"terabrain: error: {error}"
     if isinstance(error, ConfigError):
         return 2, f"terabrain: error: rank {rank}: {error}"
     if isinstance(error, KeyboardInterrupt):
