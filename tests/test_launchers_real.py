@@ -1,10 +1,13 @@
-"""Two ranks on one host under the real launchers: srun (a one-node SLURM cluster that the
-test starts: munged, slurmctld and slurmd, configured in a temporary directory), Open MPI's
-mpirun and MPICH's mpirun (Hydra). Each rank runs ``parallel_scripts/launcher_layout.py``:
+"""Two ranks on one host under the real launchers: srun (a one-node SLURM cluster started by
+.ci/start-slurm.sh: munged, slurmctld and slurmd), Open MPI's mpirun and MPICH's mpirun
+(Hydra). First, the launcher layout: each rank runs ``parallel_scripts/launcher_layout.py``:
 ``detect_launch_env`` must give both ranks local world size 2, local ranks 0 and 1 and the
 same host, and node-local staging into a shared directory must divide the shards between
 them by those values (srun and mpirun set no LOCAL_RANK / LOCAL_WORLD_SIZE, so reading
 those would make both ranks local rank 0 of 1 and copy everything).
+
+Then, under each launcher: the sharded-equals-one-process check, a dead rank, and a run
+pre-empted by SIGUSR1 that the same command then finishes bit for bit (see below).
 
 Debian: ``apt-get install slurm-wlm munge openmpi-bin libopenmpi-dev mpich`` (``.ci/run``
 does so). A test is skipped, saying which, when its launcher's programs are absent.
@@ -12,7 +15,6 @@ does so). A test is skipped, saying which, when its launcher's programs are abse
 
 from __future__ import annotations
 
-import getpass
 import io
 import json
 import os
@@ -26,12 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO, SCRIPTS, clean_environ, free_port, torchrun
+from PIL import Image
 from preemption_runs import (
-    MODEL_PARALLEL, assert_same_run, check_preempted, train_arguments, wait_for_step,
+    MODEL_PARALLEL,
+    assert_same_run,
+    check_preempted,
+    train_arguments,
+    wait_for_step,
 )
+
 from terabrain.data.catalogs import ShardCatalog
 from terabrain.data.pack import pack
 
@@ -94,102 +100,43 @@ def _check_two_ranks_on_one_host(out: Path, shards: Path, launcher: str, result)
 SLURM_PROGRAMS = ("srun", "sinfo", "slurmctld", "slurmd", "munged")
 
 
+START_SLURM = REPO / ".ci" / "start-slurm.sh"
+
+
+def _node_idle(environ: dict[str, str]) -> bool:
+    state = subprocess.run([_program("sinfo"), "-h", "-o", "%t"], env=environ, check=False,
+                           capture_output=True, text=True, timeout=10).stdout
+    return state.strip() == "idle"
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
-    """A one-node SLURM cluster on this host; yields srun's environment (SLURM_CONF)."""
+    """A one-node SLURM cluster on this host; yields srun's environment (SLURM_CONF).
+
+    The cluster that SLURM_CONF names when it is up (.ci/run starts one with
+    .ci/start-slurm.sh), else one of this module's own, started by the same script in a
+    temporary directory on free ports and stopped afterwards."""
     programs = {name: _program(name) for name in SLURM_PROGRAMS}
     absent = [name for name, path in programs.items() if path is None]
     if absent:
         pytest.skip(f"SLURM not installed ({', '.join(absent)} not found; Debian: "
                     "apt-get install slurm-wlm munge)")
+    if os.environ.get("SLURM_CONF"):
+        environ = {**clean_environ(), "SLURM_CONF": os.environ["SLURM_CONF"]}
+        if _node_idle(environ):
+            yield environ
+            return
     if os.geteuid() != 0:
         pytest.skip("the test's SLURM cluster needs root (slurmd starts tasks as their user)")
     base = tmp_path_factory.mktemp("slurm")
-    munge_dir = base / "munge"
-    munge_dir.mkdir(mode=0o700)
-    key = munge_dir / "munge.key"
-    key.write_bytes(os.urandom(128))
-    key.chmod(0o600)
-    sock = base / "munge.socket"
-    host = socket.gethostname()
-    user = getpass.getuser()
-    (base / "state").mkdir()
-    (base / "spool").mkdir()
-    conf = base / "slurm.conf"
-    conf.write_text(f"""\
-ClusterName=terabraintest
-SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={sock}
-SlurmUser={user}
-SlurmdUser={user}
-StateSaveLocation={base / "state"}
-SlurmdSpoolDir={base / "spool"}
-SlurmctldPidFile={base / "slurmctld.pid"}
-SlurmdPidFile={base / "slurmd.pid"}
-SlurmctldLogFile={base / "slurmctld.log"}
-SlurmdLogFile={base / "slurmd.log"}
-PlugStackConfig=/dev/null
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SwitchType=switch/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/builtin
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN
-PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-""")
-    environ = {**clean_environ(), "SLURM_CONF": str(conf)}
-    daemons: list[subprocess.Popen] = []
-
-    def start(*command) -> None:
-        log = open(base / f"{Path(command[0]).name}.out", "wb")
-        daemons.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                        env=environ, cwd=base))
-
-    def logs() -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
-                         for p in sorted(base.glob("*.out")) + sorted(base.glob("*.log")))
-
+    ports = {"SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    started = subprocess.run([str(START_SLURM), str(base)], check=False, capture_output=True,
+                             text=True, timeout=120, env={**clean_environ(), **ports})
+    assert started.returncode == 0, f"{START_SLURM} failed:\n{started.stderr}"
     try:
-        start(programs["munged"], "--foreground", "--force", f"--key-file={key}",
-              f"--socket={sock}", f"--pid-file={base / 'munged.pid'}",
-              f"--log-file={base / 'munged.log'}", f"--seed-file={base / 'munged.seed'}")
-        _wait_for(lambda: sock.exists(), 10, "munged's socket", logs)
-        start(programs["slurmctld"], "-D", "-c", "-f", str(conf))
-        start(programs["slurmd"], "-D", "-N", host, "-f", str(conf))
-
-        def node_idle() -> bool:
-            state = subprocess.run([programs["sinfo"], "-h", "-o", "%t"], env=environ,
-                                   capture_output=True, text=True, timeout=10).stdout
-            return state.strip() == "idle"
-
-        _wait_for(node_idle, 30, "the SLURM node to be idle", logs)
-        yield environ
+        yield {**clean_environ(), "SLURM_CONF": str(base / "slurm.conf")}
     finally:
-        for daemon in reversed(daemons):
-            daemon.terminate()
-        for daemon in reversed(daemons):
-            try:
-                daemon.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-
-
-def _wait_for(condition, timeout_s: float, what: str, logs) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{logs()}")
-        time.sleep(0.2)
+        subprocess.run([str(START_SLURM), "--stop", str(base)], check=False, timeout=60)
 
 
 def test_srun_two_tasks_on_one_node(slurm_cluster, shards, tmp_path):
