@@ -106,23 +106,21 @@ def _print_summary(results: dict, run_dir: Path) -> None:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    """`terabrain launch --nproc N train ...`: torchrun on this machine, for convenience."""
+    """`terabrain launch --nproc N train ...`: N ranks on this machine; exits with their code."""
     import os
-    import subprocess
+
+    from terabrain.parallel.local_launch import launch_local
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
     if not args.command_args or args.command_args[0] != "train":
         raise ConfigError("terabrain launch --nproc N train [EXPERIMENT] [--set ...]: "
                           "only `train` runs on several processes")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(args.nproc), "--max-restarts", "0",
-               "-m", "terabrain", *args.command_args]
     environ = dict(os.environ)
-    # Each rank gets its share of the cores instead of all of them (torchrun would say 1).
+    # Each rank gets its share of the cores instead of all of them.
     cores = os.cpu_count() or 1
     environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // args.nproc)))
-    return subprocess.call(command, env=environ)
+    return launch_local(args.nproc, ["-m", "terabrain", *args.command_args], environ)
 
 
 def _configs(args: argparse.Namespace) -> int:
@@ -175,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     launch = commands.add_parser(
-        "launch", help="run `train` on N local processes (torchrun --standalone)",
+        "launch", help="run `train` on N local processes (ranks); exits with their code",
         description="terabrain launch --nproc 4 train natural-patches-rica --set parallel.model=2",
     )
     launch.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start")

@@ -107,3 +107,21 @@ def test_sigusr1_to_one_of_two_torchrun_ranks_stops_both_at_one_step_and_resumes
 def _without_torchrun_report(stderr: str) -> str:
     """The ranks' own output: torchrun's ChildFailedError report (with its Traceback) cut."""
     return stderr.split("Traceback (most recent call last)")[0]
+
+
+@pytest.mark.slow
+def test_terabrain_launch_forwards_the_signal_and_exits_with_the_ranks_code(tmp_path):
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "terabrain", "launch", "--nproc", "2",
+         *train_arguments(run, *MODEL_PARALLEL)[2:]],
+        cwd=REPO, env=clean_environ(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = wait_for_step(run, 3, launcher)
+        launcher.send_signal(signal.SIGUSR1)  # as a scheduler signals the job's main process
+        _, stderr = launcher.communicate(timeout=TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    check_preempted(run, seen, launcher.returncode, stderr, "SIGUSR1")
+

@@ -390,15 +390,34 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _DISTRIBUTED_DIR = os.path.dirname(dist.__file__)
 
 
+# How gloo, NCCL and c10d word a failed or stalled peer, for collectives whose raising frame
+# is not torch.distributed's own (DTensor's run as torch ops; backward ones in autograd).
+_PEER_FAILURE = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|Timed out waiting|timed out|"
+    r"\bgloo\b|\bNCCL\b|c10d|ProcessGroup|remote worker", re.IGNORECASE)
+
+
 def _in_distributed(error: BaseException) -> bool:
-    """Whether `error` was raised inside torch.distributed: a failed collective, usually.
+    """Whether `error` came out of a collective: a dead or stalled peer, usually.
 
     gloo reports a dead or stuck peer as a plain RuntimeError, so the type cannot tell; where
-    it was raised can.
+    it was raised can. The innermost frame is torch.distributed's for a plain collective.
+    DTensor's collectives run as torch ops (the innermost frame is torch/_ops.py or torch's
+    autograd), so for an error raised inside torch, a torch.distributed frame anywhere in
+    the stack, or a message in the words of gloo/NCCL/c10d, counts too. A bug in our own code
+    raises outside torch and keeps its traceback.
     """
+    if isinstance(error, dist.DistError):
+        return True
     frames = traceback.extract_tb(error.__traceback__)
-    return isinstance(error, dist.DistError) or bool(
-        frames and frames[-1].filename.startswith(_DISTRIBUTED_DIR))
+    if not frames or not frames[-1].filename.startswith(_TORCH_DIR):
+        return False
+    if frames[-1].filename.startswith(_DISTRIBUTED_DIR):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    return (any(frame.filename.startswith(_DISTRIBUTED_DIR) for frame in frames)
+            or bool(_PEER_FAILURE.search(str(error))))
 
 
 def _caller_outside_torch(error: BaseException) -> str:
