@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all test-launchers bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
+
+# The slow half of tests/test_launchers_real.py: training under real srun and mpirun
+# (2-rank equivalence, pre-emption); .ci/run runs it after `make test`.
+test-launchers: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/test_launchers_real.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_overhead.py

@@ -1,7 +1,8 @@
 """`terabrain <command>`: parse arguments, call one function per command.
 
 Exit codes: 0 success, 2 bad usage or configuration (one message naming the field),
-1 a failure during the run.
+1 a failure during the run, 75 pre-empted (a signal in train.preempt_signals: every rank
+wrote a checkpoint of the last step; the same command with --resume-if-exists continues).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 from terabrain import __version__
-from terabrain.errors import ConfigError, TrainingError
+from terabrain.errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted, TrainingError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -26,10 +27,17 @@ def _train(args: argparse.Namespace) -> int:
         shutdown_distributed,
     )
     from terabrain.parallel.launch import is_main_rank
+    from terabrain.train.preemption import watch_signals
     from terabrain.train.run import default_run_dir, run_experiment
+    from terabrain.train.run_directory import claim_run_directory
 
     env = detect_launch_env()
     with fail_fast(env):
+        if args.resume_if_exists and (args.resume is not None or args.out is None):
+            raise ConfigError("--resume-if-exists needs --out DIR (and no --resume): it starts "
+                              "the run in DIR, or continues it if DIR already holds it")
+        resuming = args.resume is not None or (
+            args.resume_if_exists and (args.out / "config.yaml").is_file())
         if args.resume is not None:
             if args.experiment is not None or args.out is not None:
                 raise ConfigError("--resume DIR takes the experiment and the output from DIR; "
@@ -47,16 +55,32 @@ def _train(args: argparse.Namespace) -> int:
         # Before anything is allocated: a model or data set too large for this machine is a
         # one-line message naming the fields, not an allocator traceback.
         check_fits_this_machine(config, env.world_size, env.local_world_size)
-        init_distributed(env, config.parallel.backend, config.parallel.timeout_s)
-        mesh = build_mesh(config.parallel.data, config.parallel.model, env)
-        run_dir = _same_on_every_rank(run_dir)
-        if is_main_rank():
-            where = f" on {env.world_size} ranks ({env.launcher})" if env.world_size > 1 else ""
-            print(f"terabrain: {config.name} -> {run_dir}{where}")
-        results = run_experiment(config, run_dir, mesh)
-        if is_main_rank():
-            _print_summary(results, run_dir)
-        shutdown_distributed()
+        # Before the process group forms: a signal from here on stops the run at a step
+        # boundary with a checkpoint instead of killing it.
+        with watch_signals(config.train.preempt_signals):
+            init_distributed(env, config.parallel.backend, config.parallel.timeout_s)
+            mesh = build_mesh(config.parallel.data, config.parallel.model, env)
+            run_dir = _same_on_every_rank(run_dir)
+            claim = claim_run_directory(run_dir, config, resuming)
+            try:
+                if claim.finished:
+                    if is_main_rank():
+                        print(f"terabrain: {run_dir} holds this run, finished; nothing to do")
+                    shutdown_distributed()
+                    return 0
+                if is_main_rank():
+                    where = f" on {env.world_size} ranks ({env.launcher})" if env.world_size > 1 else ""
+                    print(f"terabrain: {config.name} -> {run_dir}{where}")
+                try:
+                    results = run_experiment(config, run_dir, mesh)
+                except Preempted as stop:
+                    stop.run_dir = run_dir
+                    raise
+                if is_main_rank():
+                    _print_summary(results, run_dir)
+                shutdown_distributed()
+            finally:
+                claim.release()  # the run directory is free for the next command
     return 0
 
 
@@ -91,23 +115,21 @@ def _print_summary(results: dict, run_dir: Path) -> None:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    """`terabrain launch --nproc N train ...`: torchrun on this machine, for convenience."""
+    """`terabrain launch --nproc N train ...`: N ranks on this machine; exits with their code."""
     import os
-    import subprocess
+
+    from terabrain.parallel.local_launch import launch_local
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
     if not args.command_args or args.command_args[0] != "train":
         raise ConfigError("terabrain launch --nproc N train [EXPERIMENT] [--set ...]: "
                           "only `train` runs on several processes")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(args.nproc), "--max-restarts", "0",
-               "-m", "terabrain", *args.command_args]
     environ = dict(os.environ)
-    # Each rank gets its share of the cores instead of all of them (torchrun would say 1).
+    # Each rank gets its share of the cores instead of all of them.
     cores = os.cpu_count() or 1
     environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // args.nproc)))
-    return subprocess.call(command, env=environ)
+    return launch_local(args.nproc, ["-m", "terabrain", *args.command_args], environ)
 
 
 def _configs(args: argparse.Namespace) -> int:
@@ -179,10 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run directory (default runs/<name>-<time>)")
     train.add_argument("--resume", type=Path, metavar="DIR",
                        help="continue the run in DIR from its last checkpoint")
+    train.add_argument("--resume-if-exists", action="store_true",
+                       help="with --out DIR: continue the run in DIR if there is one, else start "
+                       "it (a requeued batch job runs the same command again)")
     train.set_defaults(handler=_train)
 
     launch = commands.add_parser(
-        "launch", help="run `train` on N local processes (torchrun --standalone)",
+        "launch", help="run `train` on N local processes (ranks); exits with their code",
         description="terabrain launch --nproc 4 train natural-patches-rica --set parallel.model=2",
     )
     launch.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start")
@@ -274,6 +299,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         print(_one_line(f"terabrain: error: {error}"), file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"terabrain: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except TrainingError as error:
         print(_one_line(f"terabrain: run failed: {error}"), file=sys.stderr)
         return 1

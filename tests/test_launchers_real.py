@@ -1,10 +1,13 @@
-"""Two ranks on one host under the real launchers: srun (a one-node SLURM cluster that the
-test starts: munged, slurmctld and slurmd, configured in a temporary directory), Open MPI's
-mpirun and MPICH's mpirun (Hydra). Each rank runs ``parallel_scripts/launcher_layout.py``:
+"""Two ranks on one host under the real launchers: srun (a one-node SLURM cluster started by
+.ci/start-slurm.sh: munged, slurmctld and slurmd), Open MPI's mpirun and MPICH's mpirun
+(Hydra). First, the launcher layout: each rank runs ``parallel_scripts/launcher_layout.py``:
 ``detect_launch_env`` must give both ranks local world size 2, local ranks 0 and 1 and the
 same host, and node-local staging into a shared directory must divide the shards between
 them by those values (srun and mpirun set no LOCAL_RANK / LOCAL_WORLD_SIZE, so reading
 those would make both ranks local rank 0 of 1 and copy everything).
+
+Then, under each launcher: the sharded-equals-one-process check, a dead rank, and a run
+pre-empted by SIGUSR1 that the same command then finishes bit for bit (see below).
 
 Debian: ``apt-get install slurm-wlm munge openmpi-bin libopenmpi-dev mpich`` (``.ci/run``
 does so). A test is skipped, saying which, when its launcher's programs are absent.
@@ -12,11 +15,11 @@ does so). A test is skipped, saying which, when its launcher's programs are abse
 
 from __future__ import annotations
 
-import getpass
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,9 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, SCRIPTS, clean_environ, free_port, torchrun
 from PIL import Image
+from preemption_runs import (
+    MODEL_PARALLEL,
+    assert_same_run,
+    check_preempted,
+    train_arguments,
+    wait_for_step,
+)
 
-from conftest import REPO, SCRIPTS, clean_environ, free_port
 from terabrain.data.catalogs import ShardCatalog
 from terabrain.data.pack import pack
 
@@ -92,102 +102,43 @@ def _check_two_ranks_on_one_host(out: Path, shards: Path, launcher: str, result)
 SLURM_PROGRAMS = ("srun", "sinfo", "slurmctld", "slurmd", "munged")
 
 
+START_SLURM = REPO / ".ci" / "start-slurm.sh"
+
+
+def _node_idle(environ: dict[str, str]) -> bool:
+    state = subprocess.run([_program("sinfo"), "-h", "-o", "%t"], env=environ, check=False,
+                           capture_output=True, text=True, timeout=10).stdout
+    return state.strip() == "idle"
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
-    """A one-node SLURM cluster on this host; yields srun's environment (SLURM_CONF)."""
+    """A one-node SLURM cluster on this host; yields srun's environment (SLURM_CONF).
+
+    The cluster that SLURM_CONF names when it is up (.ci/run starts one with
+    .ci/start-slurm.sh), else one of this module's own, started by the same script in a
+    temporary directory on free ports and stopped afterwards."""
     programs = {name: _program(name) for name in SLURM_PROGRAMS}
     absent = [name for name, path in programs.items() if path is None]
     if absent:
         pytest.skip(f"SLURM not installed ({', '.join(absent)} not found; Debian: "
                     "apt-get install slurm-wlm munge)")
+    if os.environ.get("SLURM_CONF"):
+        environ = {**clean_environ(), "SLURM_CONF": os.environ["SLURM_CONF"]}
+        if _node_idle(environ):
+            yield environ
+            return
     if os.geteuid() != 0:
         pytest.skip("the test's SLURM cluster needs root (slurmd starts tasks as their user)")
     base = tmp_path_factory.mktemp("slurm")
-    munge_dir = base / "munge"
-    munge_dir.mkdir(mode=0o700)
-    key = munge_dir / "munge.key"
-    key.write_bytes(os.urandom(128))
-    key.chmod(0o600)
-    sock = base / "munge.socket"
-    host = socket.gethostname()
-    user = getpass.getuser()
-    (base / "state").mkdir()
-    (base / "spool").mkdir()
-    conf = base / "slurm.conf"
-    conf.write_text(f"""\
-ClusterName=terabraintest
-SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={sock}
-SlurmUser={user}
-SlurmdUser={user}
-StateSaveLocation={base / "state"}
-SlurmdSpoolDir={base / "spool"}
-SlurmctldPidFile={base / "slurmctld.pid"}
-SlurmdPidFile={base / "slurmd.pid"}
-SlurmctldLogFile={base / "slurmctld.log"}
-SlurmdLogFile={base / "slurmd.log"}
-PlugStackConfig=/dev/null
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SwitchType=switch/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/builtin
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN
-PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-""")
-    environ = {**clean_environ(), "SLURM_CONF": str(conf)}
-    daemons: list[subprocess.Popen] = []
-
-    def start(*command) -> None:
-        log = open(base / f"{Path(command[0]).name}.out", "wb")
-        daemons.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                        env=environ, cwd=base))
-
-    def logs() -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
-                         for p in sorted(base.glob("*.out")) + sorted(base.glob("*.log")))
-
+    ports = {"SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    started = subprocess.run([str(START_SLURM), str(base)], check=False, capture_output=True,
+                             text=True, timeout=120, env={**clean_environ(), **ports})
+    assert started.returncode == 0, f"{START_SLURM} failed:\n{started.stderr}"
     try:
-        start(programs["munged"], "--foreground", "--force", f"--key-file={key}",
-              f"--socket={sock}", f"--pid-file={base / 'munged.pid'}",
-              f"--log-file={base / 'munged.log'}", f"--seed-file={base / 'munged.seed'}")
-        _wait_for(lambda: sock.exists(), 10, "munged's socket", logs)
-        start(programs["slurmctld"], "-D", "-c", "-f", str(conf))
-        start(programs["slurmd"], "-D", "-N", host, "-f", str(conf))
-
-        def node_idle() -> bool:
-            state = subprocess.run([programs["sinfo"], "-h", "-o", "%t"], env=environ,
-                                   capture_output=True, text=True, timeout=10).stdout
-            return state.strip() == "idle"
-
-        _wait_for(node_idle, 30, "the SLURM node to be idle", logs)
-        yield environ
+        yield {**clean_environ(), "SLURM_CONF": str(base / "slurm.conf")}
     finally:
-        for daemon in reversed(daemons):
-            daemon.terminate()
-        for daemon in reversed(daemons):
-            try:
-                daemon.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-
-
-def _wait_for(condition, timeout_s: float, what: str, logs) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{logs()}")
-        time.sleep(0.2)
+        subprocess.run([str(START_SLURM), "--stop", str(base)], check=False, timeout=60)
 
 
 def test_srun_two_tasks_on_one_node(slurm_cluster, shards, tmp_path):
@@ -243,3 +194,131 @@ def test_mpich_mpirun_two_ranks(shards, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
                             cwd=REPO, env=_mpi_environ())
     _check_two_ranks_on_one_host(tmp_path, shards, "pmi", result)
+
+
+# --- training under the real launchers: equivalence, a dead rank, pre-emption -------------
+#
+# Each launcher starts 2 ranks of: the sharded-equals-one-process check; a rank that dies
+# after the process group formed (its peer must end with one line, long before the timeout);
+# and a small model-parallel run that receives SIGUSR1 mid-run (scancel --signal=USR1 for
+# srun; for mpirun, the signal sent to mpirun, which forwards it to the ranks), must stop
+# with a checkpoint and exit code 75, and, run again with the same command, must finish
+# bit for bit like the uninterrupted run (a torchrun run of the same 2-rank layout).
+
+
+class Launcher:
+    """How to start 2 ranks of a python command under one launcher, and signal them."""
+
+    def __init__(self, name: str, prefix: list[str], environ: dict[str, str]):
+        self.name = name
+        self.prefix = prefix
+        self.environ = environ
+
+    def command(self, *arguments: str) -> list[str]:
+        return [*self.prefix, sys.executable, *arguments]
+
+    def run(self, *arguments: str, timeout: float = LAUNCH_TIMEOUT_S * 3):
+        environ = {**self.environ, "MASTER_PORT": str(free_port())}
+        return subprocess.run(self.command(*arguments), check=False, capture_output=True,
+                              text=True, timeout=timeout, cwd=REPO, env=environ)
+
+    def start(self, *arguments: str) -> subprocess.Popen:
+        environ = {**self.environ, "MASTER_PORT": str(free_port())}
+        return subprocess.Popen(self.command(*arguments), cwd=REPO, env=environ, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def signal_ranks(self, process: subprocess.Popen, name: str) -> None:
+        """SIGUSR1 to every rank, the way this launcher's users send it."""
+        if self.name == "srun":
+            job = self.job_name()
+            subprocess.run([_program("scancel"), f"--signal={name}", f"--name={job}"],
+                           env=self.environ, check=True, timeout=30)
+        else:
+            process.send_signal(getattr(signal, f"SIG{name}"))
+
+    def job_name(self) -> str:
+        return next(a.split("=", 1)[1] for a in self.prefix if a.startswith("--job-name="))
+
+
+def _srun(environ: dict[str, str], job_name: str) -> Launcher:
+    return Launcher("srun", [_program("srun"), "--overcommit", "--nodes=1", "--ntasks=2",
+                             "--kill-on-bad-exit=1", "--time=10", f"--job-name={job_name}"],
+                    environ)
+
+
+def _open_mpi() -> Launcher:
+    mpirun = _open_mpi_mpirun()
+    if mpirun is None:
+        pytest.skip("Open MPI not installed (no mpirun.openmpi)")
+    as_root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    # No MASTER_ADDR: on one host the ranks find rank 0 at 127.0.0.1 by themselves.
+    return Launcher("mpirun.openmpi", [mpirun, "-np", "2", "--oversubscribe", *as_root,
+                                       "-x", "MASTER_PORT", "-x", "PYTHONPATH"],
+                    clean_environ())
+
+
+def _mpich() -> Launcher:
+    mpirun = _mpich_mpirun()
+    if mpirun is None:
+        pytest.skip("MPICH not installed (no mpirun.mpich / mpiexec.hydra)")
+    return Launcher("mpirun.mpich", [mpirun, "-np", "2"], clean_environ())
+
+
+@pytest.fixture(params=["srun", "mpirun.openmpi", "mpirun.mpich"])
+def launcher(request, tmp_path) -> Launcher:
+    if request.param == "srun":
+        return _srun(request.getfixturevalue("slurm_cluster"), f"terabrain-{tmp_path.name}")
+    return _open_mpi() if request.param == "mpirun.openmpi" else _mpich()
+
+
+@pytest.mark.slow
+def test_two_ranks_under_the_launcher_equal_one_process(launcher):
+    result = launcher.run(str(SCRIPTS / "sharded_equivalence.py"), "1x2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):
+        assert f"rank {rank}: all cases ok" in result.stdout
+
+
+def test_a_dead_rank_under_the_launcher_ends_the_job_with_one_line(launcher):
+    """Rank 1 exits (code 3) right after the process group forms; rank 0, in an all-reduce,
+    must stop with one line and no traceback, long before the 60 s collective timeout (a
+    launcher may also end it first: then it prints nothing, which is fine too)."""
+    start = time.monotonic()
+    result = launcher.run(str(SCRIPTS / "peer_failure.py"), "1", "exit", "60")
+    elapsed = time.monotonic() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "rank 0: joined" in output and "unexpectedly succeeded" not in output, output
+    assert "Traceback" not in output, output
+    assert len([line for line in output.splitlines() if "rank 0 failed" in line]) <= 1, output
+    assert elapsed < 60, f"{elapsed:.0f} s"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_ranks(tmp_path_factory) -> Path:
+    """The small model-parallel run on 2 torchrun ranks, never interrupted."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = torchrun(2, *train_arguments(run, *MODEL_PARALLEL))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_usr1_under_the_launcher_checkpoints_and_the_same_command_finishes_identically(
+        launcher, uninterrupted_two_ranks, tmp_path):
+    run = tmp_path / "run"
+    arguments = train_arguments(run, *MODEL_PARALLEL)
+    process = launcher.start(*arguments)
+    try:
+        seen = wait_for_step(run, 4, process)
+        launcher.signal_ranks(process, "USR1")
+        _, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S * 3)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    check_preempted(run, seen, process.returncode, stderr, "SIGUSR1")
+    result = launcher.run(*arguments)  # the requeued job: the same command again
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert_same_run(run, uninterrupted_two_ranks)

@@ -178,6 +178,16 @@ def test_mpi_errors_name_the_variable(environ, drop, named):
         detect_launch_env({k: v for k, v in environ.items() if k != drop})
 
 
+@pytest.mark.parametrize("environ", [OPEN_MPI, PMI], ids=["open-mpi", "pmi"])
+def test_mpirun_on_one_host_needs_no_master_address(environ):
+    """Every rank on this host (local size = world size): rank 0 is on 127.0.0.1. Ranks on
+    several hosts still need MASTER_ADDR (test above)."""
+    one_host = {k: v for k, v in environ.items() if k != "MASTER_ADDR"}
+    one_host.update({"OMPI_COMM_WORLD_LOCAL_SIZE": one_host["OMPI_COMM_WORLD_SIZE"]}
+                    if "OMPI_COMM_WORLD_SIZE" in one_host else {})
+    assert detect_launch_env(one_host).master_addr == "127.0.0.1"
+
+
 # --- mesh shape and single-process behaviour ----------------------------------------------
 
 FOUR_TORCHRUN = LaunchEnv(rank=0, world_size=4, master_addr="h", master_port=1,
@@ -259,7 +269,8 @@ def test_mesh_that_does_not_fit_the_world_stops_every_rank_with_exit_code_2():
     assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", result.stderr)) == {"2"}, result.stderr
 
 
-def _launch_pair(failing_rank: int, how: str, timeout_s: float) -> list[subprocess.Popen]:
+def _launch_pair(failing_rank: int, how: str, timeout_s: float,
+                 collective: str = "all_reduce") -> list[subprocess.Popen]:
     """Ranks 0 and 1 of peer_failure.py, started by hand so each one's output is its own."""
     port = _free_port()
     ranks = []
@@ -267,7 +278,7 @@ def _launch_pair(failing_rank: int, how: str, timeout_s: float) -> list[subproce
         environ = {**_clean_environ(), "RANK": str(rank), "WORLD_SIZE": "2",
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         command = [sys.executable, str(SCRIPTS / "peer_failure.py"), str(failing_rank), how,
-                   str(timeout_s)]
+                   str(timeout_s), collective]
         ranks.append(subprocess.Popen(command, env=environ, cwd=REPO, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     return ranks
@@ -283,10 +294,14 @@ def _finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
     return process.returncode, output
 
 
-def test_when_a_rank_dies_its_peer_exits_with_a_message_long_before_the_timeout():
+@pytest.mark.parametrize("collective", ["all_reduce", "dtensor", "dtensor_backward"])
+def test_when_a_rank_dies_its_peer_exits_with_a_message_long_before_the_timeout(collective):
+    """One line and no traceback, whichever collective the peer was in: DTensor's run as torch
+    ops and in autograd's backward, not from torch.distributed's Python."""
     timeout_s = 20
     start = time.monotonic()
-    rank_0, rank_1 = _launch_pair(failing_rank=1, how="exit", timeout_s=timeout_s)
+    rank_0, rank_1 = _launch_pair(failing_rank=1, how="exit", timeout_s=timeout_s,
+                                  collective=collective)
     code_0, output_0 = _finish(rank_0, timeout=60)
     elapsed = time.monotonic() - start
     code_1, output_1 = _finish(rank_1, timeout=30)
@@ -294,6 +309,9 @@ def test_when_a_rank_dies_its_peer_exits_with_a_message_long_before_the_timeout(
     assert code_0 == 1, output_0
     assert "rank 0: joined" in output_0
     assert "terabrain: rank 0 failed: " in output_0 and "Traceback" not in output_0
+    assert output_0.strip().splitlines()[1:] == [
+        line for line in output_0.strip().splitlines() if "rank 0 failed" in line], output_0
+    assert "a peer rank failed or stalled first" in output_0
     assert "unexpectedly succeeded" not in output_0
     # A dead peer closes its sockets: gloo notices at once, not after the timeout.
     assert "Timed out" not in output_0 and elapsed < 60

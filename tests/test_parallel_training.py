@@ -118,7 +118,11 @@ def test_a_rank_killed_mid_run_stops_the_others_with_a_message(tmp_path):
                 process.kill()
                 process.communicate(timeout=30)
     assert ranks[0].returncode == 1, output
-    assert "terabrain: rank 0 failed:" in output
+    # One line, whichever collective (DTensor's, in the forward or backward pass, or the
+    # gradient all-reduce) rank 0 was in when its peer died: no traceback before it.
+    assert "Traceback" not in output, output
+    (line,) = [line for line in output.splitlines() if line.startswith("terabrain: rank 0 failed:")]
+    assert "a peer rank failed or stalled first" in line, line
     assert elapsed < timeout_s + 10
 
 
@@ -129,3 +133,15 @@ def test_terabrain_launch_runs_data_parallel_training_on_local_processes(tmp_pat
     assert len(_losses(tmp_path)) == 2 and (tmp_path / "checkpoints/step_2/.metadata").is_file()
     # One shard file per rank: every rank writes its own part of the checkpoint.
     assert len(list((tmp_path / "checkpoints/step_2").glob("*.distcp"))) == 2
+
+
+def test_terabrain_launch_exits_with_the_ranks_code_and_their_one_line_messages():
+    """No launcher traceback (torchrun's ChildFailedError): the ranks' code, 2 for a
+    configuration error, and their own lines."""
+    result = run_cli("launch", "--nproc", "2", "train", *SMALL, "--set", "parallel.data=3")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert sorted(result.stderr.strip().splitlines()) == [
+        f"terabrain: error: rank {rank}: parallel.data × parallel.model = 3 × 1 = 3 ranks, but "
+        "the world size 2 (WORLD_SIZE, set by torchrun): change one of them, or set one to -1"
+        for rank in (0, 1)], result.stderr

@@ -29,7 +29,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from terabrain.errors import ConfigError, TrainingError
+from terabrain.errors import (
+    PREEMPTED_EXIT_CODE, ConfigError, Preempted, SharedConfigError, TrainingError,
+)
 
 
 def is_main_rank() -> bool:
@@ -184,14 +186,20 @@ def _from_open_mpi(environ: Mapping[str, str]) -> LaunchEnv:
     values = _require_ints(environ, "open-mpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
                            "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
     env = LaunchEnv(*values, launcher="open-mpi", world_size_var="OMPI_COMM_WORLD_SIZE")
-    return _with_master(environ, env, derived_addr=None)
+    return _with_master(environ, env, derived_addr=_one_host_addr(env))
 
 
 def _from_pmi(environ: Mapping[str, str]) -> LaunchEnv:
     values = _require_ints(environ, "pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID",
                            "MPI_LOCALNRANKS")
     env = LaunchEnv(*values, launcher="pmi", world_size_var="PMI_SIZE")
-    return _with_master(environ, env, derived_addr=None)
+    return _with_master(environ, env, derived_addr=_one_host_addr(env))
+
+
+def _one_host_addr(env: LaunchEnv) -> str | None:
+    """127.0.0.1 when every rank runs on this host (mpirun on one node names no rendezvous
+    host, and needs none); None otherwise (MASTER_ADDR must say where rank 0 runs)."""
+    return "127.0.0.1" if env.local_world_size == env.world_size else None
 
 
 # (variables that reveal a launcher, its reader), in the order they are tried.
@@ -322,7 +330,8 @@ def fail_fast(env: LaunchEnv) -> Iterator[None]:
         stretch one rank may compute (or write a checkpoint) between two collectives.
     The exception becomes one line on stderr, `terabrain: rank R failed: <message>`, and exit
     code 1 (a ConfigError: `terabrain: error: rank R: <message>`, exit code 2, as the command
-    line reports config errors). Errors raised outside torch.distributed that are not
+    line reports config errors; a pre-emption, `Preempted`: rank 0's one line and exit code
+    75 on every rank, which all stopped at the same step). Errors raised outside torch.distributed that are not
     TrainingError print their traceback first, since they are bugs. The exit is `os._exit`,
     after flushing stdout and stderr: a normal exit runs atexit handlers and destructors (the
     process group's among them) that may wait for the dead peer, the hang this avoids.
@@ -338,18 +347,32 @@ def fail_fast(env: LaunchEnv) -> Iterator[None]:
         if env.world_size == 1:
             raise
         code, line = _failure_report(env.rank, error)
+        shared = isinstance(error, (Preempted, SharedConfigError))
+        if shared and env.rank != 0:
+            line = ""  # every rank stops at the same point for the same reason: rank 0 says so
         if code == 1 and not isinstance(error, TrainingError) and not _in_distributed(error):
             traceback.print_exception(error, file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         # One write call: lines from many ranks sharing a terminal or log stay whole.
-        os.write(sys.stderr.fileno(), f"{line}\n".encode())
+        if line:
+            os.write(sys.stderr.fileno(), f"{line}\n".encode())
+        if shared:
+            # Every rank is alive and here: wait for rank 0's line before any rank exits, so
+            # that a launcher which ends the others when one exits (srun --kill-on-bad-exit)
+            # cannot cut it short.
+            with contextlib.suppress(Exception):
+                dist.barrier()
         os._exit(code)
 
 
 def _failure_report(rank: int, error: BaseException) -> tuple[int, str]:
     """(exit code, message line) for an exception that ends rank `rank`."""
     prefix = f"terabrain: rank {rank} failed:"
+    if isinstance(error, Preempted):
+        return PREEMPTED_EXIT_CODE, f"terabrain: {error}"
+    if isinstance(error, SharedConfigError):
+        return 2, f"terabrain: error: {error}"
     if isinstance(error, ConfigError):
         return 2, f"terabrain: error: rank {rank}: {error}"
     if isinstance(error, KeyboardInterrupt):
@@ -367,15 +390,34 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _DISTRIBUTED_DIR = os.path.dirname(dist.__file__)
 
 
+# How gloo, NCCL and c10d word a failed or stalled peer, for collectives whose raising frame
+# is not torch.distributed's own (DTensor's run as torch ops; backward ones in autograd).
+_PEER_FAILURE = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|Timed out waiting|timed out|"
+    r"\bgloo\b|\bNCCL\b|c10d|ProcessGroup|remote worker", re.IGNORECASE)
+
+
 def _in_distributed(error: BaseException) -> bool:
-    """Whether `error` was raised inside torch.distributed: a failed collective, usually.
+    """Whether `error` came out of a collective: a dead or stalled peer, usually.
 
     gloo reports a dead or stuck peer as a plain RuntimeError, so the type cannot tell; where
-    it was raised can.
+    it was raised can. The innermost frame is torch.distributed's for a plain collective.
+    DTensor's collectives run as torch ops (the innermost frame is torch/_ops.py or torch's
+    autograd), so for an error raised inside torch, a torch.distributed frame anywhere in
+    the stack, or a message in the words of gloo/NCCL/c10d, counts too. A bug in our own code
+    raises outside torch and keeps its traceback.
     """
+    if isinstance(error, dist.DistError):
+        return True
     frames = traceback.extract_tb(error.__traceback__)
-    return isinstance(error, dist.DistError) or bool(
-        frames and frames[-1].filename.startswith(_DISTRIBUTED_DIR))
+    if not frames or not frames[-1].filename.startswith(_TORCH_DIR):
+        return False
+    if frames[-1].filename.startswith(_DISTRIBUTED_DIR):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    return (any(frame.filename.startswith(_DISTRIBUTED_DIR) for frame in frames)
+            or bool(_PEER_FAILURE.search(str(error))))
 
 
 def _caller_outside_torch(error: BaseException) -> str:

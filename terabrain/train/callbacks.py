@@ -211,6 +211,10 @@ class Checkpointing(Callback):
             self._save(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:
+        self.ensure_saved(trainer)
+
+    def ensure_saved(self, trainer: Trainer) -> None:
+        """A checkpoint of the current step, unless the newest one is of this step already."""
         latest = self.manager.latest()
         if latest is None or latest.name != f"step_{trainer.step}":
             self._save(trainer)

@@ -33,6 +33,7 @@ from terabrain.parallel.parallelism import Parallelism
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager
 from terabrain.train.optim import build_optimizer
+from terabrain.train.preemption import PreemptionStop
 from terabrain.train.trainer import BatchSource, Trainer
 
 CPU = torch.device("cpu")
@@ -145,17 +146,19 @@ def run_callbacks(
 ) -> list[Callback]:
     """The callbacks of a stage trained in a run directory, in the order they must run:
     communication accounting, logging (main rank only), the NaN guard (before anything
-    records a diverged step), the stopping rule, then checkpointing (which saves the
-    stopping rule's state as of this step)."""
+    records a diverged step), the stopping rule, checkpointing (which saves the stopping
+    rule's state as of this step), and last the pre-emption stop (on a signal every rank
+    agrees on this step, saves it unless just saved, and stops)."""
     filter_image = training.filter_image if training is not None else None
     loggers = [
         cb.MetricsLogger(run_dir / "metrics.jsonl", stage),
         cb.TensorBoardLogger(run_dir / "tb", stage, train.histogram_every, filter_image),
         cb.ProgressBar(stage, train.progress),
     ]
+    checkpointing = cb.Checkpointing(manager, train.checkpoint_every)
     return (
         communication_callbacks(parallel, config.parallel)
         + (loggers if is_main_rank() else [])
-        + [cb.NaNGuard(manager), stopping(train, training),
-           cb.Checkpointing(manager, train.checkpoint_every)]
+        + [cb.NaNGuard(manager), stopping(train, training), checkpointing,
+           PreemptionStop(checkpointing)]  # a signal: every rank saves this step and stops
     )
