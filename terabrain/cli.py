@@ -300,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_one_line(f"terabrain: error: {error}"), file=sys.stderr)
         return 2
     except Preempted as stop:
-        print(f"terabrain: {stop}", file=sys.stderr)
+        print(_one_line(f"terabrain: {stop}"), file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except TrainingError as error:
         print(_one_line(f"terabrain: run failed: {error}"), file=sys.stderr)

@@ -30,9 +30,7 @@ class Preempted(Exception):
         self.run_dir = None  # set by the command line, which knows it
 
     def __str__(self) -> str:
-        where = f" in {self.run_dir}" if self.run_dir is not None else ""
-        again = (f"`terabrain train --resume {self.run_dir}`" if self.run_dir is not None
-                 else "`terabrain train --resume RUN_DIR`")
-        return (f"pre-empted by {self.signal_name}: checkpoint of step {self.step} written"
-                f"{where}; continue with {again} or the same command with --resume-if-exists "
-                f"(exit code {PREEMPTED_EXIT_CODE})")
+        run_dir = self.run_dir if self.run_dir is not None else "RUN_DIR"
+        return (f"pre-empted by {self.signal_name}: checkpoint of step {self.step} written; "
+                f"continue with `terabrain train --resume {run_dir}` or the same command with "
+                f"--resume-if-exists (exit code {PREEMPTED_EXIT_CODE})")

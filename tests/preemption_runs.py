@@ -79,9 +79,9 @@ def check_preempted(run_dir: Path, seen: int, code: int, stderr: str, signal_nam
     assert seen <= saved <= seen + 2, (seen, saved, stderr)
     assert saved < STEPS, "the run finished before the signal: nothing was pre-empted"
     lines = [line for line in stderr.splitlines() if line.startswith("terabrain: pre-empted")]
-    expected = (f"terabrain: pre-empted by {signal_name}: checkpoint of step {saved} written in "
-                f"{run_dir}; continue with `terabrain train --resume {run_dir}` or the same "
-                f"command with --resume-if-exists (exit code {EXIT_PREEMPTED})")
+    expected = (f"terabrain: pre-empted by {signal_name}: checkpoint of step {saved} written; "
+                f"continue with `terabrain train --resume {run_dir}` or the same command with "
+                f"--resume-if-exists (exit code {EXIT_PREEMPTED})")
     assert lines == [expected], stderr
     assert "Traceback" not in stderr, stderr
     assert not (run_dir / "model.safetensors").exists()

@@ -78,7 +78,7 @@ def test_out_on_a_run_of_another_configuration_refuses_naming_the_fields(tmp_pat
     run = _a_run(tmp_path / "run", _config(), finished=False)
     message = _refusal(run, _config("model.hidden=48", "seed=3"), resuming=False)
     assert "holds a run of another configuration (seed, model.hidden differ)" in message
-    assert f"--resume {run}" in message
+    assert "continue that run with --resume" in message
 
 
 def test_out_on_an_unfinished_run_of_the_same_configuration_continues_it(tmp_path):
@@ -94,13 +94,13 @@ def test_resume_may_change_learning_rate_steps_mesh_and_logging(tmp_path, field)
 
 
 @pytest.mark.parametrize("field", ["model.hidden=48", "objective.sparsity_weight=0.5",
-                                   "data.patch_size=6", "seed=5", "optimizer.name=adam",
+                                   "data.patch_size=6", "seed=5", "optimizer.history_size=5",
                                    "train.batch_size=100"])
 def test_resume_refuses_fields_that_change_what_the_checkpoint_means(tmp_path, field):
     run = _a_run(tmp_path / "run", _config(), finished=False)
     message = _refusal(run, _config(field), resuming=True)
     name = field.split("=")[0]
-    assert message.startswith(f"--set {name}: cannot change when resuming {run}")
+    assert message.startswith(f"--set {name}: cannot change on resume")
     assert "optimizer.lr, train.steps, parallel.*" in message
 
 
@@ -167,11 +167,10 @@ def test_resume_with_a_shape_change_is_one_line_and_exit_code_2(tmp_path):
     before = (run / "config.yaml").read_text()
     result = run_cli("train", "--resume", str(run), "--set", "model.hidden=64")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"terabrain: error: --set model.hidden: cannot change when resuming {run} (shapes, "
-        "objective and data are the checkpoint's); may change: optimizer.lr, train.steps, "
-        "parallel.*, device, train's logging and checkpointing; or start a new run with "
-        "--out NEW_DIR"]
+    expected = ("terabrain: error: --set model.hidden: cannot change on resume (the checkpoint "
+                "holds the shapes, objective and data); may change: optimizer.lr, train.steps, "
+                "parallel.*, device, train's logging and checkpointing; else use a new --out")
+    assert result.stderr.strip().splitlines() == [expected]
     other = run_cli("train", *[a for s in SMALL for a in ("--set", s)], "--set", "seed=4",
                     "--out", str(run))
     assert other.returncode == 2 and "holds a finished run" in other.stderr

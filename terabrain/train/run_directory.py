@@ -126,17 +126,16 @@ def _check_contents(run_dir: Path, config: ExperimentConfig, resuming: bool) -> 
     if resuming:
         refused = [f for f in changed if not any(fnmatchcase(f, p) for p in MAY_CHANGE_ON_RESUME)]
         if refused:
-            return (f"--set {refused[0]}: cannot change when resuming {run_dir} (shapes, "
-                    f"objective and data are the checkpoint's); may change: {_SHOWN}; or "
-                    "start a new run with --out NEW_DIR")
+            return (f"--set {refused[0]}: cannot change on resume (the checkpoint holds "
+                    f"the shapes, objective and data); may change: {_SHOWN}; else use a new --out")
         return "finished" if finished and not changed else "start"
     if finished:
         return (f"--out {run_dir} holds a finished run; choose another --out for a new run "
-                f"(or look at this one: terabrain analyze {run_dir})")
+                "(`terabrain analyze` looks at this one)")
     if changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         return (f"--out {run_dir} holds a run of another configuration ({shown} differ); "
-                f"choose another --out, or continue that run with --resume {run_dir}")
+                "choose another --out, or continue that run with --resume and its own config")
     return "start"
 
 
