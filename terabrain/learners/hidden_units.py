@@ -39,7 +39,8 @@ from terabrain.capacity.costs import (
 from terabrain.capacity.planner import Capacity, RankFigures
 from terabrain.learners.base import FilterPicture, Learner, ModelSection, Training
 from terabrain.objectives import build_objective
-from terabrain.parallel.parallelism import full, local
+from terabrain.analysis.filters import MAX_FILTERS
+from terabrain.parallel.parallelism import local
 from terabrain.parallel.hidden_unit_plan import check_divisible, hidden_unit_plan
 
 if TYPE_CHECKING:
@@ -117,7 +118,9 @@ class HiddenUnitLearner(Learner):
         )
 
     def picture(self, config, network, weights, example_shape):
-        filters = full(network.filters()).cpu()  # a collective: every rank takes part
+        # The first units are rank 0's (hidden units are split in order), and a picture
+        # shows at most MAX_FILTERS: no gathering, no copy of W.
+        filters = local(network.filters())[:MAX_FILTERS].cpu()
         return FilterPicture(filters, example_shape, comparable=True)
 
     def feature_width(self, config, network):
