@@ -19,7 +19,7 @@ from terabrain.parallel.parallelism import Parallelism
 
 out = Path(sys.argv[1])
 env = detect_launch_env()
-init_distributed(env, "cpu")
+init_distributed(env, "gloo")
 mesh = build_mesh(1, 2, env)
 parallel = Parallelism(mesh)
 export.PIECE_BYTES = 3 * 40 * 4  # three rows of the encoder per piece: several per block
