@@ -6,12 +6,12 @@ streamed from the shards of a model split across 2 real ranks."""
 import json
 
 import torch
+from conftest import SCRIPTS, torchrun
 from safetensors.torch import load_file, save_file
 
-from conftest import SCRIPTS, torchrun
 from terabrain.files import ORDINARY_MODE, replace_atomically
 from terabrain.nn.autoencoder import RICA, Autoencoder
-from terabrain.train.export import exported, export_weights, load_exported
+from terabrain.train.export import export_weights, exported, load_exported
 
 
 def _expected(model):

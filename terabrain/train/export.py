@@ -22,9 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,7 +61,7 @@ class _Entry:
         self.nbytes = math.prod(self.shape) * tensor.element_size()
         self.numel = math.prod(self.shape)
 
-    def pieces(self, writer: bool) -> Iterator[Optional[torch.Tensor]]:
+    def pieces(self, writer: bool) -> Iterator[torch.Tensor | None]:
         """The tensor's bytes in order, as contiguous CPU row blocks (on the writing rank;
         None elsewhere). Every rank of the tensor's mesh iterates this together."""
         tensor = self.tensor

@@ -12,10 +12,15 @@ from pathlib import Path
 
 import torch
 
-import terabrain.train.export as export
 from terabrain.nn.autoencoder import Autoencoder
-from terabrain.parallel import build_mesh, detect_launch_env, init_distributed, shutdown_distributed
+from terabrain.parallel import (
+    build_mesh,
+    detect_launch_env,
+    init_distributed,
+    shutdown_distributed,
+)
 from terabrain.parallel.parallelism import Parallelism
+from terabrain.train import export
 
 out = Path(sys.argv[1])
 env = detect_launch_env()
