@@ -89,7 +89,8 @@ def test_weight_bytes_shrink_by_the_model_axis_factor():
         assert s.local_parameters * FP32 == s.weights
     one, eight = split(plan, 8, 1), split(plan, 1, 8)
     assert (one.weights - replicated) == 8 * (eight.weights - replicated)
-    assert one.gradients == pytest.approx(8 * eight.gradients, rel=1e-4)
+    # One gradient buffer per parameter (the tied W too): gradients shrink like weights.
+    assert one.gradients == one.weights and eight.gradients == eight.weights
 
 
 def test_optimizer_state_per_optimizer():
@@ -100,9 +101,11 @@ def test_optimizer_state_per_optimizer():
         return s.optimizer / s.weights
     assert config.optimizer.momentum == 0 and state() == 0
     assert state("optimizer.momentum=0.9") == 1
-    assert state("optimizer.name=adam") == 2
-    assert state("optimizer.name=rmsprop", "optimizer.momentum=0.9") == 2
-    assert state("optimizer.name=adagrad") == 1
+    # State, plus the step's transient square root the size of the largest parameter
+    # (here W: all but 0.4% of the weights); Adam divides it into a second one.
+    assert state("optimizer.name=adam") == pytest.approx(2 + 2, rel=1e-2)
+    assert state("optimizer.name=rmsprop", "optimizer.momentum=0.9") == pytest.approx(3, rel=1e-2)
+    assert state("optimizer.name=adagrad") == pytest.approx(1 + 1, rel=1e-2)
     # L-BFGS: 2 * history + 3 flat vectors over ALL parameters, replicated on every rank,
     # + 3 more and a copy of the local weights in a strong-Wolfe line search.
     plan = plan_experiment(
@@ -115,7 +118,8 @@ def test_optimizer_state_per_optimizer():
 def test_infeasible_splits_are_marked_and_the_fitting_one_recommended():
     plan = plan_experiment(load_experiment("lbann-ae-50k"), 8, parse_memory("80GB"))
     fits = {(s.data, s.model): s.fits for s in plan.splits}
-    assert fits == {(8, 1): False, (4, 2): False, (2, 4): True, (1, 8): True}
+    # 4 x 2 fits since the tied W's gradient is one buffer (39 GB weights + 39 GB gradient).
+    assert fits == {(8, 1): False, (4, 2): True, (2, 4): True, (1, 8): True}
     assert all(s.total > 0.9 * 80 * GB for s in plan.splits if not s.fits)
     assert (plan.recommended.data, plan.recommended.model) == (1, 8)
     assert split(plan, 1, 8).configured  # parallel.model 8 of lbann-ae-50k

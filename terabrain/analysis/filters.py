@@ -19,27 +19,46 @@ def as_image_shape(example_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (side, side) if side * side == example_shape[0] else (1, example_shape[0])
 
 
+# A picture of a large model shows its first MAX_FILTERS filters, each at most MAX_CELL_PX
+# pixels on a side (block-averaged): 256 cells of 64 x 64 x 3 are about 3 MB before PNG
+# compression, whatever the model's size (1,000 filters of 256 x 256 x 3 were 197 MB).
+MAX_FILTERS = 256
+MAX_CELL_PX = 64
+
+
+def _shrunk(w: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W, C) averaged over ``factor`` x ``factor`` blocks (edges cropped)."""
+    if factor == 1:
+        return w
+    height, width = (w.shape[0] // factor) * factor, (w.shape[1] // factor) * factor
+    w = w[:height, :width]
+    return w.reshape(height // factor, factor, width // factor, factor, -1).mean(axis=(1, 3))
+
+
 def filter_grid(
-    filters: torch.Tensor, example_shape: tuple[int, ...], min_cell_px: int = 32
+    filters: torch.Tensor, example_shape: tuple[int, ...], min_cell_px: int = 32,
+    max_filters: int = MAX_FILTERS, max_cell_px: int = MAX_CELL_PX,
 ) -> np.ndarray:
-    """All filters as one uint8 image (H, W, 3), one cell per hidden unit.
+    """The first ``max_filters`` filters as one uint8 image (H, W, 3), one cell per hidden
+    unit, each cell at most ``max_cell_px`` on a side (larger filters block-averaged).
 
     Each filter is scaled by its own largest absolute value, with zero drawn mid-grey, so
     polarity is visible and weak filters are not washed out. Grey filters are drawn grey;
     colour filters (example shape (H, W, 3)) in colour.
     """
-    weights = filters.detach().float().cpu().numpy()
-    count = weights.shape[0]
+    count = min(filters.shape[0], max_filters)
+    weights = filters[:count].detach().float().cpu().numpy()
     example_shape = as_image_shape(example_shape)
     height, width = example_shape[:2]
     channels = example_shape[2] if len(example_shape) == 3 else 1
     columns = math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
+    shrink = max(1, math.ceil(max(height, width) / max_cell_px))
     scale = max(1, min_cell_px // max(height, width))
-    cell_h, cell_w = height * scale, width * scale
+    cell_h, cell_w = (height // shrink) * scale, (width // shrink) * scale
     grid = np.full((rows * (cell_h + 1) + 1, columns * (cell_w + 1) + 1, 3), 255, np.uint8)
     for index in range(count):
-        w = weights[index].reshape(height, width, channels)
+        w = _shrunk(weights[index].reshape(height, width, channels), shrink)
         w = 0.5 + 0.5 * w / max(np.abs(w).max(), 1e-12)
         tile = np.repeat(np.repeat((w * 255).round().astype(np.uint8), scale, 0), scale, 1)
         if channels == 1:
@@ -81,16 +100,23 @@ def response_kurtosis(filters: torch.Tensor, data: torch.Tensor) -> np.ndarray:
 
 
 def compare_with_random(
-    filters: torch.Tensor, example_shape: tuple[int, ...], holdout: torch.Tensor, seed: int = 0
+    filters: torch.Tensor, example_shape: tuple[int, ...], holdout: torch.Tensor, seed: int = 0,
+    max_filters: int = MAX_FILTERS, piece: int = 16,
 ) -> dict[str, float]:
     """Localization and response sparsity of ``filters`` beside random Gaussian filters of
-    the same shape, on held-out data."""
+    the same shape, on held-out data: medians over the first ``max_filters`` filters (the
+    ones pictured), computed ``piece`` filters at a time, so that a large model costs no
+    copy of its weights here (the random filters are drawn piece by piece too)."""
     generator = torch.Generator().manual_seed(seed)
-    random = torch.randn(filters.shape, generator=generator)
-    random = random / random.norm(dim=1, keepdim=True)
-    return {
-        "spatial_spread_px": float(np.median(spatial_spread(filters, example_shape))),
-        "random_spatial_spread_px": float(np.median(spatial_spread(random, example_shape))),
-        "response_kurtosis": float(np.median(response_kurtosis(filters, holdout))),
-        "random_response_kurtosis": float(np.median(response_kurtosis(random, holdout))),
-    }
+    measured: dict[str, list[np.ndarray]] = {key: [] for key in (
+        "spatial_spread_px", "random_spatial_spread_px", "response_kurtosis",
+        "random_response_kurtosis")}
+    for start in range(0, min(len(filters), max_filters), piece):
+        block = filters[start:min(start + piece, max_filters)]
+        random = torch.randn(block.shape, generator=generator)
+        random = random / random.norm(dim=1, keepdim=True)
+        measured["spatial_spread_px"].append(spatial_spread(block, example_shape))
+        measured["random_spatial_spread_px"].append(spatial_spread(random, example_shape))
+        measured["response_kurtosis"].append(response_kurtosis(block, holdout))
+        measured["random_response_kurtosis"].append(response_kurtosis(random, holdout))
+    return {key: float(np.median(np.concatenate(values))) for key, values in measured.items()}

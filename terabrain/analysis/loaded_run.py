@@ -26,7 +26,7 @@ from terabrain.data.sources import source_of
 from terabrain.data.whitening import ZCA
 from terabrain.errors import ConfigError
 from terabrain.learners.registry import learner_of
-from terabrain.tensor_files import load_tensors
+from terabrain.train.export import exported, load_exported
 
 
 def example_shape(config: ExperimentConfig) -> tuple[int, ...]:
@@ -100,15 +100,16 @@ def _recorded_example_shape(run_dir: Path) -> Optional[tuple[int, ...]]:
 def load_run(run_dir: Path) -> LoadedRun:
     """Raises ConfigError naming the missing file when ``run_dir`` is not a finished run."""
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "model.safetensors"):
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"{run_dir} is not a finished run directory (no {name})")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a finished run directory (no config.yaml)")
+    if not exported(run_dir):
+        raise ConfigError(f"{run_dir} is not a finished run directory (no model.safetensors)")
     config = load_experiment(str(run_dir / "config.yaml"))
     recorded = _recorded_example_shape(run_dir)
     shape = recorded if recorded is not None else example_shape(config)
     model = _build(config, shape, config.seed)
     try:
-        model.load_state_dict(load_tensors(run_dir / "model.safetensors", ConfigError))
+        model.load_state_dict(load_exported(run_dir, error=ConfigError))
     except (RuntimeError, ValueError) as error:
         raise ConfigError(f"{run_dir}/model.safetensors does not fit config.yaml: "
                           f"{str(error).splitlines()[0]}") from None

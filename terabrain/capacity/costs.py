@@ -36,6 +36,19 @@ def optimizer_state(optimizer, local: int, total_parameters: int) -> int:
     return flat * total_parameters
 
 
+def optimizer_transient(optimizer, largest_local: int) -> int:
+    """Elements the optimizer step allocates and frees: adam, adamw, rmsprop and adagrad
+    divide by the square root of a running average, a new tensor the size of the parameter
+    (torch.optim's per-parameter path, the default on CPU, so the largest parameter; the
+    multi-tensor path on GPUs takes all at once). Adam's denominator is two of them at once
+    (``exp_avg_sq.sqrt() / bias_correction``). sgd and lbfgs: none beyond their state."""
+    if optimizer.name in ("adam", "adamw"):
+        return 2 * largest_local
+    if optimizer.name in ("rmsprop", "adagrad"):
+        return largest_local
+    return 0
+
+
 def evaluations_per_step(optimizer) -> int:
     """Closure evaluations per step: 1, or L-BFGS's max_iter (+1 with line search)."""
     if optimizer.name != "lbfgs":

@@ -339,8 +339,8 @@ def _notes(plan: Plan, config: "ExperimentConfig", learner_notes: list[str]) -> 
         "other: the training set when the trainer keeps it on every rank's device (in-memory "
         "sources; streamed ones hold only their prefetch buffers), + autocast's bf16 weight copy",
         "sent:data: one ring all-reduce of the local gradients, 2(d-1)/d x local parameters x 4 B",
-        "not counted: at the end of the stage every rank gathers the full weights "
-        "(model.safetensors, filters.png), skipped above 2^30 parameters",
+        "not counted: the export (model.safetensors) streams the shards to rank 0 in "
+        "pieces of 64 MB; checkpoints save straight from the parameters and optimizer state",
     ]
     if plan.profile is not None:
         notes += [

@@ -44,11 +44,12 @@ class AutoencoderLearner(HiddenUnitLearner):
                            decoder_activation=m.decoder_activation, dropout=m.dropout, seed=seed)
 
     def gradient_copies(self, config, name):
+        # One buffer per weight: the tied W's encoder and decoder contributions are summed
+        # into it in place (terabrain.nn.shared_weight); an untied weight has one use.
+        # Weight decay's term is autograd's own: a second W-sized contribution.
         decay = int(config.objective.weight_decay > 0)
-        if name == "encoder.weight":
-            return (3 if config.model.tied else 2) + decay
-        if name == "decoder.weight":
-            return 2 + decay
+        if name in ("encoder.weight", "decoder.weight"):
+            return 1 + decay
         return 1
 
     def activation_values_per_row(self, config, inputs, hidden_local):

@@ -7,11 +7,12 @@ Capacity per rank, with b = batch / data rows, n inputs, h hidden units, m = mod
 in tests/test_plan.py):
 
 - weights: 4 bytes per local element (Shard placements / m, Replicate whole).
-- gradients: the working set at the peak of the backward pass, not just ``.grad``: a weight
-  that appears k times in the graph gets k partial gradients, summed. Measured: a tied
-  autoencoder's W 3x (encoder, decoder, and the weight-decay term, which the objective
-  evaluates even when objective.weight_decay is 0), an untied one's two matrices 2x each,
-  RICA's W 5x (its row-normalised copy takes part too); biases 1x.
+- gradients: the working set at the peak of the backward pass, not just ``.grad``. The tied
+  W of an autoencoder and RICA's W are used by the encoder and the decoder (and RICA's row
+  normalisation), but their autograd functions (terabrain.nn.shared_weight) add every
+  contribution into one buffer: 1x, like an untied matrix and the biases. Weight decay
+  (objective.weight_decay > 0) adds a second W-sized contribution: 2x. Measured with
+  bench/memory.py (docs/memory.md).
 - activations: 4 * b * (3 h/m + 5 n) bytes: the input batch, the residual saved for the
   backward, its reduced copy, its square and the reconstruction's gradient (5 n per row),
   the codes, their gradient and the pre-activation gradient (3 h/m per row); +2 n with input
@@ -34,13 +35,15 @@ import torch
 from pydantic import Field, PositiveInt
 
 from terabrain.capacity.costs import (
-    FP32, evaluations_per_step, optimizer_state, ring_all_gather, ring_all_reduce,
+    FP32, evaluations_per_step, optimizer_state, optimizer_transient, ring_all_gather,
+    ring_all_reduce,
 )
 from terabrain.capacity.planner import Capacity, RankFigures
 from terabrain.learners.base import FilterPicture, Learner, ModelSection, Training
 from terabrain.learners.hidden_unit_work import hidden_unit_work
 from terabrain.objectives import build_objective
-from terabrain.parallel.parallelism import full, local
+from terabrain.analysis.filters import MAX_FILTERS
+from terabrain.parallel.parallelism import local
 from terabrain.parallel.hidden_unit_plan import check_divisible, hidden_unit_plan
 
 if TYPE_CHECKING:
@@ -121,7 +124,9 @@ class HiddenUnitLearner(Learner):
         )
 
     def picture(self, config, network, weights, example_shape):
-        filters = full(network.filters()).cpu()  # a collective: every rank takes part
+        # The first units are rank 0's (hidden units are split in order), and a picture
+        # shows at most MAX_FILTERS: no gathering, no copy of W.
+        filters = local(network.filters())[:MAX_FILTERS].cpu()
         return FilterPicture(filters, example_shape, comparable=True)
 
     def feature_width(self, config, network):
@@ -165,7 +170,8 @@ class HiddenUnitLearner(Learner):
             return RankFigures(
                 reasons=reasons, local_parameters=local_elements,
                 weights=FP32 * local_elements, gradients=FP32 * gradient_elements,
-                optimizer=FP32 * optimizer_state(config.optimizer, local_elements, total),
+                optimizer=FP32 * (optimizer_state(config.optimizer, local_elements, total)
+                                  + optimizer_transient(config.optimizer, max(local_of.values()))),
                 activations=FP32 * rows * per_row,
                 model_axis_sent=round(evaluations * model_sent),
                 data_axis_sent=round(evaluations * data_sent),
@@ -177,8 +183,8 @@ class HiddenUnitLearner(Learner):
             evaluations_per_step=evaluations, per_rank=per_rank,
             work=hidden_unit_work(self, config, inputs, params, logged),
             notes=[
-                "grads: the backward pass's peak gradient working set (tied W 3x, untied 2x "
-                "each, RICA 5x, biases 1x)",
+                "grads: the backward pass's peak gradient working set: one buffer per "
+                "parameter (tied W and RICA's W included; 2x with weight decay)",
                 "activ: 4 B x batch/data x (3 hidden/model + 5 inputs)",
                 "sent:model: one ring all-reduce of the (batch/data x inputs) reconstruction "
                 "per forward+backward, 2(m-1)/m x rows x inputs x 4 B",

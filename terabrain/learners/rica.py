@@ -26,8 +26,9 @@ class RICALearner(HiddenUnitLearner):
         return RICA(inputs, model.hidden, model.dropout, seed=seed)
 
     def gradient_copies(self, config, name):
-        # W takes part in the encoder, the decoder and its row normalization (measured 5x).
-        return 5 if name == "weight" else 1
+        # The encoder, the decoder and the row normalisation all add into W's one gradient
+        # buffer (terabrain.nn.shared_weight); no normalised copy of W is formed.
+        return 1
 
     def summed_scalars(self, config, rows):
         return rows + 1  # each row's L1 over hidden units, and the gradient of alpha

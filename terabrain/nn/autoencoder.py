@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from terabrain.nn.init import init_by_unit_
-from terabrain.nn.unit_rows import normalize_rows_, unit_rows
+from terabrain.nn.shared_weight import tied_pair, unit_row_pair
+from terabrain.nn.unit_rows import EPS, normalize_rows_, unit_rows
 
 
 def _draw_seed(seed: Optional[int]) -> int:
@@ -61,7 +62,10 @@ class RICA(UnitInitialized):
     The forward pass uses ``W`` with each row divided by its norm. The stored rows are kept
     at unit norm after every step (``normalize_``), so this changes no value, but it makes
     the gradient the projection onto the constraint's tangent space: line searches
-    (L-BFGS) and momentum then move along the constraint instead of fighting it.
+    (L-BFGS) and momentum then move along the constraint instead of fighting it. The
+    normalised W is never formed: the codes and the reconstruction are scaled by the
+    inverse row norms instead (terabrain.nn.shared_weight), so a step holds one W and one
+    gradient.
     """
 
     hidden_unit_dims = {"weight": 0}
@@ -89,19 +93,21 @@ class RICA(UnitInitialized):
         return unit_rows(self.weight)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha * F.linear(self.dropout(x), self.unit_weight())
+        scale = 1.0 / self.weight.norm(dim=1).clamp_min(EPS)
+        return self.alpha * (F.linear(self.dropout(x), self.weight) * scale)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.unit_weight()
-        codes = self.alpha * F.linear(self.dropout(x), w)
-        return codes, codes @ w + self.bias
+        codes, codes_w = unit_row_pair(self.dropout(x), self.weight, self.alpha)
+        return codes, codes_w + self.bias
 
     @torch.no_grad()
     def normalize_(self) -> None:
         normalize_rows_(self.weight)
 
     def filters(self) -> torch.Tensor:
-        return self.unit_weight().detach()
+        # W itself, not a normalised copy: its rows are at unit norm from initialisation
+        # on and after every step (normalize_), and a copy would cost a W-sized tensor.
+        return self.weight.detach()
 
 
 class Autoencoder(UnitInitialized):
@@ -128,6 +134,7 @@ class Autoencoder(UnitInitialized):
         else:
             self.decoder = nn.Linear(hidden, inputs)
             self.hidden_unit_dims = {"encoder.weight": 0, "encoder.bias": 0, "decoder.weight": 1}
+        self.activation_name = activation
         self.activation = _ACTIVATIONS[activation]
         self.decoder_activation = _ACTIVATIONS[decoder_activation]
         self.dropout = nn.Dropout(dropout)
@@ -153,8 +160,13 @@ class Autoencoder(UnitInitialized):
         return self.decoder_activation(out)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.encode(x)
-        return codes, self.decode(codes)
+        if not self.tied:
+            codes = self.encode(x)
+            return codes, self.decode(codes)
+        # One gradient buffer for the shared W (terabrain.nn.shared_weight).
+        codes, codes_w = tied_pair(self.dropout(x), self.encoder.weight, self.encoder.bias,
+                                   self.activation_name)
+        return codes, self.decoder_activation(codes_w + self.decoder_bias)
 
     def weights(self) -> list[torch.Tensor]:
         """The weight matrices (not biases): what weight decay applies to."""

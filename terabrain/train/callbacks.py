@@ -72,6 +72,9 @@ class MetricsLogger(Callback):
         self._last_time, self._last_step = now, step
 
 
+HISTOGRAM_VALUES = 2**20
+
+
 class TensorBoardLogger(Callback):
     """Scalars every logged step, weight histograms, and the filter picture at the end."""
 
@@ -109,10 +112,15 @@ class TensorBoardLogger(Callback):
         self._histogram_step = step
         for name, parameter in trainer.model.named_parameters():
             if parameter.numel() > 1:
-                self.writer.add_histogram(f"{self.stage}/{name}", local(parameter).detach().cpu(), step)
+                values = local(parameter).detach().reshape(-1)
+                # TensorBoard converts to float64 (twice the size): a strided sample of at
+                # most HISTOGRAM_VALUES keeps that small for a billion-parameter weight.
+                stride = max(1, values.numel() // HISTOGRAM_VALUES)
+                self.writer.add_histogram(f"{self.stage}/{name}", values[::stride].cpu(), step)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self._histograms(trainer, trainer.step)
+        if self.histogram_every:
+            self._histograms(trainer, trainer.step)
         if self.filter_image is not None:
             self.writer.add_image(
                 f"{self.stage}/filters", self.filter_image(), trainer.step, dataformats="HWC"
@@ -190,6 +198,13 @@ class EarlyStopping(Callback):
         self.plateau.load(state["best"], state["waited"])
 
 
+def _all_finite(tensor: torch.Tensor, piece: int = 2**22) -> bool:
+    """``torch.isfinite(tensor).all()`` in pieces: isfinite makes a float copy (abs) and two
+    boolean tensors, more than the weight itself for a large one."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(piece))
+
+
 class Checkpointing(Callback):
     """A checkpoint every ``every`` steps (0: none on the way) and always a final one."""
 
@@ -199,7 +214,7 @@ class Checkpointing(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         for name, parameter in trainer.model.named_parameters():
-            if not torch.isfinite(local(parameter)).all():
+            if not _all_finite(local(parameter).detach()):
                 raise TrainingError(
                     f"parameter {name} is not finite at step {trainer.step}; not saving it. "
                     f"The last good checkpoint is {self.manager.latest()}."

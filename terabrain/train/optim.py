@@ -77,7 +77,9 @@ def optimizer_state_tensors(
         for key, value in optimizer.state.get(param, {}).items():
             entry = f"{name}/{key}"
             if isinstance(value, torch.Tensor):
-                flat[entry] = _checkpoint_form(model, name, value.detach().clone())
+                # The live buffer, not a copy: DCP saves synchronously straight from it, and
+                # a clone would be one more model-sized tensor at every checkpoint.
+                flat[entry] = _checkpoint_form(model, name, value.detach())
             elif isinstance(value, (list, tuple)):
                 # L-BFGS preallocates lists with None; the filled entries form a prefix.
                 filled = [torch.as_tensor(v) for v in value if v is not None]

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.analysis.filters import compare_with_random, save_filter_grid
@@ -39,9 +38,10 @@ from terabrain.nn.autoencoder import SupervisedHead
 from terabrain.objectives import build_supervised_objective
 from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full
-from terabrain.tensor_files import load_tensors
 from terabrain.train.checkpoint import CheckpointManager, restore
+from terabrain.train.export import WholeWeights, export_weights, load_exported
 from terabrain.train.hogwild import fit_hogwild
+from terabrain.train.malloc import map_large_buffers
 from terabrain.train.stage import build_trainer, feature_trainer, run_callbacks
 from terabrain.train.trainer import Trainer
 
@@ -52,13 +52,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-# Above this many parameters, final weights are not gathered into one file (nor filters
-# drawn): that would need the whole model in every rank's memory.
-GATHER_LIMIT = 2**30
-
-
 
 
 def default_run_dir(config: ExperimentConfig, root: Path = Path("runs")) -> Path:
@@ -80,15 +73,6 @@ class Results:
         self.data[stage] = values
         if is_main_rank():
             write_text_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
-
-
-def _export(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
-    """Unsharded weights as safetensors (returned too). Gathering sharded weights is a
-    collective: every rank calls this, rank 0 writes."""
-    tensors = {k: full(v.detach()).cpu().contiguous() for k, v in model.state_dict().items()}
-    if is_main_rank():
-        replace_atomically(path, lambda temporary: save_file(tensors, str(temporary)))
-    return tensors
 
 
 def _fit(trainer: Trainer, stage: str, manager: CheckpointManager, config: ExperimentConfig) -> None:
@@ -139,12 +123,11 @@ def _feature_stage(
     learner.check_parallel(config, parallel)
     shape = data.example_shape
     if results.done("features"):
-        path = run_dir / "model.safetensors"
-        weights = load_tensors(path, TrainingError, "the finished stage's export")
+        weights = load_exported(run_dir, error=TrainingError)
         try:
             return learner.restore(config, shape, parallel, device, weights)
         except (RuntimeError, KeyError, ValueError) as error:
-            raise TrainingError(f"{path} does not fit config.yaml: "
+            raise TrainingError(f"{run_dir}/model.safetensors does not fit config.yaml: "
                                 f"{(str(error).splitlines() or ['?'])[0][:200]}") from None
     started = time.perf_counter()
     train = config.train
@@ -169,14 +152,8 @@ def _feature_stage(
         "final": _last_metrics(run_dir, "features"),
         "seconds_this_session": time.perf_counter() - started,
     }
-    parameters = learner.parameter_count(network)
-    if parameters > GATHER_LIMIT:
-        # Gathering would put the whole model on every rank; the sharded checkpoint is the
-        # model's export at this size.
-        summary["export"] = f"skipped: {parameters:,} parameters; use {run_dir}/checkpoints"
-        results.record("features", summary)
-        return network
-    weights = _export(network, run_dir / "model.safetensors")
+    export_weights(network, run_dir)  # streamed from the shards (terabrain.train.export)
+    weights = WholeWeights(network)
     picture = learner.picture(config, network, weights, shape)  # may gather: every rank
     if is_main_rank():
         save_filter_grid(run_dir / "filters.png", picture.filters, picture.shape)
@@ -223,7 +200,7 @@ def _supervised_stage(
                                 train=train, config=config, parallel=parallel),
     )
     _fit(trainer, "supervised", manager, config)
-    _export(model, run_dir / "supervised" / "model.safetensors")
+    export_weights(model, run_dir / "supervised")
     evaluation = _evaluate(
         model, parallel.inputs(data.holdout_x.to(device)), data.holdout_y.to(device), settings.task
     )
@@ -238,6 +215,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Train ``config`` in ``run_dir``; continues from its checkpoints if it has any.
     ``mesh``: the (data, model) mesh when launched on several ranks (see terabrain.parallel)."""
+    map_large_buffers()  # freed batch-sized tensors leave the resident set (train/malloc.py)
     parallel = Parallelism(mesh, config.parallel)
     device = resolve_device(config.device)
     if device.type == "cuda" and dist.is_initialized():

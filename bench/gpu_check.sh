@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The prepared device check (issue 12): finishes within 10 minutes on one H200.
+#   bench/gpu_check.sh                      # on the GPU
+#   bench/gpu_check.sh --device cpu --tiny  # the same steps as a quick CPU dry run
+# Prints each part's figures; record them in docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=cuda
+TINY=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --tiny) TINY=(--tiny); shift ;;
+    *) echo "gpu_check.sh: unknown argument $1; allowed: --device cuda|cpu, --tiny" >&2; exit 2 ;;
+  esac
+done
+PY="${PYTHON:-python}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== 1. tests that exercise CUDA (selected by name; none may exist yet)"
+if [ "$DEVICE" = cuda ]; then
+  "$PY" -m pytest -q -p no:cacheprovider -k cuda tests || [ $? -eq 5 ]
+else
+  echo "skipped on $DEVICE"
+fi
+
+echo "== 2. bench/step_overhead.py --device $DEVICE"
+if [ ${#TINY[@]} -gt 0 ]; then
+  "$PY" bench/step_overhead.py --device "$DEVICE" --inputs 256 --hidden 256 --batch 32 --steps 3 --repeats 1 --warmup 1
+else
+  "$PY" bench/step_overhead.py --device "$DEVICE"
+fi
+
+echo "== 3. bench/local_layer.py (runs where the current device is: CPU until it takes --device)"
+if [ ${#TINY[@]} -gt 0 ]; then
+  "$PY" bench/local_layer.py --batch 4 --size 24 --maps 4 --kernel 8 --stride 4 --steps 1 --repeats 1 --no-dense
+else
+  "$PY" bench/local_layer.py
+fi
+
+echo "== 4. 20 bf16 steps of the largest lbann-ae that fits"
+"$PY" bench/_bf16_steps.py --device "$DEVICE" "${TINY[@]}"

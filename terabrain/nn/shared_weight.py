@@ -1,0 +1,139 @@
+"""Autograd functions for layers that use one weight twice (an encoder and its transposed
+decoder), written so that the weight's gradient is ONE buffer.
+
+Autograd's default gives each use of a weight its own full-size gradient and sums them
+(a transient second copy of the largest tensor), and RICA's row normalisation adds a
+normalised copy of W plus the gradient of the normalisation (two more). Here the backward
+pass writes the decoder's contribution into a fresh buffer and adds the encoder's (and the
+normalisation's) into the same buffer in place (``addmm_``, ``addcmul_``), so the peak of
+a step is weights + one gradient + optimizer state, plus batch-sized activations.
+
+Both functions return ``(codes, codes_W)``: the codes and their projection back through W
+(``codes @ W``, before any decoder bias or activation, which stay ordinary autograd since
+they are batch-sized). Each is tested against plain autograd (tests/test_shared_weight.py).
+Plain tensors and DTensors alike: every operation here is one DTensor propagates. Under
+autocast (precision bf16) the forward pass runs in the autocast dtype; the backward pass
+brings the saved batch-sized values and incoming gradients to the weight's dtype, so the
+weight's gradient has the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from terabrain.nn.unit_rows import EPS
+
+
+def _derivative_from_output(activation: str, output: torch.Tensor) -> torch.Tensor | None:
+    """d act / d input, from the activation's output (None: identity, the derivative is 1)."""
+    if activation == "sigmoid":
+        return output * (1 - output)
+    if activation == "tanh":
+        return 1 - output * output
+    if activation == "relu":
+        return (output > 0).to(output.dtype)
+    if activation == "identity":
+        return None
+    raise ValueError(f"no derivative for activation {activation!r}")
+
+
+def _like_weight(tensors, dtype=None):
+    """``tensors`` (None kept) in ``dtype``, or in the dtype of the second (the weight)."""
+    dtype = dtype if dtype is not None else tensors[1].dtype
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+_ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu,
+                "identity": lambda t: t}
+
+
+class _TiedPair(torch.autograd.Function):
+    """``codes = act(x W^T + b)``, ``codes_W = codes @ W``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation):
+        codes = _ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
+        ctx.activation = activation
+        ctx.save_for_backward(x, weight, codes)
+        ctx.set_materialize_grads(False)
+        return codes, codes @ weight
+
+    @staticmethod
+    def backward(ctx, grad_codes, grad_codes_w):
+        x, weight, codes = _like_weight(ctx.saved_tensors)
+        grad_codes, grad_codes_w = _like_weight((grad_codes, grad_codes_w), weight.dtype)
+        grad_weight = grad_codes_total = None
+        if grad_codes_w is not None:
+            grad_weight = codes.t() @ grad_codes_w            # the decoder's contribution
+            grad_codes_total = grad_codes_w @ weight.t()
+        if grad_codes is not None:
+            grad_codes_total = grad_codes if grad_codes_total is None else grad_codes_total + grad_codes
+        if grad_codes_total is None:
+            return None, None, None, None
+        derivative = _derivative_from_output(ctx.activation, codes)
+        grad_z = grad_codes_total if derivative is None else grad_codes_total * derivative
+        if grad_weight is None:
+            grad_weight = grad_z.t() @ x
+        else:
+            grad_weight.addmm_(grad_z.t(), x)                 # the encoder's, into the same buffer
+        grad_x = grad_z @ weight if ctx.needs_input_grad[0] else None
+        grad_bias = grad_z.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight if ctx.needs_input_grad[1] else None, grad_bias, None
+
+
+def tied_pair(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str):
+    """``(act(x W^T + b), act(x W^T + b) @ W)`` with one gradient buffer for ``weight``."""
+    return _TiedPair.apply(x, weight, bias, activation)
+
+
+class _UnitRowPair(torch.autograd.Function):
+    """RICA with unit-norm rows, without the normalised copy of W: with ``s = 1 / |W_j|``,
+    ``codes = alpha (x W^T) s`` and ``codes_W = (codes s) @ W``, the same values as
+    ``alpha x Wn^T`` and ``codes @ Wn`` for ``Wn = W s``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, alpha):
+        norms = weight.norm(dim=1)
+        scale = 1.0 / norms.clamp_min(EPS)
+        projected = (x @ weight.t()) * scale                  # x Wn^T
+        codes = alpha * projected
+        ctx.save_for_backward(x, weight, alpha, norms, scale, projected)
+        ctx.set_materialize_grads(False)
+        return codes, (codes * scale) @ weight
+
+    @staticmethod
+    def backward(ctx, grad_codes, grad_codes_w):
+        x, weight, alpha, norms, scale, projected = _like_weight(ctx.saved_tensors)
+        grad_codes, grad_codes_w = _like_weight((grad_codes, grad_codes_w), weight.dtype)
+        codes = alpha * projected
+        grad_weight = None
+        grad_scale = torch.zeros_like(scale)
+        grad_codes_total = grad_codes
+        if grad_codes_w is not None:
+            grad_weight = (codes * scale).t() @ grad_codes_w   # the decoder's contribution
+            grad_v = grad_codes_w @ weight.t()
+            grad_scale = (grad_v * codes).sum(0)
+            from_decoder = grad_v * scale
+            grad_codes_total = from_decoder if grad_codes is None else from_decoder + grad_codes
+        if grad_codes_total is None:
+            return None, None, None
+        grad_alpha = (grad_codes_total * projected).sum() if ctx.needs_input_grad[2] else None
+        grad_projected = alpha * grad_codes_total
+        grad_scale = grad_scale + (grad_projected * (projected / scale)).sum(0)  # u = y s
+        grad_y = grad_projected * scale
+        if grad_weight is None:
+            grad_weight = grad_y.t() @ x
+        else:
+            grad_weight.addmm_(grad_y.t(), x)                  # the encoder's
+        # s = 1 / max(|W_j|, EPS): ds/dW_j = -W_j / |W_j|^3 where |W_j| > EPS, else 0.
+        row_factor = torch.where(norms > EPS, -grad_scale * scale * scale * scale,
+                                 torch.zeros_like(grad_scale))
+        grad_weight.addcmul_(weight, row_factor.unsqueeze(1))  # the normalisation's, in place
+        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        return grad_x, grad_weight, grad_alpha
+
+
+def unit_row_pair(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor):
+    """``(alpha x Wn^T, (alpha x Wn^T) @ Wn)`` with ``Wn`` W's rows at unit norm, computed
+    without ``Wn`` and with one gradient buffer for ``weight``."""
+    return _UnitRowPair.apply(x, weight, alpha)
