@@ -17,10 +17,7 @@ import torch
 
 from terabrain.capacity import plan_experiment
 from terabrain.config.loader import load_experiment
-from terabrain.learners.registry import learner_of
-from terabrain.objectives import build_objective
-from terabrain.train.optim import build_optimizer
-from terabrain.train.trainer import Trainer
+from terabrain.train.stage import feature_trainer
 
 
 def config_for(hidden: int, tiny: bool, device: str):
@@ -53,13 +50,12 @@ def main() -> None:
     plan = plan_experiment(config, 1, memory)
     shape = (config.data.patch_size, config.data.patch_size, 3)
     torch.manual_seed(0)
-    network = learner_of(config).build(config, shape, 0).to(device)
+    inputs = torch.rand(config.data.num_patches, shape[0] * shape[1] * shape[2])
+    config = config.model_copy(update={"train": config.train.model_copy(
+        update={"steps": args.steps, "log_every": args.steps})})
+    stage = feature_trainer(config, shape, inputs=inputs, device=device)
+    network, trainer = stage.network, stage.trainer
     parameters = sum(p.numel() for p in network.parameters())
-    inputs = torch.rand(config.data.num_patches, network.encoder.weight.shape[1])
-    trainer = Trainer(network, build_objective(config.objective),
-                      build_optimizer(config.optimizer, network.parameters()), inputs, None,
-                      steps=args.steps, batch_size=config.train.batch_size, seed=0,
-                      device=device, precision="bf16", log_every=args.steps)
     trainer.train_step(*trainer.batch(0))  # warm-up, not timed
     if device.type == "cuda":
         torch.cuda.synchronize(device)
