@@ -21,6 +21,7 @@ from terabrain.data.catalogs import FolderCatalog, ShardCatalog, read_regular_fi
 from terabrain.data.decode import is_image_name
 from terabrain.data.pack import pack
 from terabrain.data.packed_strings import PackedStrings
+from terabrain.data.shards import ShardTable
 
 
 def _listed_the_old_way(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
@@ -73,6 +74,30 @@ def test_folder_catalog_holds_text_plus_an_offset_per_image():
     assert packed_bytes <= text + 8 * count
     assert per_image <= 40 and per_image < baseline / 2
     assert catalog.name(count - 1) == f"/data/{_synthetic_paths(count)[-1]}"
+
+
+def test_frozen_shard_table_holds_text_plus_three_numbers_per_member():
+    count = 200_000
+
+    def table() -> ShardTable:
+        made = ShardTable(Path("/shards/s.tar"))
+        for i, name in enumerate(_synthetic_paths(count)):
+            made.names.append(name)
+            made.offsets.append(10**9 + 1536 * i)  # past 2**30: not Python's cached small ints
+            made.sizes.append(100_000 + i)
+        return made
+
+    tracemalloc.start()
+    try:
+        _, list_bytes = _retained(table)
+        frozen, frozen_bytes = _retained(lambda: table().freeze())
+    finally:
+        tracemalloc.stop()
+    text = sum(len(p.encode()) for p in _synthetic_paths(count))
+    print(f"\nfrozen {frozen_bytes / count:.1f} B/member, lists {list_bytes / count:.1f} B/member")
+    # Text, a name offset (<= 8), a data offset and a size (8 each); no list kept beside them.
+    assert frozen_bytes <= text + 24 * count and frozen_bytes < list_bytes / 2
+    assert frozen.names[7] == _synthetic_paths(8)[7] and int(frozen.offsets[7]) == 10**9 + 1536 * 7
 
 
 @pytest.fixture
