@@ -16,8 +16,15 @@ Measured, each in a fresh process so that the resident memory is the catalog's a
   and PSS: the ranks of a node share the mapped pages);
 and extrapolated linearly to the 99.2M images of YFCC100M.
 
+``--folder N`` measures instead the image-folder catalog's listing: N synthetic ImageNet-like
+relative paths held as a list of ``str`` (how ``FolderCatalog`` kept them before) against
+``FolderCatalog.from_paths`` (one packed UTF-8 blob and an offset per image), each built in a
+fresh process: resident bytes per image after building, and the pickle a worker process
+receives (bytes, and seconds to dump and load it).
+
     python bench/catalog.py --lines 1000000
     python bench/catalog.py --lines 2000000 --json
+    python bench/catalog.py --folder 2000000
 """
 
 from __future__ import annotations
@@ -151,6 +158,59 @@ def child(kind: str, metadata: Path, index_dir: Path, start_at: float) -> dict:
     return result
 
 
+def folder_paths(count: int) -> list[str]:
+    """ImageNet-like relative paths, ``nXXXXXXXX/nXXXXXXXX_NNNNNNN.JPEG`` (32 bytes), sorted
+    as FolderCatalog sorts them."""
+    return sorted(f"n{(i * 7919) % 1000:08d}/n{(i * 7919) % 1000:08d}_{i:07d}.JPEG" for i in range(count))
+
+
+def folder_child(kind: str, count: int) -> dict:
+    import gc
+    import pickle
+
+    from terabrain.data.catalogs import FolderCatalog
+
+    before = _memory()[0]
+    if kind == "list":
+        held = folder_paths(count)
+        name = held[count // 2]
+    else:
+        held = FolderCatalog.from_paths(Path("/data"), folder_paths(count))
+        name = held.paths[count // 2]
+    gc.collect()
+    after = _memory()[0]
+    began = time.perf_counter()
+    blob = pickle.dumps(held, protocol=pickle.HIGHEST_PROTOCOL)
+    dumped = time.perf_counter() - began
+    began = time.perf_counter()
+    pickle.loads(blob)
+    loaded = time.perf_counter() - began
+    return {"images": count, "rss_bytes": after - before, "pickle_bytes": len(blob),
+            "dump_s": dumped, "load_s": loaded, "example": name}
+
+
+def folder_report(count: int) -> str:
+    load = OtherLoad()
+    results = {}
+    for kind in ("list", "packed"):
+        command = [sys.executable, __file__, "--child", f"folder-{kind}", "--folder", str(count)]
+        results[kind] = json.loads(subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout)
+    lst, packed = results["list"], results["packed"]
+    assert lst["example"] == packed["example"], "both hold the same paths"
+    rows = [f"image-folder catalog listing: {count:,} synthetic relative paths of 32 bytes",
+            f"{'':34}{'list of str':>14}{'packed':>14}{'ratio':>9}   at 99.2M images (packed | list)"]
+    for label, key, scale in (("resident bytes per image (RSS)", "rss_bytes", count),
+                              ("pickle for a worker, bytes/image", "pickle_bytes", count),
+                              ("pickle dump (s)", "dump_s", 1), ("pickle load (s)", "load_s", 1)):
+        a, b = lst[key] / scale, packed[key] / scale
+        extra = f"   {b * FULL / 1e9:.1f} GB | {a * FULL / 1e9:.1f} GB" if scale != 1 else ""
+        rows.append(f"{label:34}{a:14.3f}{b:14.3f}{a / max(b, 1e-9):9.1f}{extra}")
+    cores = load.cores()
+    if cores is not None:
+        rows.append(f"other processes used {cores:.1f} cores meanwhile (the machine is shared; timings are noisy)")
+    return "\n".join(rows)
+
+
 def run_children(kind: str, metadata: Path, index_dir: Path, ranks: int) -> list[dict]:
     start_at = time.time() + 1.5
     command = [sys.executable, __file__, "--child", kind, "--metadata", str(metadata),
@@ -171,11 +231,19 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp"), help="where the synthetic file goes")
     parser.add_argument("--keep", action="store_true", help="keep the generated file and index")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=["list", "index"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=int, metavar="N",
+                        help="measure the image-folder catalog's listing of N paths instead")
+    parser.add_argument("--child", choices=["list", "index", "folder-list", "folder-packed"], help=argparse.SUPPRESS)
     parser.add_argument("--metadata", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--index-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.child.startswith("folder-"):
+        print(json.dumps(folder_child(args.child[len("folder-"):], args.folder)))
+        return
+    if args.folder:
+        print(folder_report(args.folder))
+        return
     if args.child:
         print(json.dumps(child(args.child, args.metadata, args.index_dir, args.start_at)))
         return

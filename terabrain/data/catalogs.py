@@ -13,12 +13,14 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from terabrain.data.decode import BadSample, is_image_name
+from terabrain.data.packed_strings import PackedStrings
 from terabrain.data.predecoded import DecodedPack, checksum
 from terabrain.data.shards import load_pack
 from terabrain.data.yfcc import YFCCFilter, select
@@ -90,12 +92,16 @@ def read_regular_file(path: Path, name: str, limit: int) -> bytes:
 
 class FolderCatalog(Catalog):
     """Every image file under ``root`` (recursively, sorted, hidden files left out). Files
-    whose name is not an image's are listed in ``problems`` and not used."""
+    whose name is not an image's are listed in ``problems`` and not used. The relative paths
+    are packed (``PackedStrings``: text plus a 4-byte offset per image, not one Python string
+    each); ``name``/``read`` decode one on demand."""
+
+    paths: PackedStrings
 
     def __init__(self, root: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.root = Path(root)
         self.max_bytes = max_bytes
-        self.paths: list[str] = []
+        paths: list[str] = []
         self.problems = []
         for directory, subdirectories, files in os.walk(self.root):
             subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
@@ -105,10 +111,21 @@ class FolderCatalog(Catalog):
                     continue
                 path = file if relative == "." else f"{relative}/{file}"
                 if is_image_name(file):
-                    self.paths.append(path)
+                    paths.append(path)
                 else:
                     self.problems.append((str(self.root / path), "not an image (file name extension)"))
-        self.paths.sort()
+        paths.sort()
+        self.paths = PackedStrings(paths)
+
+    @classmethod
+    def from_paths(cls, root: Path, paths: Iterable[str], problems: Iterable[tuple[str, str]] = (),
+                   max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> FolderCatalog:
+        """A catalog of the given relative paths under ``root``, in the given order, without
+        listing the folder (a saved listing; tests and benchmarks)."""
+        catalog = cls.__new__(cls)
+        catalog.root, catalog.max_bytes = Path(root), max_bytes
+        catalog.paths, catalog.problems = PackedStrings(paths), list(problems)
+        return catalog
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -117,7 +134,8 @@ class FolderCatalog(Catalog):
         return str(self.root / self.paths[index])
 
     def read(self, index: int) -> bytes:
-        return read_regular_file(self.root / self.paths[index], self.name(index), self.max_bytes)
+        path = self.root / self.paths[index]
+        return read_regular_file(path, str(path), self.max_bytes)
 
 
 class YFCCCatalog(FolderCatalog):
@@ -128,7 +146,8 @@ class YFCCCatalog(FolderCatalog):
                  max_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.root = Path(root)
         self.max_bytes = max_bytes
-        self.paths, self.problems = select(Path(metadata), keep, layout)
+        paths, self.problems = select(Path(metadata), keep, layout)
+        self.paths = PackedStrings(paths)
 
 
 class IndexedYFCCCatalog(Catalog):
@@ -175,6 +194,8 @@ class ShardCatalog(Catalog):
         self.location = Path(location)
         self.max_bytes = max_bytes
         self.tables, self.decoded = load_pack(self.location)
+        for table in self.tables:
+            table.freeze()
         self.problems = [problem for table in self.tables for problem in table.problems]
         counts = np.array([len(t.names) for t in self.tables], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
@@ -224,7 +245,7 @@ class ShardCatalog(Catalog):
         shard, member = self.shard_of(index)
         table = self.tables[shard]
         path = self.locate(shard) if self.locate is not None else table.path
-        size, offset = table.sizes[member], table.offsets[member]
+        size, offset = int(table.sizes[member]), int(table.offsets[member])
         if size > self.max_bytes:
             raise BadSample(self.name(index), _too_large(int(size), self.max_bytes))
         try:
@@ -233,7 +254,7 @@ class ShardCatalog(Catalog):
             raise BadSample(self.name(index), f"unreadable ({error.strerror or error})") from None
         if len(data) != size:
             raise BadSample(self.name(index), f"member cut short ({len(data)} of {size} bytes)")
-        if table.crc32 is not None and checksum(data) != table.crc32[member]:
+        if table.crc32 is not None and checksum(data) != int(table.crc32[member]):
             raise BadSample(self.name(index), "member corrupt: its CRC-32 differs from the index")
         return data
 
