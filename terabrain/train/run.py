@@ -186,7 +186,8 @@ def _feature_stage(
     trainer = _train_stage(
         stage="features", run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints",
         model=training.model, objective=training.objective,
-        optimizer=build_optimizer(config.optimizer, training.parameters),
+        optimizer=(training.optimizer(training.parameters) if training.optimizer is not None
+                   else build_optimizer(config.optimizer, training.parameters)),
         inputs=data.train_x, targets=None, train=config.train, config=config, device=device,
         parallel=parallel, stream=data.stream, filter_image=training.filter_image,
         schedule=training.schedule,
