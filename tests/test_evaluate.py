@@ -152,6 +152,13 @@ def test_evaluate_command_prints_the_table_and_refuses_bad_options(tiny_run, cap
     assert code == 0
     for name in ("learned", "random", "kmeans", "pixels"):
         assert name in out
+    # The rows reach `terabrain analyze`'s report.
+    assert main(["analyze", str(tiny_run), "--concepts", "none", "--max-examples", "100",
+                 "--maximize-steps", "2", "--neurons", "2"]) == 0
+    report = (tiny_run / "analysis" / "report.md").read_text()
+    assert "Single-layer evaluation" in report and "| kmeans | 12 | 48 |" in report
+    analysis = json.loads((tiny_run / "analysis" / "analysis.json").read_text())
+    assert [r["features"] for r in analysis["evaluation"]] == ["learned", "random", "kmeans", "pixels"]
     assert main(["evaluate", str(tiny_run), "--features", "learned,sift"]) == 2
     assert "--features sift; allowed" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_run), "--nonlinearity", "tanh"]) == 2
