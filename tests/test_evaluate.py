@@ -163,3 +163,18 @@ def test_evaluate_command_prints_the_table_and_refuses_bad_options(tiny_run, cap
     assert "--features sift; allowed" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_run), "--nonlinearity", "tanh"]) == 2
     assert "--nonlinearity tanh; allowed" in capsys.readouterr().err
+
+
+def test_a_labelled_folder_is_one_sub_folder_per_class(tmp_path):
+    from PIL import Image
+
+    for label, value in (("dark", 20), ("light", 230)):
+        (tmp_path / label).mkdir()
+        for i in range(8):
+            Image.fromarray(np.full((12, 10), value + i, np.uint8)).save(tmp_path / label / f"{i}.png")
+    images = evaluation.load_images("labelled-folder", None, tmp_path, side=9)
+    assert images.train.shape == (12, 9, 9) and images.test.shape == (4, 9, 9)
+    for split, labels in ((images.train, images.train_labels), (images.test, images.test_labels)):
+        assert ((split.mean(axis=(1, 2)) > 0.5) == (labels == 1)).all()  # light is class 1
+    with pytest.raises(Exception, match="one sub-folder of images per class"):
+        evaluation.load_images("labelled-folder", None, tmp_path / "dark")

@@ -147,7 +147,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     options = EvaluateOptions(
         data=args.data, seeds=args.seeds, nonlinearity=args.nonlinearity, features=features,
         weight_decays=decays, probe_iterations=args.probe_iterations,
-        kmeans_steps=args.kmeans_steps, max_examples=args.max_examples)
+        kmeans_steps=args.kmeans_steps, max_examples=args.max_examples, root=args.root,
+        image_size=args.image_size)
     summary = evaluate(args.run_dir, options)
     print(f"{'features':<8} {'K':>5} {'dims':>6}  accuracy (mean ± std over {options.seeds} seeds)")
     for row in summary["rows"]:
@@ -221,7 +222,11 @@ def add_parsers(commands) -> None:
         "chosen on a validation part of the training split; writes RUN_DIR/evaluation.json.")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     evaluate.add_argument("--data", default="fashion-mnist",
-                          choices=[d for d in DATA_SETS if d != "holdout"])
+                          choices=[d for d in DATA_SETS if d != "holdout"] + ["labelled-folder"])
+    evaluate.add_argument("--root", type=Path, help="with --data labelled-folder: a folder "
+                          "with one sub-folder of images per class (seeded 75/25 split)")
+    evaluate.add_argument("--image-size", type=int, default=32,
+                          help="with --data labelled-folder: images resized to this side")
     evaluate.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
     evaluate.add_argument("--features", default="learned,random,kmeans,pixels",
                           help="feature sets (default learned,random,kmeans,pixels)")

@@ -38,6 +38,7 @@ from terabrain.learners.registry import learner_of
 
 EVALUATION_FILE = "evaluation.json"
 FEATURE_SETS = ("learned", "random", "kmeans", "pixels")
+LABELLED_FOLDER = "labelled-folder"
 
 
 @dataclass
@@ -53,6 +54,10 @@ class EvaluateOptions:
     kmeans_steps: int = 300
     kmeans_batch: int = 1000
     max_examples: Optional[int] = None
+    root: Optional[Path] = None
+    """With data labelled-folder: the folder of class sub-folders."""
+    image_size: int = 32
+    """With data labelled-folder: images are resized to this side."""
     work_dir: Optional[Path] = None
     """Where the float16 feature maps go (default RUN/evaluation-features, removed after)."""
     log: Callable[[str], None] = field(default=print)
@@ -78,8 +83,42 @@ def patch_pipeline(run: LoadedRun) -> WhitenedPatches:
     return WhitenedPatches(run.shape[0], run.config.data.remove_mean, run.whitening)
 
 
-def load_images(name: str, max_examples: Optional[int]) -> Images:
-    data = load_analysis_data(name, None, max_examples, seed=0)
+def load_labelled_folder(root: Path, side: int, seed: int = 0):
+    """``root/<class>/<image>``: every image grey, resized to side x side; a seeded 75/25
+    train/test split (the classes are the sub-folders, sorted by name)."""
+    from PIL import Image
+
+    from terabrain.analysis.datasets import AnalysisData, Split
+    from terabrain.data.decode import IMAGE_EXTENSIONS
+
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if len(classes) < 2:
+        raise ConfigError(f"--root {root}: expected a folder with one sub-folder of images per "
+                          "class (at least two)")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                with Image.open(path) as image:
+                    grey = image.convert("L").resize((side, side), Image.BILINEAR)
+                images.append(np.asarray(grey, np.float32) / 255.0)
+                labels.append(label)
+    order = np.random.default_rng(seed).permutation(len(images))
+    cut = int(len(images) * 0.75)
+    images, labels = np.stack(images), np.asarray(labels, np.int64)
+    return AnalysisData("labelled-folder", Split(images[order[:cut]], labels[order[:cut]]),
+                        Split(images[order[cut:]], labels[order[cut:]]), classes)
+
+
+def load_images(name: str, max_examples: Optional[int], root: Optional[Path] = None,
+                side: int = 32) -> Images:
+    if name == LABELLED_FOLDER:
+        if root is None:
+            raise ConfigError("--data labelled-folder needs --root DIR (one sub-folder per class)")
+        data = load_labelled_folder(root, side)
+    else:
+        data = load_analysis_data(name, None, max_examples, seed=0)
     if data.preprocessed or data.train.labels is None:
         raise ConfigError(f"--data {name}: evaluate needs labelled images")
     train, test = (to_grey(np.asarray(s.images, np.float32), 3) for s in (data.train, data.test))
@@ -137,7 +176,7 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
     patches = patch_pipeline(run)
     k = learner_of(run.config).feature_width(run.config, run.model)
     act = nonlinearity(options.nonlinearity)
-    images = load_images(options.data, options.max_examples)
+    images = load_images(options.data, options.max_examples, options.root, options.image_size)
     work = Path(options.work_dir or run.run_dir / "evaluation-features")
     work.mkdir(parents=True, exist_ok=True)
     log = options.log
