@@ -230,8 +230,8 @@ def add_parsers(commands) -> None:
     evaluate.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
     evaluate.add_argument("--features", default="learned,random,kmeans,pixels",
                           help="feature sets (default learned,random,kmeans,pixels)")
-    evaluate.add_argument("--nonlinearity", default="abs",
-                          help="after the encoder at extraction: abs (default), relu, none")
+    evaluate.add_argument("--nonlinearity", default="relu",
+                          help="after the encoder at extraction: relu (default), abs, none")
     evaluate.add_argument("--weight-decays", default="0.0001,0.001,0.01",
                           help="L2 penalties the validation split chooses from")
     evaluate.add_argument("--probe-iterations", type=int, default=100,

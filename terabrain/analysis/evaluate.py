@@ -45,7 +45,7 @@ LABELLED_FOLDER = "labelled-folder"
 class EvaluateOptions:
     data: str = "fashion-mnist"
     seeds: int = 3
-    nonlinearity: str = "abs"
+    nonlinearity: str = "relu"
     features: tuple[str, ...] = FEATURE_SETS
     weight_decays: tuple[float, ...] = WEIGHT_DECAYS
     validation_fraction: float = 0.2
