@@ -145,6 +145,22 @@ def test_fashion_mnist_source_uses_the_published_split():
     assert 0.0 <= float(data.train_x.min()) and float(data.train_x.max()) <= 1.0
 
 
+@pytest.mark.skipif(not fashion_mnist_available(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_patches_are_unlabelled_windows_of_training_images():
+    from terabrain.data.sources import source_of
+
+    config = data_config(source="fashion-mnist", patch_size=6, num_patches=300,
+                         holdout_patches=50, whitening="none", remove_mean=False)
+    assert not source_of(config).has_labels(config)
+    assert source_of(config).training_rows(config) == 300
+    data = prepare_data(config, seed=0)
+    assert data.train_x.shape == (300, 36) and data.holdout_x.shape == (50, 36)
+    assert data.example_shape == (6, 6) and data.train_y is None
+    assert 0.0 <= float(data.train_x.min()) and float(data.train_x.max()) <= 1.0
+    with pytest.raises(ValueError, match="patch_size"):
+        data_config(source="fashion-mnist", patch_size=29)
+
+
 def test_data_lcn_normalizes_every_example_in_memory_and_streamed(tmp_path):
     from terabrain.data.sources import data_config
     from terabrain.data.prepare import prepare_data

@@ -126,6 +126,38 @@ def probe_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_command(args: argparse.Namespace) -> int:
+    from terabrain.analysis.evaluate import FEATURE_SETS, EvaluateOptions, evaluate
+    from terabrain.analysis.single_layer import NONLINEARITIES
+
+    features = tuple(args.features.split(","))
+    unknown = [name for name in features if name not in FEATURE_SETS]
+    if unknown:
+        raise ConfigError(f"--features {','.join(unknown)}; allowed: {','.join(FEATURE_SETS)}")
+    if args.nonlinearity not in NONLINEARITIES:
+        raise ConfigError(f"--nonlinearity {args.nonlinearity}; allowed: {', '.join(NONLINEARITIES)}")
+    for name in ("seeds", "kmeans_steps", "probe_iterations"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        decays = tuple(float(v) for v in args.weight_decays.split(","))
+    except ValueError:
+        raise ConfigError(f"--weight-decays {args.weight_decays}: expected numbers separated "
+                          "by commas") from None
+    options = EvaluateOptions(
+        data=args.data, seeds=args.seeds, nonlinearity=args.nonlinearity, features=features,
+        weight_decays=decays, probe_iterations=args.probe_iterations,
+        kmeans_steps=args.kmeans_steps, max_examples=args.max_examples, root=args.root,
+        image_size=args.image_size)
+    summary = evaluate(args.run_dir, options)
+    print(f"{'features':<8} {'K':>5} {'dims':>6}  accuracy (mean ± std over {options.seeds} seeds)")
+    for row in summary["rows"]:
+        print(f"{row['features']:<8} {row['k']:>5} {row['feature_count']:>6}  "
+              f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f}")
+    print(f"{args.run_dir / 'evaluation.json'}; {summary['seconds']:.0f} s")
+    return 0
+
+
 def add_parsers(commands) -> None:
     """Register analyze, features and probe on the CLI's sub-parsers."""
     from terabrain.analysis.datasets import DATA_SETS
@@ -181,3 +213,31 @@ def add_parsers(commands) -> None:
     probe.add_argument("--out", type=Path, help="also write the results as JSON here")
     probe.add_argument("--seed", type=int, default=0)
     probe.set_defaults(handler=probe_command)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="single-layer protocol (Coates et al. 2011) vs pixels, random "
+        "filters and k-means",
+        description="Convolutional extraction of the run's first-layer encoder with its patch "
+        "preprocessing, quadrant sum-pooling (4K features), L2 logistic probe with the penalty "
+        "chosen on a validation part of the training split; writes RUN_DIR/evaluation.json.")
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("--data", default="fashion-mnist",
+                          choices=[d for d in DATA_SETS if d != "holdout"] + ["labelled-folder"])
+    evaluate.add_argument("--root", type=Path, help="with --data labelled-folder: a folder "
+                          "with one sub-folder of images per class (seeded 75/25 split)")
+    evaluate.add_argument("--image-size", type=int, default=32,
+                          help="with --data labelled-folder: images resized to this side")
+    evaluate.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
+    evaluate.add_argument("--features", default="learned,random,kmeans,pixels",
+                          help="feature sets (default learned,random,kmeans,pixels)")
+    evaluate.add_argument("--nonlinearity", default="relu",
+                          help="after the encoder at extraction: relu (default), abs, none")
+    evaluate.add_argument("--weight-decays", default="0.0001,0.001,0.01",
+                          help="L2 penalties the validation split chooses from")
+    evaluate.add_argument("--probe-iterations", type=int, default=100,
+                          help="L-BFGS iterations of each probe fit (default 100)")
+    evaluate.add_argument("--kmeans-steps", type=int, default=300,
+                          help="mini-batch k-means steps of 1,000 patches (default 300)")
+    evaluate.add_argument("--max-examples", type=int, default=None,
+                          help="cap on examples per split (default: all)")
+    evaluate.set_defaults(handler=evaluate_command)

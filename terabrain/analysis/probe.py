@@ -57,15 +57,26 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: f
     return LinearProbe(mean, scale, weight.detach(), bias.detach(), weight_decay)
 
 
+def choose_weight_decay(x: torch.Tensor, y: torch.Tensor, classes: int,
+                        weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
+                        validation_fraction: float = 0.2, seed: int = 0,
+                        iterations: int = 100) -> tuple[float, dict[float, float]]:
+    """The L2 penalty with the best accuracy on a seeded validation part of (x, y), fitted on
+    the rest; and every penalty's validation accuracy. Only (x, y) is seen: pass the
+    training split, never the test split."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(len(x) * validation_fraction))
+    val, fit = order[:held], order[held:]
+    scores = {wd: fit_logistic(x[fit], y[fit], classes, wd, iterations).accuracy(x[val], y[val])
+              for wd in weight_decays}
+    best = max(weight_decays, key=lambda wd: (scores[wd], -weight_decays.index(wd)))
+    return best, scores
+
+
 def train_probe(x: torch.Tensor, y: torch.Tensor, classes: int | None = None,
                 weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
                 validation_fraction: float = 0.2, seed: int = 0) -> LinearProbe:
     """Choose the L2 penalty on a seeded validation part of (x, y), then refit on all of it."""
     classes = classes or int(y.max()) + 1
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    held = max(1, int(len(x) * validation_fraction))
-    val, fit = order[:held], order[held:]
-    scores = [fit_logistic(x[fit], y[fit], classes, wd).accuracy(x[val], y[val])
-              for wd in weight_decays]
-    best = weight_decays[max(range(len(scores)), key=lambda i: (scores[i], -i))]
+    best, _ = choose_weight_decay(x, y, classes, weight_decays, validation_fraction, seed)
     return fit_logistic(x, y, classes, best)

@@ -242,11 +242,37 @@ def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions(),
     summary["concept_notes"] = notes
     if options.concepts:
         _concept_section(document, run, options, concept_rows, notes, out)
+    summary["evaluation"] = _evaluation_section(document, run.run_dir)
     summary["seconds"] = time.perf_counter() - started
     write_text_atomically(out / "analysis.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomically(out / "report.md", document.markdown())
     write_text_atomically(out / "report.html", document.html())
     return summary
+
+
+def _evaluation_section(document: Document, run_dir: Path) -> list[dict]:
+    """The rows of `terabrain evaluate` (RUN/evaluation.json), when the run was evaluated."""
+    from terabrain.analysis.evaluate import read_evaluation
+
+    rows = read_evaluation(run_dir)
+    if not rows:
+        return []
+    protocol = rows[0].get("protocol", {})
+    document.add(
+        Heading("Single-layer evaluation (Coates, Lee & Ng 2011)"),
+        Paragraph(
+            f"`terabrain evaluate` on {protocol.get('data', '?')} "
+            f"({protocol.get('train_examples', '?')} train / {protocol.get('test_examples', '?')} "
+            f"test images): the encoder at every {protocol.get('patch_size', '?')}-pixel patch "
+            "position (stride 1) after the run's patch preprocessing, nonlinearity "
+            f"`{protocol.get('nonlinearity', '?')}`, sum-pooled over four quadrants, "
+            "standardised, L2 logistic regression with the penalty chosen on a validation part "
+            "of the training split; the test split scored once. Mean ± standard deviation over "
+            f"{protocol.get('seeds', '?')} seeds."),
+        Table(["features", "K", "features per image", "test accuracy"],
+              [[r["features"], str(r["k"]), str(r.get("feature_count", "")),
+                f"{100 * r['accuracy_mean']:.2f}% ± {100 * r['accuracy_std']:.2f}"] for r in rows]))
+    return [{key: r[key] for key in ("features", "k", "accuracy_mean", "accuracy_std")} for r in rows]
 
 
 def _concept_section(document: Document, run: LoadedRun, options: AnalyzeOptions,

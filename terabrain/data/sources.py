@@ -143,6 +143,15 @@ class FashionMNISTData(DataSection):
         None, description=f"Directory of the idx files; null: ${FASHION_MNIST_ENV} when set, "
         f"else {DEBIAN_FASHION_MNIST_DIR}.",
     )
+    patch_size: Optional[PositiveInt] = Field(
+        None, le=28, description="null: whole 28x28 images with their labels; k: unlabelled "
+        "k x k patches at random positions of the training images (the test images are never "
+        "sampled), as single-layer feature learners are trained (Coates et al. 2011).",
+    )
+    num_patches: PositiveInt = Field(
+        100000, description="With patch_size: patches in the training set.")
+    holdout_patches: PositiveInt = Field(
+        10000, description="With patch_size: held-out patches, also from training images.")
 
 
 class StreamedData(DataSection):
@@ -517,20 +526,31 @@ class FashionMNISTSource(DataSource):
     name, section, labelled = "fashion-mnist", FashionMNISTData, True
     TRAIN_ROWS, SIDE = 60000, 28
 
+    def has_labels(self, config: FashionMNISTData) -> bool:
+        return config.patch_size is None
+
     def example_shape(self, config: FashionMNISTData) -> tuple[int, ...]:
-        return (self.SIDE, self.SIDE)
+        side = config.patch_size or self.SIDE
+        return (side, side)
 
     def training_rows(self, config: FashionMNISTData) -> int:
-        return self.TRAIN_ROWS
+        return self.TRAIN_ROWS if config.patch_size is None else config.num_patches
 
     def load(self, config: FashionMNISTData, rng: np.random.Generator) -> Loaded:
         from terabrain.data.labelled import load_fashion_mnist
+        from terabrain.data.patches import sample_patches
 
         try:  # the published split: train for training, test held out
             train, train_labels = load_fashion_mnist("train", config.root)
-            test, test_labels = load_fashion_mnist("test", config.root)
+            test, test_labels = (None, None) if config.patch_size else load_fashion_mnist(
+                "test", config.root)
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"data.source fashion-mnist: {error}") from None
+        if config.patch_size:
+            patches = sample_patches(list(train), config.patch_size,
+                                     config.num_patches + config.holdout_patches, rng)
+            return Loaded(patches[: config.num_patches], patches[config.num_patches :],
+                          self.example_shape(config))
         return Loaded(train.reshape(len(train), -1), test.reshape(len(test), -1),
                       tuple(train.shape[1:]), (train_labels, test_labels))
 

@@ -17,7 +17,7 @@ class AutoencoderModel(HiddenUnitSection):
 
     kind: Literal["autoencoder"] = Field(
         "autoencoder",
-        description="The feature learner (terabrain.learners): rica, autoencoder, deep.")
+        description="The feature learner (terabrain.learners): rica, autoencoder, deep, kmeans.")
     tied: bool = Field(True, description="The decoder uses the encoder's W^T.")
     activation: Literal["sigmoid", "tanh", "relu", "identity"] = Field(
         "sigmoid", description="The hidden units' nonlinearity."

@@ -40,6 +40,9 @@ class Training:
     it replaces the stage's early stopping and decides the number of steps."""
     filter_image: Optional[Callable[[], Any]] = None
     """An image of the filters for TensorBoard during training (None: no picture)."""
+    optimizer: Optional[Callable[[list], torch.optim.Optimizer]] = None
+    """The learner's own update rule, built from ``parameters`` (a learner that is not
+    trained by gradient descent: k-means); None: the config's ``optimizer`` section."""
 
     def summary(self) -> dict[str, Any]:
         return {"layers": self.schedule.summary()} if self.schedule is not None else {}

@@ -72,7 +72,7 @@ class DeepModel(ModelSection):
     """A stack of RICA layers, bottom first, trained layer by layer (docs/networks.md)."""
 
     kind: Literal["deep"] = Field(
-        "deep", description="The feature learner (terabrain.learners): rica, autoencoder, deep.")
+        "deep", description="The feature learner (terabrain.learners): rica, autoencoder, deep, kmeans.")
     layers: list[LayerConfig] = Field(
         min_length=1, description="The layers, bottom first, each trained with RICA.",
     )

@@ -10,6 +10,7 @@ from pydantic import Field
 from terabrain.learners.autoencoder import AutoencoderLearner
 from terabrain.learners.base import Learner
 from terabrain.learners.deep import DeepLearner
+from terabrain.learners.kmeans import KMeansLearner
 from terabrain.learners.rica import RICALearner
 from terabrain.learners.topk_sae import TopKSAELearner
 
@@ -21,6 +22,7 @@ LEARNERS: dict[str, Learner] = {learner.kind: learner for learner in (
     AutoencoderLearner(),
     DeepLearner(),
     TopKSAELearner(),
+    KMeansLearner(),
 )}
 DEFAULT_KIND = "rica"
 

@@ -15,7 +15,7 @@ class RICAModel(HiddenUnitSection):
     """RICA: x -> alpha W x, reconstructed as W^T(alpha W x) + b, W's rows of unit norm."""
 
     kind: Literal["rica"] = Field(
-        "rica", description="The feature learner (terabrain.learners): rica, autoencoder, deep.")
+        "rica", description="The feature learner (terabrain.learners): rica, autoencoder, deep, kmeans.")
 
 
 class RICALearner(HiddenUnitLearner):

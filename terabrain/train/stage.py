@@ -116,8 +116,11 @@ def feature_trainer(
     fitted = learner.fit_to_data(config, network, rows) if rows is not None else {}
     training = learner.training(config, network, parallel, example_shape)
     chosen = callbacks(training) if callbacks is not None else [stopping(config.train, training)]
+    # A learner not trained by gradient descent (k-means) brings its own update rule.
+    optimizer = (training.optimizer(training.parameters) if training.optimizer is not None
+                 else config.optimizer)
     trainer = build_trainer(
-        training.model, training.objective, optimizer=config.optimizer,
+        training.model, training.objective, optimizer=optimizer,
         parameters=training.parameters, train=config.train, seed=config.seed,
         precision=config.precision, inputs=inputs, batches=batches, parallel=parallel,
         device=device, callbacks=chosen,

@@ -1,0 +1,254 @@
+"""`terabrain evaluate RUN`: the single-layer protocol of Coates, Lee & Ng 2011 on a labelled
+set, for the run's first-layer encoder and, in the same run with the same K, three baselines:
+the pixels, random unit-norm filters and k-means with the triangle activation.
+
+For each feature set and seed: features of the training and test images
+(terabrain.analysis.single_layer), then the L2 logistic probe (terabrain.analysis.probe):
+the penalty is chosen on a validation part cut from the training split (seeded), the probe
+refitted on the whole training split, and the test split scored once, after the choice.
+The seed also draws the random filters and k-means' initial centroids and patches; the
+learned encoder is the run's own, so its spread comes from the validation split alone.
+
+Rows go to RUN/evaluation.json (one object per row: features, k, accuracy_mean,
+accuracy_std, and the details) and into `terabrain analyze`'s report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from terabrain.analysis.datasets import load_analysis_data
+from terabrain.analysis.loaded_run import LoadedRun, load_run
+from terabrain.analysis.probe import WEIGHT_DECAYS, choose_weight_decay, fit_logistic
+from terabrain.analysis.single_layer import (
+    WhitenedPatches, extract, nonlinearity, random_unit_filters, sample_whitened_patches,
+)
+from terabrain.data.embedded import to_grey
+from terabrain.errors import ConfigError
+from terabrain.files import write_text_atomically
+from terabrain.learners.registry import learner_of
+
+EVALUATION_FILE = "evaluation.json"
+FEATURE_SETS = ("learned", "random", "kmeans", "pixels")
+LABELLED_FOLDER = "labelled-folder"
+
+
+@dataclass
+class EvaluateOptions:
+    data: str = "fashion-mnist"
+    seeds: int = 3
+    nonlinearity: str = "relu"
+    features: tuple[str, ...] = FEATURE_SETS
+    weight_decays: tuple[float, ...] = WEIGHT_DECAYS
+    validation_fraction: float = 0.2
+    probe_iterations: int = 100
+    kmeans_patches: int = 50000
+    kmeans_steps: int = 300
+    kmeans_batch: int = 1000
+    max_examples: Optional[int] = None
+    root: Optional[Path] = None
+    """With data labelled-folder: the folder of class sub-folders."""
+    image_size: int = 32
+    """With data labelled-folder: images are resized to this side."""
+    work_dir: Optional[Path] = None
+    """Where the float16 feature maps go (default RUN/evaluation-features, removed after)."""
+    log: Callable[[str], None] = field(default=print)
+
+
+@dataclass
+class Images:
+    train: np.ndarray
+    train_labels: np.ndarray
+    test: np.ndarray
+    test_labels: np.ndarray
+
+
+def patch_pipeline(run: LoadedRun) -> WhitenedPatches:
+    """The run's per-patch preprocessing as a convolution; the run must have learned on grey
+    square patches without LCN (the protocol's patches)."""
+    if len(run.shape) != 2 or run.shape[0] != run.shape[1]:
+        raise ConfigError(f"evaluate needs a run trained on grey square patches; "
+                          f"{run.run_dir} has examples of shape {run.shape}")
+    if run.config.data.lcn is not None:
+        raise ConfigError("evaluate: data.lcn runs are not supported (LCN of a patch is not "
+                          "a linear map, so it is not part of the convolution)")
+    return WhitenedPatches(run.shape[0], run.config.data.remove_mean, run.whitening)
+
+
+def load_labelled_folder(root: Path, side: int, seed: int = 0):
+    """``root/<class>/<image>``: every image grey, resized to side x side; a seeded 75/25
+    train/test split (the classes are the sub-folders, sorted by name)."""
+    from PIL import Image
+
+    from terabrain.analysis.datasets import AnalysisData, Split
+    from terabrain.data.decode import IMAGE_EXTENSIONS
+
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if len(classes) < 2:
+        raise ConfigError(f"--root {root}: expected a folder with one sub-folder of images per "
+                          "class (at least two)")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                with Image.open(path) as image:
+                    grey = image.convert("L").resize((side, side), Image.BILINEAR)
+                images.append(np.asarray(grey, np.float32) / 255.0)
+                labels.append(label)
+    order = np.random.default_rng(seed).permutation(len(images))
+    cut = int(len(images) * 0.75)
+    images, labels = np.stack(images), np.asarray(labels, np.int64)
+    return AnalysisData("labelled-folder", Split(images[order[:cut]], labels[order[:cut]]),
+                        Split(images[order[cut:]], labels[order[cut:]]), classes)
+
+
+def load_images(name: str, max_examples: Optional[int], root: Optional[Path] = None,
+                side: int = 32) -> Images:
+    if name == LABELLED_FOLDER:
+        if root is None:
+            raise ConfigError("--data labelled-folder needs --root DIR (one sub-folder per class)")
+        data = load_labelled_folder(root, side)
+    else:
+        data = load_analysis_data(name, None, max_examples, seed=0)
+    if data.preprocessed or data.train.labels is None:
+        raise ConfigError(f"--data {name}: evaluate needs labelled images")
+    train, test = (to_grey(np.asarray(s.images, np.float32), 3) for s in (data.train, data.test))
+    return Images(train, np.asarray(data.train.labels), test, np.asarray(data.test.labels))
+
+
+def train_kmeans(images: np.ndarray, patches: WhitenedPatches, k: int, seed: int,
+                 options: EvaluateOptions) -> torch.nn.Module:
+    """The k-means learner (model.kind kmeans) on whitened patches of the training images,
+    trained by the common loop with its own step."""
+    from terabrain.learners.kmeans import KMeansObjective, MiniBatchKMeansStep
+    from terabrain.nn.kmeans import KMeans
+    from terabrain.train.trainer import Trainer
+
+    rows = sample_whitened_patches(images, patches, options.kmeans_patches, seed)
+    model = KMeans(patches.dims, k, seed=seed)
+    trainer = Trainer(model, KMeansObjective(), MiniBatchKMeansStep([model.centroids, model.counts]),
+                      rows, None, steps=options.kmeans_steps,
+                      batch_size=min(options.kmeans_batch, len(rows)), seed=seed,
+                      device=torch.device("cpu"))
+    trainer.fit()
+    return model.eval()
+
+
+def probe_features(train: np.ndarray, y_train: np.ndarray, test: np.ndarray,
+                   y_test: np.ndarray, seed: int, options: EvaluateOptions) -> dict:
+    """Choose the penalty on the training split's validation part, refit, then score the
+    test split once."""
+    x = torch.from_numpy(np.asarray(train, np.float32))
+    y = torch.from_numpy(y_train)
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    best, scores = choose_weight_decay(x, y, classes, options.weight_decays,
+                                       options.validation_fraction, seed, options.probe_iterations)
+    probe = fit_logistic(x, y, classes, best, options.probe_iterations)
+    del x
+    test_accuracy = probe.accuracy(torch.from_numpy(np.asarray(test, np.float32)),
+                                   torch.from_numpy(y_test))
+    return {"weight_decay": best, "validation": {str(k): v for k, v in scores.items()},
+            "test_accuracy": test_accuracy}
+
+
+def _row(features: str, k: int, dims: int, runs: list[dict], seconds: float) -> dict:
+    accuracies = np.array([r["test_accuracy"] for r in runs])
+    return {
+        "features": features, "k": k, "feature_count": dims,
+        "accuracy_mean": float(accuracies.mean()),
+        "accuracy_std": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else 0.0,
+        "seeds": runs, "seconds": seconds,
+    }
+
+
+def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
+    started = time.perf_counter()
+    run = load_run(run_dir)
+    patches = patch_pipeline(run)
+    k = learner_of(run.config).feature_width(run.config, run.model)
+    act = nonlinearity(options.nonlinearity)
+    images = load_images(options.data, options.max_examples, options.root, options.image_size)
+    work = Path(options.work_dir or run.run_dir / "evaluation-features")
+    work.mkdir(parents=True, exist_ok=True)
+    log = options.log
+    log(f"evaluate {run.run_dir} on {options.data}: {len(images.train)} train, "
+        f"{len(images.test)} test images, {patches.side}x{patches.side} patches, K={k}, "
+        f"{options.seeds} seeds")
+
+    def encoders(seed: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        made: dict[str, Callable] = {}
+        if "learned" in options.features:
+            made["learned"] = lambda rows: act(run.model.encode(rows))
+        if "random" in options.features:
+            filters = random_unit_filters(k, patches.dims, seed)
+            made["random"] = lambda rows: act(rows @ filters.T)
+        if "kmeans" in options.features:
+            centroids = train_kmeans(images.train, patches, k, seed, options)
+            made["kmeans"] = centroids.encode  # triangle: non-negative already
+        return made
+
+    runs: dict[str, list[dict]] = {name: [] for name in options.features}
+    seconds = dict.fromkeys(options.features, 0.0)
+    cached: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    try:
+        for seed in range(options.seeds):
+            for name, encoder in encoders(seed).items():
+                begin = time.perf_counter()
+                if name in cached:  # the run's own encoder: the same features for every seed
+                    train, test = cached[name]
+                else:
+                    train = extract(images.train, patches, encoder, k, work / f"{name}-train.npy")
+                    test = extract(images.test, patches, encoder, k, work / f"{name}-test.npy")
+                    if name == "learned":
+                        cached[name] = (train, test)
+                extracted = time.perf_counter()
+                result = probe_features(train, images.train_labels, test, images.test_labels,
+                                        seed, options)
+                result.update(seed=seed, extract_s=extracted - begin,
+                              probe_s=time.perf_counter() - extracted)
+                runs[name].append(result)
+                seconds[name] += time.perf_counter() - begin
+                log(f"  {name:<8} seed {seed}: test {100 * result['test_accuracy']:.2f}% "
+                    f"(L2 {result['weight_decay']:g}; extract {result['extract_s']:.0f} s, "
+                    f"probe {result['probe_s']:.0f} s)")
+            if "pixels" in options.features:
+                begin = time.perf_counter()
+                flat = [a.reshape(len(a), -1) for a in (images.train, images.test)]
+                result = probe_features(flat[0], images.train_labels, flat[1], images.test_labels,
+                                        seed, options)
+                result.update(seed=seed)
+                runs["pixels"].append(result)
+                seconds["pixels"] += time.perf_counter() - begin
+    finally:
+        cached.clear()
+        if options.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    pixel_dims = int(np.prod(images.train.shape[1:]))
+    rows = [_row(name, k, pixel_dims if name == "pixels" else 4 * k, runs[name], seconds[name])
+            for name in options.features]
+    summary = {
+        "data": options.data, "train_examples": len(images.train),
+        "test_examples": len(images.test), "patch_size": patches.side, "k": k,
+        "nonlinearity": options.nonlinearity, "seeds": options.seeds,
+        "weight_decays": list(options.weight_decays),
+        "validation_fraction": options.validation_fraction,
+        "seconds": time.perf_counter() - started,
+    }
+    write_text_atomically(run.run_dir / EVALUATION_FILE, json.dumps(
+        [dict(row, protocol=summary) for row in rows], indent=2) + "\n")
+    return {"rows": rows, **summary}
+
+
+def read_evaluation(run_dir: Path) -> Optional[list[dict]]:
+    """The rows of RUN/evaluation.json, or None when the run was never evaluated."""
+    path = Path(run_dir) / EVALUATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,180 @@
+"""`terabrain evaluate`: the single-layer protocol's pieces on scikit-learn's digits, with a
+tiny RICA run on 4x4 patches trained inside the test."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from terabrain.analysis import evaluate as evaluation
+from terabrain.analysis.single_layer import (
+    WhitenedPatches, extract, pooled_features, quadrant_pool, random_unit_filters,
+)
+from terabrain.data.patches import remove_patch_mean
+
+TINY = ["data.patch_size=4", "data.num_patches=1500", "data.holdout_patches=300",
+        "data.whitening_fit_samples=1500", "model.hidden=12", "train.steps=2",
+        "optimizer.max_iter=10", "train.checkpoint_every=0", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from terabrain.config.loader import load_experiment
+    from terabrain.train.run import run_experiment
+
+    run_dir = tmp_path_factory.mktemp("evaluate") / "run"
+    run_experiment(load_experiment("natural-patches-rica", TINY), run_dir)
+    return run_dir
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread avoids spinning on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def digits(count=40):
+    from terabrain.data.embedded import load_digits
+
+    images, labels = load_digits()
+    return images.reshape(-1, 8, 8)[:count], labels[:count]
+
+
+def test_convolutional_extraction_equals_patch_by_patch_encoding(tiny_run):
+    """Every position's patch, preprocessed with the run's own functions (mean removal,
+    ZCA.apply) and encoded by the model one at a time, then summed by quadrant by hand."""
+    from terabrain.analysis.loaded_run import load_run
+
+    run = load_run(tiny_run)
+    patches = evaluation.patch_pipeline(run)
+    images, _ = digits(6)
+
+    def encoder(rows):
+        return run.model.encode(rows).abs()
+
+    with torch.no_grad():
+        fast = pooled_features(torch.from_numpy(images), patches, encoder)
+        k = run.config.model.hidden
+        expected = torch.zeros(len(images), 4 * k)
+        for n, image in enumerate(images):
+            for y in range(5):  # 8 - 4 + 1 positions per axis; halves [0, 3) and [3, 5)
+                for x in range(5):
+                    row = remove_patch_mean(image[y:y + 4, x:x + 4].reshape(1, -1))
+                    code = encoder(torch.from_numpy(run.whitening.apply(row)))[0]
+                    quadrant = 2 * (y >= 3) + (x >= 3)
+                    expected[n, quadrant * k:(quadrant + 1) * k] += code
+    assert fast.shape == (6, 4 * k)
+    torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-4)
+
+    # The stored float16 features are the same, divided by each quadrant's positions.
+    stored = torch.from_numpy(extract(images, patches, encoder, k, budget_bytes=1).astype(np.float32))
+    positions = torch.tensor([9.0, 6.0, 6.0, 4.0]).repeat_interleave(k)
+    torch.testing.assert_close(stored * positions, expected, rtol=2e-3, atol=2e-3)
+
+
+def test_quadrant_pooling_sums_the_right_positions():
+    # 5 x 4 positions, K = 2: feature 0 is 1 at one position, feature 1 counts every position.
+    for y in range(5):
+        for x in range(4):
+            maps = torch.zeros(1, 5, 4, 2)
+            maps[0, y, x, 0] = 1.0
+            maps[0, :, :, 1] = 1.0
+            pooled = quadrant_pool(maps)[0].reshape(4, 2)
+            quadrant = 2 * (y >= 3) + (x >= 2)  # rows [0, 3) / [3, 5), columns [0, 2) / [2, 4)
+            assert pooled[:, 0].tolist() == [float(q == quadrant) for q in range(4)]
+            assert pooled[:, 1].tolist() == [6.0, 6.0, 4.0, 4.0]
+
+
+def test_whitened_patches_of_the_convolution_are_the_rows_map():
+    """WhitenedPatches' convolution and its row form agree with the run's preprocessing."""
+    from terabrain.data.whitening import ZCA
+
+    rng = np.random.default_rng(0)
+    sample = rng.random((500, 9)).astype(np.float32)
+    zca = ZCA.fit(remove_patch_mean(sample), 0.1)
+    patches = WhitenedPatches(3, True, zca)
+    image = rng.random((1, 5, 7)).astype(np.float32)
+    maps = patches(torch.from_numpy(image))[0]
+    for y in range(3):
+        for x in range(5):
+            raw = image[0, y:y + 3, x:x + 3].reshape(1, -1)
+            expected = zca.apply(remove_patch_mean(raw))[0]
+            np.testing.assert_allclose(maps[y, x].numpy(), expected, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(patches.rows(torch.from_numpy(raw))[0].numpy(), expected,
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_random_filters_have_unit_norm_and_depend_on_the_seed():
+    a, b = random_unit_filters(7, 16, 0), random_unit_filters(7, 16, 1)
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(7))
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(a, random_unit_filters(7, 16, 0))
+
+
+def test_the_test_split_is_never_seen_during_model_selection(tiny_run, monkeypatch, tmp_path):
+    """The whole evaluation twice: once with the real test images, once with test images of
+    NaN and shuffled labels. Every choice (penalty, validation accuracies, k-means centroids'
+    features) is the same; only the test accuracy differs."""
+    real = evaluation.load_images("digits", 400)
+    poisoned = evaluation.Images(real.train, real.train_labels,
+                                 np.random.default_rng(0).random(real.test.shape, np.float32), real.test_labels[::-1].copy())
+    options = evaluation.EvaluateOptions(data="digits", seeds=2, kmeans_steps=20,
+                                         kmeans_patches=2000, probe_iterations=30,
+                                         weight_decays=(1e-3, 1e-1), log=lambda line: None)
+    results = []
+    for images in (real, poisoned):
+        monkeypatch.setattr(evaluation, "load_images", lambda *args, images=images: images)
+        results.append(evaluation.evaluate(tiny_run, options))
+    for clean, dirty in zip(results[0]["rows"], results[1]["rows"]):
+        assert clean["features"] == dirty["features"]
+        for a, b in zip(clean["seeds"], dirty["seeds"]):
+            assert a["weight_decay"] == b["weight_decay"]
+            assert a["validation"] == b["validation"]
+        assert clean["accuracy_mean"] > 0.5  # digits: every feature set learns something
+        assert dirty["accuracy_mean"] < 0.5  # noise: about chance
+    rows = json.loads((tiny_run / "evaluation.json").read_text())
+    assert [r["features"] for r in rows] == ["learned", "random", "kmeans", "pixels"]
+    assert all({"features", "k", "accuracy_mean", "accuracy_std"} <= set(r) for r in rows)
+    assert rows[0]["k"] == 12 and rows[0]["feature_count"] == 48
+    assert not (tiny_run / "evaluation-features").exists()  # the float16 maps are removed
+
+
+def test_evaluate_command_prints_the_table_and_refuses_bad_options(tiny_run, capsys):
+    from terabrain.cli import main
+
+    code = main(["evaluate", str(tiny_run), "--data", "digits", "--max-examples", "200",
+                 "--seeds", "2", "--kmeans-steps", "10", "--probe-iterations", "20"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("learned", "random", "kmeans", "pixels"):
+        assert name in out
+    # The rows reach `terabrain analyze`'s report.
+    assert main(["analyze", str(tiny_run), "--concepts", "none", "--max-examples", "100",
+                 "--maximize-steps", "2", "--neurons", "2"]) == 0
+    report = (tiny_run / "analysis" / "report.md").read_text()
+    assert "Single-layer evaluation" in report and "| kmeans | 12 | 48 |" in report
+    analysis = json.loads((tiny_run / "analysis" / "analysis.json").read_text())
+    assert [r["features"] for r in analysis["evaluation"]] == ["learned", "random", "kmeans", "pixels"]
+    assert main(["evaluate", str(tiny_run), "--features", "learned,sift"]) == 2
+    assert "--features sift; allowed" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_run), "--nonlinearity", "tanh"]) == 2
+    assert "--nonlinearity tanh; allowed" in capsys.readouterr().err
+
+
+def test_a_labelled_folder_is_one_sub_folder_per_class(tmp_path):
+    from PIL import Image
+
+    for label, value in (("dark", 20), ("light", 230)):
+        (tmp_path / label).mkdir()
+        for i in range(8):
+            Image.fromarray(np.full((12, 10), value + i, np.uint8)).save(tmp_path / label / f"{i}.png")
+    images = evaluation.load_images("labelled-folder", None, tmp_path, side=9)
+    assert images.train.shape == (12, 9, 9) and images.test.shape == (4, 9, 9)
+    for split, labels in ((images.train, images.train_labels), (images.test, images.test_labels)):
+        assert ((split.mean(axis=(1, 2)) > 0.5) == (labels == 1)).all()  # light is class 1
+    with pytest.raises(Exception, match="one sub-folder of images per class"):
+        evaluation.load_images("labelled-folder", None, tmp_path / "dark")
