@@ -131,14 +131,16 @@ def train_kmeans(images: np.ndarray, patches: WhitenedPatches, k: int, seed: int
     trained by the common loop with its own step."""
     from terabrain.learners.kmeans import KMeansObjective, MiniBatchKMeansStep
     from terabrain.nn.kmeans import KMeans
-    from terabrain.train.trainer import Trainer
+    from terabrain.config.sections import TrainConfig
+    from terabrain.train.stage import build_trainer
 
     rows = sample_whitened_patches(images, patches, options.kmeans_patches, seed)
     model = KMeans(patches.dims, k, seed=seed)
-    trainer = Trainer(model, KMeansObjective(), MiniBatchKMeansStep([model.centroids, model.counts]),
-                      rows, None, steps=options.kmeans_steps,
-                      batch_size=min(options.kmeans_batch, len(rows)), seed=seed,
-                      device=torch.device("cpu"))
+    trainer = build_trainer(
+        model, KMeansObjective(), optimizer=MiniBatchKMeansStep([model.centroids, model.counts]),
+        train=TrainConfig(steps=options.kmeans_steps,
+                          batch_size=min(options.kmeans_batch, len(rows))),
+        seed=seed, inputs=rows)
     trainer.fit()
     return model.eval()
 
