@@ -55,6 +55,10 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> str:
     ("parallel.timeout_s=1e12", "parallel.timeout_s"),
     ("train.steps=100000000000000000000000", "train.steps"),
     ("data.patch_size=true", "data.patch_size"),
+    ("train.progress=1", "train.progress"),
+    ("data.remove_mean=0", "data.remove_mean"),
+    ("model.hidden='12'", "model.hidden"),
+    ("optimizer.lr='0.01'", "optimizer.lr"),
     ("..=1", "empty field name"),
     ("a..b=1", "a..b"),
     (".=1", "empty field name"),
@@ -70,7 +74,8 @@ def test_bad_set_values_are_one_line_naming_the_field(capsys, assignment, field)
 
 def test_limits_allow_the_values_users_write(capsys):
     for assignment in ("seed=4294967295", "seed=0", "parallel.timeout_s=86400",
-                       "optimizer.lr=0.001", "model.hidden=12"):
+                       "optimizer.lr=0.001", "model.hidden=12", "train.progress=false",
+                       "train.batch_size=null", "optimizer.lr=1e-3"):
         code, out, err = terabrain(capsys, "show", "natural-patches-rica", "--set", assignment)
         assert code == 0, err
         key, value = assignment.split("=")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import reprlib
 import typing
 from importlib import resources
@@ -46,6 +47,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep)
 
+
+# YAML 1.1 (PyYAML) reads 1e-3 as text, since its floats need a dot; users write learning rates
+# that way in files and in --set, so numbers in exponent form are floats here (as in YAML 1.2).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 # An experiment is a few KB; a file far larger is a mistake (or not an experiment at all).
 FILE_LIMIT_BYTES = 1 << 20

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import types
 import typing
+from pathlib import PurePath
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
@@ -55,6 +56,30 @@ def _numeric(annotation: Any) -> bool:
     return False
 
 
+def _accepts_str(annotation: Any) -> bool:
+    """Whether a field takes text (a name, a path, a literal word): then "12" is not refused."""
+    if annotation is Any or (isinstance(annotation, type) and issubclass(annotation, (str, PurePath))):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _accepts_str(typing.get_args(annotation)[0])
+    if origin is Literal:
+        return any(isinstance(value, str) for value in typing.get_args(annotation))
+    if origin in (Union, types.UnionType, list, tuple):
+        return any(_accepts_str(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _only_bool(annotation: Any) -> bool:
+    """A yes/no field (``bool`` or ``Optional[bool]``): 1, 0 and "yes" are not answers."""
+    if annotation is bool:
+        return True
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return len(args) == 1 and args[0] is bool
+    return False
+
+
 def _item_type(annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (list, tuple):
@@ -75,8 +100,9 @@ def applies_when(field: str, *values: str) -> dict[str, Any]:
 
 class Section(BaseModel):
     """Unknown keys are errors, not silently ignored: a typo must not change an experiment.
-    Floats must be finite, a boolean is not a number (``hidden: true`` is not 1), and no
-    integer leaves int64.
+    Floats must be finite, a boolean is not a number (``hidden: true`` is not 1), a number is
+    not a boolean (``progress: 1`` is not true), text is not a number (``hidden: "12"``), and
+    no integer leaves int64.
 
     A field marked with :func:`applies_when` is left out of `terabrain show` while it does not
     apply, and setting it to anything but its default while it does not apply is an error
@@ -98,9 +124,13 @@ class Section(BaseModel):
                 continue
             annotation = field.annotation
             for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, bool) and not _accepts_bool(annotation) and (
-                        _numeric(annotation) or _numeric(_item_type(annotation))):
+                numeric = _numeric(annotation) or _numeric(_item_type(annotation))
+                if isinstance(item, bool) and not _accepts_bool(annotation) and numeric:
                     raise ValueError(f"@{name}: expected a number, got {str(item).lower()}")
+                if isinstance(item, str) and numeric and not _accepts_str(annotation):
+                    raise ValueError(f"@{name}: expected a number, got the text {item[:40]!r}")
+                if _only_bool(annotation) and item is not None and not isinstance(item, bool):
+                    raise ValueError(f"@{name}: expected true or false, got {str(item)[:40]}")
                 if type(item) is int and not -INT_LIMIT <= item < INT_LIMIT:
                     raise ValueError(f"@{name}: integer out of range (must be between -2^63 "
                                      "and 2^63 - 1)")
