@@ -74,7 +74,8 @@ def test_malformed_yaml_and_non_mapping(tmp_path):
         (["train", "--set", "model.hiden=3"], "model.hiden"),
         (["train", "missing.yaml"], "missing.yaml"),
         (["train", "--resume", "/nonexistent-run"], "not a run directory"),
-        (["train", "no-such-builtin"], "available: " + ", ".join(builtin_names())),
+        (["train", "no-such-builtin"], f"`terabrain configs` lists all {len(builtin_names())}"),
+        (["train", "faces-rca"], "did you mean faces-rica"),
         (["show", "natural-patches-rica", "--set", "optimizer=3"], "optimizer"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import reprlib
 import typing
@@ -27,8 +28,12 @@ def builtin_names() -> list[str]:
 
 def builtin_text(name: str) -> str:
     if name not in builtin_names():
+        # The list outgrew one bounded line; the nearest names, and where the rest are.
+        close = difflib.get_close_matches(str(name)[:100], builtin_names(), n=3, cutoff=0.6)
         raise ConfigError(
-            f"no built-in experiment {name!r}; available: {', '.join(builtin_names())}"
+            f"no built-in experiment {name!r}; "
+            + (f"did you mean {' or '.join(close)}? " if close else "")
+            + f"`terabrain configs` lists all {len(builtin_names())}"
         )
     return resources.files(EXPERIMENTS_PACKAGE).joinpath(f"{name}.yaml").read_text()
 
