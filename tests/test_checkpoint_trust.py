@@ -429,16 +429,16 @@ def test_a_full_disk_under_the_cli_exits_1(tmp_path):
 
 
 def test_resume_of_a_finished_run_with_a_crafted_export_is_one_line(tmp_path, capsys):
-    """`train --resume` of a run whose feature stage is recorded as finished loads its
-    model.safetensors: a crafted one is exit code 1 and one line, not a traceback."""
+    """`train --resume` of a run whose feature stage is recorded as finished (and whose
+    supervised stage is not) loads its model.safetensors: a crafted one is exit code 1 and
+    one line, not a traceback."""
     from terabrain.cli import main
     from terabrain.config.loader import load_experiment, to_yaml
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    settings = ["data.num_patches=300", "data.holdout_patches=50",
-                "data.whitening_fit_samples=300", "model.hidden=8", "train.progress=false"]
-    (run_dir / "config.yaml").write_text(to_yaml(load_experiment("natural-patches-rica", settings)))
+    settings = ["model.hidden=8", "train.progress=false", "supervised.train.progress=false"]
+    (run_dir / "config.yaml").write_text(to_yaml(load_experiment("digits-sae", settings)))
     (run_dir / "results.json").write_text(json.dumps(
         {"data": {"example_shape": [8, 8]}, "features": {"steps": 1}}))
     for kind in ("shape larger than its bytes", "huge header length"):

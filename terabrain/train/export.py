@@ -239,7 +239,7 @@ def load_exported(directory: Path, stem: str = "model",
     directory = Path(directory)
     index = directory / f"{stem}.safetensors.index.json"
     if not index.is_file():
-        return load_tensors(directory / f"{stem}.safetensors", error, "the exported model")
+        return load_tensors(directory / f"{stem}.safetensors", error)
     try:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as failure:
