@@ -312,6 +312,10 @@ def shutdown_distributed() -> None:
     """Leave the process group, if any. Call it at the end of a successful run only: after a
     failure a peer may be gone, and `fail_fast` exits without waiting for it."""
     if dist.is_initialized():
+        # Every rank is past its last collective before any closes its connections: a peer
+        # closing while another's gloo thread still serves a collective aborts that process
+        # ("terminate called without an active exception"), seen on 2 busy cores.
+        dist.barrier()
         dist.destroy_process_group()
 
 
