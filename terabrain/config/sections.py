@@ -12,7 +12,7 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import PurePath
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -31,43 +31,37 @@ SEED_LIMIT = 2**32 - 1
 TIMEOUT_LIMIT_S = 86400.0
 
 
-def _accepts_bool(annotation: Any) -> bool:
-    if annotation is bool or annotation is Any:
+def _admits(annotation: Any, leaf: Callable[[Any], bool], value: Callable[[Any], bool],
+            containers: tuple = ()) -> bool:
+    """Whether some part of ``annotation`` passes ``leaf`` (a type) or ``value`` (a Literal's
+    value), looking through Annotated, unions and ``containers`` (list, tuple)."""
+    if leaf(annotation):
         return True
     origin = typing.get_origin(annotation)
     if origin is Annotated:
-        return _accepts_bool(typing.get_args(annotation)[0])
+        return _admits(typing.get_args(annotation)[0], leaf, value, containers)
     if origin is Literal:
-        return any(isinstance(value, bool) for value in typing.get_args(annotation))
-    if origin in (Union, types.UnionType):
-        return any(_accepts_bool(arg) for arg in typing.get_args(annotation))
+        return any(value(item) for item in typing.get_args(annotation))
+    if origin in (Union, types.UnionType, *containers):
+        return any(_admits(arg, leaf, value, containers) for arg in typing.get_args(annotation))
     return False
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    return _admits(annotation, lambda t: t is bool or t is Any, lambda v: isinstance(v, bool))
 
 
 def _numeric(annotation: Any) -> bool:
     """int or float, possibly optional or constrained: where a YAML ``true`` would become 1."""
-    if annotation in (int, float):
-        return True
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _numeric(typing.get_args(annotation)[0])
-    if origin in (Union, types.UnionType):
-        return any(_numeric(arg) for arg in typing.get_args(annotation))
-    return False
+    return _admits(annotation, lambda t: t in (int, float), lambda v: False)
 
 
 def _accepts_str(annotation: Any) -> bool:
     """Whether a field takes text (a name, a path, a literal word): then "12" is not refused."""
-    if annotation is Any or (isinstance(annotation, type) and issubclass(annotation, (str, PurePath))):
-        return True
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _accepts_str(typing.get_args(annotation)[0])
-    if origin is Literal:
-        return any(isinstance(value, str) for value in typing.get_args(annotation))
-    if origin in (Union, types.UnionType, list, tuple):
-        return any(_accepts_str(arg) for arg in typing.get_args(annotation))
-    return False
+    return _admits(
+        annotation,
+        lambda t: t is Any or (isinstance(t, type) and issubclass(t, (str, PurePath))),
+        lambda v: isinstance(v, str), containers=(list, tuple))
 
 
 def _only_bool(annotation: Any) -> bool:
