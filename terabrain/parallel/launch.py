@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,11 @@ import torch
 import torch.distributed as dist
 
 from terabrain.errors import (
-    PREEMPTED_EXIT_CODE, ConfigError, Preempted, SharedConfigError, TrainingError,
+    PREEMPTED_EXIT_CODE,
+    ConfigError,
+    Preempted,
+    SharedConfigError,
+    TrainingError,
 )
 
 
@@ -367,7 +372,18 @@ def fail_fast(env: LaunchEnv) -> Iterator[None]:
             # cannot cut it short.
             with contextlib.suppress(Exception):
                 dist.barrier()
+            if env.rank != 0 and _HYDRA_CONTROL in os.environ:
+                # MPICH's mpiexec (hydra 4.0) keeps only the first exit status it sees after it
+                # forwarded a signal to the ranks; those that exit together with it are recorded
+                # as 0, and mpiexec may then exit 0 for a pre-empted job (measured: 2 runs in
+                # 5). Rank 0 exits first, so mpiexec returns its code.
+                time.sleep(_HYDRA_EXIT_STAGGER_S)
         os._exit(code)
+
+
+# Set by MPICH's hydra launcher in every rank's environment.
+_HYDRA_CONTROL = "HYDI_CONTROL_FD"
+_HYDRA_EXIT_STAGGER_S = 1.0
 
 
 def _failure_report(rank: int, error: BaseException) -> tuple[int, str]:
