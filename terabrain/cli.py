@@ -111,6 +111,14 @@ def _print_summary(results: dict, run_dir: Path) -> None:
         print(f"supervised: test accuracy {supervised['test_accuracy']:.4f}")
     elif supervised:
         print(f"supervised: test mse {supervised['test_mse']:.5g}")
+    memory = results.get("memory")
+    if memory:
+        from terabrain.units import format_bytes
+
+        host = ", ".join(format_bytes(b) for b in memory["peak_resident_bytes"])
+        device = memory.get("peak_device_bytes")
+        on_device = f"; device {', '.join(format_bytes(b) for b in device)}" if device else ""
+        print(f"peak memory per rank: resident {host}{on_device} (compare: terabrain plan)")
     print(f"run directory: {run_dir} (filters.png, metrics.jsonl, tb/, results.json)")
 
 

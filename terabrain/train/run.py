@@ -42,6 +42,7 @@ from terabrain.train.checkpoint import CheckpointManager, restore
 from terabrain.train.export import WholeWeights, export_weights, load_exported
 from terabrain.train.hogwild import fit_hogwild
 from terabrain.train.malloc import map_large_buffers
+from terabrain.train.peak_memory import peak_memory_by_rank
 from terabrain.train.stage import build_trainer, feature_trainer, run_callbacks
 from terabrain.train.trainer import Trainer
 
@@ -243,6 +244,5 @@ def run_experiment(
             data.stream.close()  # stops background staging
     if config.supervised is not None:
         _supervised_stage(config, data, features, run_dir, device, results, parallel)
-    if dist.is_initialized():
-        dist.barrier()
+    results.record("memory", peak_memory_by_rank(device))  # after the export, the last peak
     return results.data
