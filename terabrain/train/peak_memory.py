@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux and BSD
 
 
-def peak_device_bytes(device: torch.device) -> Optional[int]:
+def peak_device_bytes(device: torch.device) -> int | None:
     """The CUDA allocator's peak on ``device``; None for the CPU."""
     if device.type != "cuda":
         return None
