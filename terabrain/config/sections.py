@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import types
 import typing
-from pathlib import PurePath
-from typing import Annotated, Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -141,7 +142,7 @@ class Section(BaseModel):
         return names
 
     @model_validator(mode="after")
-    def _inapplicable_fields_left_at_default(self) -> "Section":
+    def _inapplicable_fields_left_at_default(self) -> Section:
         for name in self.inapplicable_fields():
             info = type(self).model_fields[name]
             if getattr(self, name) != info.get_default(call_default_factory=True):
@@ -160,12 +161,12 @@ class LCNConfig(Section):
     weighted local mean, divide by the local standard deviation."""
 
     kernel: PositiveInt = Field(9, description="Side of the Gaussian window, in positions.")
-    sigma: Optional[PositiveFloat] = Field(
+    sigma: PositiveFloat | None = Field(
         None, description="Width of the Gaussian window; null: kernel / 4."
     )
 
     @model_validator(mode="after")
-    def _odd(self) -> "LCNConfig":
+    def _odd(self) -> LCNConfig:
         if self.kernel % 2 == 0:
             raise ValueError(f"lcn.kernel must be odd (a centred window), got {self.kernel}")
         return self
@@ -197,7 +198,7 @@ class OptimizerConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _nesterov_needs_momentum(self) -> "OptimizerConfig":
+    def _nesterov_needs_momentum(self) -> OptimizerConfig:
         if self.nesterov and self.momentum <= 0.0:
             raise ValueError("optimizer.nesterov needs optimizer.momentum > 0")
         return self
@@ -218,7 +219,7 @@ class TrainConfig(Section):
     """Steps, batches, logging and checkpoints of one training stage."""
 
     steps: PositiveInt = Field(12, description="Optimizer steps.")
-    batch_size: Optional[PositiveInt] = Field(
+    batch_size: PositiveInt | None = Field(
         None, description="Examples per step; null: the full training set (L-BFGS)."
     )
     log_every: PositiveInt = Field(1, description="Steps between metrics lines.")
@@ -302,7 +303,7 @@ class ParallelConfig(Section):
                                   json_schema_extra=applies_when("mode", "hogwild"))
 
     @model_validator(mode="after")
-    def _communication_fits(self) -> "ParallelConfig":
+    def _communication_fits(self) -> ParallelConfig:
         if self.compression != "none" and self.mode != "sync":
             raise ValueError(f"parallel.compression {self.compression!r} applies to "
                              f"parallel.mode sync only, got mode {self.mode!r}")
@@ -326,6 +327,62 @@ class SupervisedConfig(Section):
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=300, batch_size=128, checkpoint_every=100)
     )
+
+
+
+class NetworkTrainingConfig(Section):
+    """Supervised training of the source network on the data's labels (cross-entropy of its
+    outputs as logits), before its activations are taken."""
+
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=0.001)
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=600, batch_size=128, log_every=20,
+                                            checkpoint_every=200)
+    )
+
+
+class SourceNetworkConfig(Section):
+    """A network whose activations at one layer are the feature learner's examples
+    (docs/sae.md): a forward hook takes the layer's output as the data's examples pass
+    through the network, and they are kept in memory, never written out unless ``cache``
+    says so."""
+
+    model: str = Field(
+        description="The network: an import path module:callable (called with no arguments, "
+        "it returns a torch.nn.Module), or a TorchScript file (.pt) whose module is a "
+        "Sequential (a loaded TorchScript module takes no forward hooks).",
+    )
+    weights: Path | None = Field(
+        None, description="A safetensors state dict loaded into the network (null: the "
+        "callable's own weights, or those training gives it).",
+    )
+    layer: str = Field(
+        description="The layer whose output is taken: a name from the network's "
+        "named_modules() (e.g. penultimate, features.3).",
+    )
+    input: Literal["images", "rows"] = Field(
+        "images", description="How examples enter the network: images as (N, C, H, W), or "
+        "rows as (N, D).",
+    )
+    training: NetworkTrainingConfig | None = Field(
+        None, description="Train the network on the data's labels first (a stage of its own, "
+        "checkpointed in network/); null: use it as it is.",
+    )
+    batch_size: PositiveInt = Field(
+        1000, description="Examples per forward pass when taking activations and scoring.",
+    )
+    cache: Path | None = Field(
+        None, description="Also write the activations as .npy shards under this directory "
+        "(train/, holdout/), which data.source activations reads; null: keep them in memory.",
+    )
+
+    @model_validator(mode="after")
+    def _weights_exist(self) -> SourceNetworkConfig:
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ValueError(f"source_network.weights: file not found: {self.weights}")
+        return self
 
 
 # --- objectives: what a feature learner minimises (each learner names those it accepts) ---
@@ -372,6 +429,6 @@ class ReconstructionObjectiveConfig(Section):
 OBJECTIVE_SECTIONS = (RICAObjectiveConfig, SparseAutoencoderObjectiveConfig,
                       ReconstructionObjectiveConfig)
 ObjectiveConfig = Annotated[
-    Union[RICAObjectiveConfig, SparseAutoencoderObjectiveConfig, ReconstructionObjectiveConfig],
+    RICAObjectiveConfig | SparseAutoencoderObjectiveConfig | ReconstructionObjectiveConfig,
     Field(discriminator="kind"),
 ]
