@@ -204,7 +204,7 @@ def _short_run(tmp_path, name, data_setting, capsys, network_steps, steps, hidde
     return run, json.loads((run / "results.json").read_text()), out
 
 
-@pytest.mark.slow  # about 60 s on 2 busy cores
+@pytest.mark.slow  # about 3 minutes on 2 busy cores
 def test_builtin_on_a_subset_splices_near_the_original(tmp_path, capsys, small_fashion):
     """fashion-cnn-sae on 900 training images: the CNN learns, and its accuracy with the
     dictionary's reconstruction spliced in keeps at least 90% of what the layer gives over
@@ -259,3 +259,38 @@ def test_cache_writes_the_hooked_activations_as_shards(tmp_path, capsys, small_f
         return rows[np.lexsort(rows.T[::-1])]
 
     np.testing.assert_array_equal(in_order(cached), in_order(direct))
+
+
+def test_analyze_shows_each_latent_of_a_dictionary(tmp_path, capsys, small_fashion):
+    """`terabrain analyze` on a dictionary of the CNN's layer: per latent its density, its
+    top-activating held-out examples (images) and the class it answers most, and the
+    concept table with one row per class; the figures are recomputable from the run."""
+    from terabrain.analysis.loaded_run import load_run
+    from terabrain.data.prepare import prepare_data
+
+    run, _, _ = _short_run(tmp_path, "a", small_fashion[0], capsys, 8, 10, 32)
+    assert main(["analyze", str(run), "--random-networks", "1", "--top-k", "3"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((run / "analysis" / "analysis.json").read_text())
+    for name in ("report.html", "report.md", "density.png", "top_latents.png",
+                 "concept_latents.png"):
+        assert (run / "analysis" / name).is_file(), name
+    assert len(summary["concepts"]) == 10 and printed.count("learned") == 10
+    latents = summary["latents"]
+    assert [row["latent"] for row in latents] == list(range(32))
+    # Recompute from the run: the held-out images through the CNN's layer and the dictionary.
+    loaded = load_run(run)
+    prepared = prepare_data(loaded.config.data, loaded.config.seed)
+    with torch.no_grad():
+        codes = loaded.model.encode(loaded.from_prepared(prepared.holdout_x))
+    labels = prepared.holdout_y
+    for row in latents:
+        j = row["latent"]
+        assert row["density"] == pytest.approx(float((codes[:, j] > 0).double().mean()))
+        if row["density"] > 0:
+            means = [float(codes[labels == c, j].double().mean()) for c in range(10)]
+            assert row["class"] == str(int(np.argmax(means)))  # npy data: classes by number
+            assert row["top_values"][0] == pytest.approx(float(codes[:, j].max()), rel=1e-6)
+            assert float(codes[row["top_indices"][0], j]) == pytest.approx(row["top_values"][0])
+            assert max(means) / sum(means) == pytest.approx(row["class_share"], rel=1e-6)
+    assert summary["dead_latents"] == sum(row["density"] == 0 for row in latents)
