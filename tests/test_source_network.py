@@ -165,17 +165,26 @@ def _one_line(capsys, *args):
     return err[0]
 
 
-@pytest.fixture()
-def small_fashion(tmp_path):
-    """1,200 Fashion-MNIST training images and labels as .npy (a subset for fast runs)."""
+@pytest.fixture(scope="module")
+def small_fashion_files(tmp_path_factory):
     if not fashion_mnist_available():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    directory = tmp_path_factory.mktemp("fashion")
     images, labels = load_fashion_mnist("train")
-    np.save(tmp_path / "images.npy", images[:1200])
-    np.save(tmp_path / "labels.npy", labels[:1200])
+    np.save(directory / "images.npy", images[:1200])
+    np.save(directory / "labels.npy", labels[:1200])
+    return directory
+
+
+@pytest.fixture()
+def small_fashion(small_fashion_files, tmp_path):
+    """1,200 Fashion-MNIST training images and labels as .npy (a subset for fast runs), also
+    in ``tmp_path``: [the data setting for --set]."""
+    for name in ("images.npy", "labels.npy"):
+        (tmp_path / name).write_bytes((small_fashion_files / name).read_bytes())
     return [(f"data={{source: npy, path: {tmp_path / 'images.npy'}, labels_path: "
-            f"{tmp_path / 'labels.npy'}, test_fraction: 0.25, remove_mean: false, "
-            "whitening: none}")]
+             f"{tmp_path / 'labels.npy'}, test_fraction: 0.25, remove_mean: false, "
+             "whitening: none}")]
 
 
 @pytest.mark.parametrize("setting, field", [
@@ -222,9 +231,10 @@ def test_builtin_on_a_subset_splices_near_the_original(tmp_path, capsys, small_f
     assert "spliced: test accuracy" in out and "class-selective" in out
 
 
-def test_the_stages_repeat_bit_for_bit(tmp_path, capsys, small_fashion):
+def test_the_stages_repeat_bit_for_bit_and_analyze(tmp_path, capsys, small_fashion):
     """Two runs of the same config: the same CNN, dictionary and report, bit for bit
-    (the CNN's stage is seeded and its batches are a function of (seed, step))."""
+    (the CNN's stage is seeded and its batches are a function of (seed, step)); then
+    `terabrain analyze` of the first (check_analysis)."""
     run, results, _ = _short_run(tmp_path, "a", small_fashion[0], capsys, 8, 10, 32)
     again, repeated, _ = _short_run(tmp_path, "b", small_fashion[0], capsys, 8, 10, 32)
     assert results["network"]["steps"] == 8 and results["features"]["steps"] == 10
@@ -234,6 +244,7 @@ def test_the_stages_repeat_bit_for_bit(tmp_path, capsys, small_fashion):
         drop = {"seconds", "seconds_this_session", "final"}
         assert ({k: v for k, v in results[stage].items() if k not in drop}
                 == {k: v for k, v in repeated[stage].items() if k not in drop}), stage
+    check_analysis(run, capsys)
 
 
 def test_cache_writes_the_hooked_activations_as_shards(tmp_path, capsys, small_fashion):
@@ -261,14 +272,13 @@ def test_cache_writes_the_hooked_activations_as_shards(tmp_path, capsys, small_f
     np.testing.assert_array_equal(in_order(cached), in_order(direct))
 
 
-def test_analyze_shows_each_latent_of_a_dictionary(tmp_path, capsys, small_fashion):
+def check_analysis(run, capsys):
     """`terabrain analyze` on a dictionary of the CNN's layer: per latent its density, its
     top-activating held-out examples (images) and the class it answers most, and the
     concept table with one row per class; the figures are recomputable from the run."""
     from terabrain.analysis.loaded_run import load_run
     from terabrain.data.prepare import prepare_data
 
-    run, _, _ = _short_run(tmp_path, "a", small_fashion[0], capsys, 8, 10, 32)
     assert main(["analyze", str(run), "--random-networks", "1", "--top-k", "3"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((run / "analysis" / "analysis.json").read_text())
@@ -294,3 +304,41 @@ def test_analyze_shows_each_latent_of_a_dictionary(tmp_path, capsys, small_fashi
             assert float(codes[row["top_indices"][0], j]) == pytest.approx(row["top_values"][0])
             assert max(means) / sum(means) == pytest.approx(row["class_share"], rel=1e-6)
     assert summary["dead_latents"] == sum(row["density"] == 0 for row in latents)
+
+
+def test_streamed_batches_pass_through_the_hook(tmp_path, capsys, small_fashion):
+    """data.stream true: each batch goes through the network's layer as the trainer asks
+    for it; the dictionary trains on activations (its b_dec is fitted on the held-out
+    activations) and no activation is written."""
+    from terabrain.train.network_stage import TappedBatches
+
+    class Batches:  # a BatchSource of fixed rows
+        batch_size = 4
+
+        def __init__(self, rows):
+            self.rows = rows
+
+        def batch(self, step):
+            return self.rows[step * 4 : step * 4 + 4], None
+
+    torch.manual_seed(0)
+    network = FashionCNN().eval()
+    rows = torch.rand(8, 784)
+    tapped = TappedBatches(Batches(rows), LayerTap(network, "penultimate"), (28, 28), "images")
+    with torch.no_grad():
+        expected = network.penultimate(network.features(rows[4:].reshape(4, 1, 28, 28)))
+    assert torch.equal(tapped.batch(1)[0], expected) and tapped.batch_size == 4
+
+    images = tmp_path / "images.npy"
+    run = tmp_path / "run"
+    code = main(["train", "fashion-cnn-sae", "--out", str(run), "--set",
+                 (f"data={{source: npy, path: {images}, stream: true, remove_mean: false, "
+                 "whitening: none, holdout_patches: 200, workers: 0}"),
+                 "--set", "source_network.training=null", "--set", "train.steps=6",
+                 "--set", "train.batch_size=100", "--set", "model.init_rows=200",
+                 "--set", "model.hidden=32"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((run / "results.json").read_text())
+    assert results["activations"]["streamed"] and results["activations"]["width"] == 64
+    assert results["features"]["steps"] == 6 and results["data"]["example_shape"] == [64]
+    assert results["splice"] == {"skipped": "the held-out examples have no labels"}

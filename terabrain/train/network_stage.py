@@ -102,6 +102,48 @@ def _train_network(config: ExperimentConfig, network: nn.Module, data: PreparedD
     })
 
 
+class TappedBatches:
+    """A streamed collection's batches (a BatchSource) taken through the network's layer as
+    they arrive: the trainer sees activations, and no activation is ever stored."""
+
+    def __init__(self, inner, tap: LayerTap, example_shape: tuple[int, ...], layout: str):
+        self.inner, self.tap, self.example_shape, self.layout = inner, tap, example_shape, layout
+        self.batch_size = inner.batch_size
+
+    @torch.no_grad()
+    def batch(self, step: int):
+        x, y = self.inner.batch(step)
+        taken = self.tap.activations(network_input(x.to("cpu"), self.example_shape, self.layout))
+        return taken.float().to(x.device), y
+
+    def metrics(self) -> dict[str, float]:
+        return self.inner.metrics()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class TappedStream:
+    """A prepared streamed collection (terabrain.data.streamed_source.StreamSource) whose
+    examples are the layer's activations: what run.py asks of ``PreparedData.stream``."""
+
+    def __init__(self, stream, tap: LayerTap, example_shape: tuple[int, ...], layout: str):
+        self.stream, self.tap, self.example_shape, self.layout = stream, tap, example_shape, layout
+
+    def open(self, batch_size, parallel, device) -> TappedBatches:
+        return TappedBatches(self.stream.open(batch_size, parallel, device), self.tap,
+                             self.example_shape, self.layout)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 def _alone():
     from terabrain.parallel.parallelism import Parallelism
 
@@ -126,26 +168,34 @@ def network_stage(config: ExperimentConfig, data: PreparedData, run_dir: Path,
     """The source network (trained when asked) and the data as its layer's activations:
     (examples of the feature learner, the network for the report)."""
     section = config.source_network
-    if data.stream is not None:
-        raise ConfigError("source_network: streamed data is not taken through a network yet; "
-                          "set data.stream false (npy, activations) or use an in-memory source")
+    if data.stream is not None and section.cache is not None:
+        raise ConfigError("source_network.cache: a streamed collection's activations are "
+                          "taken batch by batch and never held whole; set it null, or "
+                          "data.stream false")
     network = load_network(section.model, section.weights, config.seed)
     tap = LayerTap(network, section.layer)  # a wrong layer name fails before any training
     if section.training is not None:
         _train_network(config, network, data, run_dir, device, results)
     network.to("cpu").eval()
-    train = layer_activations(tap, data.train_x, data.example_shape, section.input,
-                              section.batch_size)
     holdout = layer_activations(tap, data.holdout_x, data.example_shape, section.input,
                                 section.batch_size)
+    if data.stream is not None:  # each batch through the hook as the trainer asks for it
+        train = None
+        stream = TappedStream(data.stream, tap, data.example_shape, section.input)
+    else:
+        train = layer_activations(tap, data.train_x, data.example_shape, section.input,
+                                  section.batch_size)
+        stream = None
     if section.cache is not None and is_main_rank():
         _write_shards(Path(section.cache) / "train", train)
         _write_shards(Path(section.cache) / "holdout", holdout)
     if not results.done("activations"):
-        results.record("activations", {"layer": section.layer, "width": train.shape[1],
-                                       "train_rows": len(train), "holdout_rows": len(holdout)})
-    taken = replace(data, train_x=train, holdout_x=holdout, example_shape=(train.shape[1],),
-                    whitening=None)
+        results.record("activations", {
+            "layer": section.layer, "width": holdout.shape[1],
+            "train_rows": None if train is None else len(train), "holdout_rows": len(holdout),
+            "streamed": stream is not None})
+    taken = replace(data, train_x=train, holdout_x=holdout, example_shape=(holdout.shape[1],),
+                    whitening=None, stream=stream)
     return taken, SourceNetwork(tap, data, section.input, section.batch_size)
 
 
