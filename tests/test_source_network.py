@@ -342,3 +342,52 @@ def test_streamed_batches_pass_through_the_hook(tmp_path, capsys, small_fashion)
     assert results["activations"]["streamed"] and results["activations"]["width"] == 64
     assert results["features"]["steps"] == 6 and results["data"]["example_shape"] == [64]
     assert results["splice"] == {"skipped": "the held-out examples have no labels"}
+
+
+def _wait_for_checkpoint(directory, process, timeout_s=300):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not any((p / ".metadata").is_file() for p in directory.glob("step_*")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no checkpoint in {directory}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # about 2 minutes on 2 busy cores
+def test_killed_in_either_stage_resumes_to_the_same_run(tmp_path, small_fashion):
+    """SIGKILL once the CNN's stage has a checkpoint, resume; SIGKILL again once the
+    dictionary's stage has one, resume: the CNN, the dictionary and the report equal an
+    uninterrupted run's, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    sets = [small_fashion[0], "source_network.training.train.steps=40",
+            "source_network.training.train.checkpoint_every=5", "train.steps=60",
+            "train.checkpoint_every=5", "model.init_rows=900", "model.hidden=64",
+            "train.progress=false", "source_network.training.train.progress=false"]
+
+    def command(run):
+        return [sys.executable, "-m", "terabrain", "train", "fashion-cnn-sae",
+                *[a for s in sets for a in ("--set", s)], "--out", str(run),
+                "--resume-if-exists"]
+
+    environment = {**os.environ, "PYTHONPATH": str(repo)}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(command(reference), env=environment, check=True, capture_output=True)
+    for stage_checkpoints in (killed / "network" / "checkpoints", killed / "checkpoints"):
+        process = subprocess.Popen(command(killed), env=environment, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        _wait_for_checkpoint(stage_checkpoints, process)
+        process.kill()
+        process.communicate()
+    subprocess.run(command(killed), env=environment, check=True, capture_output=True)
+    for name in ("network/model.safetensors", "model.safetensors"):
+        assert (killed / name).read_bytes() == (reference / name).read_bytes(), name
+    expected = json.loads((reference / "results.json").read_text())["splice"]
+    got = json.loads((killed / "results.json").read_text())["splice"]
+    expected.pop("seconds"), got.pop("seconds")
+    assert got == expected
