@@ -244,6 +244,17 @@ def test_the_stages_repeat_bit_for_bit_and_analyze(tmp_path, capsys, small_fashi
         drop = {"seconds", "seconds_this_session", "final"}
         assert ({k: v for k, v in results[stage].items() if k not in drop}
                 == {k: v for k, v in repeated[stage].items() if k not in drop}), stage
+    # Logged on every logged step of the dictionary; the last one is the final report's.
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    downstream = [r for r in logged if r["stage"] == "features" and "downstream_accuracy" in r]
+    assert [r["step"] for r in downstream] == [r["step"] for r in logged
+                                               if r["stage"] == "features"]
+    final = downstream[-1]
+    assert final["downstream_accuracy"] == pytest.approx(
+        results["splice"]["accuracy"]["spliced"], abs=1e-6)
+    assert final["downstream_loss_increase"] == pytest.approx(
+        results["splice"]["loss_increase"], abs=1e-5)
+    assert final["downstream_accuracy_zero"] == results["splice"]["accuracy"]["zero_ablation"]
     check_analysis(run, capsys)
 
 

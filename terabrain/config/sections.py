@@ -373,6 +373,11 @@ class SourceNetworkConfig(Section):
     batch_size: PositiveInt = Field(
         1000, description="Examples per forward pass when taking activations and scoring.",
     )
+    monitor_examples: int = Field(
+        1000, ge=0, description="On every logged step of the feature learner, the network's "
+        "accuracy and loss on this many held-out examples with the layer replaced by the "
+        "reconstruction (metrics downstream_*); 0: only at the end.",
+    )
     cache: Path | None = Field(
         None, description="Also write the activations as .npy shards under this directory "
         "(train/, holdout/), which data.source activations reads; null: keep them in memory.",

@@ -24,8 +24,10 @@ from terabrain.config.schema import ExperimentConfig
 from terabrain.data.prepare import PreparedData
 from terabrain.errors import ConfigError, TrainingError
 from terabrain.files import replace_atomically
+from terabrain.hooks import Callback
 from terabrain.objectives import ClassificationObjective
 from terabrain.parallel.launch import is_main_rank
+from terabrain.parallel.parallelism import full
 from terabrain.source_network import (
     LayerTap,
     layer_activations,
@@ -222,3 +224,70 @@ def splice_stage(config: ExperimentConfig, data: PreparedData, source: SourceNet
         source_of(config.data).class_names(config.data), config.seed,
     )
     return {**report, "seconds": time.perf_counter() - started}
+
+
+class DownstreamCost(Callback):
+    """On the feature learner's logged steps: the network's accuracy and cross-entropy on
+    the first ``monitor_examples`` held-out examples with the layer's output replaced by
+    the learner's reconstruction (``downstream_accuracy``, ``downstream_loss``), its loss
+    increase and the fraction of the zero-ablation loss it recovers, beside the network as
+    it is and with the layer zeroed or mean-ablated (constant, computed once). Every rank
+    calls it (a placed learner's forward pass may be a collective); the main rank's loggers,
+    which come after it, write what it adds."""
+
+    def __init__(self, source: SourceNetwork, rows: torch.Tensor, labels: torch.Tensor,
+                 layer_mean: torch.Tensor, parallel):
+        self.source, self.rows, self.labels = source, rows, labels
+        self.layer_mean, self.parallel = layer_mean, parallel
+        self.reference: dict[str, float] | None = None
+
+    def _scores(self, replace_layer) -> tuple[float, float]:
+        logits = self.source.outputs(self.rows, replace_layer)
+        return (float((logits.argmax(dim=1) == self.labels).float().mean()),
+                float(torch.nn.functional.cross_entropy(logits, self.labels)))
+
+    def on_step_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+        model = trainer.model
+        if not trainer.is_log_step(step) or not hasattr(model, "reconstruct"):
+            return
+        if self.reference is None:
+            original = self._scores(None)
+            zero = self._scores(torch.zeros_like)
+            mean = self._scores(lambda layer: self.layer_mean.expand_as(layer))
+            self.reference = {
+                "downstream_accuracy_original": original[0], "downstream_loss_original": original[1],
+                "downstream_accuracy_zero": zero[0], "downstream_accuracy_mean": mean[0],
+                "downstream_loss_zero": zero[1]}
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()  # BatchTopK's inference rule; nothing a training step keeps is touched
+
+        def reconstruction(layer: torch.Tensor) -> torch.Tensor:
+            rebuilt = model.reconstruct(self.parallel.inputs(layer.to(device)))
+            return full(rebuilt).detach().float().cpu()
+
+        try:
+            accuracy, loss = self._scores(reconstruction)
+        finally:
+            model.train(was_training)
+        reference = self.reference
+        gap = reference["downstream_loss_zero"] - reference["downstream_loss_original"]
+        metrics.update({
+            **reference, "downstream_accuracy": accuracy, "downstream_loss": loss,
+            "downstream_loss_increase": loss - reference["downstream_loss_original"],
+            "downstream_loss_recovered": (reference["downstream_loss_zero"] - loss) / gap
+            if gap else float("nan")})
+
+
+def downstream_monitors(config: ExperimentConfig, data: PreparedData, source: SourceNetwork,
+                        parallel) -> list[Callback]:
+    """The feature stage's DownstreamCost, when the held-out examples have labels and
+    ``source_network.monitor_examples`` is not 0."""
+    count = config.source_network.monitor_examples
+    inputs = source.inputs
+    if not count or inputs.holdout_y is None:
+        return []
+    # The mean ablation's mean: the training activations, or the held-out ones when streamed.
+    layer_mean = (data.train_x if data.train_x is not None else data.holdout_x).mean(dim=0)
+    return [DownstreamCost(source, inputs.holdout_x[:count], inputs.holdout_y[:count],
+                           layer_mean, parallel)]

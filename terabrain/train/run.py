@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from terabrain.config.schema import ExperimentConfig, TrainConfig
 from terabrain.data.prepare import PreparedData, prepare_data
 from terabrain.errors import ConfigError, TrainingError
 from terabrain.files import replace_atomically, write_text_atomically
+from terabrain.hooks import Callback
 from terabrain.learners.registry import learner_of
 from terabrain.nn.autoencoder import SupervisedHead
 from terabrain.objectives import build_supervised_objective
@@ -44,7 +46,11 @@ from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.train.checkpoint import CheckpointManager
 from terabrain.train.export import WholeWeights, export_weights, load_exported
 from terabrain.train.malloc import map_large_buffers
-from terabrain.train.network_stage import network_stage, splice_stage
+from terabrain.train.network_stage import (
+    downstream_monitors,
+    network_stage,
+    splice_stage,
+)
 from terabrain.train.peak_memory import peak_memory_by_rank
 from terabrain.train.stage import (
     build_trainer,
@@ -96,7 +102,7 @@ def _check_divisible(train: TrainConfig, rows: int, parallel: Parallelism) -> No
 
 def _feature_stage(
     config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
-    results: Results, parallel: Parallelism,
+    results: Results, parallel: Parallelism, monitors: Sequence[Callback] = (),
 ) -> torch.nn.Module:
     """Feature learning with the experiment's learner (terabrain.learners): the learner
     builds, places and schedules its network; this stage trains, exports and draws it."""
@@ -119,9 +125,9 @@ def _feature_stage(
     stage = feature_trainer(
         config, shape, inputs=data.train_x, batches=batches, parallel=parallel, device=device,
         sample=data.holdout_x if data.train_x is None else None,
-        callbacks=lambda training: run_callbacks(
+        callbacks=lambda training: [*monitors, *run_callbacks(  # monitors add logged values
             stage="features", run_dir=run_dir, manager=manager, train=train, config=config,
-            parallel=parallel, training=training),
+            parallel=parallel, training=training)],
     )
     fit_stage(stage.trainer, "features", manager, config)
     trainer, training, network = stage.trainer, stage.training, stage.network
@@ -221,7 +227,8 @@ def run_experiment(
     if not results.done("data"):  # what analysis needs to rebuild the model's input
         results.record("data", {"example_shape": list(data.example_shape)})
     try:
-        features = _feature_stage(config, data, run_dir, device, results, parallel)
+        monitors = [] if source is None else downstream_monitors(config, data, source, parallel)
+        features = _feature_stage(config, data, run_dir, device, results, parallel, monitors)
     finally:
         if data.stream is not None:
             data.stream.close()  # stops background staging
