@@ -10,7 +10,7 @@ Field descriptions are the reference documentation (docs/config.md is generated 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -72,11 +72,11 @@ class ExperimentConfig(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    source_network: SourceNetworkConfig | None = Field(
+    source_network: Optional[SourceNetworkConfig] = Field(
         None, description="Train the feature learner on the activations of a layer of this "
         "network, taken as the data's examples pass through it (null: on the data itself)."
     )
-    supervised: SupervisedConfig | None = Field(
+    supervised: Optional[SupervisedConfig] = Field(
         None, description="Optional second stage on labels (digits, lfw, fashion-mnist, npy "
         "with labels_path)."
     )
@@ -89,7 +89,7 @@ class ExperimentConfig(Section):
         return raw
 
     @model_validator(mode="after")
-    def _compatible(self) -> ExperimentConfig:
+    def _compatible(self) -> "ExperimentConfig":
         learner_of(self).check(self)
         if self.supervised is not None and not source_of(self.data).has_labels(self.data):
             raise ValueError(

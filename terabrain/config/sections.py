@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path, PurePath
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -142,7 +141,7 @@ class Section(BaseModel):
         return names
 
     @model_validator(mode="after")
-    def _inapplicable_fields_left_at_default(self) -> Section:
+    def _inapplicable_fields_left_at_default(self) -> "Section":
         for name in self.inapplicable_fields():
             info = type(self).model_fields[name]
             if getattr(self, name) != info.get_default(call_default_factory=True):
@@ -161,12 +160,12 @@ class LCNConfig(Section):
     weighted local mean, divide by the local standard deviation."""
 
     kernel: PositiveInt = Field(9, description="Side of the Gaussian window, in positions.")
-    sigma: PositiveFloat | None = Field(
+    sigma: Optional[PositiveFloat] = Field(
         None, description="Width of the Gaussian window; null: kernel / 4."
     )
 
     @model_validator(mode="after")
-    def _odd(self) -> LCNConfig:
+    def _odd(self) -> "LCNConfig":
         if self.kernel % 2 == 0:
             raise ValueError(f"lcn.kernel must be odd (a centred window), got {self.kernel}")
         return self
@@ -198,7 +197,7 @@ class OptimizerConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _nesterov_needs_momentum(self) -> OptimizerConfig:
+    def _nesterov_needs_momentum(self) -> "OptimizerConfig":
         if self.nesterov and self.momentum <= 0.0:
             raise ValueError("optimizer.nesterov needs optimizer.momentum > 0")
         return self
@@ -219,7 +218,7 @@ class TrainConfig(Section):
     """Steps, batches, logging and checkpoints of one training stage."""
 
     steps: PositiveInt = Field(12, description="Optimizer steps.")
-    batch_size: PositiveInt | None = Field(
+    batch_size: Optional[PositiveInt] = Field(
         None, description="Examples per step; null: the full training set (L-BFGS)."
     )
     log_every: PositiveInt = Field(1, description="Steps between metrics lines.")
@@ -303,7 +302,7 @@ class ParallelConfig(Section):
                                   json_schema_extra=applies_when("mode", "hogwild"))
 
     @model_validator(mode="after")
-    def _communication_fits(self) -> ParallelConfig:
+    def _communication_fits(self) -> "ParallelConfig":
         if self.compression != "none" and self.mode != "sync":
             raise ValueError(f"parallel.compression {self.compression!r} applies to "
                              f"parallel.mode sync only, got mode {self.mode!r}")
@@ -327,7 +326,6 @@ class SupervisedConfig(Section):
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=300, batch_size=128, checkpoint_every=100)
     )
-
 
 
 class NetworkTrainingConfig(Section):
@@ -354,7 +352,7 @@ class SourceNetworkConfig(Section):
         "it returns a torch.nn.Module), or a TorchScript file (.pt) whose module is a "
         "Sequential (a loaded TorchScript module takes no forward hooks).",
     )
-    weights: Path | None = Field(
+    weights: Optional[Path] = Field(
         None, description="A safetensors state dict loaded into the network (null: the "
         "callable's own weights, or those training gives it).",
     )
@@ -378,13 +376,13 @@ class SourceNetworkConfig(Section):
         "accuracy and loss on this many held-out examples with the layer replaced by the "
         "reconstruction (metrics downstream_*); 0: only at the end.",
     )
-    cache: Path | None = Field(
+    cache: Optional[Path] = Field(
         None, description="Also write the activations as .npy shards under this directory "
         "(train/, holdout/), which data.source activations reads; null: keep them in memory.",
     )
 
     @model_validator(mode="after")
-    def _weights_exist(self) -> SourceNetworkConfig:
+    def _weights_exist(self) -> "SourceNetworkConfig":
         if self.weights is not None and not Path(self.weights).is_file():
             raise ValueError(f"source_network.weights: file not found: {self.weights}")
         return self
@@ -434,6 +432,6 @@ class ReconstructionObjectiveConfig(Section):
 OBJECTIVE_SECTIONS = (RICAObjectiveConfig, SparseAutoencoderObjectiveConfig,
                       ReconstructionObjectiveConfig)
 ObjectiveConfig = Annotated[
-    RICAObjectiveConfig | SparseAutoencoderObjectiveConfig | ReconstructionObjectiveConfig,
+    Union[RICAObjectiveConfig, SparseAutoencoderObjectiveConfig, ReconstructionObjectiveConfig],
     Field(discriminator="kind"),
 ]
