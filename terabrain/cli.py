@@ -96,6 +96,9 @@ def _same_on_every_rank(run_dir: Path) -> Path:
 
 
 def _print_summary(results: dict, run_dir: Path) -> None:
+    network = results.get("network")
+    if network:
+        print(f"network: {network['steps']} steps, test accuracy {network['test_accuracy']:.4f}")
     features = results.get("features", {})
     final = features.get("final", {})
     if final:
@@ -111,6 +114,11 @@ def _print_summary(results: dict, run_dir: Path) -> None:
         print(f"supervised: test accuracy {supervised['test_accuracy']:.4f}")
     elif supervised:
         print(f"supervised: test mse {supervised['test_mse']:.5g}")
+    splice = results.get("splice")
+    if splice and "skipped" not in splice:
+        from terabrain.analysis.splice import summary_lines
+
+        print("\n".join(summary_lines(splice)))
     memory = results.get("memory")
     if memory:
         from terabrain.units import format_bytes
