@@ -258,3 +258,58 @@ def test_a_2x2_checkpoint_resumes_on_2_ranks_then_1_as_if_never_stopped(tmp_path
     assert expected["steps_since_fired"].max() >= 2  # some latents went dead
     for name, value in load_file(str(run / "model.safetensors")).items():
         assert torch.allclose(value, expected[name], rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("hidden, batch, width, activation, aux", [
+    (4096, 256, 256, "topk", 0.03),  # the backward pass's moment is the peak
+    (8192, 512, 128, "topk", 0.0),  # the end of the forward pass is
+    (8192, 512, 128, "batchtopk", 0.03),
+    (8192, 512, 128, "relu", 0.0),
+    (1024, 64, 512, "topk", 0.03),  # the optimizer step's moment is
+])
+def test_planned_memory_bounds_the_measured_peak(tmp_path, hidden, batch, width, activation, aux):
+    """`terabrain plan`'s total for a topk_sae (less the training set) is at least the peak
+    MemTracker measures over real Adam steps on one rank, and within 20% of it."""
+    import numpy as np
+
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    from terabrain.capacity import plan_experiment
+    from terabrain.config.loader import load_experiment
+    from terabrain.learners.registry import learner_of
+    from terabrain.parallel.parallelism import Parallelism
+    from terabrain.train.optim import build_optimizer
+
+    np.save(tmp_path / "acts.npy", np.zeros((4 * batch, width), np.float32))  # > one batch
+    (tmp_path / "sae.yaml").write_text(f"""
+name: memory
+data: {{source: npy, path: {tmp_path / 'acts.npy'}, remove_mean: false, whitening: none}}
+model: {{kind: topk_sae, hidden: {hidden}, k: 16, k_aux: 128, dead_after: 128,
+        aux_coefficient: {aux}, activation: {activation}, l1_coefficient: 0.001}}
+objective: {{kind: reconstruction}}
+optimizer: {{name: adam, lr: 0.001}}
+train: {{batch_size: {batch}}}
+""")
+    config = load_experiment(str(tmp_path / "sae.yaml"), [])
+    split = plan_experiment(config, 1, 10**15).splits[0]
+    planned = split.total - split.dataset
+    learner = learner_of(config)
+    torch.manual_seed(0)
+    model = learner.build(config, (width,), 0)
+    training = learner.training(config, model, Parallelism(None), (width,))
+    optimizer = build_optimizer(config.optimizer, training.parameters)
+    # MemTracker hooks every parameter's gradient; the learner's counters (never optimised,
+    # scalars and one value per latent) take no gradient otherwise.
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    data = torch.randn(batch, width, generator=torch.Generator().manual_seed(1))
+    tracker = mem_tracker.MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        for _ in range(2):
+            tracker.reset_mod_stats()
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = training.objective(model, data)
+            loss.backward()
+            optimizer.step()
+    measured = sum(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values())
+    assert measured <= planned <= 1.2 * measured, (measured, planned)

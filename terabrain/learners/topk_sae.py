@@ -247,7 +247,15 @@ class TopKSAELearner(HiddenUnitLearner):
         total = sum(p.numel for p in params if p.name in trained)
         logged = len(TopKSAEObjective.logged_names)
         auxiliary = model.aux_coefficient > 0 and model.activation != "relu"
-
+        # Values per row alive at the step's peak, which is one of two moments (measured
+        # with MemTracker, tests/test_topk_sae.py): the end of the forward pass, before any
+        # gradient exists, when every latent-sized tensor is alive (pre-activations, the
+        # dense codes, and AuxK's masked pre-activations and codes); or the backward pass,
+        # with the gradients allocated and fewer activations left. Input-sized values: the
+        # normalised and centred input, the reconstruction, its error, their gradients.
+        forward_latents, backward_latents = (7, 4) if auxiliary else (
+            (4, 1) if model.activation == "relu" else (5, 1))  # + the top-k's selection
+        input_values = 12 if auxiliary else 8
         def per_rank(data_ranks: int, model_ranks: int, rows: int) -> RankFigures:
             reasons = [f"model does not divide hidden ({hidden})"] if hidden % model_ranks else []
             block = -(-hidden // model_ranks)
@@ -255,13 +263,17 @@ class TopKSAELearner(HiddenUnitLearner):
             local_elements = sum(local_of.values())
             local_trained = sum(local_of[name] for name in trained)
             gradient_elements = sum(p.gradient_copies * local_of[p.name] for p in params)
+            forward = rows * (forward_latents * block + input_values * inputs)
+            backward = rows * (backward_latents * block + input_values * inputs)
+            # Summed with the gradients by the planner: the larger of the two moments.
+            activation_elements = max(forward - gradient_elements, backward)
             sent = self.model_axis_bytes(config, inputs, model_ranks, rows, k_aux)
             data_sent = ring_all_reduce(data_ranks, FP32 * (local_trained + block + logged))
             return RankFigures(
                 reasons=reasons, local_parameters=local_elements,
                 weights=FP32 * local_elements, gradients=FP32 * gradient_elements,
                 optimizer=FP32 * optimizer_state(config.optimizer, local_trained, total),
-                activations=FP32 * rows * (9 * block + 8 * inputs),
+                activations=FP32 * activation_elements,
                 model_axis_sent=round(sent), data_axis_sent=round(data_sent),
             )
 
@@ -270,7 +282,10 @@ class TopKSAELearner(HiddenUnitLearner):
             parameters=total, hidden=hidden, parameter_table=params, per_rank=per_rank,
             notes=[
                 "grads: encoder 1x, decoder 3x (decode, AuxK decode, tangent projection)",
-                "activ: 4 B x batch/data x (9 latents/model + 8 inputs)",
+                "activ: 4 B x batch/data x the larger of the forward pass's "
+                + f"{forward_latents} latents/model + {input_values} inputs"
+                + " less the gradients, and the backward pass's "
+                + f"{backward_latents} latents/model + {input_values} inputs",
                 "sent:model: top-k candidates all-gathered ((m-1) x rows x min(k, latents/m)"
                 " values" + (", AuxK's too" if auxiliary else "") + "), the reconstruction"
                 + (" and the AuxK reconstruction" if auxiliary else "") + " all-reduced",
