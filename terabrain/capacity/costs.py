@@ -4,6 +4,13 @@ optimizer state and closure evaluations per step."""
 from __future__ import annotations
 
 FP32 = 4
+BF16 = 2
+
+
+def weight_bytes(precision: str) -> int:
+    """Bytes per weight and per gradient element: 2 with precision bf16-weights, else 4
+    (bf16 autocasts the products; its weights stay fp32)."""
+    return BF16 if precision == "bf16-weights" else FP32
 
 
 def ring_all_reduce(ranks: int, payload: float) -> float:

@@ -141,3 +141,19 @@ class Learner:
         """Parameters, work and per-rank figures for `terabrain plan`, from a network built on
         the meta device."""
         raise NotImplementedError
+
+    def memory_savings(self, config: ExperimentConfig) -> list[list[str]]:
+        """Changes that lower this experiment's memory per rank, each a list of ``--set``
+        assignments, the smallest change to the training first; `terabrain plan` tries them,
+        alone and together, when the experiment as configured fits no split. Here: the
+        optimizer's state (SGD with momentum keeps one copy, plain SGD none, Adam two) and
+        the weights' precision."""
+        optimizer, options = config.optimizer, []
+        if optimizer.name in ("adam", "adamw", "rmsprop", "adagrad"):
+            options.append(["optimizer.name=sgd", "optimizer.momentum=0.9"])
+            options.append(["optimizer.name=sgd", "optimizer.momentum=0"])
+        elif optimizer.name == "sgd" and optimizer.momentum > 0:
+            options.append(["optimizer.momentum=0"])
+        if config.precision != "bf16-weights" and optimizer.name != "lbfgs":
+            options.append(["precision=bf16-weights"])
+        return options
