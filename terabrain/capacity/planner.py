@@ -300,8 +300,13 @@ def _fits_with(config: ExperimentConfig, devices: int, device_memory: int, batch
                 changed = with_overrides(config, settings)
             except ConfigError:
                 continue
-            best = plan_experiment(changed, devices, device_memory, batch=batch,
-                                   headroom=headroom, find_savings=False).recommended
+            plan = plan_experiment(changed, devices, device_memory, batch=batch,
+                                   headroom=headroom, find_savings=False)
+            # The optimizer in the backward pass runs without a data axis.
+            fitting = [s for s in plan.splits if s.fits
+                       and (s.data == 1 or not changed.train.optimizer_in_backward)]
+            best = plan.recommended if plan.recommended in fitting else (
+                min(fitting, key=lambda s: (s.sent, s.total)) if fitting else None)
             if best is not None:
                 return {"settings": settings, "split": asdict(best)}
     return None
@@ -392,8 +397,9 @@ def _notes(plan: Plan, config: "ExperimentConfig", learner_notes: list[str]) -> 
             f"{plan.evaluations_per_step} closure evaluations"
         )
     notes += learner_notes + [
-        "weights: fp32, Shard placements / model, Replicate full; optim: sgd 0 (1x with "
-        "momentum), adam 2x, rmsprop 1x (+1x), adagrad 1x, lbfgs replicated flat vectors",
+        "weights: fp32 (weights and grads bf16 with precision bf16-weights), Shard placements "
+        "/ model, Replicate full; optim (fp32): sgd 0 (1x with momentum), adam 2x, rmsprop 1x "
+        "(+1x), adagrad 1x, lbfgs replicated flat vectors",
         "other: the training set when the trainer keeps it on every rank's device (in-memory "
         "sources; streamed ones hold only their prefetch buffers), + autocast's bf16 weight copy",
         "sent:data: one ring all-reduce of the local gradients, 2(d-1)/d x local parameters x 4 B",

@@ -225,14 +225,17 @@ class DeepLearner(Learner):
         return deep_capacity(config, example_shape)
 
     def memory_savings(self, config):
-        """The schedule first: greedy training keeps no forward copies and trains one layer
-        at a time; then bf16 forward copies, then the optimizer and precision."""
+        """After the changes that leave the updates as they are (the optimizer in the
+        backward pass), the schedule: greedy training keeps no forward copies and trains one
+        layer at a time; then bf16 forward copies, then the optimizer and precision."""
+        common = super().memory_savings(config)
+        same_updates = [option for option in common if option == ["train.optimizer_in_backward=true"]]
         options = []
         if config.model.schedule == "pipelined":
             options.append(["model.schedule=greedy"])
             if config.model.forward_copies == "fp32":
                 options.append(["model.forward_copies=bf16"])
-        return options + super().memory_savings(config)
+        return same_updates + options + [o for o in common if o not in same_updates]
 
 
 def _is_split(network: torch.nn.Module) -> bool:

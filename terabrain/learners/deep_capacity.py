@@ -194,9 +194,12 @@ def deep_capacity(config: "ExperimentConfig", example_shape: tuple[int, ...]) ->
             reasons=[layer["reason"] for layer in layers if layer["reason"]],
             local_parameters=local,
             weights=weight_size * local + copy_size * copied,
-            gradients=weight_size * trained,
+            # Updated inside the backward pass: one tensor's gradient at a time.
+            gradients=weight_size * (largest("largest", max) if config.train.optimizer_in_backward
+                                     else trained),
             optimizer=FP32 * (optimizer_state(config.optimizer, trained, total)
-                              + optimizer_transient(config.optimizer, largest("largest", max))),
+                              + optimizer_transient(config.optimizer, largest("largest", max),
+                                                    config.precision)),
             activations=FP32 * round(largest("activation_values")),
             model_axis_sent=round(sum(layer["sent"] for layer in layers)),
             data_axis_sent=round(ring_all_reduce(data_ranks, weight_size * trained + FP32 * (3 * len(table) + 1))),

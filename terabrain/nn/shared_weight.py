@@ -159,7 +159,8 @@ class _UnitRowMapPair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, decoder_weight, alpha, fmap, decode):
-        x = fmap.native(x)
+        # bf16 weights (precision bf16-weights): the products run in the weights' dtype.
+        x = fmap.native(x.to(weight.dtype))
         norms = weight.norm(dim=-1)
         projected = fmap.apply(x, weight)
         projected.mul_(fmap.unit_scale(1.0 / norms.clamp_min(EPS)))  # s A(W) x
