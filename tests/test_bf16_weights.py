@@ -165,3 +165,29 @@ def test_bf16_weights_needs_an_optimizer_it_can_round_for():
         load_experiment("natural-patches-rica", ["precision=bf16-weights"])  # lbfgs
     with pytest.raises(ConfigError, match="precision bf16-weights"):
         load_experiment("fashion-kmeans", ["precision=bf16-weights"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["parallel.data=2", "parallel.model=2"])
+def test_bf16_weights_on_two_ranks_follow_one_process(tmp_path, cli, split):
+    """2 real gloo ranks, data-parallel (replicas draw the same rounding noise, so they
+    stay equal) or a 1 x 2 DTensor model mesh (each rank rounds its own shard): the loss of
+    every step follows one process's."""
+    from conftest import torchrun
+
+    sets = [arg for item in [
+        "precision=bf16-weights", "optimizer.momentum=0.9", "train.steps=6",
+        "train.progress=false", "data.num_patches=200", "data.holdout_patches=40",
+        "model.hidden=64", "train.log_every=1"] for arg in ("--set", item)]
+    cli("train", "lbann-ae-small", *sets, "--out", str(tmp_path / "one"), check=True)
+    result = torchrun(2, "-m", "terabrain", "train", "lbann-ae-small", *sets, "--set", split,
+                      "--out", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return torch.tensor([row["loss"] for row in rows if "loss" in row])
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 6 and one[-1] < one[0]
+    torch.testing.assert_close(two, one, rtol=1e-3, atol=0)
