@@ -90,3 +90,32 @@ def test_the_planner_counts_one_tensor_s_gradient():
     largest_bank = max(row["filter_parameters"] // row["banks"] for row in table)
     assert after.gradients == 4 * largest_layer
     assert inside.gradients == 4 * largest_bank < after.gradients
+
+
+@pytest.mark.slow
+def test_on_two_model_ranks_the_same_and_refused_on_two_data_ranks(tmp_path, cli):
+    """A 1 x 2 DTensor model mesh: the same losses with the updates in the backward pass.
+    2 data ranks: refused in one line (the gradients are averaged after the backward)."""
+    import json
+
+    from conftest import torchrun
+
+    sets = [arg for item in [
+        "optimizer.momentum=0.9", "train.steps=5", "train.progress=false",
+        "data.num_patches=200", "data.holdout_patches=40", "model.hidden=64",
+        "train.log_every=1"] for arg in ("--set", item)]
+    losses = []
+    for in_backward in ("false", "true"):
+        out = tmp_path / in_backward
+        result = torchrun(2, "-m", "terabrain", "train", "lbann-ae-small", *sets,
+                          "--set", "parallel.model=2", "--set",
+                          f"train.optimizer_in_backward={in_backward}", "--out", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses.append([row["loss"] for row in rows if "loss" in row])
+    assert len(losses[0]) == 5 and losses[0] == losses[1]
+    result = torchrun(2, "-m", "terabrain", "train", "lbann-ae-small", *sets,
+                      "--set", "parallel.data=2", "--set", "parallel.model=1",
+                      "--set", "train.optimizer_in_backward=true", "--out", str(tmp_path / "data"))
+    assert result.returncode != 0
+    assert "train.optimizer_in_backward: with parallel.data > 1" in result.stderr
