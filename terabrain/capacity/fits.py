@@ -51,7 +51,7 @@ def estimated_bytes(config: ExperimentConfig, ranks: int) -> int | None:
     from terabrain.capacity.planner import plan_experiment
 
     try:
-        plan = plan_experiment(config, ranks, 1)
+        plan = plan_experiment(config, ranks, 1, find_savings=False)
     except (ConfigError, ValueError, ArithmeticError, OverflowError):
         return None
     chosen = [s for s in plan.splits if s.configured] or (plan.splits if ranks == 1 else [])
