@@ -100,6 +100,9 @@ def _same_on_every_rank(run_dir: Path) -> Path:
 
 
 def _print_summary(results: dict, run_dir: Path) -> None:
+    network = results.get("network")
+    if network:
+        print(f"network: {network['steps']} steps, test accuracy {network['test_accuracy']:.4f}")
     features = results.get("features", {})
     final = features.get("final", {})
     if final:
@@ -115,6 +118,19 @@ def _print_summary(results: dict, run_dir: Path) -> None:
         print(f"supervised: test accuracy {supervised['test_accuracy']:.4f}")
     elif supervised:
         print(f"supervised: test mse {supervised['test_mse']:.5g}")
+    splice = results.get("splice")
+    if splice and "skipped" not in splice:
+        from terabrain.analysis.splice import summary_lines
+
+        print("\n".join(summary_lines(splice)))
+    memory = results.get("memory")
+    if memory:
+        from terabrain.units import format_bytes
+
+        host = ", ".join(format_bytes(b) for b in memory["peak_resident_bytes"])
+        device = memory.get("peak_device_bytes")
+        on_device = f"; device {', '.join(format_bytes(b) for b in device)}" if device else ""
+        print(f"peak memory per rank: resident {host}{on_device} (compare: terabrain plan)")
     print(f"run directory: {run_dir} (filters.png, metrics.jsonl, tb/, results.json)")
 
 

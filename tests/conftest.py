@@ -1,4 +1,6 @@
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,3 +55,19 @@ def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.Complet
                "--nproc-per-node", str(nproc), "--max-restarts", "0", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=clean_environ())
+
+
+@contextlib.contextmanager
+def hang_fails(seconds: int):
+    """A test that hangs (say, a FIFO opened for reading, which blocks until a writer comes)
+    fails with TimeoutError after ``seconds`` instead of stalling the suite."""
+    def timed_out(*_):
+        raise TimeoutError("the test hung")
+
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import resource
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hang_fails
 from test_checkpoint import _adam_setup, _trainer, nested_state
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
@@ -39,15 +39,8 @@ class NotATensor:
 
 @pytest.fixture(autouse=True)
 def no_hang():
-    """A hang (a FIFO opened for reading blocks until a writer comes) fails the test."""
-    def timed_out(*_):
-        raise TimeoutError("the test hung")
-
-    previous = signal.signal(signal.SIGALRM, timed_out)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with hang_fails(60):
+        yield
 
 
 def _distcp(path: Path) -> Path:

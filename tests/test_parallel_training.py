@@ -57,6 +57,13 @@ def test_default_experiment_on_a_2x2_mesh_follows_the_single_process_loss_curve(
     assert mesh == pytest.approx(one, rel=1e-4)
     for name, value in _weights(tmp_path / "one").items():
         assert torch.allclose(_weights(tmp_path / "mesh")[name], value, atol=1e-2), name
+    # Each rank's peak resident memory is gathered into results.json (torch alone is >100 MB).
+    for run, ranks in (("one", 1), ("mesh", 4)):
+        peaks = json.loads((tmp_path / run / "results.json").read_text())["memory"]
+        assert len(peaks["peak_resident_bytes"]) == ranks
+        assert all(100e6 < peak < 20e9 for peak in peaks["peak_resident_bytes"])
+        assert "peak_device_bytes" not in peaks  # a CPU run has no device peak
+    assert "peak memory per rank: resident " in result.stdout
 
 
 def test_restart_on_4_then_2_then_1_ranks_continues_exactly(tmp_path):

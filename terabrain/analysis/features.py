@@ -21,7 +21,7 @@ def model_rows(run, data, split: str) -> torch.Tensor:
     """The model's input rows for one split of an AnalysisData."""
     images = data.split(split).images
     if data.preprocessed:
-        return torch.from_numpy(np.ascontiguousarray(images, np.float32))
+        return run.from_prepared(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
     return run.to_model_input(images)
 
 

@@ -89,17 +89,19 @@ def reconstructions(inputs: np.ndarray, outputs: np.ndarray, out: Path, symmetri
 
 def neuron_rows(
     stimuli: Sequence[Sequence[np.ndarray]],
-    optimal: Sequence[np.ndarray],
+    optimal: Optional[Sequence[np.ndarray]],
     labels: Sequence[str],
     out: Path,
     symmetric_stimuli: bool,
     captions: Optional[Sequence[Sequence[str]]] = None,
 ) -> None:
-    """One row per neuron: its top stimuli (best first), then its optimal stimulus."""
+    """One row per neuron: its top stimuli (best first), then its optimal stimulus (none
+    when ``optimal`` is None)."""
     rows = len(stimuli)
     k = max(len(row) for row in stimuli)
-    figure = Figure(figsize=(1.25 * (k + 1) + 1.6, 1.3 * rows + 0.4))
-    axes = figure.subplots(rows, k + 1, squeeze=False)
+    extra = 0 if optimal is None else 1
+    figure = Figure(figsize=(1.25 * (k + extra) + 1.6, 1.3 * rows + 0.4))
+    axes = figure.subplots(rows, k + extra, squeeze=False)
     for row in range(rows):
         for column in range(k):
             axis = axes[row, column]
@@ -109,10 +111,28 @@ def neuron_rows(
                     axis.set_xlabel(captions[row][column], fontsize=7)
             else:
                 axis.axis("off")
-        _show(axes[row, k], optimal[row], True)
+        if optimal is not None:
+            _show(axes[row, k], optimal[row], True)
         axes[row, 0].set_ylabel(labels[row], fontsize=8, rotation=0, ha="right", va="center")
-    axes[0, k].set_title("optimal", fontsize=8)
+    if optimal is not None:
+        axes[0, k].set_title("optimal", fontsize=8)
     for column in range(k):
         axes[0, column].set_title(f"#{column + 1}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+
+
+def density_histogram(density: np.ndarray, out: Path) -> None:
+    """How often each latent fires: a histogram of log10(fraction of examples), the latents
+    that never fired counted at the left edge."""
+    density = np.asarray(density, np.float64)
+    alive = density[density > 0]
+    floor = np.log10(alive.min()) - 0.5 if len(alive) else -4.0
+    values = np.where(density > 0, np.log10(np.maximum(density, 1e-12)), floor)
+    figure = Figure(figsize=(5.0, 2.8))
+    axis = figure.subplots()
+    axis.hist(values, bins=40, color="0.3")
+    axis.set_xlabel("log10 fraction of examples a latent fires on (never: left edge)")
+    axis.set_ylabel("latents")
     figure.tight_layout()
     figure.savefig(out, dpi=100)

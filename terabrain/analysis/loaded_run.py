@@ -26,6 +26,7 @@ from terabrain.data.sources import source_of
 from terabrain.data.whitening import ZCA
 from terabrain.errors import ConfigError
 from terabrain.learners.registry import learner_of
+from terabrain.source_network import LayerTap, layer_activations, load_network, load_weights
 from terabrain.train.export import exported, load_exported
 
 
@@ -48,6 +49,11 @@ class LoadedRun:
     model: torch.nn.Module
     whitening: Optional[ZCA]
     shape: tuple[int, ...]
+    network: LayerTap | None = None
+    """A run on a network's layer (``source_network``): the trained network, tapped at that
+    layer; the model's inputs are then the layer's activations of the data's examples."""
+    image_shape: tuple[int, ...] | None = None
+    """With ``network``: one of the data's examples (what the network takes)."""
 
     @property
     def inputs(self) -> int:
@@ -63,23 +69,34 @@ class LoadedRun:
 
     def to_model_input(self, images: np.ndarray) -> torch.Tensor:
         """(N, H, W[, C]) images in [0, 1] -> (N, inputs) rows as the model saw in training."""
+        shape = self.image_shape if self.network is not None else self.shape
+        colour = len(shape) == 3
         images = np.asarray(images, np.float32)
         if images.ndim == 2:  # already rows
-            images = images.reshape(len(images), *self.shape)
-        images = to_colour(images, 3) if self.colour else to_grey(images, 3)
-        if images.shape[1:3] != self.shape[:2]:
-            if self.shape[0] != self.shape[1]:
-                raise ConfigError(f"cannot resize images to the run's {self.shape} examples")
-            images = resize(images, self.shape[0])
+            images = images.reshape(len(images), *shape)
+        images = to_colour(images, 3) if colour else to_grey(images, 3)
+        if images.shape[1:3] != shape[:2]:
+            if shape[0] != shape[1]:
+                raise ConfigError(f"cannot resize images to the run's {shape} examples")
+            images = resize(images, shape[0])
         rows = images.reshape(len(images), -1)
         if self.config.data.remove_mean:
-            rows = remove_patch_mean(rows, 3 if self.colour else 1)
+            rows = remove_patch_mean(rows, 3 if colour else 1)
         lcn = self.config.data.lcn
         if lcn is not None:
-            rows = normalize_contrast(rows, self.shape, lcn.kernel, lcn.sigma)
+            rows = normalize_contrast(rows, shape, lcn.kernel, lcn.sigma)
         if self.whitening is not None:
             rows = self.whitening.apply(rows)
-        return torch.from_numpy(np.ascontiguousarray(rows, np.float32))
+        return self.from_prepared(torch.from_numpy(np.ascontiguousarray(rows, np.float32)))
+
+    def from_prepared(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows preprocessed as terabrain.data.prepare does -> the model's inputs (the same
+        rows, or their activations at the network's layer)."""
+        if self.network is None:
+            return rows
+        section = self.config.source_network
+        return layer_activations(self.network, rows, self.image_shape, section.input,
+                                 section.batch_size)
 
 
 def _build(config: ExperimentConfig, shape: tuple[int, ...], seed: int) -> torch.nn.Module:
@@ -120,4 +137,22 @@ def load_run(run_dir: Path) -> LoadedRun:
             raise ConfigError(f"{run_dir}: config.yaml says data.whitening zca but "
                               f"whitening.safetensors is missing")
         whitening = ZCA.load(path)
-    return LoadedRun(run_dir, config, model.eval(), whitening, shape)
+    network, image_shape = None, None
+    if config.source_network is not None:
+        network, image_shape = _source_network(run_dir, config)
+    return LoadedRun(run_dir, config, model.eval(), whitening, shape, network, image_shape)
+
+
+def _source_network(run_dir: Path, config: ExperimentConfig) -> tuple[LayerTap, tuple[int, ...]]:
+    """The run's network as it was tapped: trained in the run (network/model.safetensors)
+    or as the config names it."""
+    section = config.source_network
+    network = load_network(section.model, section.weights, config.seed)
+    if section.training is not None:
+        if not exported(run_dir / "network"):
+            raise ConfigError(f"{run_dir} is not a finished run directory (no "
+                              "network/model.safetensors)")
+        load_weights(network, load_exported(run_dir / "network", error=ConfigError),
+                     f"{run_dir}/network/model.safetensors")
+    shape = tuple(source_of(config.data).example_shape(config.data))
+    return LayerTap(network.eval(), section.layer), shape

@@ -115,6 +115,10 @@ def analyze(run_dir: Path, options: AnalyzeOptions = AnalyzeOptions(),
     started = time.perf_counter()
     run = load_run(run_dir)
     check_layer(run.model, options.layer)
+    if run.network is not None:  # a dictionary of a network's layer: its inputs are not images
+        from terabrain.analysis.dictionary import analyze_dictionary
+
+        return analyze_dictionary(run, options, command_line, started) if is_main_rank() else None
     torch.manual_seed(options.seed)
     data_name = options.data or source_of(run.config.data).analysis_data
     data = load_analysis_data(data_name, run, options.max_examples, options.seed)

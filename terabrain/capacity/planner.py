@@ -185,7 +185,13 @@ def data_shape(config: "ExperimentConfig") -> tuple[tuple[int, ...], Optional[in
     from terabrain.data.sources import source_of
 
     source = source_of(config.data)
-    return source.example_shape(config.data), source.training_rows(config.data)
+    shape, rows = source.example_shape(config.data), source.training_rows(config.data)
+    network = config.source_network
+    if network is not None:  # the learner's examples are the layer's activations
+        from terabrain.source_network import layer_width
+
+        shape = (layer_width(network.model, network.layer, shape, network.input),)
+    return shape, rows
 
 
 def plan_experiment(

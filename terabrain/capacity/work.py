@@ -108,3 +108,20 @@ def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
                  Transfer("all_gather", "data", ring_all_gather(data_ranks, payload), per_step),
                  Transfer("all_reduce", "data", ring_all_reduce(data_ranks, FP32 * scalars), per_step)]
     return transfers, copies, work
+
+
+def assemble_step(config, data_ranks: int, rows: int, gemms: list[Gemm], elementwise: float,
+                  evaluations: int, local_elements: int, scalars: int,
+                  transfers: list[Transfer]) -> StepWork:
+    """One step of a learner whose gradient evaluation costs ``gemms``, ``elementwise`` bytes
+    and the model axis's ``transfers``, evaluated ``evaluations`` times per step: adds the
+    data axis's exchange of its ``local_elements`` gradient values (and ``scalars`` logged
+    values) and the optimizer's pass over them."""
+    exchange, copies, compression = gradient_exchange(config.parallel, data_ranks, local_elements,
+                                                      scalars, evaluations)
+    return StepWork(
+        rows=rows, gemms=gemms,
+        elementwise_bytes=evaluations * elementwise + copies,
+        optimizer_bytes=FP32 * optimizer_streams(config.optimizer) * local_elements,
+        transfers=transfers + exchange, compression=compression,
+    )

@@ -19,12 +19,14 @@ from terabrain.config.sections import (  # noqa: F401  (re-exported: the schema'
     SEED_LIMIT,
     EarlyStoppingConfig,
     LCNConfig,
+    NetworkTrainingConfig,
     ObjectiveConfig,
     OptimizerConfig,
     ParallelConfig,
     ReconstructionObjectiveConfig,
     RICAObjectiveConfig,
     Section,
+    SourceNetworkConfig,
     SparseAutoencoderObjectiveConfig,
     SupervisedConfig,
     TrainConfig,
@@ -73,6 +75,10 @@ class ExperimentConfig(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    source_network: Optional[SourceNetworkConfig] = Field(
+        None, description="Train the feature learner on the activations of a layer of this "
+        "network, taken as the data's examples pass through it (null: on the data itself)."
+    )
     supervised: Optional[SupervisedConfig] = Field(
         None, description="Optional second stage on labels (digits, lfw, fashion-mnist, npy "
         "with labels_path)."
@@ -111,6 +117,13 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "train.optimizer_in_backward: parallel.mode hogwild runs its own update loop; "
                 "allowed with parallel.mode sync, localsgd")
+        network = self.source_network
+        if network is not None and network.training is not None and not source_of(
+                self.data).has_labels(self.data):
+            raise ValueError(
+                f"source_network.training needs labelled data in memory; data.source "
+                f"{self.data.source} has none here (allowed: digits, lfw, fashion-mnist, npy "
+                "with data.labels_path and data.stream false; or source_network.training null)")
         lossy = self.parallel.compression in ("onebit", "threshold", "adaptive")
         if self.optimizer.name == "lbfgs" and (lossy or self.parallel.mode != "sync"):
             what = (f"parallel.compression {self.parallel.compression}" if lossy

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 import typing
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import (
@@ -333,6 +333,66 @@ class SupervisedConfig(Section):
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=300, batch_size=128, checkpoint_every=100)
     )
+
+
+class NetworkTrainingConfig(Section):
+    """Supervised training of the source network on the data's labels (cross-entropy of its
+    outputs as logits), before its activations are taken."""
+
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=0.001)
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=600, batch_size=128, log_every=20,
+                                            checkpoint_every=200)
+    )
+
+
+class SourceNetworkConfig(Section):
+    """A network whose activations at one layer are the feature learner's examples
+    (docs/sae.md): a forward hook takes the layer's output as the data's examples pass
+    through the network, and they are kept in memory, never written out unless ``cache``
+    says so."""
+
+    model: str = Field(
+        description="The network: an import path module:callable (called with no arguments, "
+        "it returns a torch.nn.Module), or a TorchScript file (.pt) whose module is a "
+        "Sequential (a loaded TorchScript module takes no forward hooks).",
+    )
+    weights: Optional[Path] = Field(
+        None, description="A safetensors state dict loaded into the network (null: the "
+        "callable's own weights, or those training gives it).",
+    )
+    layer: str = Field(
+        description="The layer whose output is taken: a name from the network's "
+        "named_modules() (e.g. penultimate, features.3).",
+    )
+    input: Literal["images", "rows"] = Field(
+        "images", description="How examples enter the network: images as (N, C, H, W), or "
+        "rows as (N, D).",
+    )
+    training: NetworkTrainingConfig | None = Field(
+        None, description="Train the network on the data's labels first (a stage of its own, "
+        "checkpointed in network/); null: use it as it is.",
+    )
+    batch_size: PositiveInt = Field(
+        1000, description="Examples per forward pass when taking activations and scoring.",
+    )
+    monitor_examples: int = Field(
+        1000, ge=0, description="On every logged step of the feature learner, the network's "
+        "accuracy and loss on this many held-out examples with the layer replaced by the "
+        "reconstruction (metrics downstream_*); 0: only at the end.",
+    )
+    cache: Optional[Path] = Field(
+        None, description="Also write the activations as .npy shards under this directory "
+        "(train/, holdout/), which data.source activations reads; null: keep them in memory.",
+    )
+
+    @model_validator(mode="after")
+    def _weights_exist(self) -> "SourceNetworkConfig":
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ValueError(f"source_network.weights: file not found: {self.weights}")
+        return self
 
 
 # --- objectives: what a feature learner minimises (each learner names those it accepts) ---

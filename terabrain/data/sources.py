@@ -389,6 +389,10 @@ class DataSource:
     def streamed(self, config: DataSection) -> bool:
         return False
 
+    def class_names(self, config: DataSection) -> list[str] | None:
+        """The labels' names, by class number (None: the numbers themselves)."""
+        return None
+
     def has_labels(self, config: DataSection) -> bool:
         """Whether the configured data carries labels (a supervised stage needs them)."""
         return self.labelled
@@ -528,6 +532,11 @@ class FashionMNISTSource(DataSource):
 
     def has_labels(self, config: FashionMNISTData) -> bool:
         return config.patch_size is None
+
+    def class_names(self, config: FashionMNISTData) -> list[str] | None:
+        from terabrain.data.labelled import FASHION_MNIST_CLASSES
+
+        return list(FASHION_MNIST_CLASSES)
 
     def example_shape(self, config: FashionMNISTData) -> tuple[int, ...]:
         side = config.patch_size or self.SIDE

@@ -27,8 +27,7 @@ from terabrain.capacity.work import (
     Gemm,
     StepWork,
     Transfer,
-    gradient_exchange,
-    optimizer_streams,
+    assemble_step,
 )
 from terabrain.learners.deep_capacity import _layer_split
 from terabrain.learners.hidden_unit_work import VALUES_PER_HIDDEN, VALUES_PER_INPUT
@@ -64,7 +63,6 @@ def deep_work(config, table: list[dict]):
     """(data ranks, model ranks, rows per replica) -> StepWork for the layers of ``table``
     (terabrain.learners.deep_capacity.layer_table)."""
     evaluations = evaluations_per_step(config.optimizer)
-    streams = optimizer_streams(config.optimizer)
 
     def work(data_ranks: int, model_ranks: int, rows: int) -> StepWork:
         gemms, elementwise, transfers, local_total = [], 0.0, [], 0
@@ -88,13 +86,7 @@ def deep_work(config, table: list[dict]):
             if split["sent"]:
                 calls = 3 if spec.kind == "dense" else 4 + (1 if spec.pool else 0) + (2 if spec.lcn else 0)
                 transfers.append(Transfer("point_to_point", "model", split["sent"] / calls, calls))
-        exchange, copies, compression = gradient_exchange(config.parallel, data_ranks, local_total,
-                                             3 * len(table) + 1, evaluations)
-        return StepWork(
-            rows=rows, gemms=gemms,
-            elementwise_bytes=evaluations * elementwise + copies,
-            optimizer_bytes=FP32 * streams * local_total,
-            transfers=transfers + exchange, compression=compression,
-        )
+        return assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations,
+                             local_total, 3 * len(table) + 1, transfers)
 
     return work

@@ -29,8 +29,7 @@ from terabrain.capacity.work import (
     Gemm,
     StepWork,
     Transfer,
-    gradient_exchange,
-    optimizer_streams,
+    assemble_step,
 )
 
 VALUES_PER_INPUT = 18
@@ -43,7 +42,6 @@ def hidden_unit_work(learner, config, inputs: int, params: list, logged: int):
     HiddenUnitLearner.parameters_of lists them."""
     hidden = config.model.hidden
     evaluations = evaluations_per_step(config.optimizer)
-    streams = optimizer_streams(config.optimizer)
     normalisation = learner.normalisation_streams
 
     def work(data_ranks: int, model_ranks: int, rows: int) -> StepWork:
@@ -71,12 +69,7 @@ def hidden_unit_work(learner, config, inputs: int, params: list, logged: int):
                 sharded = sum(p.numel for p in params if p.sharded)
                 transfers.append(Transfer("all_gather", "model",
                                           ring_all_gather(model_ranks, FP32 * sharded), evaluations))
-        exchange, copies, compression = gradient_exchange(config.parallel, data_ranks, local, logged, evaluations)
-        return StepWork(
-            rows=rows, gemms=gemms,
-            elementwise_bytes=evaluations * elementwise + copies,
-            optimizer_bytes=FP32 * streams * local,
-            transfers=transfers + exchange, compression=compression,
-        )
+        return assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations, local,
+                             logged, transfers)
 
     return work

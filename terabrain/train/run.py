@@ -11,14 +11,18 @@ Run directory::
     checkpoints/           DCP checkpoints of the feature-learning stage (+ ``latest``)
     model.safetensors      final feature-learning weights
     filters.png            the learned filters
+    network/               checkpoints/ and model.safetensors of the source network's
+                           training (source_network.training)
     supervised/            checkpoints/ and model.safetensors of the supervised stage
-    results.json           per-stage summary: losses, filter statistics, test accuracy
+    results.json           per-stage summary: losses, filter statistics, test accuracy,
+                           and with a source_network the spliced report ("splice")
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,17 +37,28 @@ from terabrain.config.schema import ExperimentConfig, TrainConfig
 from terabrain.data.prepare import PreparedData, prepare_data
 from terabrain.errors import ConfigError, TrainingError
 from terabrain.files import replace_atomically, write_text_atomically
+from terabrain.hooks import Callback
 from terabrain.learners.registry import learner_of
 from terabrain.nn.autoencoder import SupervisedHead
 from terabrain.objectives import build_supervised_objective
 from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full
-from terabrain.train.checkpoint import CheckpointManager, restore
+from terabrain.train.checkpoint import CheckpointManager
 from terabrain.train.export import WholeWeights, export_weights, load_exported
-from terabrain.train.hogwild import fit_hogwild
 from terabrain.train.malloc import map_large_buffers
-from terabrain.train.stage import build_trainer, feature_trainer, run_callbacks
-from terabrain.train.trainer import Trainer
+from terabrain.train.network_stage import (
+    downstream_monitors,
+    network_stage,
+    splice_stage,
+)
+from terabrain.train.peak_memory import peak_memory_by_rank
+from terabrain.train.stage import (
+    build_trainer,
+    feature_trainer,
+    fit_stage,
+    last_metrics,
+    run_callbacks,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,23 +90,6 @@ class Results:
             write_text_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
-def _fit(trainer: Trainer, stage: str, manager: CheckpointManager, config: ExperimentConfig) -> None:
-    """Continue from the stage's newest checkpoint, if any, and train to the end."""
-    latest, skipped = manager.restorable()  # the newest checkpoint that verifies
-    if skipped and is_main_rank():
-        print(f"[{stage}] {skipped}")
-    if latest is not None:
-        restore(latest, trainer)
-        if is_main_rank():
-            print(f"[{stage}] resuming from {latest} (step {trainer.step})")
-    if config.parallel.mode == "hogwild":
-        fit_hogwild(trainer, config.parallel.workers)
-    else:
-        trainer.fit()
-    if trainer.stop_reason and is_main_rank():
-        print(f"[{stage}] {trainer.stop_reason}")
-
-
 def _check_divisible(train: TrainConfig, rows: int, parallel: Parallelism) -> None:
     global_batch = train.batch_size or rows
     if global_batch % parallel.data_ranks:
@@ -102,20 +100,9 @@ def _check_divisible(train: TrainConfig, rows: int, parallel: Parallelism) -> No
         )
 
 
-def _last_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
-    last: dict[str, Any] = {}
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("stage") == stage:
-                last = record
-    return last
-
-
 def _feature_stage(
     config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
-    results: Results, parallel: Parallelism,
+    results: Results, parallel: Parallelism, monitors: Sequence[Callback] = (),
 ) -> torch.nn.Module:
     """Feature learning with the experiment's learner (terabrain.learners): the learner
     builds, places and schedules its network; this stage trains, exports and draws it."""
@@ -138,18 +125,18 @@ def _feature_stage(
     stage = feature_trainer(
         config, shape, inputs=data.train_x, batches=batches, parallel=parallel, device=device,
         sample=data.holdout_x if data.train_x is None else None,
-        callbacks=lambda training: run_callbacks(
+        callbacks=lambda training: [*monitors, *run_callbacks(  # monitors add logged values
             stage="features", run_dir=run_dir, manager=manager, train=train, config=config,
-            parallel=parallel, training=training),
+            parallel=parallel, training=training)],
     )
-    _fit(stage.trainer, "features", manager, config)
+    fit_stage(stage.trainer, "features", manager, config)
     trainer, training, network = stage.trainer, stage.training, stage.network
     summary = {
         "steps": trainer.step,
         "stop_reason": trainer.stop_reason or "finished",
         **training.summary(),
         **stage.fitted,
-        "final": _last_metrics(run_dir, "features"),
+        "final": last_metrics(run_dir, "features"),
         "seconds_this_session": time.perf_counter() - started,
     }
     # The last checkpoint is written: gradients and optimizer state are not needed again.
@@ -162,7 +149,7 @@ def _feature_stage(
     picture = learner.picture(config, network, weights, shape)  # may gather: every rank
     if is_main_rank():
         save_filter_grid(run_dir / "filters.png", picture.filters, picture.shape)
-        if picture.comparable:
+        if picture.comparable and config.source_network is None:  # images, not a layer
             summary["filters"] = compare_with_random(
                 picture.filters, picture.shape, data.holdout_x, config.seed
             )
@@ -204,14 +191,14 @@ def _supervised_stage(
         callbacks=run_callbacks(stage="supervised", run_dir=run_dir, manager=manager,
                                 train=train, config=config, parallel=parallel),
     )
-    _fit(trainer, "supervised", manager, config)
+    fit_stage(trainer, "supervised", manager, config)
     export_weights(model, run_dir / "supervised")
     evaluation = _evaluate(
         model, parallel.inputs(data.holdout_x.to(device)), data.holdout_y.to(device), settings.task
     )
     results.record(
         "supervised",
-        {"steps": trainer.step, "final": _last_metrics(run_dir, "supervised"), **evaluation},
+        {"steps": trainer.step, "final": last_metrics(run_dir, "supervised"), **evaluation},
     )
 
 
@@ -239,15 +226,20 @@ def run_experiment(
     if data.whitening is not None and is_main_rank():
         replace_atomically(run_dir / "whitening.safetensors", data.whitening.save)
     results = Results(run_dir / "results.json")
+    source = None
+    if config.source_network is not None:  # the examples become a layer's activations
+        data, source = network_stage(config, data, run_dir, device, results)
     if not results.done("data"):  # what analysis needs to rebuild the model's input
         results.record("data", {"example_shape": list(data.example_shape)})
     try:
-        features = _feature_stage(config, data, run_dir, device, results, parallel)
+        monitors = [] if source is None else downstream_monitors(config, data, source, parallel)
+        features = _feature_stage(config, data, run_dir, device, results, parallel, monitors)
     finally:
         if data.stream is not None:
             data.stream.close()  # stops background staging
     if config.supervised is not None:
         _supervised_stage(config, data, features, run_dir, device, results, parallel)
-    if dist.is_initialized():
-        dist.barrier()
+    if source is not None and is_main_rank() and not results.done("splice"):
+        results.record("splice", splice_stage(config, data, source, run_dir))
+    results.record("memory", peak_memory_by_rank(device))  # after the export, the last peak
     return results.data

@@ -12,10 +12,12 @@ Two entry points:
 
 Run-directory concerns (metrics, TensorBoard, checkpoints) are callbacks chosen by the
 caller; :func:`run_callbacks` gives the standard set in the order run.py relies on.
+:func:`fit_stage` continues a stage from its newest checkpoint and trains it to the end.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,8 @@ from terabrain.parallel.communication_log import communication_callbacks
 from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism
 from terabrain.train import callbacks as cb
-from terabrain.train.checkpoint import CheckpointManager
+from terabrain.train.checkpoint import CheckpointManager, restore
+from terabrain.train.hogwild import fit_hogwild
 from terabrain.train.optim import build_optimizer
 from terabrain.train.preemption import PreemptionStop
 from terabrain.train.trainer import BatchSource, Trainer
@@ -169,3 +172,33 @@ def run_callbacks(
         + [cb.NaNGuard(manager), stopping(train, training), checkpointing,
            PreemptionStop(checkpointing)]  # a signal: every rank saves this step and stops
     )
+
+
+def fit_stage(trainer: Trainer, stage: str, manager: CheckpointManager,
+              config: ExperimentConfig) -> None:
+    """Continue from the stage's newest checkpoint, if any, and train to the end."""
+    latest, skipped = manager.restorable()  # the newest checkpoint that verifies
+    if skipped and is_main_rank():
+        print(f"[{stage}] {skipped}")
+    if latest is not None:
+        restore(latest, trainer)
+        if is_main_rank():
+            print(f"[{stage}] resuming from {latest} (step {trainer.step})")
+    if config.parallel.mode == "hogwild":
+        fit_hogwild(trainer, config.parallel.workers)
+    else:
+        trainer.fit()
+    if trainer.stop_reason and is_main_rank():
+        print(f"[{stage}] {trainer.stop_reason}")
+
+
+def last_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
+    """The last metrics.jsonl line of ``stage`` (empty when it logged none)."""
+    last: dict[str, Any] = {}
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("stage") == stage:
+                last = record
+    return last
