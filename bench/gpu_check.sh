@@ -31,11 +31,11 @@ else
   "$PY" bench/step_overhead.py --device "$DEVICE"
 fi
 
-echo "== 3. bench/local_layer.py (runs where the current device is: CPU until it takes --device)"
+echo "== 3. bench/local_layer.py --device $DEVICE"
 if [ ${#TINY[@]} -gt 0 ]; then
-  "$PY" bench/local_layer.py --batch 4 --size 24 --maps 4 --kernel 8 --stride 4 --steps 1 --repeats 1 --no-dense
+  "$PY" bench/local_layer.py --device "$DEVICE" --batch 4 --size 24 --maps 4 --kernel 8 --stride 4 --steps 1 --repeats 1 --no-dense
 else
-  "$PY" bench/local_layer.py
+  "$PY" bench/local_layer.py --device "$DEVICE"
 fi
 
 echo "== 4. 20 bf16 steps of the largest lbann-ae that fits"

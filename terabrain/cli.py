@@ -50,10 +50,14 @@ def _train(args: argparse.Namespace) -> int:
         else:
             config = load_experiment(args.experiment, args.set)
             run_dir = args.out or default_run_dir(config)
-        from terabrain.capacity.fits import check_fits_this_machine
+        from terabrain.capacity.fits import (
+            check_data_fits_memory,
+            check_fits_this_machine,
+        )
 
         # Before anything is allocated: a model or data set too large for this machine is a
         # one-line message naming the fields, not an allocator traceback.
+        check_data_fits_memory(config, env.local_world_size)
         check_fits_this_machine(config, env.world_size, env.local_world_size)
         # Before the process group forms: a signal from here on stops the run at a step
         # boundary with a checkpoint instead of killing it.

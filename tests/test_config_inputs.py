@@ -245,3 +245,23 @@ def test_random_experiment_files_validate_or_give_one_line(tmp_path, capsys, tre
     for content in (yaml.safe_dump(tree).encode(), raw):
         source = write(tmp_path, "random.yaml", content)
         _check_outcome(*terabrain(capsys, "show", source))
+
+
+def test_an_in_memory_training_set_over_half_the_memory_is_refused_naming_its_fields(tmp_path):
+    """natural-patches-rica holds 20,000 rows of 8x8 (5.12 MB) on every rank."""
+    from terabrain.capacity.fits import check_data_fits_memory
+
+    config = load_experiment("natural-patches-rica")
+    check_data_fits_memory(config, 1, memory=11 * 10**6)  # 5.12 MB <= half of 11 MB
+    with pytest.raises(ConfigError) as refused:
+        check_data_fits_memory(config, 1, memory=10 * 10**6)
+    message = str(refused.value)
+    assert "\n" not in message and "50% of this machine's 10.0 MB" in message
+    assert "data.patch_size=8" in message and "data.num_patches=20000" in message
+    # Every rank on the machine holds its own copy.
+    with pytest.raises(ConfigError, match="for the 2 ranks here"):
+        check_data_fits_memory(config, 2, memory=20 * 10**6)
+    # A streamed collection holds only its prefetch buffers.
+    streamed = load_experiment("natural-patches-rica", [
+        f'data={{source: folder, root: {tmp_path}, crop_size: 4000}}'])
+    check_data_fits_memory(streamed, 1, memory=10**6)

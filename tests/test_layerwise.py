@@ -156,7 +156,7 @@ def test_reset_parameters_redraws_the_constructed_values():
 
 
 def test_deep_network_apply_visits_modules_like_any_module():
-    # FilterBank's linear map is ``transform``: nn.Module.apply is not shadowed.
+    # FilterBank's linear map is its ``fmap``: nn.Module.apply is not shadowed.
     from terabrain.config.schema import LayerConfig
     from terabrain.nn.deep import DeepNetwork, FilterBank, RICALayer
 
@@ -177,3 +177,75 @@ def test_deep_network_apply_visits_modules_like_any_module():
     network.apply(lambda m: m.reset_parameters() if isinstance(m, RICALayer) else None)
     for key, value in network.state_dict().items():
         assert torch.equal(value, built[key]), key
+
+
+def _small_network():
+    from terabrain.config.schema import LayerConfig
+    from terabrain.nn.deep import DeepNetwork
+
+    layers = [LayerConfig(kind="local", maps=4, kernel=4, stride=2),
+              LayerConfig(kind="conv", maps=4, kernel=3, tied=False),
+              LayerConfig(kind="dense", maps=8)]
+    return DeepNetwork(layers, (1, 12, 12), seed=3)
+
+
+def test_forward_copies_only_where_a_layer_trains_under_a_newer_one():
+    """Greedy: no copies (a finished layer feeds the next itself). Pipelined: copies of
+    every layer but the top one, frozen, in bf16 if asked, computing codes close to the
+    layer's own and handing them on in the input's dtype."""
+    network = _small_network()
+    greedy = layerwise.LayerwiseModel(network, copies=False)
+    assert len(greedy.forward_copies) == 0 and greedy.forward_layer(1) is network.layers[1]
+    pipelined = layerwise.LayerwiseModel(network, copies=True, copy_dtype=torch.bfloat16)
+    assert len(pipelined.forward_copies) == 2
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad
+               for p in pipelined.forward_copies.parameters())
+    h = torch.randn(5, 1, 12, 12)
+    with torch.no_grad():
+        got, want = pipelined.encode_below(0, h), network.layers[0].encode(h)
+    assert got.dtype == torch.float32
+    assert (got - want).norm() < 0.02 * want.norm()
+    with torch.no_grad():
+        network.layers[0].encoder.weight.mul_(-1)
+    pipelined.sync_(0)
+    with torch.no_grad():
+        assert (pipelined.encode_below(0, h) + want).norm() < 0.02 * want.norm()
+
+
+class _Steps:  # the two things LayerSchedule asks of the trainer
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.stop_reason = None
+
+    def request_stop(self, reason):
+        self.stop_reason = reason
+
+
+def test_a_finished_layer_keeps_no_optimizer_state_and_is_not_renormalised():
+    network = _small_network()
+    model = layerwise.LayerwiseModel(network, copies=True)
+    schedule = layerwise.LayerSchedule(model, [2, 4, 4], "pipelined", start_after=1, sync_every=1)
+    objective = layerwise.LayerwiseObjective(schedule, [0.1, 0.1, 0.1], 0.01)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
+    trainer = _Steps(optimizer)
+    x = torch.randn(8, 144)
+    for step in (1, 2):
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = objective(model, x)
+        loss.backward()
+        optimizer.step()
+        objective.after_step(model)
+        schedule.on_step_end(trainer, step, {})
+    assert schedule.finished[0] and schedule.active() == [1, 2]
+    first = set(network.layers[0].parameters())
+    assert not first & set(optimizer.state)
+    assert set(network.layers[1].parameters()) <= set(optimizer.state)
+    # Off the unit sphere on purpose: only the layers that train are renormalised.
+    with torch.no_grad():
+        for layer in network.layers:
+            layer.encoder.weight.mul_(2.0)
+    objective.after_step(model)
+    norms = [layer.encoder.weight.norm(dim=-1) for layer in network.layers]
+    torch.testing.assert_close(norms[0], torch.full_like(norms[0], 2.0))
+    for later in norms[1:]:
+        torch.testing.assert_close(later, torch.ones_like(later))

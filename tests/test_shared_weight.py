@@ -1,14 +1,21 @@
 """The one-buffer autograd functions (terabrain.nn.shared_weight) against plain autograd:
 same values, same gradients (gradcheck in float64, and a comparison with the formula
-written with ordinary tensor operations), and the models that use them."""
+written with ordinary tensor operations), and the models that use them: the fully
+connected autoencoder and RICA, and the deep network's local, conv and dense layers
+(terabrain.nn.filter_maps)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from terabrain.nn.autoencoder import RICA, Autoencoder
-from terabrain.nn.shared_weight import tied_pair, unit_row_pair
+from terabrain.nn.filter_maps import ConvMap, DenseMap, LocalMap
+from terabrain.nn.local import locally_connected, locally_connected_transpose
+from terabrain.nn.shared_weight import (
+    tied_pair, unit_row_map_codes, unit_row_map_pair, unit_row_pair,
+)
 from terabrain.nn.unit_rows import unit_rows
 
 
@@ -96,3 +103,86 @@ def test_models_train_as_with_autograd():
     torch.testing.assert_close(codes, rica.alpha * x @ unit.T)
     torch.testing.assert_close(reconstruction, codes @ unit + rica.bias)
     torch.testing.assert_close(rica.encode(x), codes)
+
+
+# --- the deep network's filter maps -------------------------------------------------------------
+
+def _conv_kernel(weight, kernel, channels):
+    return weight.view(weight.shape[0], kernel, kernel, channels).permute(0, 3, 1, 2)
+
+
+# name: (map, input shape, weight shape, the map and its adjoint written with torch's and
+# terabrain.nn.local's ordinary autograd operations)
+MAPS = {
+    "local": (LocalMap(3, 2, (7, 6), block_bytes=1), (2, 2, 7, 6), (3 * 2, 3, 18),
+              lambda x, w: locally_connected(x, w, 3, 2, (3, 2), block_bytes=1),
+              lambda y, w: locally_connected_transpose(y, w, 3, 2, (7, 6), block_bytes=1)),
+    "conv": (ConvMap(3, 2, (2, 8, 7)), (2, 2, 8, 7), (3, 18),
+             lambda x, w: F.conv2d(x, _conv_kernel(w, 3, 2), stride=2),
+             lambda y, w: F.conv_transpose2d(y, _conv_kernel(w, 3, 2), stride=2,
+                                             output_padding=(1, 0))),
+    "dense": (DenseMap((2, 3, 2)), (2, 2, 3, 2), (4, 12),
+              lambda x, w: F.linear(x.flatten(1), w)[:, :, None, None],
+              lambda y, w: (y.flatten(1) @ w).view(-1, 2, 3, 2)),
+}
+
+
+def _map_inputs(name, seed=0, rows=None):
+    fmap, x_shape, w_shape, _, _ = MAPS[name]
+    generator = torch.Generator().manual_seed(seed)
+    x_shape = (rows or x_shape[0], *x_shape[1:])
+    x = torch.randn(*x_shape, dtype=torch.float64, generator=generator)
+    w = torch.randn(*w_shape, dtype=torch.float64, generator=generator)
+    d = torch.randn(*w_shape, dtype=torch.float64, generator=generator)
+    return fmap, x, w, d
+
+
+@pytest.mark.parametrize("name", list(MAPS))
+def test_unit_row_map_pair_passes_gradcheck(name):
+    """Tied, untied and codes alone, every input differentiated."""
+    fmap, x, w, d = _map_inputs(name)
+    alpha = torch.tensor(1.3, dtype=torch.float64)
+    for t in (x, w, d, alpha):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w, a: unit_row_map_pair(fmap, x, w, None, a), (x, w, alpha))
+    assert torch.autograd.gradcheck(lambda x, w, d, a: unit_row_map_pair(fmap, x, w, d, a), (x, w, d, alpha))
+    assert torch.autograd.gradcheck(lambda x, w, a: unit_row_map_codes(fmap, x, w, a), (x, w, alpha))
+    # The reconstruction alone: the decoder's weight gradient without the codes' own term.
+    assert torch.autograd.gradcheck(lambda x, w, a: unit_row_map_pair(fmap, x, w, None, a)[1], (x, w, alpha))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("name", list(MAPS))
+def test_unit_row_map_pair_matches_normalised_copies(name, tied):
+    """Against the layer written with normalised copies of W (and D) and autograd: the
+    same codes, reconstruction and gradients, off the unit sphere and with a zero row (tied:
+    its gradient stays zero; untied, the decoder's row still reaches it through 1 / EPS,
+    as with autograd)."""
+    fmap, x, w, d = _map_inputs(name, seed=3, rows=5)
+    _, _, _, apply, adjoint = MAPS[name]
+    w.view(-1, w.shape[-1])[1] = 0.0
+    with torch.no_grad():
+        scaled = torch.rand(w.shape[:-1], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        w.mul_(0.2 + 2 * scaled.unsqueeze(-1))  # rows of norm far from 1
+    results = []
+    for function in ("ours", "autograd"):
+        x_ = x.clone().requires_grad_(True)
+        weight = w.clone().requires_grad_(True)
+        decoder = None if tied else d.clone().requires_grad_(True)
+        alpha = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        if function == "ours":
+            codes, decoded = unit_row_map_pair(fmap, x_, weight, decoder, alpha)
+            alone = unit_row_map_codes(fmap, x_, weight, alpha)
+        else:
+            codes = alpha * apply(x_, unit_rows(weight))
+            decoded = adjoint(codes, unit_rows(weight if tied else decoder))
+            alone = codes
+        target = torch.randn(decoded.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        loss = (decoded - target).pow(2).sum() + torch.sqrt(codes.pow(2) + 0.01).sum()
+        loss.backward()
+        results.append((codes.detach(), decoded.detach(), alone.detach(), x_.grad, weight.grad,
+                        alpha.grad) + (() if tied else (decoder.grad,)))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference)
+    if tied:
+        assert results[0][4].view(-1, w.shape[-1])[1].abs().max() == 0

@@ -4,6 +4,13 @@ optimizer state and closure evaluations per step."""
 from __future__ import annotations
 
 FP32 = 4
+BF16 = 2
+
+
+def weight_bytes(precision: str) -> int:
+    """Bytes per weight and per gradient element: 2 with precision bf16-weights, else 4
+    (bf16 autocasts the products; its weights stay fp32)."""
+    return BF16 if precision == "bf16-weights" else FP32
 
 
 def ring_all_reduce(ranks: int, payload: float) -> float:
@@ -36,12 +43,16 @@ def optimizer_state(optimizer, local: int, total_parameters: int) -> int:
     return flat * total_parameters
 
 
-def optimizer_transient(optimizer, largest_local: int) -> int:
+def optimizer_transient(optimizer, largest_local: int, precision: str = "fp32") -> int:
     """Elements the optimizer step allocates and frees: adam, adamw, rmsprop and adagrad
     divide by the square root of a running average, a new tensor the size of the parameter
     (torch.optim's per-parameter path, the default on CPU, so the largest parameter; the
     multi-tensor path on GPUs takes all at once). Adam's denominator is two of them at once
-    (``exp_avg_sq.sqrt() / bias_correction``). sgd and lbfgs: none beyond their state."""
+    (``exp_avg_sq.sqrt() / bias_correction``). sgd and lbfgs: none beyond their state.
+    precision bf16-weights (terabrain.train.bf16_weights): three fp32 pieces of at most
+    2^22 values (weight, gradient, rounding noise), whatever the optimizer."""
+    if precision == "bf16-weights":
+        return 3 * min(largest_local, 1 << 22)
     if optimizer.name in ("adam", "adamw"):
         return 2 * largest_local
     if optimizer.name in ("rmsprop", "adagrad"):

@@ -11,6 +11,11 @@ The message names the fields that make the experiment too large: each integer fi
 made again; the fields whose halving shrinks it by more than a quarter are the ones to change.
 
 Only clear cases are refused: the estimate must exceed the whole memory, not a fraction of it.
+
+The in-memory data set has its own, stricter limit (``check_data_fits_memory``): every rank
+on this machine holds its own copy of the training rows, and together they may take at most
+``DATA_MEMORY_FRACTION`` of RAM; above that the message names the data fields that set the
+size and points to streaming.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ if TYPE_CHECKING:
     from terabrain.config.schema import ExperimentConfig
 
 _SHRINKS = 0.75
+DATA_MEMORY_FRACTION = 0.5
+"""The share of this machine's RAM the in-memory training sets of its ranks may take: the
+rest is for the model, its gradients and optimizer state, and the batches."""
 
 
 def machine_memory(device: str) -> tuple[int, str]:
@@ -43,7 +51,7 @@ def estimated_bytes(config: ExperimentConfig, ranks: int) -> int | None:
     from terabrain.capacity.planner import plan_experiment
 
     try:
-        plan = plan_experiment(config, ranks, 1)
+        plan = plan_experiment(config, ranks, 1, find_savings=False)
     except (ConfigError, ValueError, ArithmeticError, OverflowError):
         return None
     chosen = [s for s in plan.splits if s.configured] or (plan.splits if ranks == 1 else [])
@@ -95,3 +103,36 @@ def check_fits_this_machine(config: ExperimentConfig, ranks: int, ranks_here: in
         f"the experiment needs about {format_bytes(here)} ({where}), more than this machine's "
         f"{format_bytes(memory)} of {what}; {cause}. Make them smaller, or see "
         "`terabrain plan` for splits over more devices")
+
+
+def _resident(config: ExperimentConfig) -> int:
+    from terabrain.data.sources import source_of
+
+    try:
+        return source_of(config.data).resident_bytes(config.data)
+    except (ConfigError, ValueError, ArithmeticError, OverflowError, NotImplementedError):
+        return 0
+
+
+def check_data_fits_memory(config: ExperimentConfig, ranks_here: int,
+                           memory: int | None = None) -> None:
+    """ConfigError (one line, naming the data fields that set the size) when the training
+    rows the ``ranks_here`` ranks of this machine each hold in memory would take more than
+    ``DATA_MEMORY_FRACTION`` of its RAM (``memory``; default: this machine's)."""
+    per_rank = _resident(config)
+    memory = memory if memory is not None else machine_memory("cpu")[0]
+    if per_rank * ranks_here <= DATA_MEMORY_FRACTION * memory:
+        return
+    fields = []
+    for name, value in config.data.model_dump().items():
+        if type(value) is int and value >= 2:
+            smaller = _halved(config, "data", name)
+            if smaller is not None and _resident(smaller) < _SHRINKS * per_rank:
+                fields.append(f"data.{name}={value}")
+    named = ", ".join(fields) if fields else f"data.source {config.data.source}"
+    where = f" per rank, {format_bytes(per_rank * ranks_here)} for the {ranks_here} ranks here" \
+        if ranks_here > 1 else ""
+    raise ConfigError(
+        f"{named}: the training set held in memory needs {format_bytes(per_rank)}{where}, more "
+        f"than {DATA_MEMORY_FRACTION:.0%} of this machine's {format_bytes(memory)} of memory; "
+        "make it smaller or stream it (data.source shards, folder or yfcc with data.stream true)")

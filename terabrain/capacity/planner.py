@@ -136,6 +136,9 @@ class Plan:
     gpus_per_node: Optional[int] = None
     dataset_size: Optional[int] = None
     """Examples per epoch for epoch_s (the training rows when the source knows them)."""
+    fits_with: dict[str, Any] | None = None
+    """When no split fits as configured: the first of the learner's memory savings
+    (Learner.memory_savings) that makes one fit, its settings and that split's figures."""
 
     @property
     def usable_memory(self) -> int:
@@ -201,6 +204,7 @@ def plan_experiment(
     profile: Optional["MachineProfile"] = None,
     gpus_per_node: Optional[int] = None,
     dataset_size: Optional[int] = None,
+    find_savings: bool = True,
 ) -> Plan:
     """Memory per rank and bytes sent per step for every (data, model) with data * model =
     ``devices``; marks the ones that fit in ``headroom * device_memory`` and recommends the
@@ -276,8 +280,51 @@ def plan_experiment(
         gpus_per_node=gpus_per_node or (profile.gpus_per_node if profile is not None else None),
         dataset_size=epoch_rows,
     )
+    if not fitting and find_savings:
+        plan.fits_with = _fits_with(config, devices, device_memory, batch, headroom)
     plan.notes = _notes(plan, config, capacity.notes)
     return plan
+
+
+def _fits_with(config: ExperimentConfig, devices: int, device_memory: int, batch: int,
+               headroom: float) -> dict[str, Any] | None:
+    """The first of the learner's memory savings, alone then in twos and threes (in the
+    learner's order), with which a split fits; None when none does."""
+    from itertools import combinations
+
+    from terabrain.config.loader import with_overrides
+    from terabrain.learners.registry import learner_of
+
+    options = learner_of(config).memory_savings(config)
+    for size in range(1, len(options) + 1):
+        for chosen in combinations(options, size):
+            settings = [assignment for option in chosen for assignment in option]
+            keys = [assignment.partition("=")[0] for assignment in settings]
+            if len(set(keys)) != len(keys):  # two choices for one field
+                continue
+            try:
+                changed = with_overrides(config, settings)
+            except ConfigError:
+                continue
+            plan = plan_experiment(changed, devices, device_memory, batch=batch,
+                                   headroom=headroom, find_savings=False)
+            # The optimizer in the backward pass runs without a data axis.
+            fitting = [s for s in plan.splits if s.fits
+                       and (s.data == 1 or not changed.train.optimizer_in_backward)]
+            best = plan.recommended if plan.recommended in fitting else (
+                min(fitting, key=lambda s: (s.sent, s.total)) if fitting else None)
+            if best is not None:
+                return {"settings": settings, "split": asdict(best)}
+    return None
+
+
+def _arithmetic(split: dict[str, Any], usable: int) -> str:
+    """One split's memory per rank as a sum, e.g. for the plan's notes."""
+    parts = " + ".join(f"{name} {format_bytes(split[key])}" for name, key in (
+        ("weights", "weights"), ("grads", "gradients"), ("optim", "optimizer"),
+        ("activ", "activations")))
+    other = split["dataset"] + split["bf16_copy"]
+    return f"{parts} + other {format_bytes(other)} = {format_bytes(split['total'])} <= {format_bytes(usable)}"
 
 
 def _forecast(splits: list[Split], capacity: Capacity, profile: "MachineProfile",
@@ -316,14 +363,30 @@ def _notes(plan: Plan, config: "ExperimentConfig", learner_notes: list[str]) -> 
             f"recommended: parallel.data={best.data} parallel.model={best.model} "
             f"(fits, sends the least: {format_bytes(best.sent)} per rank per step)"
         )
+    if best is not None:
+        momentum = (f" momentum {config.optimizer.momentum:g}"
+                    if config.optimizer.name in ("sgd", "rmsprop") else "")
+        notes.append(
+            f"as configured (precision {config.precision}, optimizer {config.optimizer.name}"
+            f"{momentum}): " + _arithmetic(asdict(best), plan.usable_memory) + " per rank"
+        )
     else:
         valid = [s for s in plan.splits if s.valid]
         smallest = min(valid, key=lambda s: s.total) if valid else None
         needs = f"; the smallest valid split needs {format_bytes(smallest.total)} per rank" if smallest else ""
-        notes.append(
-            f"no split fits in {format_bytes(plan.usable_memory)} per device{needs}: "
-            "use more devices or more memory per device"
-        )
+        if plan.fits_with is not None:
+            split = plan.fits_with["split"]
+            notes.append(
+                f"no split fits in {format_bytes(plan.usable_memory)} per device as configured"
+                f"{needs}; it fits with " + " ".join(f"--set {s}" for s in plan.fits_with["settings"])
+                + f", on parallel.data={split['data']} parallel.model={split['model']}: "
+                + _arithmetic(split, plan.usable_memory) + " per rank"
+            )
+        else:
+            notes.append(
+                f"no split fits in {format_bytes(plan.usable_memory)} per device{needs}, nor with "
+                "the learner's memory savings: use more devices or more memory per device"
+            )
     if next((s for s in plan.splits if s.configured), None) is None:
         notes.append(
             f"the experiment's parallel section (data={config.parallel.data}, "
@@ -340,8 +403,9 @@ def _notes(plan: Plan, config: "ExperimentConfig", learner_notes: list[str]) -> 
             f"{plan.evaluations_per_step} closure evaluations"
         )
     notes += learner_notes + [
-        "weights: fp32, Shard placements / model, Replicate full; optim: sgd 0 (1x with "
-        "momentum), adam 2x, rmsprop 1x (+1x), adagrad 1x, lbfgs replicated flat vectors",
+        "weights: fp32 (weights and grads bf16 with precision bf16-weights), Shard placements "
+        "/ model, Replicate full; optim (fp32): sgd 0 (1x with momentum), adam 2x, rmsprop 1x "
+        "(+1x), adagrad 1x, lbfgs replicated flat vectors",
         "other: the training set when the trainer keeps it on every rank's device (in-memory "
         "sources; streamed ones hold only their prefetch buffers), + autocast's bf16 weight copy",
         "sent:data: one ring all-reduce of the local gradients, 2(d-1)/d x local parameters x 4 B",

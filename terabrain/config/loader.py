@@ -303,6 +303,15 @@ def load_experiment(source: str | None, overrides: list[str] = ()) -> Experiment
     return validate(raw)
 
 
+def with_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """``config`` with ``--set`` style assignments applied, as `terabrain train --set` would."""
+    raw = _tag_first(_applicable(config, config.model_dump(mode="json")))
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    _drop_settings_of_the_old_variant(raw, list(overrides))
+    return validate(raw)
+
+
 def _tag_first(value: Any) -> Any:
     """A section's variant tag (``kind``, ``source``) first: it says what the rest means."""
     if isinstance(value, dict):

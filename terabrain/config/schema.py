@@ -51,8 +51,11 @@ class ExperimentConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when a GPU is present, else CPU."
     )
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: autocast matmuls to bfloat16; weights stay fp32."
+    precision: Literal["fp32", "bf16", "bf16-weights"] = Field(
+        "fp32", description="bf16: autocast matmuls to bfloat16; weights stay fp32. "
+        "bf16-weights: weights and gradients stored in bfloat16 (half the memory), optimizer "
+        "state in fp32, each update rounded stochastically into the weights (optimizer.name "
+        "sgd, adam or adamw)."
     )
     data: DataConfig = Field(
         default_factory=lambda: SOURCES[DEFAULT_SOURCE].section(),
@@ -96,6 +99,24 @@ class ExperimentConfig(Section):
                 f"supervised needs labelled data in memory; data.source {self.data.source} "
                 "has none here (allowed: digits, lfw, fashion-mnist, npy with data.labels_path "
                 "and data.stream false)")
+        if self.precision == "bf16-weights" and self.optimizer.name not in ("sgd", "adam", "adamw"):
+            raise ValueError(
+                f"precision bf16-weights updates bf16 weights from fp32 state for optimizer.name "
+                f"sgd, adam or adamw, not {self.optimizer.name}; use one of those or precision "
+                "fp32 / bf16")
+        if self.train.optimizer_in_backward and self.optimizer.name == "lbfgs":
+            raise ValueError(
+                "train.optimizer_in_backward: L-BFGS needs every gradient before it steps; "
+                "allowed with optimizer.name sgd, adagrad, rmsprop, adam, adamw")
+        if self.train.optimizer_in_backward and getattr(self.objective, "weight_decay", 0):
+            raise ValueError(
+                "train.optimizer_in_backward: objective.weight_decay adds a second gradient "
+                "contribution to W after its update; set objective.weight_decay to 0 (or use "
+                "optimizer.weight_decay)")
+        if self.train.optimizer_in_backward and self.parallel.mode == "hogwild":
+            raise ValueError(
+                "train.optimizer_in_backward: parallel.mode hogwild runs its own update loop; "
+                "allowed with parallel.mode sync, localsgd")
         network = self.source_network
         if network is not None and network.training is not None and not source_of(
                 self.data).has_labels(self.data):

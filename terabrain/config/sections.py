@@ -230,6 +230,13 @@ class TrainConfig(Section):
         0, ge=0, description="Steps between TensorBoard weight histograms (0: at the end)."
     )
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    optimizer_in_backward: bool = Field(
+        False,
+        description="Update each parameter as soon as its gradient is complete, inside the "
+        "backward pass, and free that gradient: no gradient outlives its layer (SGD with "
+        "momentum: 8 bytes per parameter instead of 12). Not with optimizer.name lbfgs nor "
+        "parallel.data > 1.",
+    )
     progress: bool = Field(True, description="Show a progress bar on an interactive terminal.")
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT"]] = Field(
         ["SIGTERM", "SIGUSR1"],

@@ -141,3 +141,24 @@ class Learner:
         """Parameters, work and per-rank figures for `terabrain plan`, from a network built on
         the meta device."""
         raise NotImplementedError
+
+    def memory_savings(self, config: ExperimentConfig) -> list[list[str]]:
+        """Changes that lower this experiment's memory per rank, each a list of ``--set``
+        assignments, the smallest change to the training first; `terabrain plan` tries them,
+        alone and together, when the experiment as configured fits no split. Here: the
+        optimizer in the backward pass (the same updates; a model of several large tensors
+        then holds one gradient at a time), bf16 weights and gradients (fp32 optimizer
+        state; the loss tracks fp32's), then the optimizer's state (SGD with momentum keeps
+        one copy, plain SGD none, Adam two), which changes the training most."""
+        optimizer, options = config.optimizer, []
+        if (not config.train.optimizer_in_backward and optimizer.name != "lbfgs"
+                and not getattr(config.objective, "weight_decay", 0)):
+            options.append(["train.optimizer_in_backward=true"])
+        if config.precision != "bf16-weights" and optimizer.name != "lbfgs":
+            options.append(["precision=bf16-weights"])
+        if optimizer.name in ("adam", "adamw", "rmsprop", "adagrad"):
+            options.append(["optimizer.name=sgd", "optimizer.momentum=0.9"])
+            options.append(["optimizer.name=sgd", "optimizer.momentum=0"])
+        elif optimizer.name == "sgd" and optimizer.momentum > 0:
+            options.append(["optimizer.momentum=0"])
+        return options

@@ -94,6 +94,11 @@ class DeepModel(ModelSection):
     sync_every: PositiveInt = Field(
         10, description="pipelined: steps between refreshes of layer L's forward copy."
     )
+    forward_copies: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="pipelined: the dtype of the frozen forward copies of the layers below "
+        "the top one (bf16: half their memory; the layers that train stay as they are).",
+    )
 
 
 class DeepLearner(Learner):
@@ -170,7 +175,11 @@ class DeepLearner(Learner):
         )
 
         model, train, layers = config.model, config.train, config.model.layers
-        trainable = LayerwiseModel(network)
+        # Greedy training needs no forward copies: the layers below the one training have
+        # finished. Pipelined: copies of the layers below the top one, in their own dtype.
+        pipelined = model.schedule == "pipelined"
+        trainable = LayerwiseModel(network, copies=pipelined, copy_dtype=(
+            torch.bfloat16 if pipelined and model.forward_copies == "bf16" else None))
         schedule = LayerSchedule(
             trainable, [layer.steps or train.steps for layer in layers], model.schedule,
             model.start_after, model.sync_every,
@@ -214,6 +223,19 @@ class DeepLearner(Learner):
         from terabrain.learners.deep_capacity import deep_capacity
 
         return deep_capacity(config, example_shape)
+
+    def memory_savings(self, config):
+        """After the changes that leave the updates as they are (the optimizer in the
+        backward pass), the schedule: greedy training keeps no forward copies and trains one
+        layer at a time; then bf16 forward copies, then the optimizer and precision."""
+        common = super().memory_savings(config)
+        same_updates = [option for option in common if option == ["train.optimizer_in_backward=true"]]
+        options = []
+        if config.model.schedule == "pipelined":
+            options.append(["model.schedule=greedy"])
+            if config.model.forward_copies == "fp32":
+                options.append(["model.forward_copies=bf16"])
+        return same_updates + options + [o for o in common if o not in same_updates]
 
 
 def _is_split(network: torch.nn.Module) -> bool:

@@ -11,8 +11,8 @@ Per layer, b = batch / data rows, its share of the output rows on the model axis
   profile's ``local_efficiency``); conv: one (b x locations) x field x maps product, 6 times;
   dense: the five products of a hidden-unit layer (terabrain.learners.hidden_unit_work).
 - elementwise: 18 values moved per input value, 12 per code, 20 per pooled/normalised
-  output value (LCN's two windowed passes), and the weight passes of a tied layer (3
-  partial gradients summed) with its row normalisation.
+  output value (LCN's two windowed passes), and the weight passes of a layer (its one
+  gradient buffer and its row normalisation, ``WEIGHT_STREAMS``).
 - collectives: the halo exchanges and dense-layer collectives of
   terabrain.learners.deep_capacity (point-to-point on the model axis), then the data axis's
   gradient exchange.
@@ -33,7 +33,11 @@ from terabrain.learners.deep_capacity import _layer_split
 from terabrain.learners.hidden_unit_work import VALUES_PER_HIDDEN, VALUES_PER_INPUT
 
 VALUES_PER_OUTPUT = 20
-WEIGHT_STREAMS = 3 * 2 + 1 + 6  # 3 partial gradients summed, decay, row normalisation
+# Passes over a layer's weights beyond its GEMMs (terabrain.nn.shared_weight.
+# unit_row_map_pair): its row norms (1); one gradient buffer, the decoder's share written
+# (1), the encoder's added (2), the normalisation's added (3); decay (1); renormalising
+# the rows after the step (3).
+WEIGHT_STREAMS = 1 + 1 + 2 + 3 + 1 + 3
 PASSES = 3  # forward, and two products backward
 
 

@@ -36,7 +36,7 @@ from pydantic import Field, PositiveInt
 
 from terabrain.capacity.costs import (
     FP32, evaluations_per_step, optimizer_state, optimizer_transient, ring_all_gather,
-    ring_all_reduce,
+    ring_all_reduce, weight_bytes,
 )
 from terabrain.capacity.planner import Capacity, RankFigures
 from terabrain.learners.base import FilterPicture, Learner, ModelSection, Training
@@ -154,6 +154,7 @@ class HiddenUnitLearner(Learner):
         hidden = config.model.hidden
         evaluations = evaluations_per_step(config.optimizer)
         logged = len(build_objective(config.objective).logged_names)
+        size = weight_bytes(config.precision)  # per weight and per gradient element
 
         def per_rank(data_ranks: int, model_ranks: int, rows: int) -> RankFigures:
             reasons = [f"model does not divide hidden ({hidden})"] if hidden % model_ranks else []
@@ -166,12 +167,16 @@ class HiddenUnitLearner(Learner):
             ) + ring_all_reduce(model_ranks, FP32 * self.summed_scalars(config, rows))
             if config.optimizer.name == "lbfgs":
                 model_sent += ring_all_gather(model_ranks, FP32 * sharded)
-            data_sent = ring_all_reduce(data_ranks, FP32 * (local_elements + logged))
+            data_sent = ring_all_reduce(data_ranks, size * local_elements + FP32 * logged)
             return RankFigures(
                 reasons=reasons, local_parameters=local_elements,
-                weights=FP32 * local_elements, gradients=FP32 * gradient_elements,
+                weights=size * local_elements,
+                # Updated inside the backward pass: one parameter's gradient at a time.
+                gradients=size * (max(local_of.values()) if config.train.optimizer_in_backward
+                                  else gradient_elements),
                 optimizer=FP32 * (optimizer_state(config.optimizer, local_elements, total)
-                                  + optimizer_transient(config.optimizer, max(local_of.values()))),
+                                  + optimizer_transient(config.optimizer, max(local_of.values()),
+                                                        config.precision)),
                 activations=FP32 * rows * per_row,
                 model_axis_sent=round(evaluations * model_sent),
                 data_axis_sent=round(evaluations * data_sent),

@@ -86,6 +86,9 @@ class KMeansLearner(Learner):
         if config.objective.weight_decay:
             raise ValueError("objective.weight_decay must be 0 for model.kind kmeans "
                              "(k-means minimises the distance to the nearest centroid only)")
+        if config.precision == "bf16-weights":
+            raise ValueError("precision bf16-weights is for gradient-trained models; k-means "
+                             "updates fp32 centroids (allowed for model.kind kmeans: fp32, bf16)")
 
     def check_parallel(self, config, parallel):
         if parallel.model_ranks > 1:

@@ -10,12 +10,17 @@ gradient of the summed losses is each layer's own gradient: with a per-parameter
 
 - greedy: layer L+1 starts when layer L has finished: its budget (``layers[L].steps`` or
   ``train.steps``) is spent, or its loss has not improved by ``early_stopping.min_delta``
-  for ``early_stopping.patience`` logged steps. Its forward copy is refreshed then, once.
-  The optimizer's state is cleared when a layer starts (L-BFGS's curvature history belongs
-  to the layer before).
+  for ``early_stopping.patience`` logged steps. A finished layer no longer changes, so it
+  is its own forward copy: greedy training keeps no copies. The optimizer's state is
+  cleared when a layer starts (L-BFGS's curvature history belongs to the layer before).
 - pipelined: layer L+1 starts once layer L has trained ``model.start_after`` steps; layer
   L keeps training, and its forward copy is refreshed every ``model.sync_every`` of its steps
-  and when it finishes.
+  and when it finishes. Copies are kept of the layers below the top one (the top layer
+  feeds none), in ``model.forward_copies`` (fp32 or bf16).
+
+Residency: only the active layers hold gradients (the trainer sets gradients to None each
+step, and inactive layers get none) and optimizer state (a layer's state is dropped when
+it finishes); only active layers are renormalised after a step.
 
 Everything the schedule decides is in its checkpointed state and the forward copies are
 part of the model's state, so a resumed run continues exactly.
@@ -44,18 +49,40 @@ if TYPE_CHECKING:  # annotations only: learners do not import the training loop
 
 
 class LayerwiseModel(nn.Module):
-    """The network being trained and the frozen forward copies of its layers."""
+    """The network being trained and the frozen forward copies of its layers below the top
+    one (``copies``; none for greedy training), stored in ``copy_dtype``."""
 
-    def __init__(self, network: DeepNetwork):
+    def __init__(self, network: DeepNetwork, copies: bool = True,
+                 copy_dtype: torch.dtype | None = None):
         super().__init__()
         self.network = network
-        self.forward_copies = copy.deepcopy(network.layers)
-        for parameter in self.forward_copies.parameters():
-            parameter.requires_grad_(False)
+        self.forward_copies = nn.ModuleList()
+        if copies:
+            self.forward_copies = copy.deepcopy(network.layers[:-1])
+            if copy_dtype is not None:
+                self.forward_copies.to(copy_dtype)
+            for parameter in self.forward_copies.parameters():
+                parameter.requires_grad_(False)
+
+    def forward_layer(self, index: int) -> nn.Module:
+        """What feeds the layers above layer ``index``: its forward copy, or (greedy) the
+        finished layer itself."""
+        if index < len(self.forward_copies):
+            return self.forward_copies[index]
+        return self.network.layers[index]
+
+    def encode_below(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer ``index``'s codes of ``h`` through its forward layer, in ``h``'s dtype (a
+        bf16 copy computes in bf16)."""
+        layer = self.forward_layer(index)
+        dtype = next(layer.parameters()).dtype
+        return layer.encode(h.to(dtype)).to(h.dtype)
 
     @torch.no_grad()
     def sync_(self, index: int) -> None:
         """Layer ``index``'s forward copy takes the trained weights."""
+        if index >= len(self.forward_copies):
+            return
         source = dict(self.network.layers[index].named_parameters())
         for name, parameter in self.forward_copies[index].named_parameters():
             parameter.copy_(source[name])
@@ -96,10 +123,12 @@ class LayerSchedule(Callback):
     def active(self) -> list[int]:
         return [k for k, at in enumerate(self.started_at) if at >= 0 and not self.finished[k]]
 
-    def _finish(self, index: int, reason: str) -> None:
+    def _finish(self, trainer: Trainer, index: int, reason: str) -> None:
         self.finished[index] = True
         self.stop_reasons[index] = reason
         self.model.sync_(index)
+        for parameter in self.model.network.layers[index].parameters():  # it trains no more
+            trainer.optimizer.state.pop(parameter, None)
 
     def _start(self, trainer: Trainer, index: int, step: int) -> None:
         self.started_at[index] = step
@@ -112,9 +141,9 @@ class LayerSchedule(Callback):
             self.trained[k] += 1
             loss = metrics.get(f"layer{k + 1}/loss")
             if loss is not None and self.plateaus[k].update(loss):
-                self._finish(k, f"no improvement for {self.plateaus[k].waited} logged steps")
+                self._finish(trainer, k, f"no improvement for {self.plateaus[k].waited} logged steps")
             elif self.trained[k] >= self.budgets[k]:
-                self._finish(k, "budget")
+                self._finish(trainer, k, "budget")
             elif self.schedule == "pipelined" and self.trained[k] % self.sync_every == 0:
                 self.model.sync_(k)
         for k in range(1, len(self.budgets)):
@@ -184,11 +213,12 @@ class LayerwiseObjective(Objective):
                 parts.update({f"layer{k + 1}/{name}": value.detach() for name, value in named.items()})
             if k < top:
                 with torch.no_grad():
-                    h = network.post[k](model.forward_copies[k].encode(h))
+                    h = network.post[k](model.encode_below(k, h))
         return total, parts
 
     def after_step(self, model: LayerwiseModel) -> None:
-        model.network.normalize_()
+        for k in self.schedule.active():  # the others have not changed
+            model.network.layers[k].normalize_()
 
 
 class SpatialLayerwiseObjective(LayerwiseObjective):

@@ -35,6 +35,7 @@ from terabrain.capacity.costs import (
     optimizer_state,
     ring_all_gather,
     ring_all_reduce,
+    weight_bytes,
 )
 from terabrain.capacity.planner import Capacity, RankFigures
 from terabrain.learners.base import ModelSection, Training
@@ -268,10 +269,13 @@ class TopKSAELearner(HiddenUnitLearner):
             # Summed with the gradients by the planner: the larger of the two moments.
             activation_elements = max(forward - gradient_elements, backward)
             sent = self.model_axis_bytes(config, inputs, model_ranks, rows, k_aux)
-            data_sent = ring_all_reduce(data_ranks, FP32 * (local_trained + block + logged))
+            size = weight_bytes(config.precision)  # per weight and per gradient element
+            data_sent = ring_all_reduce(data_ranks, size * local_trained + FP32 * (block + logged))
             return RankFigures(
                 reasons=reasons, local_parameters=local_elements,
-                weights=FP32 * local_elements, gradients=FP32 * gradient_elements,
+                weights=size * local_elements,
+                gradients=size * (max(local_of.values()) if config.train.optimizer_in_backward
+                                  else gradient_elements),
                 optimizer=FP32 * optimizer_state(config.optimizer, local_trained, total),
                 activations=FP32 * activation_elements,
                 model_axis_sent=round(sent), data_axis_sent=round(data_sent),

@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from terabrain.nn.autoencoder import UnitInitialized, _draw_seed
+from terabrain.nn.filter_maps import ConvMap, DenseMap, LocalMap
 from terabrain.nn.init import init_by_unit_
-from terabrain.nn.local import LocallyConnected2d, locally_connected, locally_connected_transpose
+from terabrain.nn.local import LocallyConnected2d
 from terabrain.nn.normalization import LocalContrastNorm
 from terabrain.nn.pooling import L2Pool2d
+from terabrain.nn.shared_weight import unit_row_map_codes, unit_row_map_pair
 from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 
 Shape = tuple[int, int, int]  # (channels, height, width)
@@ -46,14 +48,15 @@ class LayerSpec(Protocol):
 
 
 class FilterBank(nn.Module):
-    """The linear map of one layer (``transform``) and its adjoint, given (possibly
-    normalized) weights; ``apply`` is nn.Module's, as on any module. ``weight``'s last
-    dimension is one hidden unit's filter. Each bank initialises its own rows from its own
+    """One layer's filters (``weight``, whose last dimension is one hidden unit's filter)
+    and the geometry of their linear map (``fmap``, terabrain.nn.filter_maps: the map, its
+    adjoint and its weight gradient). Each bank initialises its own rows from its own
     seed, hidden unit by hidden unit (terabrain.nn.init)."""
 
     weight: nn.Parameter
     out_shape: Shape
     seed: int
+    fmap: LocalMap | ConvMap | DenseMap
 
     @torch.no_grad()
     def init_rows_(self, tensor: torch.Tensor, first_unit: int = 0) -> None:
@@ -66,12 +69,6 @@ class FilterBank(nn.Module):
         if self.weight.device.type != "meta":
             self.init_rows_(self.weight.data)
 
-    def transform(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def adjoint(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
 
 class LocalBank(FilterBank):
     def __init__(self, in_shape: Shape, maps: int, kernel: int, stride: int, seed: int):
@@ -80,6 +77,7 @@ class LocalBank(FilterBank):
         self.layer = LocallyConnected2d(channels, maps, (height, width), kernel, stride, seed=seed)
         self.seed = self.layer.init_seed
         self.out_shape = (maps, *self.layer.output_size)
+        self.fmap = LocalMap(kernel, stride, (height, width), self.layer.block_bytes)
 
     def reset_parameters(self) -> None:
         self.layer.reset_parameters()
@@ -88,15 +86,6 @@ class LocalBank(FilterBank):
     def weight(self) -> nn.Parameter:  # registered once, in the layer (state_dict keys unique)
         return self.layer.weight
 
-    def transform(self, x, weight):
-        layer = self.layer
-        return locally_connected(x, weight, layer.kernel_size, layer.stride, layer.output_size,
-                                 layer.block_bytes)
-
-    def adjoint(self, y, weight):
-        layer = self.layer
-        return locally_connected_transpose(y, weight, layer.kernel_size, layer.stride,
-                                           layer.input_size, layer.block_bytes)
 
 
 class ConvBank(FilterBank):
@@ -109,19 +98,7 @@ class ConvBank(FilterBank):
         self.weight = nn.Parameter(torch.empty(maps, channels * kernel * kernel))
         self.reset_parameters()
         self.out_shape = (maps, (height - kernel) // stride + 1, (width - kernel) // stride + 1)
-
-    def _kernel(self, weight):
-        # Rows in (kh, kw, C) order, as the locally connected layer's and the pictures'.
-        return weight.view(weight.shape[0], self.kernel, self.kernel, self.in_shape[0]).permute(0, 3, 1, 2)
-
-    def transform(self, x, weight):
-        return F.conv2d(x, self._kernel(weight), stride=self.stride)
-
-    def adjoint(self, y, weight):
-        _, height, width = self.in_shape
-        used = [(n - 1) * self.stride + self.kernel for n in self.out_shape[1:]]
-        return F.conv_transpose2d(y, self._kernel(weight), stride=self.stride,
-                                  output_padding=(height - used[0], width - used[1]))
+        self.fmap = ConvMap(kernel, stride, in_shape)  # rows in (kh, kw, C) order
 
 
 class DenseBank(FilterBank):
@@ -131,12 +108,7 @@ class DenseBank(FilterBank):
         self.weight = nn.Parameter(torch.empty(maps, in_shape[0] * in_shape[1] * in_shape[2]))
         self.reset_parameters()
         self.out_shape = (maps, 1, 1)
-
-    def transform(self, x, weight):
-        return F.linear(x.flatten(1), weight)[:, :, None, None]
-
-    def adjoint(self, y, weight):
-        return (y.flatten(1) @ weight).view(-1, *self.in_shape)
+        self.fmap = DenseMap(in_shape)
 
 
 def _bank(config: LayerSpec, in_shape: Shape, seed: int) -> FilterBank:
@@ -150,7 +122,9 @@ def _bank(config: LayerSpec, in_shape: Shape, seed: int) -> FilterBank:
 class RICALayer(UnitInitialized):
     """One layer of the stack: ``codes = alpha W pad(x)``, ``reconstruction = D^T codes + b``
     (cropped back to ``x``'s size). Rows are normalized in the forward pass as in
-    terabrain.nn.autoencoder.RICA, and kept at unit norm after every step (``normalize_``)."""
+    terabrain.nn.autoencoder.RICA, by scaling the codes (terabrain.nn.shared_weight.
+    unit_row_map_pair: no normalised copy of W, one gradient buffer per weight), and kept
+    at unit norm after every step (``normalize_``)."""
 
     def __init__(self, config: LayerSpec, in_shape: Shape, seed: Optional[int] = None):
         super().__init__()
@@ -184,12 +158,12 @@ class RICALayer(UnitInitialized):
         return F.pad(x, [before, after, before, after]) if before or after else x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha * self.encoder.transform(self._pad(x), unit_rows(self.encoder.weight))
+        return unit_row_map_codes(self.encoder.fmap, self._pad(x), self.encoder.weight, self.alpha)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.encode(x)
-        decoder = self.decoder or self.encoder
-        reconstruction = decoder.adjoint(codes, unit_rows(decoder.weight))
+        decoder = None if self.decoder is None else self.decoder.weight
+        codes, reconstruction = unit_row_map_pair(self.encoder.fmap, self._pad(x),
+                                                  self.encoder.weight, decoder, self.alpha)
         if any(self.padding):
             _, height, width = self.in_shape
             top = self.padding[0]
@@ -310,10 +284,10 @@ class DeepNetwork(UnitInitialized):
         evenly spaced locations are shown, all maps of each."""
         layer = self.layers[0]
         channels = layer.in_shape[0]
-        weight = unit_rows(layer.encoder.weight.detach())
+        weight = layer.encoder.weight.detach()  # normalised below, once picked
         if isinstance(layer.encoder, DenseBank):  # rows in the input's (C, H, W) order
             _, height, width = layer.in_shape
-            rows = weight[:limit].view(-1, channels, height, width).permute(0, 2, 3, 1)
+            rows = unit_rows(weight[:limit]).view(-1, channels, height, width).permute(0, 2, 3, 1)
         else:
             kernel = layer.encoder.layer.kernel_size if isinstance(layer.encoder, LocalBank) else layer.encoder.kernel
             height = width = kernel
@@ -321,7 +295,7 @@ class DeepNetwork(UnitInitialized):
                 locations = max(1, min(weight.shape[0], limit // weight.shape[1]))
                 picked = torch.linspace(0, weight.shape[0] - 1, locations).round().long()
                 weight = weight[picked]
-            rows = weight.reshape(-1, weight.shape[-1])[:limit]
+            rows = unit_rows(weight.reshape(-1, weight.shape[-1])[:limit])
         rows = rows.reshape(len(rows), -1)
         shape = (height, width) if channels == 1 else (height, width, channels)
         return rows, shape

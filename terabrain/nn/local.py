@@ -183,18 +183,23 @@ def _apply_transpose(y: torch.Tensor, weight: torch.Tensor, kernel_size: int, st
 
 
 def _weight_gradient(x: torch.Tensor, y: torch.Tensor, kernel_size: int, stride: int,
-                     block_bytes: Optional[int]) -> torch.Tensor:
+                     block_bytes: Optional[int], out: torch.Tensor | None = None) -> torch.Tensor:
     """dW[l] = y_l patch_l(x)^T for the bilinear map y = W x: (L, F, K), from x (H, W, C, N)
-    and y (Ho, Wo, F, N)."""
+    and y (Ho, Wo, F, N). With ``out``, added into it block by block (``baddbmm_``), so a
+    weight used twice has one gradient buffer (terabrain.nn.shared_weight)."""
     out_rows, out_width, maps, n = y.shape
     k_total = x.shape[2] * kernel_size * kernel_size
-    codes = y.view(out_rows * out_width, maps, n)
-    grad = torch.empty(out_rows * out_width, maps, k_total, dtype=x.dtype, device=x.device)
+    codes = y.reshape(out_rows * out_width, maps, n)
+    grad = out if out is not None else torch.empty(
+        out_rows * out_width, maps, k_total, dtype=x.dtype, device=x.device)
     blocks, buffer = _blocks(x, grad, out_rows, out_width, n, block_bytes)
     for locations, row, rows, col, cols in blocks:
         patches = cut_patches(x, kernel_size, stride, row, rows, col, cols,
                               buffer[: (locations.stop - locations.start) * k_total * n])
-        torch.bmm(codes[locations], patches.transpose(1, 2), out=grad[locations])
+        if out is None:
+            torch.bmm(codes[locations], patches.transpose(1, 2), out=grad[locations])
+        else:
+            grad[locations].baddbmm_(codes[locations], patches.transpose(1, 2))
     return grad
 
 

@@ -137,3 +137,97 @@ def unit_row_pair(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor):
     """``(alpha x Wn^T, (alpha x Wn^T) @ Wn)`` with ``Wn`` W's rows at unit norm, computed
     without ``Wn`` and with one gradient buffer for ``weight``."""
     return _UnitRowPair.apply(x, weight, alpha)
+
+
+def _add_normalisation_gradient_(grad_weight, weight, norms, grad_scale) -> None:
+    """Add the row normalisation's share, in place: with ``s = 1 / max(|W_j|, EPS)``,
+    ``ds/dW_j = -W_j s^3`` where ``|W_j| > EPS``, else 0 (a zero row stays zero)."""
+    scale = 1.0 / norms.clamp_min(EPS)
+    row_factor = torch.where(norms > EPS, -grad_scale * scale * scale * scale,
+                             torch.zeros_like(grad_scale))
+    grad_weight.addcmul_(weight, row_factor.unsqueeze(-1))
+
+
+class _UnitRowMapPair(torch.autograd.Function):
+    """A deep network's RICA layer (terabrain.nn.deep) through any filter map ``A``
+    (terabrain.nn.filter_maps): with ``s = 1 / |W_j|`` per hidden unit, ``codes = alpha
+    s A(W) x`` and ``decoded = A(D)^T (s_D codes)`` (``D = W`` tied), the values of
+    ``alpha A(W/|W|) x`` and ``A(D/|D|)^T codes`` without forming either normalised copy.
+    The backward pass writes the decoder's weight gradient into a fresh buffer and adds the
+    encoder's (tied) and each normalisation's into it in place. ``decode`` False: codes
+    only (a layer's ``encode``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, decoder_weight, alpha, fmap, decode):
+        # bf16 weights (precision bf16-weights): the products run in the weights' dtype.
+        x = fmap.native(x.to(weight.dtype))
+        norms = weight.norm(dim=-1)
+        projected = fmap.apply(x, weight)
+        projected.mul_(fmap.unit_scale(1.0 / norms.clamp_min(EPS)))  # s A(W) x
+        codes = alpha * projected
+        decoder_norms = None
+        ctx.fmap, ctx.tied = fmap, decoder_weight is None
+        ctx.set_materialize_grads(False)
+        if not decode:
+            ctx.save_for_backward(x, weight, None, alpha, norms, None, projected)
+            return fmap.public_codes(codes)
+        decoder = weight if ctx.tied else decoder_weight
+        decoder_norms = norms if ctx.tied else decoder.norm(dim=-1)
+        decoded = fmap.adjoint(codes * fmap.unit_scale(1.0 / decoder_norms.clamp_min(EPS)), decoder)
+        ctx.save_for_backward(x, weight, decoder_weight, alpha, norms, decoder_norms, projected)
+        return fmap.public_codes(codes), fmap.public_input(decoded)
+
+    @staticmethod
+    def backward(ctx, grad_codes, grad_decoded=None):
+        x, weight, decoder_weight, alpha, norms, decoder_norms, projected = _like_weight(
+            ctx.saved_tensors)
+        fmap = ctx.fmap
+        grad_codes, grad_decoded = _like_weight((grad_codes, grad_decoded), weight.dtype)
+        wants_weight, wants_decoder = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        codes = alpha * projected
+        total = None if grad_codes is None else fmap.native(grad_codes)
+        grad_weight = grad_decoder = grad_scale = None
+        if grad_decoded is not None:
+            decoder = weight if ctx.tied else decoder_weight
+            decoder_scale = fmap.unit_scale(1.0 / decoder_norms.clamp_min(EPS))
+            grad_decoded = fmap.native(grad_decoded)
+            wants = wants_weight if ctx.tied else wants_decoder
+            grad_v = fmap.apply(grad_decoded, decoder)   # d loss / d (s_D codes)
+            if wants:                                     # the decoder's contribution
+                grad_d = fmap.weight_gradient(grad_decoded, codes * decoder_scale)
+                grad_scale_d = fmap.unit_sum(grad_v * codes)
+                if ctx.tied:
+                    grad_weight, grad_scale = grad_d, grad_scale_d
+                else:
+                    _add_normalisation_gradient_(grad_d, decoder_weight, decoder_norms, grad_scale_d)
+                    grad_decoder = grad_d
+            from_decoder = grad_v.mul_(decoder_scale)
+            total = from_decoder if total is None else from_decoder.add_(total)
+        if total is None:
+            return None, None, grad_decoder, None, None, None
+        grad_alpha = (total * projected).sum() if ctx.needs_input_grad[3] else None
+        grad_projected = total * alpha
+        scale = fmap.unit_scale(1.0 / norms.clamp_min(EPS))
+        if wants_weight:
+            # d/ds of <g, s A(W) x> = sum(g * projected) / s.
+            from_scale = fmap.unit_sum(grad_projected * projected) * norms.clamp_min(EPS)
+            grad_scale = from_scale if grad_scale is None else grad_scale.add_(from_scale)
+        grad_raw = grad_projected.mul_(scale)             # d loss / d A(W) x
+        if wants_weight:
+            grad_weight = fmap.weight_gradient(x, grad_raw, out=grad_weight)  # the encoder's
+            _add_normalisation_gradient_(grad_weight, weight, norms, grad_scale)
+        grad_x = fmap.public_input(fmap.adjoint(grad_raw, weight)) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_weight, grad_decoder, grad_alpha, None, None
+
+
+def unit_row_map_pair(fmap, x: torch.Tensor, weight: torch.Tensor,
+                      decoder_weight: torch.Tensor | None, alpha: torch.Tensor):
+    """``(alpha A(Wn) x, A(Dn)^T (alpha A(Wn) x))`` for the filter map ``fmap`` with unit-norm
+    rows ``Wn``, ``Dn`` (``decoder_weight`` None: tied, ``Dn = Wn``), computed without the
+    normalised copies and with one gradient buffer per weight. (N, C, H, W) in and out."""
+    return _UnitRowMapPair.apply(x, weight, decoder_weight, alpha, fmap, True)
+
+
+def unit_row_map_codes(fmap, x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor):
+    """``alpha A(Wn) x`` alone (a layer's codes), without the normalised copy of W."""
+    return _UnitRowMapPair.apply(x, weight, None, alpha, fmap, False)

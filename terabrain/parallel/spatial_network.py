@@ -40,7 +40,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from terabrain.errors import ConfigError
 from terabrain.nn.deep import DeepNetwork, DenseBank, LocalBank, RICALayer
-from terabrain.nn.local import locally_connected, locally_connected_transpose
+from terabrain.nn.filter_maps import DenseMap, LocalMap
+from terabrain.nn.shared_weight import unit_row_map_codes, unit_row_map_pair
 from terabrain.nn.unit_rows import normalize_rows_, unit_rows
 from terabrain.parallel.row_split import Axis, row_split
 from terabrain.parallel.row_state import RowShard
@@ -222,6 +223,8 @@ class RowSplitLocalLayer(_SplitLayer):
         self.out_width, self.in_width = lc.output_size[1], width
         first, stop = self.block.output_rows
         self.output_rows = stop - first
+        # The map of this rank's block: its halo-extended input rows to its output rows.
+        self.fmap = LocalMap(self.kernel_size, self.stride, self._needed_size, self.block_bytes)
         locations = [(a * self.out_width, b * self.out_width) for a, b in self.output_blocks]
         self.encoder = nn.Module()
         self.encoder.layer = _Filters(_location_block(lc, first, self.output_rows, device))
@@ -251,16 +254,14 @@ class RowSplitLocalLayer(_SplitLayer):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         needed = gather_halo(self._pad(x), self.block, self.axis.group)
-        codes = locally_connected(needed, unit_rows(self.encoder.layer.weight), self.kernel_size,
-                                  self.stride, (self.output_rows, self.out_width), self.block_bytes)
-        return self.alpha_summed() * codes
+        return unit_row_map_codes(self.fmap, needed, self.encoder.layer.weight,
+                                  self.alpha_summed())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.encode(x)
-        decoder = self.encoder if self.tied else self.decoder
-        needed = locally_connected_transpose(codes, unit_rows(decoder.layer.weight),
-                                             self.kernel_size, self.stride, self._needed_size,
-                                             self.block_bytes)
+        needed = gather_halo(self._pad(x), self.block, self.axis.group)
+        decoder = None if self.tied else self.decoder.layer.weight
+        codes, needed = unit_row_map_pair(self.fmap, needed, self.encoder.layer.weight,
+                                          decoder, self.alpha_summed())
         owned = scatter_add_halo(needed, self.block, self.axis.group)
         before, _ = self.padding
         top = before if self.axis.rank == 0 else 0
@@ -289,6 +290,7 @@ class UnitSplitDenseLayer(_SplitLayer):
         a, b = self.owned_rows
         self.bias = nn.Parameter(_bias_block(layer, a, b, device))
         self._split("bias", 1, owned)
+        self.fmap = DenseMap(self.in_shape)  # the whole input to this rank's units
         self.normalize_()
 
     def _weights(self) -> list[torch.Tensor]:
@@ -296,13 +298,13 @@ class UnitSplitDenseLayer(_SplitLayer):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         whole = _GatherRows.apply(x, self.input_blocks, self.axis)
-        codes = F.linear(whole.flatten(1), unit_rows(self.encoder.weight))[:, :, None, None]
-        return self.alpha_summed() * codes
+        return unit_row_map_codes(self.fmap, whole, self.encoder.weight, self.alpha_summed())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.encode(x)
-        decoder = self.encoder if self.tied else self.decoder
-        partial = (codes.flatten(1) @ unit_rows(decoder.weight)).view(-1, *self.in_shape)
+        whole = _GatherRows.apply(x, self.input_blocks, self.axis)
+        decoder = None if self.tied else self.decoder.weight
+        codes, partial = unit_row_map_pair(self.fmap, whole, self.encoder.weight, decoder,
+                                           self.alpha_summed())
         return codes, _ReduceToRows.apply(partial, self.input_blocks, self.axis) + self.bias
 
 

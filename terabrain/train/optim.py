@@ -17,11 +17,20 @@ from torch.distributed.tensor import empty as dtensor_empty
 
 from terabrain.config.sections import OptimizerConfig
 from terabrain.parallel.row_state import RowShard
+from terabrain.train.bf16_weights import StochasticRoundingOptimizer
 
 
-def build_optimizer(config: OptimizerConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(config: OptimizerConfig, params: Iterable[nn.Parameter],
+                    precision: str = "fp32", seed: int = 0) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names over ``params`` (those that require a gradient). With
+    precision bf16-weights, SGD, Adam and AdamW keep fp32 state and round each update into
+    the bf16 weights stochastically (terabrain.train.bf16_weights), seeded by ``seed``."""
     params = [p for p in params if p.requires_grad]
     common = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if precision == "bf16-weights" and config.name in ("sgd", "adam", "adamw"):
+        extra = ({"momentum": config.momentum, "nesterov": config.nesterov}
+                 if config.name == "sgd" else {"betas": config.betas})
+        return StochasticRoundingOptimizer(params, config.name, seed=seed, **common, **extra)
     if config.name == "sgd":
         return torch.optim.SGD(
             params, momentum=config.momentum, nesterov=config.nesterov, **common

@@ -139,6 +139,11 @@ def _feature_stage(
         "final": last_metrics(run_dir, "features"),
         "seconds_this_session": time.perf_counter() - started,
     }
+    # The last checkpoint is written: gradients and optimizer state are not needed again.
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.optimizer.state.clear()
+    if config.precision == "bf16-weights":  # exports, pictures and evaluation in fp32
+        network.float()
     export_weights(network, run_dir)  # streamed from the shards (terabrain.train.export)
     weights = WholeWeights(network)
     picture = learner.picture(config, network, weights, shape)  # may gather: every rank

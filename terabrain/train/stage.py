@@ -65,12 +65,14 @@ def build_trainer(
     ``train.steps`` (a layer-wise schedule decides its own budget)."""
     if isinstance(optimizer, OptimizerConfig):
         optimizer = build_optimizer(
-            optimizer, model.parameters() if parameters is None else parameters
+            optimizer, model.parameters() if parameters is None else parameters,
+            precision=precision, seed=seed,
         )
     return Trainer(
         model, objective, optimizer, inputs, targets,
         steps=train.steps if steps is None else steps,
         batch_size=train.batch_size, seed=seed, device=device, precision=precision,
+        optimizer_in_backward=train.optimizer_in_backward,
         log_every=train.log_every, callbacks=callbacks, parallel=parallel, batches=batches,
     )
 
@@ -115,6 +117,8 @@ def feature_trainer(
     learner.check_parallel(config, parallel)
     if network is None:
         network = learner.materialize(config, example_shape, parallel, device)
+    if config.precision == "bf16-weights":  # stored in bf16 from here on (checkpoints too)
+        network = network.to(torch.bfloat16)
     rows = sample if sample is not None else inputs
     fitted = learner.fit_to_data(config, network, rows) if rows is not None else {}
     training = learner.training(config, network, parallel, example_shape)

@@ -16,6 +16,7 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
+from terabrain.errors import ConfigError
 from terabrain.hooks import Callback  # the loop's hooks, defined where plans can import them
 from terabrain.objectives import Objective
 from terabrain.parallel.parallelism import Parallelism, full
@@ -89,6 +90,7 @@ class Trainer:
         seed: int,
         device: torch.device,
         precision: str = "fp32",
+        optimizer_in_backward: bool = False,
         log_every: int = 1,
         callbacks: Sequence[Callback] = (),
         parallel: Optional[Parallelism] = None,
@@ -112,9 +114,34 @@ class Trainer:
         self.times = StepTimes()
         self._autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
-            if precision == "bf16"
+            if precision in ("bf16", "bf16-weights")
             else nullcontext()
         )
+        self.optimizer_in_backward = optimizer_in_backward
+        if optimizer_in_backward:
+            self._step_in_backward()
+
+    def _step_in_backward(self) -> None:
+        """Each parameter is updated as soon as its gradient is complete, and its gradient
+        freed, so no gradient outlives its layer's backward pass. The one optimizer (and so
+        its checkpointed state) serves every parameter: when a parameter's hook runs, it is
+        the only one holding a gradient, and torch.optim skips parameters without one."""
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            raise ConfigError("train.optimizer_in_backward: L-BFGS needs every gradient before "
+                              "it steps; allowed with optimizer.name sgd, adagrad, rmsprop, "
+                              "adam, adamw")
+        if self.parallel.data is not None:
+            raise ConfigError("train.optimizer_in_backward: with parallel.data > 1 the gradients "
+                              "are averaged across replicas after the backward pass; set "
+                              "parallel.data=1 or train.optimizer_in_backward=false")
+
+        def step(parameter: torch.Tensor) -> None:
+            self.optimizer.step()
+            parameter.grad = None
+
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.register_post_accumulate_grad_hook(step)
 
     @property
     def batch_size(self) -> int:
@@ -158,7 +185,10 @@ class Trainer:
             return loss
 
         self.model.train()
-        self.optimizer.step(closure)
+        if self.optimizer_in_backward:
+            closure()  # every update happened inside backward()
+        else:
+            self.optimizer.step(closure)
         with torch.no_grad():
             self.objective.after_step(self.model)
         return parts
