@@ -50,7 +50,7 @@ class EvaluateOptions:
     features: tuple[str, ...] = FEATURE_SETS
     weight_decays: tuple[float, ...] = WEIGHT_DECAYS
     validation_fraction: float = 0.2
-    probe_iterations: int = 100
+    probe_iterations: int = 50
     precision: str = "bf16"
     """The encoder's matrix products at extraction: bf16 (autocast) or fp32."""
     kmeans_patches: int = 50000
