@@ -76,6 +76,78 @@ def test_convolutional_extraction_equals_patch_by_patch_encoding(tiny_run):
     torch.testing.assert_close(stored * positions, expected, rtol=2e-3, atol=2e-3)
 
 
+def test_an_affine_encoder_runs_as_one_product_and_others_are_left_alone(tiny_run):
+    """RICA's encode (row-norm scaling, alpha) is read off as one matrix; a nonlinear
+    encoder is not mistaken for one."""
+    from terabrain.analysis.loaded_run import load_run
+    from terabrain.analysis.single_layer import affine_encoder, affine_form
+    from terabrain.nn.kmeans import triangle
+
+    run = load_run(tiny_run)
+    dims = run.config.data.patch_size ** 2
+    rows = torch.randn(50, dims, generator=torch.Generator().manual_seed(3))
+    form = affine_form(run.model.encode, dims)
+    assert form is not None and form[0].shape == (dims, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(affine_encoder(*form, torch.relu_)(rows),
+                                   torch.relu(run.model.encode(rows)), rtol=1e-4, atol=1e-5)
+    assert affine_form(lambda r: torch.relu(run.model.encode(r)), dims) is None
+    centroids = torch.randn(12, dims)
+    assert affine_form(lambda r: triangle(r, centroids), dims) is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "triangle"])
+def test_bf16_extraction_is_fp32_extraction_within_bfloat16_rounding(kind):
+    """Whitened rows and filters are rounded to bfloat16 (2^-9 relative each), the products
+    accumulate in float32 and their results and each pooled sum are rounded once more: every
+    pooled feature is within 4 * 2^-9 of the pooled magnitudes it sums (relu and the
+    triangle's clipping do not enlarge an error). The triangle opts out of autocast."""
+    from terabrain.analysis.single_layer import affine_encoder
+    from terabrain.data.whitening import ZCA
+    from terabrain.nn.kmeans import triangle
+
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 12, 12)).astype(np.float32)
+    sample = rng.random((2000, 16)).astype(np.float32)
+    patches = WhitenedPatches(4, True, ZCA.fit(remove_patch_mean(sample), 0.01))
+    filters = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
+    if kind == "linear":
+        def encoder(rows):
+            return affine_encoder(filters, torch.zeros(40), torch.relu_)(rows)
+
+        def magnitude(rows):
+            return (rows.abs() @ filters.abs()).float()
+    else:
+        def encoder(rows):
+            return triangle(rows, filters.T.contiguous())
+
+        def magnitude(rows):
+            return torch.cdist(rows.float(), filters.T).mean(dim=1, keepdim=True).expand(-1, 40)
+    exact = pooled_features(torch.from_numpy(images), patches, encoder, "fp32")
+    fast = pooled_features(torch.from_numpy(images), patches, encoder, "bf16")
+    bound = pooled_features(torch.from_numpy(images), patches, magnitude, "fp32")
+    assert fast.dtype == torch.float32
+    assert ((fast - exact).abs() <= 4 * 2.0**-9 * bound + 1e-6).all()
+    if kind == "triangle":  # computed in float32 whatever the autocast
+        torch.testing.assert_close(fast, exact)
+    else:
+        assert not torch.equal(fast, exact)  # bfloat16 did run
+
+
+def test_a_warm_started_probe_reaches_the_optimum_of_a_cold_one():
+    """Convex: started from another penalty's solution, the fit ends at the same weights."""
+    from terabrain.analysis.probe import fit_logistic
+
+    images, labels = digits(300)
+    x, y = torch.from_numpy(images.reshape(300, -1)), torch.from_numpy(labels)
+    cold = fit_logistic(x, y, 10, 1e-2, iterations=300)
+    other = fit_logistic(x, y, 10, 1e-1, iterations=300)
+    warm = fit_logistic(x, y, 10, 1e-2, iterations=300, start=other)
+    assert other.weight.sub(cold.weight).abs().max() > 0.05  # a different starting point
+    torch.testing.assert_close(warm.weight, cold.weight, rtol=0, atol=2e-3)
+    assert warm.iterations < cold.iterations
+
+
 def test_quadrant_pooling_sums_the_right_positions():
     # 5 x 4 positions, K = 2: feature 0 is 1 at one position, feature 1 counts every position.
     for y in range(5):
@@ -131,9 +203,11 @@ def test_the_test_split_is_never_seen_during_model_selection(tiny_run, monkeypat
         results.append(evaluation.evaluate(tiny_run, options))
     for clean, dirty in zip(results[0]["rows"], results[1]["rows"]):
         assert clean["features"] == dirty["features"]
+        assert clean["weight_decay"] == dirty["weight_decay"]
+        assert clean["validation"] == dirty["validation"]
+        assert len(clean["seeds"]) == (2 if clean["features"] in ("random", "kmeans") else 1)
         for a, b in zip(clean["seeds"], dirty["seeds"]):
-            assert a["weight_decay"] == b["weight_decay"]
-            assert a["validation"] == b["validation"]
+            assert a["weight_decay"] == b["weight_decay"] == clean["weight_decay"]
         assert clean["accuracy_mean"] > 0.5  # digits: every feature set learns something
         assert dirty["accuracy_mean"] < 0.5  # noise: about chance
     rows = json.loads((tiny_run / "evaluation.json").read_text())

@@ -52,6 +52,11 @@ def test_triangle_activation_is_mean_distance_minus_distance_clipped():
     z = torch.cdist(x, c)
     torch.testing.assert_close(triangle(x, c), (z.mean(1, keepdim=True) - z).clamp_min(0),
                                rtol=1e-4, atol=1e-5)
+    # With gradients (training) the formula is built out of place; without (extraction) in
+    # place: the same values.
+    with_grad = triangle(x, c.clone().requires_grad_(True))
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), triangle(x, c))
 
 
 def test_kmeans_loss_falls_and_filters_are_written(tmp_path):

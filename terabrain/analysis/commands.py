@@ -128,7 +128,7 @@ def probe_command(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from terabrain.analysis.evaluate import FEATURE_SETS, EvaluateOptions, evaluate
-    from terabrain.analysis.single_layer import NONLINEARITIES
+    from terabrain.analysis.single_layer import NONLINEARITIES, PRECISIONS
 
     features = tuple(args.features.split(","))
     unknown = [name for name in features if name not in FEATURE_SETS]
@@ -136,6 +136,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--features {','.join(unknown)}; allowed: {','.join(FEATURE_SETS)}")
     if args.nonlinearity not in NONLINEARITIES:
         raise ConfigError(f"--nonlinearity {args.nonlinearity}; allowed: {', '.join(NONLINEARITIES)}")
+    if args.precision not in PRECISIONS:
+        raise ConfigError(f"--precision {args.precision}; allowed: {', '.join(PRECISIONS)}")
     for name in ("seeds", "kmeans_steps", "probe_iterations"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -148,13 +150,17 @@ def evaluate_command(args: argparse.Namespace) -> int:
         data=args.data, seeds=args.seeds, nonlinearity=args.nonlinearity, features=features,
         weight_decays=decays, probe_iterations=args.probe_iterations,
         kmeans_steps=args.kmeans_steps, max_examples=args.max_examples, root=args.root,
-        image_size=args.image_size)
+        image_size=args.image_size, precision=args.precision)
     summary = evaluate(args.run_dir, options)
-    print(f"{'features':<8} {'K':>5} {'dims':>6}  accuracy (mean ± std over {options.seeds} seeds)")
+    print(f"{'features':<8} {'K':>5} {'dims':>6}  {'L2':>6}  validation  test accuracy "
+          f"(mean ± std over the seeds that draw filters: {options.seeds})")
     for row in summary["rows"]:
         print(f"{row['features']:<8} {row['k']:>5} {row['feature_count']:>6}  "
-              f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f}")
-    print(f"{args.run_dir / 'evaluation.json'}; {summary['seconds']:.0f} s")
+              f"{row['weight_decay']:>6g}  {100 * row['validation'][str(row['weight_decay'])]:9.2f}%  "
+              f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} "
+              f"({len(row['seeds'])} fit{'s' if len(row['seeds']) > 1 else ''})")
+    print(f"{args.run_dir / 'evaluation.json'}; {summary['seconds']:.0f} s wall, "
+          f"{summary['cpu_seconds']:.0f} s CPU")
     return 0
 
 
@@ -234,8 +240,11 @@ def add_parsers(commands) -> None:
                           help="after the encoder at extraction: relu (default), abs, none")
     evaluate.add_argument("--weight-decays", default="0.0001,0.001,0.01",
                           help="L2 penalties the validation split chooses from")
-    evaluate.add_argument("--probe-iterations", type=int, default=100,
-                          help="L-BFGS iterations of each probe fit (default 100)")
+    evaluate.add_argument("--probe-iterations", type=int, default=50,
+                          help="L-BFGS iterations of each probe fit (default 50; warm-started)")
+    evaluate.add_argument("--precision", default="bf16",
+                          help="the encoder's matrix products at extraction: bf16 (default, "
+                          "float32 sums) or fp32")
     evaluate.add_argument("--kmeans-steps", type=int, default=300,
                           help="mini-batch k-means steps of 1,000 patches (default 300)")
     evaluate.add_argument("--max-examples", type=int, default=None,

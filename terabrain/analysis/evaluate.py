@@ -27,9 +27,10 @@ import torch
 
 from terabrain.analysis.datasets import load_analysis_data
 from terabrain.analysis.loaded_run import LoadedRun, load_run
-from terabrain.analysis.probe import WEIGHT_DECAYS, choose_weight_decay, fit_logistic
+from terabrain.analysis.probe import WEIGHT_DECAYS, choose_weight_decay_path, fit_logistic
 from terabrain.analysis.single_layer import (
-    WhitenedPatches, extract, nonlinearity, random_unit_filters, sample_whitened_patches,
+    WhitenedPatches, affine_encoder, affine_form, extract, nonlinearity, random_unit_filters,
+    sample_whitened_patches,
 )
 from terabrain.data.embedded import to_grey
 from terabrain.errors import ConfigError
@@ -49,7 +50,9 @@ class EvaluateOptions:
     features: tuple[str, ...] = FEATURE_SETS
     weight_decays: tuple[float, ...] = WEIGHT_DECAYS
     validation_fraction: float = 0.2
-    probe_iterations: int = 100
+    probe_iterations: int = 50
+    precision: str = "bf16"
+    """The encoder's matrix products at extraction: bf16 (autocast) or fp32."""
     kmeans_patches: int = 50000
     kmeans_steps: int = 300
     kmeans_batch: int = 1000
@@ -145,40 +148,64 @@ def train_kmeans(images: np.ndarray, patches: WhitenedPatches, k: int, seed: int
     return model.eval()
 
 
+@dataclass
+class Penalty:
+    """The L2 penalty chosen for one feature set on the training split's validation part
+    (seed 0's features and split), every penalty's validation accuracy, and the probe fitted
+    there (the warm start of each refit on the whole training split)."""
+    weight_decay: float
+    validation: dict[str, float]
+    probe: object
+
+
+def choose_penalty(train: np.ndarray, y_train: np.ndarray, classes: int,
+                   options: EvaluateOptions) -> Penalty:
+    """The regularisation path on the validation split cut from the training split (seeded
+    with 0, the same rows for every feature set): only training images are seen."""
+    best, scores, probe = choose_weight_decay_path(
+        torch.from_numpy(np.asarray(train)), torch.from_numpy(y_train), classes,
+        options.weight_decays, options.validation_fraction, 0, options.probe_iterations,
+        warm_start=True)
+    return Penalty(best, {str(k): v for k, v in scores.items()}, probe)
+
+
 def probe_features(train: np.ndarray, y_train: np.ndarray, test: np.ndarray,
-                   y_test: np.ndarray, seed: int, options: EvaluateOptions) -> dict:
-    """Choose the penalty on the training split's validation part, refit, then score the
-    test split once."""
-    x = torch.from_numpy(np.asarray(train, np.float32))
-    y = torch.from_numpy(y_train)
-    classes = int(max(y_train.max(), y_test.max())) + 1
-    best, scores = choose_weight_decay(x, y, classes, options.weight_decays,
-                                       options.validation_fraction, seed, options.probe_iterations)
-    probe = fit_logistic(x, y, classes, best, options.probe_iterations)
-    del x
-    test_accuracy = probe.accuracy(torch.from_numpy(np.asarray(test, np.float32)),
-                                   torch.from_numpy(y_test))
-    return {"weight_decay": best, "validation": {str(k): v for k, v in scores.items()},
-            "test_accuracy": test_accuracy}
+                   y_test: np.ndarray, penalty: Penalty, options: EvaluateOptions) -> dict:
+    """Refit with the chosen penalty on the whole training split, then score the test split
+    once."""
+    classes = penalty.probe.weight.shape[0]
+    probe = fit_logistic(torch.from_numpy(np.asarray(train)), torch.from_numpy(y_train),
+                         classes, penalty.weight_decay, options.probe_iterations,
+                         start=penalty.probe)
+    test_accuracy = probe.accuracy(torch.from_numpy(np.asarray(test)), torch.from_numpy(y_test))
+    return {"weight_decay": penalty.weight_decay, "test_accuracy": test_accuracy,
+            "iterations": probe.iterations, "final_gradient": probe.gradient}
 
 
-def _row(features: str, k: int, dims: int, runs: list[dict], seconds: float) -> dict:
+DRAWN = ("random", "kmeans")
+"""Feature sets whose filters a seed draws: the only ones that differ between seeds."""
+
+
+def _row(features: str, k: int, dims: int, runs: list[dict], penalty: Penalty,
+         seconds: float) -> dict:
     accuracies = np.array([r["test_accuracy"] for r in runs])
     return {
         "features": features, "k": k, "feature_count": dims,
         "accuracy_mean": float(accuracies.mean()),
         "accuracy_std": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else 0.0,
+        "weight_decay": penalty.weight_decay, "validation": penalty.validation,
         "seeds": runs, "seconds": seconds,
     }
 
 
 def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     run = load_run(run_dir)
     patches = patch_pipeline(run)
     k = learner_of(run.config).feature_width(run.config, run.model)
-    act = nonlinearity(options.nonlinearity)
+    act = nonlinearity(options.nonlinearity, inplace=True)
     images = load_images(options.data, options.max_examples, options.root, options.image_size)
+    classes = int(max(images.train_labels.max(), images.test_labels.max())) + 1
     work = Path(options.work_dir or run.run_dir / "evaluation-features")
     work.mkdir(parents=True, exist_ok=True)
     log = options.log
@@ -186,64 +213,68 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
         f"{len(images.test)} test images, {patches.side}x{patches.side} patches, K={k}, "
         f"{options.seeds} seeds")
 
-    def encoders(seed: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        made: dict[str, Callable] = {}
-        if "learned" in options.features:
-            made["learned"] = lambda rows: act(run.model.encode(rows))
-        if "random" in options.features:
+    def encoder(name: str, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        if name == "learned":
+            form = affine_form(run.model.encode, patches.dims)
+            if form is not None:  # RICA: one product per position
+                return affine_encoder(*form, act)
+            return lambda rows: act(run.model.encode(rows))
+        if name == "random":
             filters = random_unit_filters(k, patches.dims, seed)
-            made["random"] = lambda rows: act(rows @ filters.T)
-        if "kmeans" in options.features:
-            centroids = train_kmeans(images.train, patches, k, seed, options)
-            made["kmeans"] = centroids.encode  # triangle: non-negative already
-        return made
+            return affine_encoder(filters.T.contiguous(), torch.zeros(k), act)
+        centroids = train_kmeans(images.train, patches, k, seed, options)
+        return centroids.encode  # triangle: non-negative already
 
     runs: dict[str, list[dict]] = {name: [] for name in options.features}
+    penalties: dict[str, Penalty] = {}
     seconds = dict.fromkeys(options.features, 0.0)
-    cached: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    pixel_dims = int(np.prod(images.train.shape[1:]))
     try:
-        for seed in range(options.seeds):
-            for name, encoder in encoders(seed).items():
+        for name in options.features:
+            # The run's encoder and the pixels are the same for every seed, and so is the
+            # probe (the penalty is chosen once, the fit is deterministic): one fit. A seed
+            # draws the random filters and k-means' initial centroids and patches.
+            for seed in range(options.seeds if name in DRAWN else 1):
                 begin = time.perf_counter()
-                if name in cached:  # the run's own encoder: the same features for every seed
-                    train, test = cached[name]
+                if name == "pixels":
+                    train, test = (a.reshape(len(a), -1) for a in (images.train, images.test))
                 else:
-                    train = extract(images.train, patches, encoder, k, work / f"{name}-train.npy")
-                    test = extract(images.test, patches, encoder, k, work / f"{name}-test.npy")
-                    if name == "learned":
-                        cached[name] = (train, test)
+                    encode = encoder(name, seed)
+                    train, test = (extract(split, patches, encode, k, work / f"{name}-{part}.npy",
+                                           precision=options.precision)
+                                   for split, part in ((images.train, "train"),
+                                                       (images.test, "test")))
                 extracted = time.perf_counter()
+                if name not in penalties:
+                    penalties[name] = choose_penalty(train, images.train_labels, classes, options)
+                chosen = time.perf_counter()
                 result = probe_features(train, images.train_labels, test, images.test_labels,
-                                        seed, options)
-                result.update(seed=seed, extract_s=extracted - begin,
-                              probe_s=time.perf_counter() - extracted)
+                                        penalties[name], options)
+                result.update(seed=seed, extract_s=extracted - begin, choose_s=chosen - extracted,
+                              refit_s=time.perf_counter() - chosen)
+                del train, test
                 runs[name].append(result)
                 seconds[name] += time.perf_counter() - begin
                 log(f"  {name:<8} seed {seed}: test {100 * result['test_accuracy']:.2f}% "
-                    f"(L2 {result['weight_decay']:g}; extract {result['extract_s']:.0f} s, "
-                    f"probe {result['probe_s']:.0f} s)")
-            if "pixels" in options.features:
-                begin = time.perf_counter()
-                flat = [a.reshape(len(a), -1) for a in (images.train, images.test)]
-                result = probe_features(flat[0], images.train_labels, flat[1], images.test_labels,
-                                        seed, options)
-                result.update(seed=seed)
-                runs["pixels"].append(result)
-                seconds["pixels"] += time.perf_counter() - begin
+                    f"(L2 {result['weight_decay']:g}, validation "
+                    f"{100 * penalties[name].validation[str(result['weight_decay'])]:.2f}%; "
+                    f"extract {result['extract_s']:.0f} s, choose {result['choose_s']:.0f} s, "
+                    f"refit {result['refit_s']:.0f} s)")
     finally:
-        cached.clear()
         if options.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    pixel_dims = int(np.prod(images.train.shape[1:]))
-    rows = [_row(name, k, pixel_dims if name == "pixels" else 4 * k, runs[name], seconds[name])
-            for name in options.features]
+    rows = [_row(name, k, pixel_dims if name == "pixels" else 4 * k, runs[name],
+                 penalties[name], seconds[name]) for name in options.features]
     summary = {
         "data": options.data, "train_examples": len(images.train),
         "test_examples": len(images.test), "patch_size": patches.side, "k": k,
         "nonlinearity": options.nonlinearity, "seeds": options.seeds,
+        "precision": options.precision,
         "weight_decays": list(options.weight_decays),
         "validation_fraction": options.validation_fraction,
+        "probe_iterations": options.probe_iterations,
         "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
     }
     write_text_atomically(run.run_dir / EVALUATION_FILE, json.dumps(
         [dict(row, protocol=summary) for row in rows], indent=2) + "\n")

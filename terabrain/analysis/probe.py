@@ -22,6 +22,10 @@ class LinearProbe:
     weight: torch.Tensor
     bias: torch.Tensor
     weight_decay: float
+    iterations: int = 0
+    """L-BFGS iterations the fit took (at most its limit)."""
+    gradient: float = float("nan")
+    """The largest absolute gradient entry at the end: how far from the optimum it stopped."""
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() - self.mean) / self.scale) @ self.weight.T + self.bias
@@ -33,16 +37,29 @@ class LinearProbe:
         return float((self.predict(x) == y).float().mean())
 
 
+def standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x - mean) / std with x's own statistics, as float32; in place when converting to
+    float32 already made a copy (float16 features: one float32 copy, not two)."""
+    z = x.float()
+    mean, scale = z.mean(dim=0), z.std(dim=0).clamp_min(1e-6)
+    z = z.sub_(mean).div_(scale) if z is not x else (z - mean) / scale
+    return z, mean, scale
+
+
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float,
-                 iterations: int = 100) -> LinearProbe:
+                 iterations: int = 100, start: LinearProbe | None = None) -> LinearProbe:
     """Standardize features (train statistics), then minimise mean cross-entropy
-    + weight_decay/2 ||W||^2 by full-batch L-BFGS from zero: a convex problem, so the
-    result does not depend on a seed."""
-    x = x.float()
-    mean, scale = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)
-    z = (x - mean) / scale
-    weight = torch.zeros(classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(classes, requires_grad=True)
+    + weight_decay/2 ||W||^2 by full-batch L-BFGS: a convex problem, so the result does not
+    depend on a seed. From zero, or from ``start``'s weights (a warm start: the solution for a
+    nearby penalty or a subset of the rows, which needs fewer iterations to the same optimum)."""
+    z, mean, scale = standardize(x)
+    weight = torch.zeros(classes, x.shape[1])
+    bias = torch.zeros(classes)
+    if start is not None:
+        weight.copy_(start.weight)
+        bias.copy_(start.bias)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iterations,
                                   history_size=10, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-5, tolerance_change=1e-7)
@@ -54,23 +71,48 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: f
         return loss
 
     optimizer.step(closure)
-    return LinearProbe(mean, scale, weight.detach(), bias.detach(), weight_decay)
+    closure()
+    state = optimizer.state[weight]  # L-BFGS keeps its counters with the first parameter
+    gradient = max(float(weight.grad.abs().max()), float(bias.grad.abs().max()))
+    return LinearProbe(mean, scale, weight.detach(), bias.detach(), weight_decay,
+                       int(state.get("n_iter", 0)), gradient)
 
 
 def choose_weight_decay(x: torch.Tensor, y: torch.Tensor, classes: int,
                         weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
                         validation_fraction: float = 0.2, seed: int = 0,
-                        iterations: int = 100) -> tuple[float, dict[float, float]]:
+                        iterations: int = 100, warm_start: bool = False,
+                        ) -> tuple[float, dict[float, float]]:
     """The L2 penalty with the best accuracy on a seeded validation part of (x, y), fitted on
     the rest; and every penalty's validation accuracy. Only (x, y) is seen: pass the
-    training split, never the test split."""
+    training split, never the test split. With ``warm_start`` the penalties are fitted from
+    the largest down, each starting from the previous solution (a regularisation path)."""
+    best, scores, _ = choose_weight_decay_path(x, y, classes, weight_decays, validation_fraction,
+                                               seed, iterations, warm_start)
+    return best, scores
+
+
+def choose_weight_decay_path(x: torch.Tensor, y: torch.Tensor, classes: int,
+                             weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
+                             validation_fraction: float = 0.2, seed: int = 0,
+                             iterations: int = 100, warm_start: bool = False,
+                             ) -> tuple[float, dict[float, float], LinearProbe]:
+    """choose_weight_decay, also returning the chosen penalty's probe (fitted on the part
+    of (x, y) outside the validation rows): a warm start for the refit on all of (x, y)."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     held = max(1, int(len(x) * validation_fraction))
     val, fit = order[:held], order[held:]
-    scores = {wd: fit_logistic(x[fit], y[fit], classes, wd, iterations).accuracy(x[val], y[val])
-              for wd in weight_decays}
+    x_fit, y_fit = x[fit], y[fit]
+    x_val, y_val = x[val], y[val]
+    probes: dict[float, LinearProbe] = {}
+    previous = None
+    for wd in sorted(weight_decays, reverse=True) if warm_start else weight_decays:
+        probes[wd] = fit_logistic(x_fit, y_fit, classes, wd, iterations,
+                                  start=previous if warm_start else None)
+        previous = probes[wd]
+    scores = {wd: probes[wd].accuracy(x_val, y_val) for wd in weight_decays}
     best = max(weight_decays, key=lambda wd: (scores[wd], -weight_decays.index(wd)))
-    return best, scores
+    return best, scores, probes[best]
 
 
 def train_probe(x: torch.Tensor, y: torch.Tensor, classes: int | None = None,
