@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_layerwise import crash_at_step_10_then_resume
+
 from terabrain.capacity import plan_experiment
 from terabrain.config.loader import load_experiment
 from terabrain.errors import ConfigError
-from terabrain.learners import layerwise
 from terabrain.train.bf16_weights import StochasticRoundingOptimizer, stochastic_round_
 from terabrain.train.run import run_experiment
 from terabrain.train.stage import feature_trainer
@@ -131,18 +132,7 @@ def test_deep_network_trains_in_bf16_weights_and_resumes_exactly(tmp_path, monke
     for key, values in losses.items():
         assert values[-1] < values[0], (key, values)
 
-    original = layerwise.LayerSchedule.on_step_end
-
-    def crash_at_step_10(self, trainer, step, metrics):
-        original(self, trainer, step, metrics)
-        if step == 10:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(layerwise.LayerSchedule, "on_step_end", crash_at_step_10)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_experiment(load_experiment("yfcc-15b-small", SMALL_DEEP), tmp_path / "resumed")
-    monkeypatch.setattr(layerwise.LayerSchedule, "on_step_end", original)
-    run_experiment(load_experiment("yfcc-15b-small", SMALL_DEEP), tmp_path / "resumed")
+    crash_at_step_10_then_resume(monkeypatch, SMALL_DEEP, tmp_path / "resumed")
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     for key in whole:

@@ -58,10 +58,9 @@ def test_every_layer_objective_falls(tmp_path, schedule):
         assert summary["layer"] == 2 and summary["concepts"]
 
 
-def test_pipelined_run_resumes_exactly(tmp_path, monkeypatch):
-    overrides = SMALL_DEEP + ["model.schedule=pipelined", "train.checkpoint_every=4"]
-    run_experiment(load_experiment("yfcc-15b-small", overrides), tmp_path / "whole")
-
+def crash_at_step_10_then_resume(monkeypatch, overrides: list[str], run_dir):
+    """yfcc-15b-small with ``overrides`` into ``run_dir``: the run raises after step 10 (as if
+    killed), then the same call resumes it from its checkpoint; returns the results."""
     original = layerwise.LayerSchedule.on_step_end
 
     def crash_at_step_10(self, trainer, step, metrics):
@@ -71,9 +70,16 @@ def test_pipelined_run_resumes_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(layerwise.LayerSchedule, "on_step_end", crash_at_step_10)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_experiment(load_experiment("yfcc-15b-small", overrides), tmp_path / "resumed")
+        run_experiment(load_experiment("yfcc-15b-small", overrides), run_dir)
     monkeypatch.setattr(layerwise.LayerSchedule, "on_step_end", original)
-    results = run_experiment(load_experiment("yfcc-15b-small", overrides), tmp_path / "resumed")
+    return run_experiment(load_experiment("yfcc-15b-small", overrides), run_dir)
+
+
+def test_pipelined_run_resumes_exactly(tmp_path, monkeypatch):
+    overrides = SMALL_DEEP + ["model.schedule=pipelined", "train.checkpoint_every=4"]
+    run_experiment(load_experiment("yfcc-15b-small", overrides), tmp_path / "whole")
+
+    results = crash_at_step_10_then_resume(monkeypatch, overrides, tmp_path / "resumed")
 
     assert results["features"]["steps"] == 24
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
