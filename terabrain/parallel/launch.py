@@ -15,8 +15,10 @@ in any rank into a one-line message and an exit on every rank, instead of a hang
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import gc
 import os
 import re
 import socket
@@ -310,6 +312,12 @@ def init_distributed(env: LaunchEnv, backend: str = "auto", timeout_s: float = 3
             f"could not form the process group at {env.master_addr}:{env.master_port} "
             f"({env.describe_world()}) within {timeout_s:g} s; is every rank started, and "
             f"does MASTER_ADDR name the host of rank 0? ({_first_line(error)})") from error
+    # Objects in reference cycles that hold process groups or their pending work (a mesh, a
+    # stream) would otherwise be freed during interpreter finalization, where freeing gloo's
+    # work from its C++ threads can abort the process (pytorch/pytorch#179291; seen as
+    # "terminate called without an active exception" after a 2-rank test's last line on a
+    # loaded machine). atexit handlers run while the interpreter is still whole.
+    atexit.register(gc.collect)
     return True
 
 
