@@ -45,30 +45,36 @@ def to_colour(images: np.ndarray, spatial_dims: int = 2) -> np.ndarray:
     return images[..., :3]
 
 
+# Files of the photographs inside their packages, where the name differs from the function
+# that scikit-image offers for it.
+_SKIMAGE_FILES = {"immunohistochemistry": "ihc.png", "clock": "clock_motion.png",
+                  "rocket": "rocket.jpg", "hubble_deep_field": "hubble_deep_field.jpg"}
+
+
 def load_photo(name: str, color: bool = False) -> np.ndarray:
     """One bundled photograph as float32, shape (H, W) or, with ``color``, (H, W, 3)."""
     if name in SKIMAGE_PHOTOS:
-        import skimage.data
-
-        raw = getattr(skimage.data, name)()
+        raw = _package_image("skimage", "data", _SKIMAGE_FILES.get(name, f"{name}.png"))
     elif name in SKLEARN_PHOTOS:
-        raw = _sklearn_sample_image(f"{name}.jpg")
+        raw = _package_image("sklearn", "datasets/images", f"{name}.jpg")
     else:
         raise KeyError(f"unknown photograph {name!r}; choose from {', '.join(PHOTOS)}")
     image = _to_float(raw)
     return to_colour(image) if color else to_grey(image)
 
 
-def _sklearn_sample_image(filename: str) -> np.ndarray:
-    """One of scikit-learn's sample images, read with PIL the way ``load_sample_image`` reads
-    it, without importing scikit-learn: that import alone holds about 50 MB for the rest of
-    the run (a tenth of a byte per parameter of the largest autoencoders on one machine)."""
+def _package_image(package: str, folder: str, filename: str) -> np.ndarray:
+    """A sample image shipped inside ``package``, read with PIL as the package's own loader
+    reads it (the same pixels: tests/test_embedded_photos.py), without importing the
+    package: scikit-learn's import holds about 50 MB for the rest of the run and
+    scikit-image's loaders about 27 MB (imageio, tifffile, SciPy), a quarter of a byte per
+    parameter of the largest autoencoders on one machine."""
     from PIL import Image
 
-    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise KeyError(f"scikit-learn's sample image {filename} needs scikit-learn installed")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / filename
+        raise KeyError(f"the sample image {filename} needs {package} installed")
+    path = Path(spec.submodule_search_locations[0]) / folder / filename
     with Image.open(path) as image:
         return np.asarray(image)
 
