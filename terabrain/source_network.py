@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from terabrain.data.eight_bit import unit_float
 from terabrain.errors import ConfigError
 from terabrain.tensor_files import load_tensors
 
@@ -109,6 +110,7 @@ def check_layer(network: nn.Module, layer: str) -> None:
 def network_input(rows: torch.Tensor, example_shape: tuple[int, ...], layout: str) -> torch.Tensor:
     """Example rows as the network takes them: ``rows`` (N, D), or ``images`` (N, C, H, W)
     from examples of shape (H, W) or (H, W, C)."""
+    rows = unit_float(rows)
     if layout == "rows":
         return rows.flatten(1)
     if len(example_shape) == 2:

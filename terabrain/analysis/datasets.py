@@ -86,12 +86,13 @@ def load_analysis_data(name: str, run=None, max_examples: Optional[int] = None,
     elif name == "holdout":
         if run is None:
             raise ConfigError("--data holdout needs a run directory")
+        from terabrain.data.eight_bit import unit_float
         from terabrain.data.prepare import prepare_data
 
         prepared = prepare_data(run.config.data, run.config.seed)
         train_y = None if prepared.train_y is None else prepared.train_y.numpy()
         test_y = None if prepared.holdout_y is None else prepared.holdout_y.numpy()
-        data = AnalysisData(name, Split(prepared.train_x.numpy(), train_y),
+        data = AnalysisData(name, Split(unit_float(prepared.train_x).numpy(), train_y),
                             Split(prepared.holdout_x.numpy(), test_y), preprocessed=True,
                             description="the run's own held-out examples, preprocessed as "
                             "in training (shown whitened, as in Ni et al. 2015 fig. 5)")

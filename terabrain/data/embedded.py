@@ -51,14 +51,18 @@ _SKIMAGE_FILES = {"immunohistochemistry": "ihc.png", "clock": "clock_motion.png"
                   "rocket": "rocket.jpg", "hubble_deep_field": "hubble_deep_field.jpg"}
 
 
-def load_photo(name: str, color: bool = False) -> np.ndarray:
-    """One bundled photograph as float32, shape (H, W) or, with ``color``, (H, W, 3)."""
+def load_photo(name: str, color: bool = False, eight_bit: bool = False) -> np.ndarray:
+    """One bundled photograph as float32 in [0, 1], shape (H, W) or, with ``color``,
+    (H, W, 3). ``eight_bit``: its uint8 pixels instead where the conversion needs no
+    arithmetic (colour, or a grey photograph asked for in grey; terabrain.data.eight_bit)."""
     if name in SKIMAGE_PHOTOS:
         raw = _package_image("skimage", "data", _SKIMAGE_FILES.get(name, f"{name}.png"))
     elif name in SKLEARN_PHOTOS:
         raw = _package_image("sklearn", "datasets/images", f"{name}.jpg")
     else:
         raise KeyError(f"unknown photograph {name!r}; choose from {', '.join(PHOTOS)}")
+    if eight_bit and raw.dtype == np.uint8 and (color or raw.ndim == 2):
+        return to_colour(raw) if color else raw
     image = _to_float(raw)
     return to_colour(image) if color else to_grey(image)
 

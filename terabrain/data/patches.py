@@ -8,7 +8,8 @@ import numpy as np
 def sample_patches(
     images: list[np.ndarray], size: int, count: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """``count`` patches of ``size`` x ``size`` (x channels), flattened to rows.
+    """``count`` patches of ``size`` x ``size`` (x channels), flattened to rows, in the
+    images' dtype (uint8 pixels stay uint8) or float32 if the images differ.
 
     Each patch comes from an image chosen with probability proportional to its area, so
     large photographs are not under-represented; positions are uniform inside the image.
@@ -19,7 +20,8 @@ def sample_patches(
     areas = np.array([(im.shape[0] - size + 1) * (im.shape[1] - size + 1) for im in usable])
     which = rng.choice(len(usable), size=count, p=areas / areas.sum())
     channels = 1 if usable[0].ndim == 2 else usable[0].shape[2]
-    out = np.empty((count, size * size * channels), dtype=np.float32)
+    dtype = usable[0].dtype if all(im.dtype == usable[0].dtype for im in usable) else np.float32
+    out = np.empty((count, size * size * channels), dtype=dtype)
     for index, image in enumerate(usable):
         rows = np.flatnonzero(which == index)
         if rows.size == 0:

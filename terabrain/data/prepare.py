@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from terabrain.data.contrast import normalize_contrast
+from terabrain.data.eight_bit import unit_float_array
 from terabrain.data.patches import remove_patch_mean
 from terabrain.data.sources import DataSection, source_of
 from terabrain.data.whitening import ZCA
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 @dataclass
 class PreparedData:
     train_x: torch.Tensor
+    """float32 rows, or uint8 pixels (value / 255) for photographs without preprocessing:
+    take rows through terabrain.data.eight_bit.unit_float."""
     holdout_x: torch.Tensor
     example_shape: tuple[int, ...]
     """Shape of one example as an image (H, W) or (H, W, C), for filter pictures."""
@@ -62,6 +65,11 @@ def prepare_data(config: DataSection, seed: int, replicas=None) -> PreparedData:
         return _prepare_stream(config, seed, replicas)
     loaded = source.load(config, np.random.default_rng(seed))
     train, holdout, shape, labels = loaded.train, loaded.holdout, loaded.shape, loaded.labels
+    # 8-bit training pixels stay 8-bit unless preprocessing needs floats; the held-out set
+    # is small and read whole by the callbacks, so it is always float32.
+    holdout = unit_float_array(holdout)
+    if config.remove_mean or config.lcn is not None or config.whitening == "zca":
+        train = unit_float_array(train)
 
     channels = shape[2] if len(shape) == 3 else 1
     if config.remove_mean:
@@ -76,7 +84,8 @@ def prepare_data(config: DataSection, seed: int, replicas=None) -> PreparedData:
         train, holdout = whitening.apply(train), whitening.apply(holdout)
 
     prepared = PreparedData(
-        train_x=torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32)),
+        train_x=torch.from_numpy(np.ascontiguousarray(
+            train, dtype=train.dtype if train.dtype == np.uint8 else np.float32)),
         holdout_x=torch.from_numpy(np.ascontiguousarray(holdout, dtype=np.float32)),
         example_shape=shape,
         whitening=whitening,

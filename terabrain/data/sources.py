@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from terabrain.config.sections import TIMEOUT_LIMIT_S, LCNConfig, Section
+from terabrain.data.eight_bit import unit_float_array
 from terabrain.data.embedded import PHOTOS
 from terabrain.data.labelled import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_ENV
 from terabrain.errors import ConfigError
@@ -359,6 +360,11 @@ class Loaded:
     labels: Optional[tuple[np.ndarray, np.ndarray]] = None
 
 
+def _preprocessed(config: DataSection) -> bool:
+    """Whether the examples are transformed after loading (then they are floats)."""
+    return config.remove_mean or config.lcn is not None or config.whitening == "zca"
+
+
 def _test_rows(rows: int, fraction: float) -> int:
     """Rows a labelled set keeps for testing: ``test_fraction`` of them, at least one."""
     return max(1, int(round(rows * fraction)))
@@ -456,11 +462,20 @@ class PhotosSource(DataSource):
     def training_rows(self, config: PhotosData) -> int:
         return config.num_patches
 
+    def resident_bytes(self, config: PhotosData) -> int:
+        """Held as 8-bit pixels unless preprocessed (terabrain.data.eight_bit)."""
+        per_value = FP32 if _preprocessed(config) else 1
+        return per_value * config.num_patches * math.prod(self.example_shape(config))
+
     def load(self, config: PhotosData, rng: np.random.Generator) -> Loaded:
         from terabrain.data.embedded import load_photo
         from terabrain.data.patches import sample_patches
 
-        images = [load_photo(name, config.color) for name in config.photos]
+        # Without preprocessing the set is kept as its 8-bit pixels (terabrain.data.eight_bit).
+        eight_bit = not _preprocessed(config)
+        images = [load_photo(name, config.color, eight_bit) for name in config.photos]
+        if len({image.dtype for image in images}) > 1:  # a grey photograph among colour ones
+            images = [unit_float_array(image) for image in images]
         largest = max(min(image.shape[:2]) for image in images)
         if config.patch_size > largest:
             raise ConfigError(

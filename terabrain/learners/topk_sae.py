@@ -38,6 +38,7 @@ from terabrain.capacity.costs import (
     weight_bytes,
 )
 from terabrain.capacity.planner import Capacity, RankFigures
+from terabrain.data.eight_bit import unit_float
 from terabrain.learners.base import ModelSection, Training
 from terabrain.learners.hidden_units import HiddenUnitLearner, ParameterInfo
 from terabrain.nn.topk_sae import TopKSAE
@@ -184,7 +185,7 @@ class TopKSAELearner(HiddenUnitLearner):
     def fit_to_data(self, config, network, sample):
         """b_dec and the input scale from ``sample`` (the same rows on every rank)."""
         model = config.model
-        rows = sample[: model.init_rows].flatten(1).float()
+        rows = unit_float(sample[: model.init_rows]).flatten(1).float()
         scale = 1.0
         if model.normalize_input:
             scale = math.sqrt(rows.shape[1] / float(rows.pow(2).sum(dim=1).mean().clamp_min(1e-12)))

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.multiprocessing as mp
 
+from terabrain.data.eight_bit import unit_float
 from terabrain.errors import TrainingError
 from terabrain.train.trainer import StepTimes, Trainer
 
@@ -48,7 +49,7 @@ def _worker(
             if stop.is_set():
                 break
             rows = order.indices(step)
-            x = inputs if rows is None else inputs[rows]
+            x = unit_float(inputs if rows is None else inputs[rows])
             y = None if targets is None else (targets if rows is None else targets[rows])
             optimizer.zero_grad(set_to_none=True)
             loss, _ = objective(model, x, y)

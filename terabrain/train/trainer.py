@@ -16,6 +16,7 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
+from terabrain.data.eight_bit import unit_float  # 8-bit pixels become float32 per batch
 from terabrain.errors import ConfigError
 from terabrain.hooks import Callback  # the loop's hooks, defined where plans can import them
 from terabrain.objectives import Objective
@@ -159,10 +160,10 @@ class Trainer:
         if self.parallel.data is not None:
             rows = self.parallel.rows(torch.arange(self.order.rows) if rows is None else rows)
         if rows is None:
-            x, y = self.inputs, self.targets
+            x, y = unit_float(self.inputs), self.targets
         else:
             rows = rows.to(self.device)
-            x, y = self.inputs[rows], (self.targets[rows] if self.targets is not None else None)
+            x, y = unit_float(self.inputs[rows]), (self.targets[rows] if self.targets is not None else None)
         return self.parallel.inputs(x), self.parallel.inputs(y)
 
     def train_step(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
