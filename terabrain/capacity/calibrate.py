@@ -70,11 +70,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Set in the worker processes of measure_shared: there several ranks share the cores, and
+# the median call would be one that ran while the others waited for the CPU; the mean over a
+# window that every rank spends computing is what each of them gets.
+_THROUGHPUT = False
+
+
 def timed(fn: Callable[[], object], device: torch.device, seconds: float = 0.3,
           at_least: int = 3) -> float:
-    """Median seconds of ``fn`` over repeats filling about ``seconds`` (after one warm-up)."""
+    """Median seconds of ``fn`` over repeats filling about ``seconds`` (after one warm-up);
+    in measure_shared's workers, the mean over the window."""
     fn()
     _sync(device)
+    if _THROUGHPUT:
+        calls, began = 0, time.perf_counter()
+        while calls < at_least or time.perf_counter() - began < seconds:
+            fn()
+            calls += 1
+        _sync(device)
+        return (time.perf_counter() - began) / calls
     times = []
     began = time.perf_counter()
     while len(times) < at_least or time.perf_counter() - began < seconds:
@@ -406,6 +420,8 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
 
 
 def _shared_worker(threads: int, quick: bool, barrier, results) -> None:
+    global _THROUGHPUT
+    _THROUGHPUT = True
     torch.set_num_threads(threads)
     results.put(measure_rank(torch.device("cpu"), quick, barrier.wait))
 
