@@ -49,18 +49,25 @@ import torch
 
 from terabrain.capacity.profile import COLLECTIVES, MachineProfile
 
-GEMM_SHAPES = [  # (m, n, k): thin batch products, weight gradients, squares
-    (40, 1024, 3072), (40, 3072, 1024), (1024, 3072, 40),
-    # a batch of 40 split over 2 and 4 replicas; 1,024 units split over 2 and 4 model ranks
-    (20, 1024, 3072), (20, 3072, 1024), (1024, 3072, 20),
-    (10, 1024, 3072), (10, 3072, 1024), (1024, 3072, 10),
-    (40, 512, 3072), (40, 3072, 512), (512, 3072, 40),
-    (40, 256, 3072), (40, 3072, 256), (256, 3072, 40),
-    (256, 4096, 4096), (256, 4096, 2048), (2048, 4096, 256),
-    (1024, 1024, 1024), (2048, 2048, 2048), (192, 96, 768), (64, 512, 512),
+def _hidden_unit_products(batch: int, hidden: int, inputs: int) -> list[tuple]:
+    """The products of a hidden-unit layer's step as the learners run them
+    (terabrain.learners.hidden_unit_work): x W^T, h W, h^T g into a new buffer, added."""
+    return [(batch, hidden, inputs, "nt"), (batch, inputs, hidden, "nn"),
+            (hidden, inputs, batch, "tn"), (hidden, inputs, batch, "tn+")]
+
+
+# (m, n, k, layout): a 3,072-input layer of 1,024 units at batch 40, the batch split over 2
+# and 4 replicas, the units over 2 and 4 model ranks; batch-256 products; squares.
+GEMM_SHAPES = [
+    *(product for family in ((40, 1024, 3072), (20, 1024, 3072), (10, 1024, 3072),
+                             (40, 512, 3072), (40, 256, 3072))
+      for product in _hidden_unit_products(*family)),
+    (256, 4096, 4096, "nt"), (256, 4096, 4096, "nn"), (4096, 4096, 256, "tn"),
+    (1024, 1024, 1024, "nn"), (2048, 2048, 2048, "nn"), (192, 96, 768, "nn"),
+    (192, 64, 1024, "nt"), (64, 1024, 192, "tn"),
 ]
-QUICK_SHAPES = [(40, 1024, 3072), (1024, 3072, 40), (20, 1024, 3072), (1024, 3072, 20),
-                (256, 2048, 2048), (1024, 1024, 1024)]
+QUICK_SHAPES = [*_hidden_unit_products(40, 1024, 3072), *_hidden_unit_products(20, 1024, 3072),
+                (1024, 1024, 1024, "nn")]
 LINK_SIZES = [4 * 1024, 256 * 1024, 4 * 2**20, 32 * 2**20]
 QUICK_LINK_SIZES = [4 * 1024, 1 * 2**20, 8 * 2**20]
 
@@ -101,11 +108,19 @@ def timed(fn: Callable[[], object], device: torch.device, seconds: float = 0.3,
     return statistics.median(times)
 
 
-def measure_gemm(m: int, n: int, k: int, device: torch.device, seconds: float) -> float:
-    a = torch.randn(m, k, device=device)
-    b = torch.randn(k, n, device=device)
+def measure_gemm(m: int, n: int, k: int, device: torch.device, seconds: float,
+                 layout: str = "nn") -> float:
+    """FLOP/s of one (m x k) @ (k x n) product in ``layout`` (GemmPoint)."""
+    a = torch.randn(k, m, device=device).t() if layout.startswith("tn") else torch.randn(m, k, device=device)
+    b = torch.randn(n, k, device=device).t() if layout == "nt" else torch.randn(k, n, device=device)
     out = torch.empty(m, n, device=device)
-    return 2.0 * m * n * k / timed(lambda: torch.mm(a, b, out=out), device, seconds)
+    if layout == "tn":  # a new result buffer every call, as a step's first weight gradient
+        product = lambda: a @ b  # noqa: E731
+    elif layout == "tn+":
+        product = lambda: out.addmm_(a, b)  # noqa: E731
+    else:
+        product = lambda: torch.mm(a, b, out=out)  # noqa: E731
+    return 2.0 * m * n * k / timed(product, device, seconds)
 
 
 def measure_copy_bandwidth(device: torch.device, seconds: float) -> float:
@@ -403,9 +418,10 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
     seconds = 0.15 if quick else 0.4
     shapes = QUICK_SHAPES if quick else GEMM_SHAPES
     points = []
-    for m, n, k in shapes:
+    for m, n, k, layout in shapes:
         sync()
-        points.append({"m": m, "n": n, "k": k, "flops_per_s": measure_gemm(m, n, k, device, seconds)})
+        points.append({"m": m, "n": n, "k": k, "layout": layout,
+                       "flops_per_s": measure_gemm(m, n, k, device, seconds, layout)})
     sync()
     rates = {"gemm_points": points,
              "local_points": measure_local_points(device, quick, seconds)}
@@ -469,7 +485,7 @@ def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]
     seconds = 0.15 if quick else 0.4
     rates = measure_rank(device, quick)
     for point in rates["gemm_points"]:
-        log(f"  gemm {point['m']} x {point['n']} x {point['k']}: "
+        log(f"  gemm {point['m']} x {point['n']} x {point['k']} {point['layout']}: "
             f"{point['flops_per_s'] / 1e9:.1f} GFLOP/s")
     for point in rates["local_points"]:
         log(f"  local layer, batch {point['m']}, {point['n']} maps, field {point['k']}: "
@@ -520,9 +536,10 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
             for ranks in shared_rank_counts(cores)[1:]:
                 entry = measure_shared(ranks, max(1, cores // ranks), quick)
                 rates["shared"].append(entry)
-                thin = next(p for p in entry["gemm_points"] if (p["m"], p["k"]) == (40, 3072))
-                log(f"  {ranks} ranks at once, {entry['threads']} thread(s) each: "
-                    f"gemm 40 x {thin['n']} x 3072 {thin['flops_per_s'] / 1e9:.1f} GFLOP/s per rank, "
+                thin = entry["gemm_points"][0]
+                log(f"  {ranks} ranks at once, {entry['threads']} thread(s) each: gemm "
+                    f"{thin['m']} x {thin['n']} x {thin['k']} {thin['layout']} "
+                    f"{thin['flops_per_s'] / 1e9:.1f} GFLOP/s per rank, "
                     f"elementwise {entry['elementwise_bandwidth'] / 1e9:.1f} GB/s, "
                     f"fresh {entry['fresh_bandwidth'] / 1e9:.1f} GB/s")
     else:

@@ -24,6 +24,7 @@ Everything is per *device* (a GPU, or a CPU node), in SI units: FLOP/s, bytes/s,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import (
@@ -45,13 +46,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+GEMM_LAYOUTS = ("nn", "nt", "tn", "tn+")
+
+
 class GemmPoint(_Strict):
-    """One measured matrix product: (m x k) @ (k x n) at ``flops_per_s``."""
+    """One measured matrix product: (m x k) @ (k x n) at ``flops_per_s``, in ``layout``:
+    nn both operands row-major; nt the second transposed (x W^T, as torch.nn.functional.linear
+    runs it); tn the first transposed, into a new buffer (a weight gradient h^T g, whose pages
+    fault in on first touch); tn+ the same added into an existing buffer (addmm_: the second
+    gradient of a tied weight)."""
 
     m: PositiveInt
     n: PositiveInt
     k: PositiveInt
     flops_per_s: PositiveFloat
+    layout: Literal["nn", "nt", "tn", "tn+"] = "nn"
 
 
 class SharedRates(_Strict):

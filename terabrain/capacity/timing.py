@@ -51,13 +51,16 @@ def roofline(profile: MachineProfile, m: int, n: int, k: int, bf16: bool = False
 
 
 def gemm_rate(profile: MachineProfile, m: int, n: int, k: int, bf16: bool = False,
-              points: list | None = None) -> float:
+              points: list | None = None, layout: str | None = None) -> float:
     """The roofline corrected by the measured points (the device's, or ``points``: one
     rank's, SharedRates): each point's measured / roofline ratio, weighted by
     1 / (1 + squared distance in log2 shape) so that the nearest shapes decide;
-    ``gemm_efficiency`` where no point was measured."""
+    ``gemm_efficiency`` where no point was measured. With ``layout``, only the points
+    measured in that layout count, where there are any."""
     bound = roofline(profile, m, n, k, bf16)
     points = profile.compute.gemm_points if points is None else points
+    if layout is not None:
+        points = [p for p in points if p.layout == layout] or points
     if not points:
         return bound * profile.compute.gemm_efficiency
     weights, ratios = [], []
@@ -159,7 +162,8 @@ def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16
             rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16, local_points)
             rate *= rates.gemm_scale if rates.local_points is None else 1.0
         else:
-            rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16, rates.gemm_points)
+            rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16, rates.gemm_points,
+                             gemm.layout)
             rate *= rates.gemm_scale * (compute.local_efficiency if gemm.local else 1.0)
         seconds += gemm.flops / rate
     seconds += work.elementwise_bytes / rates.elementwise

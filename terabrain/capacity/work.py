@@ -17,13 +17,16 @@ from terabrain.capacity.costs import FP32, ring_all_gather, ring_all_reduce
 @dataclass(frozen=True)
 class Gemm:
     """``count`` products of (m x k) @ (k x n) per step. ``local``: a locally connected
-    layer's per-location product (it runs at the profile's ``local_efficiency``)."""
+    layer's per-location product (it runs at the profile's ``local_efficiency``).
+    ``layout``: how the operands lie (terabrain.capacity.profile.GemmPoint): nt for x W^T,
+    nn for h W, tn for a weight gradient into a new buffer, tn+ for one added into it."""
 
     m: int
     n: int
     k: int
     count: float = 1.0
     local: bool = False
+    layout: str = "nn"
 
     @property
     def flops(self) -> float:
