@@ -40,6 +40,20 @@ def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):
     assert "not measured" in profile.sources["network"]  # one process: no links
     assert set(profile.compute.compression_bandwidth) == {"fp16", "bf16", "onebit", "threshold",
                                                           "adaptive"}
+    # --quick: only the one-rank entry (all cores in one process); the full run measures
+    # 1, 2, 4 ... ranks at once (the slow test below).
+    assert [(e.ranks, e.threads) for e in profile.compute.shared] == [(1, os.cpu_count() or 1)]
+    plan = plan_experiment(load_experiment("lbann-ae-small", []), 2, profile.device_memory,
+                           profile=profile)
+    assert all(s.step_time_s > 0 for s in plan.splits if s.valid)
+
+
+@pytest.mark.slow
+def test_calibrate_under_torchrun_measures_the_links_and_ranks_at_once(tmp_path):
+    out = tmp_path / "two.yaml"
+    result = torchrun(2, "-m", "terabrain", "calibrate", "--out", str(out), timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    profile = load_profile(str(out))
     # What one rank gets with 1, 2, 4 ... ranks computing at once, each with cores / ranks
     # threads, measured by that many real processes.
     cores = os.cpu_count() or 1
@@ -47,19 +61,10 @@ def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):
     for entry in profile.compute.shared:
         assert entry.threads == max(1, cores // entry.ranks)
         assert len(entry.gemm_points) == len(profile.compute.gemm_points)
+        assert {p.layout for p in entry.gemm_points} == {"nn", "nt", "tn", "tn+"}
+        assert len(entry.local_points) == len(profile.compute.local_points) > 0
         assert entry.fresh_bandwidth > 0 and set(entry.compression_bandwidth) == set(
             profile.compute.compression_bandwidth)
-    plan = plan_experiment(load_experiment("lbann-ae-small", []), 2, profile.device_memory,
-                           profile=profile)
-    assert all(s.step_time_s > 0 for s in plan.splits if s.valid)
-
-
-@pytest.mark.slow
-def test_calibrate_under_torchrun_measures_the_links(tmp_path):
-    out = tmp_path / "two.yaml"
-    result = torchrun(2, "-m", "terabrain", "calibrate", "--quick", "--out", str(out), timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    profile = load_profile(str(out))
     assert "2 ranks on one node" in profile.sources["network"]
     links = profile.network.intra_node
     for collective in ("all_reduce", "all_gather", "reduce_scatter", "point_to_point"):

@@ -49,6 +49,7 @@ import torch
 
 from terabrain.capacity.profile import COLLECTIVES, MachineProfile
 
+
 def _hidden_unit_products(batch: int, hidden: int, inputs: int) -> list[tuple]:
     """The products of a hidden-unit layer's step as the learners run them
     (terabrain.learners.hidden_unit_work): x W^T, h W, h^T g into a new buffer, added."""
@@ -68,6 +69,9 @@ GEMM_SHAPES = [
 ]
 QUICK_SHAPES = [*_hidden_unit_products(40, 1024, 3072), *_hidden_unit_products(20, 1024, 3072),
                 (1024, 1024, 1024, "nn")]
+# --quick: each figure from a 0.05 s window (at least 3 calls): a profile in ~15 s on 2
+# cores, for tests and a first look; noisier than the default 0.4 s.
+QUICK_SECONDS = 0.05
 LINK_SIZES = [4 * 1024, 256 * 1024, 4 * 2**20, 32 * 2**20]
 QUICK_LINK_SIZES = [4 * 1024, 1 * 2**20, 8 * 2**20]
 
@@ -127,11 +131,11 @@ def measure_gemm(m: int, n: int, k: int, device: torch.device, seconds: float,
     b = torch.randn(n, k, device=device).t() if layout == "nt" else torch.randn(k, n, device=device)
     out = torch.empty(m, n, device=device)
     if layout == "tn":  # a new result buffer every call, as a step's first weight gradient
-        product = lambda: a @ b  # noqa: E731
+        product = lambda: a @ b
     elif layout == "tn+":
-        product = lambda: out.addmm_(a, b)  # noqa: E731
+        product = lambda: out.addmm_(a, b)
     else:
-        product = lambda: torch.mm(a, b, out=out)  # noqa: E731
+        product = lambda: torch.mm(a, b, out=out)
     # A step's products find their operands in memory, not in cache: the other products and
     # the elementwise passes between them move more than the last-level cache holds (here:
     # 12-15 % slower than the same product repeated on warm operands).
@@ -238,10 +242,10 @@ def measure_local_points(device: torch.device, quick: bool, seconds: float) -> l
         grad_codes = torch.randn(batch, maps, side, side, device=device)
         grad_input = torch.randn(batch, channels, size, size, device=device)
 
-        def step():
+        def step(fmap=fmap, x=x, weight=weight, alpha=alpha, grads=(grad_codes, grad_input)):
             weight.grad = alpha.grad = None
             codes, decoded = unit_row_map_pair(fmap, x, weight, None, alpha)
-            torch.autograd.backward([codes, decoded], [grad_codes, grad_input])
+            torch.autograd.backward([codes, decoded], list(grads))
 
         flops = 6 * 2.0 * batch * field * maps * side * side
         points.append({"m": batch, "n": maps, "k": field, "flops_per_s": flops / timed(step, device, seconds)})
@@ -431,7 +435,7 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
     optimizer and fresh-buffer bandwidth, each compressor, the fixed step overhead.
     ``sync`` runs before each measurement (a barrier when several ranks measure at once,
     so that they compete as they do in training)."""
-    seconds = 0.15 if quick else 0.4
+    seconds = QUICK_SECONDS if quick else 0.4
     shapes = QUICK_SHAPES if quick else GEMM_SHAPES
     points = []
     for m, n, k, layout in shapes:
@@ -498,7 +502,7 @@ def shared_rank_counts(cores: int) -> list[int]:
 def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]) -> dict:
     """Every compute and reader figure of the profile, measured on ``device`` with this
     process's threads (all the node's cores on CPU)."""
-    seconds = 0.15 if quick else 0.4
+    seconds = QUICK_SECONDS if quick else 0.4
     rates = measure_rank(device, quick)
     for point in rates["gemm_points"]:
         log(f"  gemm {point['m']} x {point['n']} x {point['k']} {point['layout']}: "
@@ -549,7 +553,9 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
                 **{key: rates[key] for key in ("gemm_points", "local_points", "elementwise_bandwidth",
                                                "optimizer_bandwidth", "fresh_bandwidth",
                                                "compression_bandwidth", "step_overhead_s")}})
-            for ranks in shared_rank_counts(cores)[1:]:
+            # --quick keeps only the 1-rank entry (more ranks then time-share it): the
+            # several-rank measurements start real processes and take most of the time.
+            for ranks in ([] if quick else shared_rank_counts(cores)[1:]):
                 entry = measure_shared(ranks, max(1, cores // ranks), quick)
                 rates["shared"].append(entry)
                 thin = entry["gemm_points"][0]
