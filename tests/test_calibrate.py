@@ -3,10 +3,12 @@ gloo collectives between 2 ranks."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import torchrun
-from terabrain.capacity.calibrate import fit_alpha_beta
+from terabrain.capacity.calibrate import fit_alpha_beta, shared_rank_counts
 from terabrain.capacity.planner import plan_experiment
 from terabrain.capacity.profile import load_profile
 from terabrain.config.loader import load_experiment
@@ -20,6 +22,13 @@ def test_fit_alpha_beta_recovers_latency_and_bandwidth():
     assert fitted_bandwidth == pytest.approx(bandwidth, rel=1e-6)
 
 
+def test_shared_rank_counts_double_up_to_the_cores_and_oversubscribe_small_nodes():
+    assert shared_rank_counts(1) == [1, 2]
+    assert shared_rank_counts(2) == [1, 2, 4]
+    assert shared_rank_counts(6) == [1, 2, 4, 12]
+    assert shared_rank_counts(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
 def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):
     out = tmp_path / "machine.yaml"
     result = cli("calibrate", "--quick", "--out", str(out), "--name", "here")
@@ -31,17 +40,31 @@ def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):
     assert "not measured" in profile.sources["network"]  # one process: no links
     assert set(profile.compute.compression_bandwidth) == {"fp16", "bf16", "onebit", "threshold",
                                                           "adaptive"}
+    # --quick: only the one-rank entry (all cores in one process); the full run measures
+    # 1, 2, 4 ... ranks at once (the slow test below).
+    assert [(e.ranks, e.threads) for e in profile.compute.shared] == [(1, os.cpu_count() or 1)]
     plan = plan_experiment(load_experiment("lbann-ae-small", []), 2, profile.device_memory,
                            profile=profile)
     assert all(s.step_time_s > 0 for s in plan.splits if s.valid)
 
 
 @pytest.mark.slow
-def test_calibrate_under_torchrun_measures_the_links(tmp_path):
+def test_calibrate_under_torchrun_measures_the_links_and_ranks_at_once(tmp_path):
     out = tmp_path / "two.yaml"
-    result = torchrun(2, "-m", "terabrain", "calibrate", "--quick", "--out", str(out), timeout=600)
+    result = torchrun(2, "-m", "terabrain", "calibrate", "--out", str(out), timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     profile = load_profile(str(out))
+    # What one rank gets with 1, 2, 4 ... ranks computing at once, each with cores / ranks
+    # threads, measured by that many real processes.
+    cores = os.cpu_count() or 1
+    assert [e.ranks for e in profile.compute.shared] == shared_rank_counts(cores)
+    for entry in profile.compute.shared:
+        assert entry.threads == max(1, cores // entry.ranks)
+        assert len(entry.gemm_points) == len(profile.compute.gemm_points)
+        assert {p.layout for p in entry.gemm_points} == {"nn", "nt", "tn", "tn+"}
+        assert len(entry.local_points) == len(profile.compute.local_points) > 0
+        assert entry.fresh_bandwidth > 0 and set(entry.compression_bandwidth) == set(
+            profile.compute.compression_bandwidth)
     assert "2 ranks on one node" in profile.sources["network"]
     links = profile.network.intra_node
     for collective in ("all_reduce", "all_gather", "reduce_scatter", "point_to_point"):

@@ -64,3 +64,24 @@ def test_flat_npy_examples_get_pictures_and_statistics(tmp_path):
     results = run_experiment(config, tmp_path / "run")
     assert (tmp_path / "run" / "filters.png").exists()
     assert results["features"]["filters"]["spatial_spread_px"] > 0
+
+
+def test_long_flat_rows_get_a_strip_picture_streamed_or_not(tmp_path):
+    """A flat row longer than a picture cell (3,072 values: not a square, so a 1 x 3,072
+    strip) is shrunk along its length only; it crashed at the end of a run, streamed or not."""
+    import numpy as np
+    import torch
+
+    from terabrain.analysis.filters import MAX_CELL_PX, filter_grid
+
+    grid = filter_grid(torch.randn(4, 3072), (3072,))
+    assert grid.shape[1] == 2 * (MAX_CELL_PX + 1) + 1 and grid.shape[0] > 2
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((200, 3072), dtype=np.float32))
+    for stream in ("false", "true"):
+        config = load_experiment(None, [
+            "data.source=npy", f"data.path={tmp_path / 'x.npy'}", "data.whitening=none",
+            f"data.stream={stream}", "model.hidden=4", "train.steps=2", "train.batch_size=40",
+            "train.progress=false",
+        ])
+        run_experiment(config, tmp_path / f"run-{stream}")
+        assert (tmp_path / f"run-{stream}" / "filters.png").exists()

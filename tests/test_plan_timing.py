@@ -11,7 +11,7 @@ import yaml
 from terabrain.capacity.planner import plan_experiment
 from terabrain.capacity.profile import builtin_profiles, load_profile, numeric_fields
 from terabrain.capacity.timing import gemm_rate, predict, roofline
-from terabrain.capacity.work import StepWork, Transfer
+from terabrain.capacity.work import Gemm, StepWork, Transfer
 from terabrain.cli import main
 from terabrain.config.loader import load_experiment
 from terabrain.errors import ConfigError
@@ -188,3 +188,33 @@ def test_cli_plan_needs_a_memory_size_or_a_profile(capsys):
     assert main(["plan", "lbann-ae-50k", "--gpus", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--gpu-memory" in err[0] and "--profile" in err[0]
+
+
+def test_ranks_sharing_a_cpu_node_compute_at_the_rates_measured_with_that_many_at_once(tmp_path):
+    """compute.shared: the entry for the ranks per node decides (not the node's rate divided);
+    more ranks than any entry time-share the largest one."""
+    raw = yaml.safe_load(load_profile("llnl-catalyst").to_yaml())
+    point = {"m": 40, "n": 1024, "k": 3072}
+
+    def entry(ranks, flops):
+        return {"ranks": ranks, "threads": max(1, 2 // ranks),
+                "gemm_points": [{**point, "flops_per_s": flops}], "elementwise_bandwidth": 1e10,
+                "optimizer_bandwidth": 1e10, "fresh_bandwidth": 1e10, "step_overhead_s": 0.0}
+
+    raw["compute"].update(ranks_share_device=True, step_overhead_s=0.0,
+                          gemm_points=[{**point, "flops_per_s": 1e11}],
+                          shared=[entry(1, 1e11), entry(2, 4e10), entry(4, 2e10)])
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    profile = load_profile(str(path))
+    work = StepWork(rows=40, gemms=[Gemm(40, 1024, 3072)])
+    flops = work.flops
+
+    def seconds(ranks):
+        return predict(profile, work, 1, ranks, gpus_per_node=ranks).compute_s
+
+    assert seconds(1) == pytest.approx(flops / 1e11, rel=1e-6)
+    assert seconds(2) == pytest.approx(flops / 4e10, rel=1e-6)   # not 2 x the 1-rank time
+    assert seconds(4) == pytest.approx(flops / 2e10, rel=1e-6)
+    assert seconds(8) == pytest.approx(2 * flops / 2e10, rel=1e-6)  # 8 ranks share 4's rate
+    assert seconds(3) == pytest.approx(0.75 * flops / 2e10, rel=1e-6)  # 4's entry, 4/3 the share

@@ -26,13 +26,15 @@ MAX_FILTERS = 256
 MAX_CELL_PX = 64
 
 
-def _shrunk(w: np.ndarray, factor: int) -> np.ndarray:
-    """(H, W, C) averaged over ``factor`` x ``factor`` blocks (edges cropped)."""
-    if factor == 1:
+def _shrunk(w: np.ndarray, down: int, across: int) -> np.ndarray:
+    """(H, W, C) averaged over ``down`` x ``across`` blocks (edges cropped). Each axis has
+    its own factor: one shared factor, set by the longer side, emptied the short side of a
+    1 x D strip (a flat .npy row of 3,072 values crashed the end of the run)."""
+    if down == across == 1:
         return w
-    height, width = (w.shape[0] // factor) * factor, (w.shape[1] // factor) * factor
+    height, width = (w.shape[0] // down) * down, (w.shape[1] // across) * across
     w = w[:height, :width]
-    return w.reshape(height // factor, factor, width // factor, factor, -1).mean(axis=(1, 3))
+    return w.reshape(height // down, down, width // across, across, -1).mean(axis=(1, 3))
 
 
 def filter_grid(
@@ -53,12 +55,12 @@ def filter_grid(
     channels = example_shape[2] if len(example_shape) == 3 else 1
     columns = math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
-    shrink = max(1, math.ceil(max(height, width) / max_cell_px))
+    down, across = (max(1, math.ceil(side / max_cell_px)) for side in (height, width))
     scale = max(1, min_cell_px // max(height, width))
-    cell_h, cell_w = (height // shrink) * scale, (width // shrink) * scale
+    cell_h, cell_w = (height // down) * scale, (width // across) * scale
     grid = np.full((rows * (cell_h + 1) + 1, columns * (cell_w + 1) + 1, 3), 255, np.uint8)
     for index in range(count):
-        w = _shrunk(weights[index].reshape(height, width, channels), shrink)
+        w = _shrunk(weights[index].reshape(height, width, channels), down, across)
         w = 0.5 + 0.5 * w / max(np.abs(w).max(), 1e-12)
         tile = np.repeat(np.repeat((w * 255).round().astype(np.uint8), scale, 0), scale, 1)
         if channels == 1:

@@ -3,14 +3,18 @@
 
 What is measured, on the device given (``--device cpu|cuda``), with this process's threads:
 
-- On CPU every rate is measured on one core (one thread) and multiplied by the node's
-  cores (an assumption that holds on small nodes; memory bandwidth saturates on large ones).
+- On CPU the device (the node) is measured with all its cores in one process; then each
+  rate is measured again with 2, 4 ... processes computing at once, each with cores / ranks
+  threads (``compute.shared``), since that, not a share of the node's rate, is what a rank
+  of a multi-rank run gets: thin GEMMs barely speed up with threads, two hardware threads
+  share one core, and more ranks than cores time-share.
 - GEMM points: ``torch.mm`` at the shapes the learners run (thin batch-40 and batch-256
   products, their weight-gradient transposes, squares); the fastest is the measured peak.
 - memory bandwidth: a large copy (read + write).
 - the locally connected layer (terabrain.nn.local): its forward + backward rate over the
   GEMM rate of the same per-location shape.
 - elementwise bandwidth: ``torch.add(a, b, out=c)`` on activation-sized tensors (3 streams).
+- fresh-buffer bandwidth: the data-parallel exchange's cat and divide into new buffers.
 - optimizer bandwidth: ``torch.optim.SGD`` with momentum over a 16 MB parameter (5 streams).
 - step overhead: a training step of a 16 x 16 linear layer (framework time, no work).
 - gradient compression: compress + decompress of a 1024 x 1024 gradient by each
@@ -45,12 +49,29 @@ import torch
 
 from terabrain.capacity.profile import COLLECTIVES, MachineProfile
 
-GEMM_SHAPES = [  # (m, n, k): thin batch products, weight gradients, squares
-    (40, 1024, 3072), (40, 3072, 1024), (1024, 3072, 40),
-    (256, 4096, 4096), (256, 4096, 2048), (2048, 4096, 256),
-    (1024, 1024, 1024), (2048, 2048, 2048), (192, 96, 768), (64, 512, 512),
+
+def _hidden_unit_products(batch: int, hidden: int, inputs: int) -> list[tuple]:
+    """The products of a hidden-unit layer's step as the learners run them
+    (terabrain.learners.hidden_unit_work): x W^T, h W, h^T g into a new buffer, added."""
+    return [(batch, hidden, inputs, "nt"), (batch, inputs, hidden, "nn"),
+            (hidden, inputs, batch, "tn"), (hidden, inputs, batch, "tn+")]
+
+
+# (m, n, k, layout): a 3,072-input layer of 1,024 units at batch 40, the batch split over 2
+# and 4 replicas, the units over 2 and 4 model ranks; batch-256 products; squares.
+GEMM_SHAPES = [
+    *(product for family in ((40, 1024, 3072), (20, 1024, 3072), (10, 1024, 3072),
+                             (40, 512, 3072), (40, 256, 3072))
+      for product in _hidden_unit_products(*family)),
+    (256, 4096, 4096, "nt"), (256, 4096, 4096, "nn"), (4096, 4096, 256, "tn"),
+    (1024, 1024, 1024, "nn"), (2048, 2048, 2048, "nn"), (192, 96, 768, "nn"),
+    (192, 64, 1024, "nt"), (64, 1024, 192, "tn"),
 ]
-QUICK_SHAPES = [(40, 1024, 3072), (1024, 3072, 40), (256, 2048, 2048), (1024, 1024, 1024)]
+QUICK_SHAPES = [*_hidden_unit_products(40, 1024, 3072), *_hidden_unit_products(20, 1024, 3072),
+                (1024, 1024, 1024, "nn")]
+# --quick: each figure from a 0.05 s window (at least 3 calls): a profile in ~15 s on 2
+# cores, for tests and a first look; noisier than the default 0.4 s.
+QUICK_SECONDS = 0.05
 LINK_SIZES = [4 * 1024, 256 * 1024, 4 * 2**20, 32 * 2**20]
 QUICK_LINK_SIZES = [4 * 1024, 1 * 2**20, 8 * 2**20]
 
@@ -60,14 +81,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Set in the worker processes of measure_shared: there several ranks share the cores, and
+# the median call would be one that ran while the others waited for the CPU; the mean over a
+# window that every rank spends computing is what each of them gets.
+_THROUGHPUT = False
+
+
 def timed(fn: Callable[[], object], device: torch.device, seconds: float = 0.3,
-          at_least: int = 3) -> float:
-    """Median seconds of ``fn`` over repeats filling about ``seconds`` (after one warm-up)."""
+          at_least: int = 3, between: Callable[[], object] | None = None) -> float:
+    """Median seconds of ``fn`` over repeats filling about ``seconds`` (after one warm-up);
+    in measure_shared's workers, the mean over the window. ``between`` runs before each
+    call, untimed."""
     fn()
     _sync(device)
+    if _THROUGHPUT:
+        calls, spent, began = 0, 0.0, time.perf_counter()
+        while calls < at_least or time.perf_counter() - began < seconds:
+            if between is not None:
+                between()
+                _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            spent += time.perf_counter() - start
+            calls += 1
+        return spent / calls
     times = []
     began = time.perf_counter()
     while len(times) < at_least or time.perf_counter() - began < seconds:
+        if between is not None:
+            between()
+            _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
@@ -77,11 +121,26 @@ def timed(fn: Callable[[], object], device: torch.device, seconds: float = 0.3,
     return statistics.median(times)
 
 
-def measure_gemm(m: int, n: int, k: int, device: torch.device, seconds: float) -> float:
-    a = torch.randn(m, k, device=device)
-    b = torch.randn(k, n, device=device)
+FLUSH_BYTES = 64 * 2**20  # more than the last-level cache of most CPUs and GPUs
+
+
+def measure_gemm(m: int, n: int, k: int, device: torch.device, seconds: float,
+                 layout: str = "nn") -> float:
+    """FLOP/s of one (m x k) @ (k x n) product in ``layout`` (GemmPoint)."""
+    a = torch.randn(k, m, device=device).t() if layout.startswith("tn") else torch.randn(m, k, device=device)
+    b = torch.randn(n, k, device=device).t() if layout == "nt" else torch.randn(k, n, device=device)
     out = torch.empty(m, n, device=device)
-    return 2.0 * m * n * k / timed(lambda: torch.mm(a, b, out=out), device, seconds)
+    if layout == "tn":  # a new result buffer every call, as a step's first weight gradient
+        product = lambda: a @ b
+    elif layout == "tn+":
+        product = lambda: out.addmm_(a, b)
+    else:
+        product = lambda: torch.mm(a, b, out=out)
+    # A step's products find their operands in memory, not in cache: the other products and
+    # the elementwise passes between them move more than the last-level cache holds (here:
+    # 12-15 % slower than the same product repeated on warm operands).
+    flush = torch.empty(FLUSH_BYTES // 4, device=device)
+    return 2.0 * m * n * k / timed(product, device, seconds, between=lambda: flush.add_(1.0))
 
 
 def measure_copy_bandwidth(device: torch.device, seconds: float) -> float:
@@ -103,6 +162,21 @@ def measure_optimizer(device: torch.device, seconds: float) -> float:
     parameter.grad = torch.rand_like(parameter)
     optimizer = torch.optim.SGD([parameter], lr=1e-6, momentum=0.9)
     return 5.0 * 4 * parameter.numel() / timed(optimizer.step, device, seconds)
+
+
+def measure_fresh(device: torch.device, seconds: float) -> float:
+    """Bytes/s of writing into newly allocated buffers and reading them back: what the
+    data-parallel exchange's flat buffer costs (terabrain.parallel.exchange: a cat of the
+    gradients, then a divide into another new buffer), page faults included."""
+    gradients = [torch.rand(1024, 3072, device=device), torch.rand(1024, device=device),
+                 torch.rand(3072, device=device)]
+    elements = sum(g.numel() for g in gradients)
+
+    def exchange_copies():
+        flat = torch.cat([g.reshape(-1) for g in gradients])
+        return flat / 2
+
+    return 4.0 * 4 * elements / timed(exchange_copies, device, seconds)
 
 
 def measure_compression(device: torch.device, seconds: float) -> dict[str, float]:
@@ -137,6 +211,45 @@ def measure_step_overhead(device: torch.device, seconds: float) -> float:
         optimizer.step()
 
     return timed(step, device, seconds)
+
+
+# (batch, channels, input side, kernel, stride, maps) of deep networks' locally connected
+# layers: yfcc-15b-small's two (bench/plan_accuracy.py's), and bench/local_layer.py's
+# seed-000-like layer scaled down.
+LOCAL_SHAPES = [(192, 3, 48, 8, 4, 8), (192, 8, 11, 4, 1, 16), (192, 3, 48, 16, 4, 96)]
+QUICK_LOCAL_SHAPES = LOCAL_SHAPES[:2]
+
+
+def measure_local_points(device: torch.device, quick: bool, seconds: float) -> list[dict]:
+    """A deep network's locally connected RICA layer trained one step (terabrain.nn.
+    shared_weight.unit_row_map_pair through terabrain.nn.filter_maps.LocalMap: the codes,
+    the reconstruction and their backward, with the patch copies, the batch-last layout and
+    the row normalisation), as a rate of its per-location products: 6 x 2 x batch x field x
+    maps FLOP per location. Points (m batch, n maps, k field), like GEMM points: at small
+    map counts the patch copies, not the products, take most of the time."""
+    from terabrain.nn.filter_maps import LocalMap
+    from terabrain.nn.local import output_length
+    from terabrain.nn.shared_weight import unit_row_map_pair
+
+    points = []
+    for batch, channels, size, kernel, stride, maps in (QUICK_LOCAL_SHAPES if quick else LOCAL_SHAPES):
+        side = output_length(size, kernel, stride)
+        field = channels * kernel * kernel
+        fmap = LocalMap(kernel, stride, (size, size))
+        weight = torch.randn(side * side, maps, field, device=device, requires_grad=True)
+        alpha = torch.ones((), device=device, requires_grad=True)
+        x = torch.rand(batch, channels, size, size, device=device)
+        grad_codes = torch.randn(batch, maps, side, side, device=device)
+        grad_input = torch.randn(batch, channels, size, size, device=device)
+
+        def step(fmap=fmap, x=x, weight=weight, alpha=alpha, grads=(grad_codes, grad_input)):
+            weight.grad = alpha.grad = None
+            codes, decoded = unit_row_map_pair(fmap, x, weight, None, alpha)
+            torch.autograd.backward([codes, decoded], list(grads))
+
+        flops = 6 * 2.0 * batch * field * maps * side * side
+        points.append({"m": batch, "n": maps, "k": field, "flops_per_s": flops / timed(step, device, seconds)})
+    return points
 
 
 def measure_local_efficiency(device: torch.device, seconds: float) -> float:
@@ -317,31 +430,98 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]) -> dict:
-    """Every compute and reader figure of the profile, measured on ``device``."""
-    seconds = 0.15 if quick else 0.4
+def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] = lambda: None) -> dict:
+    """What one rank computes at, with this process's threads: GEMM points, elementwise,
+    optimizer and fresh-buffer bandwidth, each compressor, the fixed step overhead.
+    ``sync`` runs before each measurement (a barrier when several ranks measure at once,
+    so that they compete as they do in training)."""
+    seconds = QUICK_SECONDS if quick else 0.4
     shapes = QUICK_SHAPES if quick else GEMM_SHAPES
     points = []
-    for m, n, k in shapes:
-        rate = measure_gemm(m, n, k, device, seconds)
-        points.append({"m": m, "n": n, "k": k, "flops_per_s": rate})
-        log(f"  gemm {m} x {n} x {k}: {rate / 1e9:.1f} GFLOP/s")
-    rates = {"points": points}
-    peak = max(p["flops_per_s"] for p in points)
-    memory = measure_copy_bandwidth(device, seconds)
-    elementwise = measure_elementwise(device, seconds)
-    optimizer = measure_optimizer(device, seconds)
-    overhead = measure_step_overhead(device, seconds)
-    compression = measure_compression(device, seconds)
-    local = measure_local_efficiency(device, seconds)
-    decode, pixel_bytes = measure_reader(seconds)
-    log(f"  memory {memory / 1e9:.1f} GB/s, elementwise {elementwise / 1e9:.1f} GB/s, optimizer "
-        f"{optimizer / 1e9:.1f} GB/s, step overhead {overhead * 1e3:.2f} ms, local layer "
-        f"{local:.0%} of GEMM, JPEG {decode / 1e6:.0f} Mpixel/s, pixels {pixel_bytes / 1e9:.1f} GB/s")
+    for m, n, k, layout in shapes:
+        sync()
+        points.append({"m": m, "n": n, "k": k, "layout": layout,
+                       "flops_per_s": measure_gemm(m, n, k, device, seconds, layout)})
+    sync()
+    rates = {"gemm_points": points,
+             "local_points": measure_local_points(device, quick, seconds)}
+    for name, measure in (("elementwise_bandwidth", measure_elementwise),
+                          ("optimizer_bandwidth", measure_optimizer),
+                          ("fresh_bandwidth", measure_fresh),
+                          ("step_overhead_s", measure_step_overhead),
+                          ("compression_bandwidth", measure_compression)):
+        sync()
+        rates[name] = measure(device, seconds)
+    return rates
+
+
+def _shared_worker(threads: int, quick: bool, barrier, results) -> None:
+    global _THROUGHPUT
+    _THROUGHPUT = True
+    torch.set_num_threads(threads)
+    results.put(measure_rank(torch.device("cpu"), quick, barrier.wait))
+
+
+def measure_shared(ranks: int, threads: int, quick: bool) -> dict:
+    """Per-rank rates with ``ranks`` processes of ``threads`` threads each measuring at once
+    (the slowest rank's figure: it decides a synchronous step)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(ranks), context.Queue()
+    workers = [context.Process(target=_shared_worker, args=(threads, quick, barrier, results))
+               for _ in range(ranks)]
+    for worker in workers:
+        worker.start()
+    measured = [results.get(timeout=1800) for _ in workers]
+    for worker in workers:
+        worker.join()
+    points = {kind: [{**point, "flops_per_s": min(m[kind][i]["flops_per_s"] for m in measured)}
+                     for i, point in enumerate(measured[0][kind])]
+              for kind in ("gemm_points", "local_points")}
+    slowest = {key: min(m[key] for m in measured)
+               for key in ("elementwise_bandwidth", "optimizer_bandwidth", "fresh_bandwidth")}
+    compression = {scheme: min(m["compression_bandwidth"][scheme] for m in measured)
+                   for scheme in measured[0]["compression_bandwidth"]}
+    return {"ranks": ranks, "threads": threads, **points, **slowest,
+            "compression_bandwidth": compression,
+            "step_overhead_s": max(m["step_overhead_s"] for m in measured)}
+
+
+def shared_rank_counts(cores: int) -> list[int]:
+    """1, 2, 4 ... ranks up to the cores, and twice the cores on small nodes (more ranks
+    than cores: they time-share)."""
+    counts = [1]
+    while counts[-1] * 2 <= cores:
+        counts.append(counts[-1] * 2)
+    if cores <= 8:
+        counts.append(2 * cores)
+    return sorted(set(counts))
+
+
+def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]) -> dict:
+    """Every compute and reader figure of the profile, measured on ``device`` with this
+    process's threads (all the node's cores on CPU)."""
+    seconds = QUICK_SECONDS if quick else 0.4
+    rates = measure_rank(device, quick)
+    for point in rates["gemm_points"]:
+        log(f"  gemm {point['m']} x {point['n']} x {point['k']} {point['layout']}: "
+            f"{point['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    for point in rates["local_points"]:
+        log(f"  local layer, batch {point['m']}, {point['n']} maps, field {point['k']}: "
+            f"{point['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    rates["peak"] = max(p["flops_per_s"] for p in rates["gemm_points"])
+    rates["memory"] = measure_copy_bandwidth(device, seconds)
+    rates["local"] = measure_local_efficiency(device, seconds)
+    rates["decode"], rates["pixel_bytes"] = measure_reader(seconds)
+    log(f"  memory {rates['memory'] / 1e9:.1f} GB/s, elementwise "
+        f"{rates['elementwise_bandwidth'] / 1e9:.1f} GB/s, optimizer "
+        f"{rates['optimizer_bandwidth'] / 1e9:.1f} GB/s, fresh buffers "
+        f"{rates['fresh_bandwidth'] / 1e9:.1f} GB/s, step overhead "
+        f"{rates['step_overhead_s'] * 1e3:.2f} ms, local layer {rates['local']:.0%} of GEMM, "
+        f"JPEG {rates['decode'] / 1e6:.0f} Mpixel/s, pixels {rates['pixel_bytes'] / 1e9:.1f} GB/s")
     log("  compression (compress + decompress): " + ", ".join(
-        f"{scheme} {rate / 1e9:.2f} GB/s" for scheme, rate in compression.items()))
-    rates.update(compression=compression, peak=peak, memory=memory, elementwise=elementwise, optimizer=optimizer,
-                 overhead=overhead, local=local, decode=decode, pixel_bytes=pixel_bytes)
+        f"{scheme} {rate / 1e9:.2f} GB/s" for scheme, rate in rates["compression_bandwidth"].items()))
     return rates
 
 
@@ -353,26 +533,37 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     # Under a launcher rank 0 measures the device alone while the other ranks wait. On CPU it
-    # measures one core (one thread) and counts the node as cores x that: a rate measured
-    # with every core at once swings with whatever else runs (OpenMP threads wait for each
-    # other when one of them is descheduled), while ranks with cores // ranks threads each
-    # scale as the cores do (bench/scaling.py: 2 ranks reach 91-97% of the all-cores run).
+    # measures with all the node's cores, and then what each rank gets with 2, 4 ... ranks
+    # computing at once (``compute.shared``): multiplying one core's rate by the cores
+    # predicted half the measured step times on a quiet 2-core machine (thin batch-40 GEMMs
+    # do not speed up with a second thread, and two hardware threads share one core).
     if not distributed or dist.get_rank() == 0:
         threads = torch.get_num_threads()
+        cores = os.cpu_count() or 1
         if device.type == "cpu":
-            torch.set_num_threads(1)
+            torch.set_num_threads(cores)
         try:
             rates = measure_device(device, quick, log)
         finally:
             torch.set_num_threads(threads)
+        rates["shared"] = []
         if device.type == "cpu":
-            cores = os.cpu_count() or 1
-            for point in rates["points"]:
-                point["flops_per_s"] *= cores
-            for key in ("peak", "memory", "elementwise", "optimizer"):
-                rates[key] *= cores
-            rates["compression"] = {k: v * cores for k, v in rates["compression"].items()}
-            log(f"  x {cores} cores: peak {rates['peak'] / 1e9:.1f} GFLOP/s")
+            rates["shared"].append({
+                "ranks": 1, "threads": cores,
+                **{key: rates[key] for key in ("gemm_points", "local_points", "elementwise_bandwidth",
+                                               "optimizer_bandwidth", "fresh_bandwidth",
+                                               "compression_bandwidth", "step_overhead_s")}})
+            # --quick keeps only the 1-rank entry (more ranks then time-share it): the
+            # several-rank measurements start real processes and take most of the time.
+            for ranks in ([] if quick else shared_rank_counts(cores)[1:]):
+                entry = measure_shared(ranks, max(1, cores // ranks), quick)
+                rates["shared"].append(entry)
+                thin = entry["gemm_points"][0]
+                log(f"  {ranks} ranks at once, {entry['threads']} thread(s) each: gemm "
+                    f"{thin['m']} x {thin['n']} x {thin['k']} {thin['layout']} "
+                    f"{thin['flops_per_s'] / 1e9:.1f} GFLOP/s per rank, "
+                    f"elementwise {entry['elementwise_bandwidth'] / 1e9:.1f} GB/s, "
+                    f"fresh {entry['fresh_bandwidth'] / 1e9:.1f} GB/s")
     else:
         rates = {}
     if distributed:
@@ -403,11 +594,14 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
         compute={
             "device": device_name, "peak_flops": rates["peak"],
             "memory_bandwidth": rates["memory"], "gemm_efficiency": 1.0,
-            "gemm_points": rates["points"], "local_efficiency": rates["local"],
-            "elementwise_bandwidth": rates["elementwise"],
-            "optimizer_bandwidth": rates["optimizer"], "step_overhead_s": rates["overhead"],
-            "compression_bandwidth": rates["compression"],
-            "ranks_share_device": cpu,
+            "gemm_points": rates["gemm_points"], "local_efficiency": rates["local"],
+            "local_points": rates["local_points"],
+            "elementwise_bandwidth": rates["elementwise_bandwidth"],
+            "optimizer_bandwidth": rates["optimizer_bandwidth"],
+            "fresh_bandwidth": rates["fresh_bandwidth"],
+            "step_overhead_s": rates["step_overhead_s"],
+            "compression_bandwidth": rates["compression_bandwidth"],
+            "ranks_share_device": cpu, "shared": rates["shared"],
         },
         network={"backend": backend, "intra_node": intra, "inter_node": inter, "nics_per_node": 1},
         reader={"decode_pixels_per_s": rates["decode"], "pixel_bytes_per_s": rates["pixel_bytes"],
@@ -417,7 +611,8 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
                              "override with plan --gpus-per-node",
             "device_memory": "this machine's memory",
             "compute.peak_flops": "the fastest measured GEMM point",
-            "compute": measured + (" on one core, x the node's cores" if cpu else ""),
+            "compute": measured + (" with all the node's cores; compute.shared: with 1, 2, 4 "
+                                   "... ranks measuring at once" if cpu else ""),
             "network": how,
             "network.nics_per_node": "not measured: 1",
             "reader": measured + " (JPEG: one core x the node's cores)",

@@ -24,6 +24,7 @@ Everything is per *device* (a GPU, or a CPU node), in SI units: FLOP/s, bytes/s,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import (
@@ -45,13 +46,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+GEMM_LAYOUTS = ("nn", "nt", "tn", "tn+")
+
+
 class GemmPoint(_Strict):
-    """One measured matrix product: (m x k) @ (k x n) at ``flops_per_s``."""
+    """One measured matrix product: (m x k) @ (k x n) at ``flops_per_s``, in ``layout``:
+    nn both operands row-major; nt the second transposed (x W^T, as torch.nn.functional.linear
+    runs it); tn the first transposed, into a new buffer (a weight gradient h^T g, whose pages
+    fault in on first touch); tn+ the same added into an existing buffer (addmm_: the second
+    gradient of a tied weight)."""
 
     m: PositiveInt
     n: PositiveInt
     k: PositiveInt
     flops_per_s: PositiveFloat
+    layout: Literal["nn", "nt", "tn", "tn+"] = "nn"
+
+
+class SharedRates(_Strict):
+    """Per-rank rates measured with ``ranks`` processes running at once on one node, each
+    with ``threads`` threads: what one rank of a CPU node gets while the others compute
+    beside it (cores, caches and memory shared; more ranks than cores time-share)."""
+
+    ranks: PositiveInt
+    threads: PositiveInt
+    gemm_points: list[GemmPoint]
+    local_points: list[GemmPoint] = Field(default_factory=list)
+    elementwise_bandwidth: PositiveFloat
+    optimizer_bandwidth: PositiveFloat
+    fresh_bandwidth: PositiveFloat = Field(
+        description="Bytes/s of a copy into a newly allocated buffer (its pages fault in).")
+    compression_bandwidth: dict[str, PositiveFloat] = Field(default_factory=dict)
+    step_overhead_s: float = Field(0.0, ge=0)
 
 
 class Compute(_Strict):
@@ -66,7 +92,13 @@ class Compute(_Strict):
     gemm_points: list[GemmPoint] = Field(default_factory=list)
     local_efficiency: float = Field(
         gt=0, le=4, description="Locally connected layer rate / GEMM rate of one location's "
-        "product (above 1 where the layer batches locations into larger products).")
+        "product (above 1 where the layer batches locations into larger products); used "
+        "where no local_points were measured.")
+    local_points: list[GemmPoint] = Field(
+        default_factory=list,
+        description="A deep network's locally connected layer trained one step, as FLOP/s of "
+                    "its per-location products (m batch, n maps, k field), copies included; "
+                    "interpolated by shape like gemm_points.")
     elementwise_bandwidth: PositiveFloat = Field(
         description="Bytes/s that elementwise kernels stream (reads + writes).")
     optimizer_bandwidth: PositiveFloat = Field(
@@ -76,11 +108,20 @@ class Compute(_Strict):
         description="fp32 gradient bytes/s one compress + decompress pass of each "
                     "parallel.compression scheme handles; a scheme not listed: "
                     "elementwise_bandwidth / 8 (an assumption).")
+    fresh_bandwidth: PositiveFloat | None = Field(
+        None, description="Bytes/s of a copy into a newly allocated buffer (pages fault in "
+                          "on first touch); None: elementwise_bandwidth.")
     step_overhead_s: float = Field(
         0.0, ge=0, description="Fixed seconds per training step (framework, launches).")
     ranks_share_device: bool = Field(
         False, description="True on CPU nodes: the ranks of a node share its cores, so each "
-                           "gets 1/ranks-per-node of the rates above.")
+                           "gets 1/ranks-per-node of the rates above (unless ``shared`` "
+                           "measured what it gets).")
+    shared: list[SharedRates] = Field(
+        default_factory=list,
+        description="CPU nodes: per-rank rates measured with 1, 2, 4 ... ranks computing at "
+                    "once (terabrain calibrate); the planner uses the entry for the ranks per "
+                    "node instead of dividing the device's rates.")
 
 
 class Link(_Strict):

@@ -3,8 +3,12 @@ and a machine profile (terabrain.capacity.profile).
 
 - compute = sum over GEMMs of FLOPs / gemm_rate (locally connected ones at local_efficiency
   of it) + elementwise bytes / elementwise bandwidth + optimizer bytes / optimizer bandwidth
-  + the gradient compressor's passes at its measured rate + the profile's fixed step overhead. Where the ranks of a node share one device (CPU nodes),
-  each rank gets 1 / (ranks on the node) of every rate.
+  + the gradient compressor's passes at its measured rate + the profile's fixed step
+  overhead. Where the ranks of a node share one device (CPU nodes), each rank computes at
+  the rates ``terabrain calibrate`` measured with that many ranks computing at once
+  (``compute.shared``: thin GEMMs do not speed up with threads as square ones do, and two
+  hardware threads of one core share its units), or, without such a measurement, at
+  1 / (ranks on the node) of the device's rates.
 - communication: each collective is alpha x steps(k) + bytes sent / bandwidth over the links
   its group crosses. The mesh is (data, model) row-major, so a model-axis group of m ranks is
   inside a node when m <= ranks per node, and a data-axis group crosses nodes when d x m >
@@ -46,12 +50,17 @@ def roofline(profile: MachineProfile, m: int, n: int, k: int, bf16: bool = False
     return min(peak, intensity * compute.memory_bandwidth)
 
 
-def gemm_rate(profile: MachineProfile, m: int, n: int, k: int, bf16: bool = False) -> float:
-    """The roofline corrected by the measured points: each point's measured / roofline ratio,
-    weighted by 1 / (1 + squared distance in log2 shape) so that the nearest shapes decide;
-    ``gemm_efficiency`` where no point was measured."""
+def gemm_rate(profile: MachineProfile, m: int, n: int, k: int, bf16: bool = False,
+              points: list | None = None, layout: str | None = None) -> float:
+    """The roofline corrected by the measured points (the device's, or ``points``: one
+    rank's, SharedRates): each point's measured / roofline ratio, weighted by
+    1 / (1 + squared distance in log2 shape) so that the nearest shapes decide;
+    ``gemm_efficiency`` where no point was measured. With ``layout``, only the points
+    measured in that layout count, where there are any."""
     bound = roofline(profile, m, n, k, bf16)
-    points = profile.compute.gemm_points
+    points = profile.compute.gemm_points if points is None else points
+    if layout is not None:
+        points = [p for p in points if p.layout == layout] or points
     if not points:
         return bound * profile.compute.gemm_efficiency
     weights, ratios = [], []
@@ -62,6 +71,44 @@ def gemm_rate(profile: MachineProfile, m: int, n: int, k: int, bf16: bool = Fals
         ratios.append(p.flops_per_s / roofline(profile, p.m, p.n, p.k))
     ratio = sum(w * r for w, r in zip(weights, ratios)) / sum(weights)
     return bound * min(ratio, 1.0)
+
+
+@dataclass
+class RankRates:
+    """What one rank computes at: the device's rates divided among the ranks of a node, or
+    the rates measured with that many ranks computing at once (``slowdown``: how many times
+    slower than those, where more ranks run than were measured)."""
+
+    gemm_points: list | None
+    local_points: list | None
+    gemm_scale: float
+    elementwise: float
+    optimizer: float
+    fresh: float
+    compression: dict
+    overhead_s: float
+    slowdown: float
+
+
+def rank_rates(profile: MachineProfile, per_node: int) -> RankRates:
+    compute = profile.compute
+    fresh = compute.fresh_bandwidth or compute.elementwise_bandwidth
+    if not compute.ranks_share_device or not compute.shared:
+        share = per_node if compute.ranks_share_device else 1
+        return RankRates(None, None, 1 / share, compute.elementwise_bandwidth / share,
+                         compute.optimizer_bandwidth / share, fresh / share,
+                         {k: v / share for k, v in compute.compression_bandwidth.items()},
+                         compute.step_overhead_s, 1.0)
+    # The entry measured with as many ranks as run here; else the nearest with more (each
+    # rank then gets ranks / per_node more of the node), else the most measured, shared
+    # further (time-sharing: per_node / ranks times slower).
+    above = [e for e in compute.shared if e.ranks >= per_node]
+    entry = (min(above, key=lambda e: e.ranks) if above
+             else max(compute.shared, key=lambda e: e.ranks))
+    return RankRates(entry.gemm_points, entry.local_points or None, 1.0,
+                     entry.elementwise_bandwidth, entry.optimizer_bandwidth,
+                     entry.fresh_bandwidth, entry.compression_bandwidth, entry.step_overhead_s,
+                     per_node / entry.ranks)
 
 
 @dataclass
@@ -105,21 +152,28 @@ def transfer_seconds(profile: MachineProfile, transfer: Transfer, data: int, mod
     return transfer.count * (link.alpha_s * steps + transfer.sent_bytes / bandwidth)
 
 
-def compute_seconds(profile: MachineProfile, work: StepWork, share: int, bf16: bool) -> float:
+def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16: bool) -> float:
     compute = profile.compute
+    rates = rank_rates(profile, per_node)
     seconds = 0.0
     for gemm in work.gemms:
-        rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16)
-        if gemm.local:
-            rate *= compute.local_efficiency
+        local_points = rates.local_points or compute.local_points
+        if gemm.local and local_points:  # the layer's measured rate, copies included
+            rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16, local_points)
+            rate *= rates.gemm_scale if rates.local_points is None else 1.0
+        else:
+            rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16, rates.gemm_points,
+                             gemm.layout)
+            rate *= rates.gemm_scale * (compute.local_efficiency if gemm.local else 1.0)
         seconds += gemm.flops / rate
-    seconds += work.elementwise_bytes / compute.elementwise_bandwidth
-    seconds += work.optimizer_bytes / compute.optimizer_bandwidth
+    seconds += work.elementwise_bytes / rates.elementwise
+    seconds += work.fresh_bytes / rates.fresh
+    seconds += work.optimizer_bytes / rates.optimizer
     if work.compression is not None:
         scheme, processed = work.compression
-        rate = compute.compression_bandwidth.get(scheme, compute.elementwise_bandwidth / 8)
+        rate = rates.compression.get(scheme, rates.elementwise / 8)
         seconds += processed / rate
-    return seconds * share + compute.step_overhead_s
+    return (seconds + rates.overhead_s) * rates.slowdown
 
 
 def read_seconds(profile: MachineProfile, rows: int, reading: tuple[str, float],
@@ -140,8 +194,7 @@ def predict(profile: MachineProfile, work: StepWork, data: int, model: int, *,
             reading: tuple[str, float] = ("resident", 0.0), bf16: bool = False) -> StepTime:
     """Seconds per step of the (data x model) split whose rank does ``work``."""
     per_node = ranks_per_node(profile, data * model, gpus_per_node)
-    share = per_node if profile.compute.ranks_share_device else 1
-    compute = compute_seconds(profile, work, share, bf16)
+    compute = compute_seconds(profile, work, per_node, bf16)
     exposed = hidden = 0.0
     for transfer in work.transfers:
         seconds = transfer_seconds(profile, transfer, data, model, per_node)

@@ -17,13 +17,16 @@ from terabrain.capacity.costs import FP32, ring_all_gather, ring_all_reduce
 @dataclass(frozen=True)
 class Gemm:
     """``count`` products of (m x k) @ (k x n) per step. ``local``: a locally connected
-    layer's per-location product (it runs at the profile's ``local_efficiency``)."""
+    layer's per-location product (it runs at the profile's ``local_efficiency``).
+    ``layout``: how the operands lie (terabrain.capacity.profile.GemmPoint): nt for x W^T,
+    nn for h W, tn for a weight gradient into a new buffer, tn+ for one added into it."""
 
     m: int
     n: int
     k: int
     count: float = 1.0
     local: bool = False
+    layout: str = "nn"
 
     @property
     def flops(self) -> float:
@@ -48,6 +51,8 @@ class StepWork:
     """Examples each rank reads per step (its replica's share of the batch)."""
     gemms: list[Gemm] = field(default_factory=list)
     elementwise_bytes: float = 0.0
+    fresh_bytes: float = 0.0
+    """Bytes written into newly allocated buffers and read back (their pages fault in)."""
     optimizer_bytes: float = 0.0
     transfers: list[Transfer] = field(default_factory=list)
     compression: tuple[str, float] | None = None
@@ -75,8 +80,10 @@ def optimizer_streams(optimizer) -> float:
     return 4 * optimizer.history_size + 10  # lbfgs
 
 
-# The flat buffer of terabrain.parallel.data_parallel: cat, divide, copy back (2 streams each).
-DATA_PARALLEL_STREAMS = 6
+# The flat buffer of terabrain.parallel.exchange: cat and divide each write a new buffer
+# (2 streams each, into pages that fault in on first touch), the copy back does not.
+DATA_PARALLEL_FRESH_STREAMS = 4
+DATA_PARALLEL_STREAMS = 2
 # Compress + decompress passes over the whole gradient per exchange: half precision casts
 # once each way; a lossy scheme quantizes the gradient, decompresses and sums the pieces of
 # its column range, re-quantizes that range and decompresses the gathered sum (~ 2 passes).
@@ -84,16 +91,18 @@ COMPRESSION_PASSES = {"fp16": 1, "bf16": 1, "onebit": 2, "threshold": 2, "adapti
 
 
 def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
-                      evaluations: int = 1) -> tuple[list[Transfer], float, tuple[str, float] | None]:
+                      evaluations: int = 1) -> tuple[list[Transfer], tuple[float, float],
+                                                     tuple[str, float] | None]:
     """The data axis's collectives per step for ``elements`` local gradient values and the
-    ``scalars`` logged with them, the elementwise bytes around them, and the compressor's
-    work (StepWork.compression). Not overlapped: terabrain.parallel.data_parallel reduces
-    after the whole backward pass."""
+    ``scalars`` logged with them, the (elementwise, fresh-buffer) bytes around them, and the
+    compressor's work (StepWork.compression). Not overlapped: terabrain.parallel.exchange
+    reduces after the whole backward pass."""
     if data_ranks == 1 or parallel.mode == "hogwild":
-        return [], 0.0, None
+        return [], (0.0, 0.0), None
     per_step = evaluations / parallel.average_every if parallel.mode == "localsgd" else evaluations
     compression = parallel.compression if parallel.mode == "sync" else "none"
-    copies = DATA_PARALLEL_STREAMS * FP32 * elements * per_step
+    copies = (DATA_PARALLEL_STREAMS * FP32 * elements * per_step,
+              DATA_PARALLEL_FRESH_STREAMS * FP32 * elements * per_step)
     if compression == "none":
         sent = ring_all_reduce(data_ranks, FP32 * (elements + scalars))
         return [Transfer("all_reduce", "data", sent, per_step)], copies, None
@@ -121,7 +130,7 @@ def assemble_step(config, data_ranks: int, rows: int, gemms: list[Gemm], element
                                                       scalars, evaluations)
     return StepWork(
         rows=rows, gemms=gemms,
-        elementwise_bytes=evaluations * elementwise + copies,
+        elementwise_bytes=evaluations * elementwise + copies[0], fresh_bytes=copies[1],
         optimizer_bytes=FP32 * optimizer_streams(config.optimizer) * local_elements,
         transfers=transfers + exchange, compression=compression,
     )

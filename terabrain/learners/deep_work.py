@@ -49,9 +49,11 @@ def _layer_gemms(spec, info: dict, model_ranks: int, rows: int, share: float, tr
         inputs = math.prod(info["input"])
         local_hidden = -(-maps // model_ranks)
         if not trains:
-            return [Gemm(rows, local_hidden, inputs, 1)]
-        return [Gemm(rows, local_hidden, inputs, 2), Gemm(rows, inputs, local_hidden, 1),
-                Gemm(local_hidden, inputs, rows, 2)]
+            return [Gemm(rows, local_hidden, inputs, 1, layout="nt")]
+        return [Gemm(rows, local_hidden, inputs, 2, layout="nt"),
+                Gemm(rows, inputs, local_hidden, 1, layout="nn"),
+                Gemm(local_hidden, inputs, rows, 1, layout="tn"),
+                Gemm(local_hidden, inputs, rows, 1, layout="tn+")]
     locations = out_h * out_w
     field = max(1, round(encode_macs / (maps * locations)))
     if spec.kind == "local":

@@ -54,9 +54,13 @@ def hidden_unit_work(learner, config, inputs: int, params: list, logged: int):
         weight_values += normalisation * sum(local_of[p.name] for p in params if p.sharded)
         elementwise = FP32 * (rows * (VALUES_PER_INPUT * inputs + VALUES_PER_HIDDEN * local_hidden)
                               + weight_values)
-        gemms = [Gemm(rows, local_hidden, inputs, 2 * evaluations),   # x W^T, g W^T
-                 Gemm(rows, inputs, local_hidden, evaluations),       # h W
-                 Gemm(local_hidden, inputs, rows, 2 * evaluations)]   # h^T g, g_z^T x
+        # Each weight matrix's first gradient product writes a new buffer (the trainer sets
+        # gradients to None every step); a tied weight's second one adds into it.
+        fresh = min(2, sum(1 for p in params if len(p.shape) == 2))  # weight matrices
+        gemms = [Gemm(rows, local_hidden, inputs, 2 * evaluations, layout="nt"),  # x W^T, g W^T
+                 Gemm(rows, inputs, local_hidden, evaluations, layout="nn"),      # h W
+                 Gemm(local_hidden, inputs, rows, fresh * evaluations, layout="tn"),  # h^T g
+                 Gemm(local_hidden, inputs, rows, (2 - fresh) * evaluations, layout="tn+")]
         transfers = []
         if model_ranks > 1:
             transfers.append(Transfer("all_reduce", "model",
