@@ -20,8 +20,13 @@ def sample_patches(
     which = rng.choice(len(usable), size=count, p=areas / areas.sum())
     channels = 1 if usable[0].ndim == 2 else usable[0].shape[2]
     out = np.empty((count, size * size * channels), dtype=np.float32)
+    # Each image's rows in increasing order, as np.flatnonzero(which == index) would give,
+    # from one stable sort instead of one scan of ``which`` per image (60,000 scans of every
+    # row for Fashion-MNIST's training images).
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(len(usable) + 1))
     for index, image in enumerate(usable):
-        rows = np.flatnonzero(which == index)
+        rows = order[bounds[index]:bounds[index + 1]]
         if rows.size == 0:
             continue
         top = rng.integers(0, image.shape[0] - size + 1, size=rows.size)
