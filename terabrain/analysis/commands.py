@@ -248,8 +248,9 @@ def add_parsers(commands) -> None:
     evaluate.add_argument("--validation-only", action="store_true",
                           help="choose and report on the training split's validation part "
                           "only; the test split is not loaded into any fit (for sweeps)")
-    evaluate.add_argument("--weight-decays", default="0.0001,0.001,0.01",
-                          help="L2 penalties the validation split chooses from")
+    evaluate.add_argument("--weight-decays", default="0.00001,0.0001,0.001,0.01",
+                          help="L2 penalties the validation split chooses from "
+                          "(default 1e-5,1e-4,1e-3,1e-2)")
     evaluate.add_argument("--probe-iterations", type=int, default=50,
                           help="L-BFGS iterations of each probe fit (default 50; warm-started)")
     evaluate.add_argument("--precision", default="bf16",
