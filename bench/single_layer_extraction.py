@@ -1,14 +1,16 @@
-"""CPU cost of `terabrain evaluate`'s extraction at K = 1,600 (6x6 patches of 28x28 images,
-529 positions): the path before issue 15's speed work (the encoder module in float32, four
-strided quadrant sums) against the current one (affine encoders as one product, quadrant
-pooling as a product, bfloat16 autocast), measured in the same run on the same images.
-Prints CPU seconds per 70,000 images (Fashion-MNIST's train + test) and the ratio.
+"""CPU and wall cost of `terabrain evaluate`'s extraction at K = 1,600 (6x6 patches of 28x28
+images, 529 positions): the path before issue 15's speed work (the encoder module in float32,
+four strided quadrant sums, 256 MB batches of fresh buffers) against the current one (affine
+encoders as one product into a reused per-thread buffer, quadrant pooling as a product,
+bfloat16 autocast, small batches split across worker threads), measured in the same run on
+the same images. Prints CPU and wall seconds per 70,000 images (Fashion-MNIST's train + test)
+and the ratios.
 
     python bench/single_layer_extraction.py [--images 500] [--features 1600]
 
-CPU seconds (process time), not wall time: on a shared machine wall time mostly measures
-the neighbours. Idle 2-core wall time is about half the CPU seconds.
-"""
+On a shared machine wall time mostly measures the neighbours; CPU seconds are the steadier
+figure (the current path runs one thread per core, so on an idle machine its wall time is
+about its CPU seconds divided by the cores)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from terabrain.analysis.single_layer import (
+    ThreadBuffers,
     WhitenedPatches,
     affine_encoder,
     affine_form,
@@ -56,10 +59,11 @@ def previous_triangle(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return (z.mean(dim=1, keepdim=True) - z).clamp_min(0.0)
 
 
-def cpu_seconds(function) -> tuple[float, object]:
-    begin = time.process_time()
+def cpu_seconds(function) -> tuple[float, float, object]:
+    """(CPU seconds, wall seconds, result)."""
+    begin, wall = time.process_time(), time.perf_counter()
     result = function()
-    return time.process_time() - begin, result
+    return time.process_time() - begin, time.perf_counter() - wall, result
 
 
 def main() -> None:
@@ -74,23 +78,29 @@ def main() -> None:
     centroids = torch.randn(k, 36, generator=torch.Generator().manual_seed(0))
     form = affine_form(rica.encode, 36)
     assert form is not None
+    buffers = ThreadBuffers()
     cases = {
         "RICA + relu": (lambda rows: torch.relu(rica.encode(rows)),
                         affine_encoder(*form, torch.relu_), "bf16"),
         "k-means triangle": (lambda rows: previous_triangle(rows, centroids),
-                             lambda rows: triangle(rows, centroids), "bf16"),
+                             lambda rows: triangle(rows, centroids,
+                                                   out=buffers.get(rows.shape[0], k, torch.float32)),
+                             "bf16"),
     }
     scale = 70000 / args.images
     print(f"{args.images} images, K = {k}; CPU seconds per 70,000 images")
     for name, (old, new, precision) in cases.items():
         baseline_extract(images[:8], patches, old, k)  # warm-up
-        before, reference = cpu_seconds(lambda old=old: baseline_extract(images, patches, old, k))
-        after, fast = cpu_seconds(lambda new=new, precision=precision: extract(
+        before, before_wall, reference = cpu_seconds(
+            lambda old=old: baseline_extract(images, patches, old, k))
+        after, after_wall, fast = cpu_seconds(lambda new=new, precision=precision: extract(
             images, patches, new, k, precision=precision))
         error = np.abs(fast.astype(np.float32)
                        - reference.astype(np.float32) / _counts(k)).max()
-        print(f"{name:<18} before {before * scale:7.0f} s   now {after * scale:7.0f} s   "
-              f"ratio {before / after:4.1f}x   max |difference| {error:.3g}")
+        print(f"{name:<18} before {before * scale:7.0f} CPU s ({before_wall * scale:6.0f} wall)   "
+              f"now {after * scale:7.0f} CPU s ({after_wall * scale:6.0f} wall)   "
+              f"ratio {before / after:4.1f}x CPU, {before_wall / after_wall:4.1f}x wall   "
+              f"max |difference| {error:.3g}")
 
 
 def _counts(k: int) -> np.ndarray:

@@ -206,8 +206,9 @@ def test_the_test_split_is_never_seen_during_model_selection(tiny_run, monkeypat
         assert clean["weight_decay"] == dirty["weight_decay"]
         assert clean["validation"] == dirty["validation"]
         assert len(clean["seeds"]) == (2 if clean["features"] in ("random", "kmeans") else 1)
-        for a, b in zip(clean["seeds"], dirty["seeds"]):
-            assert a["weight_decay"] == b["weight_decay"] == clean["weight_decay"]
+        for a, b in zip(clean["seeds"], dirty["seeds"]):  # each seed's own path
+            assert a["weight_decay"] == b["weight_decay"] and a["validation"] == b["validation"]
+        assert clean["seeds"][0]["weight_decay"] == clean["weight_decay"]
         assert clean["accuracy_mean"] > 0.5  # digits: every feature set learns something
         assert dirty["accuracy_mean"] < 0.5  # noise: about chance
     rows = json.loads((tiny_run / "evaluation.json").read_text())
@@ -252,3 +253,87 @@ def test_a_labelled_folder_is_one_sub_folder_per_class(tmp_path):
         assert ((split.mean(axis=(1, 2)) > 0.5) == (labels == 1)).all()  # light is class 1
     with pytest.raises(Exception, match="one sub-folder of images per class"):
         evaluation.load_images("labelled-folder", None, tmp_path / "dark")
+
+
+@pytest.mark.parametrize("name", ["relu", "abs", "split", "none"])
+def test_an_encoding_as_one_product_is_the_encoding_of_the_codes(name):
+    """Coates & Ng 2011's encodings with a threshold t: folded into one product for affine
+    encoders (the split as the filters and their negatives), or applied to a module's codes;
+    both are the formula written out."""
+    from terabrain.analysis.single_layer import Encoding
+
+    generator = torch.Generator().manual_seed(0)
+    matrix, offset = torch.randn(9, 5, generator=generator), torch.randn(5, generator=generator)
+    rows = torch.randn(30, 9, generator=generator)
+    codes = rows @ matrix + offset
+    t = 0.0 if name == "none" else 0.3
+    expected = {"relu": (codes - t).clamp_min(0), "abs": (codes.abs() - t).clamp_min(0),
+                "split": torch.cat([(codes - t).clamp_min(0), (-codes - t).clamp_min(0)], 1),
+                "none": codes}[name]
+    encoding = Encoding(name, t)
+    torch.testing.assert_close(encoding.affine(matrix, offset)(rows), expected)
+    torch.testing.assert_close(encoding(codes.clone()), expected)
+    assert expected.shape[1] == 5 * encoding.outputs_per_filter
+
+
+def test_a_negative_threshold_or_a_threshold_without_a_nonlinearity_is_refused():
+    from terabrain.analysis.single_layer import Encoding
+    from terabrain.errors import ConfigError
+
+    for name, t in (("relu", -0.1), ("none", 0.5)):
+        with pytest.raises(ConfigError, match="--threshold"):
+            Encoding(name, t)
+    with pytest.raises(ConfigError, match="--nonlinearity .tanh.; allowed"):
+        Encoding("tanh")
+
+
+def test_validation_only_chooses_as_the_full_evaluation_without_the_test_split(tiny_run,
+                                                                               monkeypatch):
+    """``score_test=False`` (``--validation-only``, for sweeps) makes the same choices and
+    validation accuracies as the full evaluation, never extracts the test split (its images
+    are NaN here, which extraction refuses), and reports no test accuracy. The polarity split
+    gives two maps per filter: 8K features, K still the filter count."""
+    real = evaluation.load_images("digits", 300)
+    poisoned = evaluation.Images(real.train, real.train_labels,
+                                 np.full(real.test.shape, np.nan, np.float32), real.test_labels)
+    options = {"data": "digits", "seeds": 2, "features": ("learned", "random"),
+               "probe_iterations": 20, "weight_decays": (1e-3, 1e-1), "nonlinearity": "split",
+               "threshold": 0.1, "log": lambda line: None}
+    monkeypatch.setattr(evaluation, "load_images", lambda *args: real)
+    full = evaluation.evaluate(tiny_run, evaluation.EvaluateOptions(**options))
+    monkeypatch.setattr(evaluation, "load_images", lambda *args: poisoned)
+    chosen = evaluation.evaluate(tiny_run, evaluation.EvaluateOptions(**options, score_test=False))
+    for a, b in zip(full["rows"], chosen["rows"], strict=True):
+        assert a["validation"] == b["validation"] and a["weight_decay"] == b["weight_decay"]
+        assert a["accuracy_mean"] > 0.5 and b["accuracy_mean"] is None
+        assert a["k"] == b["k"] == 12 and a["feature_count"] == b["feature_count"] == 8 * 12
+    assert len(full["rows"][1]["seeds"]) == 2 and len(chosen["rows"][1]["seeds"]) == 1
+
+
+def test_a_bfloat16_probe_reaches_the_float32_optimum():
+    """The probe's products in bfloat16 (features rounded to 2^-9, float32 weights, loss and
+    L-BFGS state) end at weights whose exact float32 objective is within 1% of the float32
+    fit's, with the same training accuracy to a percent; the chunked bfloat16 standardisation
+    has the float32 statistics."""
+    import torch.nn.functional as F
+
+    from terabrain.analysis.probe import fit_logistic, standardize
+
+    images, labels = digits(600)
+    x, y = torch.from_numpy(images.reshape(600, -1)).float(), torch.from_numpy(labels)
+    z, mean, scale = standardize(x)
+    bf16, bf16_mean, bf16_scale = standardize(x.half(), "bf16")
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16_mean, mean)
+    torch.testing.assert_close(bf16_scale, scale)
+    torch.testing.assert_close(bf16.float(), z, rtol=2.0**-8, atol=1e-6)
+    for weight_decay in (1e-2, 1e-3):
+        exact = fit_logistic(x, y, 10, weight_decay, 300)
+        fast = fit_logistic(x, y, 10, weight_decay, 300, precision="bf16")
+
+        def objective(probe, weight_decay=weight_decay):
+            return float(F.cross_entropy(z @ probe.weight.T + probe.bias, y)
+                         + 0.5 * weight_decay * probe.weight.pow(2).sum())
+
+        assert objective(fast) <= 1.01 * objective(exact)
+        assert abs(fast.accuracy(x, y) - exact.accuracy(x, y)) <= 0.01

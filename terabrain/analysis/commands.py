@@ -150,15 +150,17 @@ def evaluate_command(args: argparse.Namespace) -> int:
         data=args.data, seeds=args.seeds, nonlinearity=args.nonlinearity, features=features,
         weight_decays=decays, probe_iterations=args.probe_iterations,
         kmeans_steps=args.kmeans_steps, max_examples=args.max_examples, root=args.root,
-        image_size=args.image_size, precision=args.precision)
+        image_size=args.image_size, precision=args.precision, threshold=args.threshold,
+        score_test=not args.validation_only)
     summary = evaluate(args.run_dir, options)
     print(f"{'features':<8} {'K':>5} {'dims':>6}  {'L2':>6}  validation  test accuracy "
           f"(mean ± std over the seeds that draw filters: {options.seeds})")
     for row in summary["rows"]:
         print(f"{row['features']:<8} {row['k']:>5} {row['feature_count']:>6}  "
               f"{row['weight_decay']:>6g}  {100 * row['validation'][str(row['weight_decay'])]:9.2f}%  "
-              f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} "
-              f"({len(row['seeds'])} fit{'s' if len(row['seeds']) > 1 else ''})")
+              + (f"{100 * row['accuracy_mean']:.2f}% ± {100 * row['accuracy_std']:.2f} "
+                 f"({len(row['seeds'])} fit{'s' if len(row['seeds']) > 1 else ''})"
+                 if row["accuracy_mean"] is not None else "not scored (--validation-only)"))
     print(f"{args.run_dir / 'evaluation.json'}; {summary['seconds']:.0f} s wall, "
           f"{summary['cpu_seconds']:.0f} s CPU")
     return 0
@@ -237,14 +239,23 @@ def add_parsers(commands) -> None:
     evaluate.add_argument("--features", default="learned,random,kmeans,pixels",
                           help="feature sets (default learned,random,kmeans,pixels)")
     evaluate.add_argument("--nonlinearity", default="relu",
-                          help="after the encoder at extraction: relu (default), abs, none")
-    evaluate.add_argument("--weight-decays", default="0.0001,0.001,0.01",
-                          help="L2 penalties the validation split chooses from")
+                          help="after the encoder at extraction: relu (default), abs, none, "
+                          "split (polarity split: max(0, s - t), max(0, -s - t), two maps per "
+                          "filter); given to the run's encoder and to the random filters")
+    evaluate.add_argument("--threshold", type=float, default=0.0,
+                          help="the encoding's threshold t: relu gives max(0, s - t) "
+                          "(default 0)")
+    evaluate.add_argument("--validation-only", action="store_true",
+                          help="choose and report on the training split's validation part "
+                          "only; the test split is not loaded into any fit (for sweeps)")
+    evaluate.add_argument("--weight-decays", default="0.00001,0.0001,0.001,0.01",
+                          help="L2 penalties the validation split chooses from "
+                          "(default 1e-5,1e-4,1e-3,1e-2)")
     evaluate.add_argument("--probe-iterations", type=int, default=50,
                           help="L-BFGS iterations of each probe fit (default 50; warm-started)")
     evaluate.add_argument("--precision", default="bf16",
-                          help="the encoder's matrix products at extraction: bf16 (default, "
-                          "float32 sums) or fp32")
+                          help="the matrix products of the encoder at extraction and of the "
+                          "probe: bf16 (default; float32 sums, weights and loss) or fp32")
     evaluate.add_argument("--kmeans-steps", type=int, default=300,
                           help="mini-batch k-means steps of 1,000 patches (default 300)")
     evaluate.add_argument("--max-examples", type=int, default=None,

@@ -27,19 +27,22 @@ import torch
 
 from terabrain.analysis.datasets import load_analysis_data
 from terabrain.analysis.loaded_run import LoadedRun, load_run
-from terabrain.analysis.probe import WEIGHT_DECAYS, choose_weight_decay_path, fit_logistic
+from terabrain.analysis.probe import choose_weight_decay_path, fit_logistic
 from terabrain.analysis.single_layer import (
-    WhitenedPatches, affine_encoder, affine_form, extract, nonlinearity, random_unit_filters,
-    sample_whitened_patches,
+    Encoding, ThreadBuffers, WhitenedPatches, affine_form, extract, random_unit_filters, sample_whitened_patches,
 )
 from terabrain.data.embedded import to_grey
 from terabrain.errors import ConfigError
 from terabrain.files import write_text_atomically
 from terabrain.learners.registry import learner_of
+from terabrain.nn.kmeans import triangle
 
 EVALUATION_FILE = "evaluation.json"
 FEATURE_SETS = ("learned", "random", "kmeans", "pixels")
 LABELLED_FOLDER = "labelled-folder"
+PENALTIES = (1e-5, 1e-4, 1e-3, 1e-2)
+"""The L2 penalties the validation split chooses from. 1e-5 was added when every feature set
+at K = 1,600 chose 1e-4, the smallest of (1e-4, 1e-3, 1e-2)."""
 
 
 @dataclass
@@ -47,16 +50,22 @@ class EvaluateOptions:
     data: str = "fashion-mnist"
     seeds: int = 3
     nonlinearity: str = "relu"
+    threshold: float = 0.0
+    """The encoding's threshold (terabrain.analysis.single_layer.Encoding)."""
     features: tuple[str, ...] = FEATURE_SETS
-    weight_decays: tuple[float, ...] = WEIGHT_DECAYS
+    weight_decays: tuple[float, ...] = PENALTIES
     validation_fraction: float = 0.2
     probe_iterations: int = 50
     precision: str = "bf16"
-    """The encoder's matrix products at extraction: bf16 (autocast) or fp32."""
+    """The matrix products of the extraction's encoder and of the probe: bf16 (float32
+    accumulation, float32 weights and sums) or fp32."""
     kmeans_patches: int = 50000
     kmeans_steps: int = 300
     kmeans_batch: int = 1000
     max_examples: Optional[int] = None
+    score_test: bool = True
+    """False: choose and report on the training split's validation part only, never touching
+    the test split (for sweeps that compare settings)."""
     root: Optional[Path] = None
     """With data labelled-folder: the folder of class sub-folders."""
     image_size: int = 32
@@ -152,7 +161,7 @@ def train_kmeans(images: np.ndarray, patches: WhitenedPatches, k: int, seed: int
 class Penalty:
     """The L2 penalty chosen for one feature set on the training split's validation part
     (seed 0's features and split), every penalty's validation accuracy, and the probe fitted
-    there (the warm start of each refit on the whole training split)."""
+    there."""
     weight_decay: float
     validation: dict[str, float]
     probe: object
@@ -165,18 +174,18 @@ def choose_penalty(train: np.ndarray, y_train: np.ndarray, classes: int,
     best, scores, probe = choose_weight_decay_path(
         torch.from_numpy(np.asarray(train)), torch.from_numpy(y_train), classes,
         options.weight_decays, options.validation_fraction, 0, options.probe_iterations,
-        warm_start=True)
+        warm_start=True, precision=options.precision)
     return Penalty(best, {str(k): v for k, v in scores.items()}, probe)
 
 
 def probe_features(train: np.ndarray, y_train: np.ndarray, test: np.ndarray,
                    y_test: np.ndarray, penalty: Penalty, options: EvaluateOptions) -> dict:
-    """Refit with the chosen penalty on the whole training split, then score the test split
-    once."""
+    """Refit with the penalty chosen on these features' validation path, on the whole
+    training split, starting from that path's chosen fit; then score the test split once."""
     classes = penalty.probe.weight.shape[0]
     probe = fit_logistic(torch.from_numpy(np.asarray(train)), torch.from_numpy(y_train),
                          classes, penalty.weight_decay, options.probe_iterations,
-                         start=penalty.probe)
+                         start=penalty.probe, precision=options.precision)
     test_accuracy = probe.accuracy(torch.from_numpy(np.asarray(test)), torch.from_numpy(y_test))
     return {"weight_decay": penalty.weight_decay, "test_accuracy": test_accuracy,
             "iterations": probe.iterations, "final_gradient": probe.gradient}
@@ -184,14 +193,16 @@ def probe_features(train: np.ndarray, y_train: np.ndarray, test: np.ndarray,
 
 DRAWN = ("random", "kmeans")
 """Feature sets whose filters a seed draws: the only ones that differ between seeds."""
+LINEAR_CODES = ("learned", "random")
+"""Feature sets whose codes get the extraction encoding (k-means has its triangle)."""
 
 
 def _row(features: str, k: int, dims: int, runs: list[dict], penalty: Penalty,
          seconds: float) -> dict:
-    accuracies = np.array([r["test_accuracy"] for r in runs])
+    accuracies = np.array([r["test_accuracy"] for r in runs if r["test_accuracy"] is not None])
     return {
         "features": features, "k": k, "feature_count": dims,
-        "accuracy_mean": float(accuracies.mean()),
+        "accuracy_mean": float(accuracies.mean()) if len(accuracies) else None,
         "accuracy_std": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else 0.0,
         "weight_decay": penalty.weight_decay, "validation": penalty.validation,
         "seeds": runs, "seconds": seconds,
@@ -203,7 +214,7 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
     run = load_run(run_dir)
     patches = patch_pipeline(run)
     k = learner_of(run.config).feature_width(run.config, run.model)
-    act = nonlinearity(options.nonlinearity, inplace=True)
+    encoding = Encoding(options.nonlinearity, options.threshold)
     images = load_images(options.data, options.max_examples, options.root, options.image_size)
     classes = int(max(images.train_labels.max(), images.test_labels.max())) + 1
     work = Path(options.work_dir or run.run_dir / "evaluation-features")
@@ -217,58 +228,82 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
         if name == "learned":
             form = affine_form(run.model.encode, patches.dims)
             if form is not None:  # RICA: one product per position
-                return affine_encoder(*form, act)
-            return lambda rows: act(run.model.encode(rows))
+                # Each filter scaled to unit norm, as the random filters are, so that a
+                # threshold means the same for both (RICA's alpha is one shared scale; the
+                # standardisation before the probe removes any per-feature scale).
+                matrix, offset = form
+                norms = matrix.norm(dim=0).clamp_min(1e-12)
+                return encoding.affine(matrix / norms, offset / norms)
+            return lambda rows: encoding(run.model.encode(rows))
         if name == "random":
             filters = random_unit_filters(k, patches.dims, seed)
-            return affine_encoder(filters.T.contiguous(), torch.zeros(k), act)
-        centroids = train_kmeans(images.train, patches, k, seed, options)
-        return centroids.encode  # triangle: non-negative already
+            return encoding.affine(filters.T.contiguous(), torch.zeros(k))
+        centroids = train_kmeans(images.train, patches, k, seed, options).centroids.detach()
+        buffers = ThreadBuffers()
+        # The triangle, non-negative already, into this thread's reused float32 buffer.
+        return lambda rows: triangle(rows, centroids,
+                                     out=buffers.get(rows.shape[0], k, torch.float32))
 
     runs: dict[str, list[dict]] = {name: [] for name in options.features}
     penalties: dict[str, Penalty] = {}
     seconds = dict.fromkeys(options.features, 0.0)
     pixel_dims = int(np.prod(images.train.shape[1:]))
+    widths = {name: pixel_dims if name == "pixels" else
+              4 * k * (encoding.outputs_per_filter if name in LINEAR_CODES else 1)
+              for name in options.features}
+    splits = (images.train, "train"), (images.test, "test")
     try:
         for name in options.features:
             # The run's encoder and the pixels are the same for every seed, and so is the
             # probe (the penalty is chosen once, the fit is deterministic): one fit. A seed
             # draws the random filters and k-means' initial centroids and patches.
-            for seed in range(options.seeds if name in DRAWN else 1):
+            seeds = options.seeds if name in DRAWN and options.score_test else 1
+            for seed in range(seeds):
                 begin = time.perf_counter()
                 if name == "pixels":
                     train, test = (a.reshape(len(a), -1) for a in (images.train, images.test))
                 else:
                     encode = encoder(name, seed)
-                    train, test = (extract(split, patches, encode, k, work / f"{name}-{part}.npy",
-                                           precision=options.precision)
-                                   for split, part in ((images.train, "train"),
-                                                       (images.test, "test")))
+                    train, test = (extract(split, patches, encode, widths[name] // 4,
+                                           work / f"{name}-{part}.npy", precision=options.precision)
+                                   if options.score_test or part == "train" else None
+                                   for split, part in splits)
                 extracted = time.perf_counter()
-                if name not in penalties:
-                    penalties[name] = choose_penalty(train, images.train_labels, classes, options)
+                # Each seed's features get their own path on the validation part (the same
+                # rows for every seed): its chosen fit is the refit's warm start, which a fit
+                # on another seed's filters is not (warm-started from seed 0's, seeds 1 and 2
+                # of random filters ended 3.5 points lower within 50 iterations; from zero,
+                # the bfloat16 fits stop well short of the optimum).
+                penalty = choose_penalty(train, images.train_labels, classes, options)
+                penalties.setdefault(name, penalty)
                 chosen = time.perf_counter()
-                result = probe_features(train, images.train_labels, test, images.test_labels,
-                                        penalties[name], options)
+                if options.score_test:
+                    result = probe_features(train, images.train_labels, test, images.test_labels,
+                                            penalty, options)
+                else:
+                    result = {"weight_decay": penalty.weight_decay, "test_accuracy": None}
+                result["validation"] = penalty.validation[str(penalty.weight_decay)]
                 result.update(seed=seed, extract_s=extracted - begin, choose_s=chosen - extracted,
                               refit_s=time.perf_counter() - chosen)
                 del train, test
                 runs[name].append(result)
                 seconds[name] += time.perf_counter() - begin
-                log(f"  {name:<8} seed {seed}: test {100 * result['test_accuracy']:.2f}% "
-                    f"(L2 {result['weight_decay']:g}, validation "
-                    f"{100 * penalties[name].validation[str(result['weight_decay'])]:.2f}%; "
-                    f"extract {result['extract_s']:.0f} s, choose {result['choose_s']:.0f} s, "
-                    f"refit {result['refit_s']:.0f} s)")
+                validation = result["validation"]
+                tested = ("test not scored" if result["test_accuracy"] is None else
+                          f"test {100 * result['test_accuracy']:.2f}%")
+                log(f"  {name:<8} seed {seed}: {tested} (L2 {result['weight_decay']:g}, "
+                    f"validation {100 * validation:.2f}%; extract {result['extract_s']:.0f} s, "
+                    f"choose {result['choose_s']:.0f} s, refit {result['refit_s']:.0f} s)")
     finally:
         if options.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    rows = [_row(name, k, pixel_dims if name == "pixels" else 4 * k, runs[name],
-                 penalties[name], seconds[name]) for name in options.features]
+    rows = [_row(name, k, widths[name], runs[name], penalties[name], seconds[name])
+            for name in options.features]
     summary = {
         "data": options.data, "train_examples": len(images.train),
         "test_examples": len(images.test), "patch_size": patches.side, "k": k,
-        "nonlinearity": options.nonlinearity, "seeds": options.seeds,
+        "nonlinearity": options.nonlinearity, "threshold": options.threshold,
+        "seeds": options.seeds, "score_test": options.score_test,
         "precision": options.precision,
         "weight_decays": list(options.weight_decays),
         "validation_fraction": options.validation_fraction,

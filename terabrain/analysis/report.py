@@ -269,13 +269,15 @@ def _evaluation_section(document: Document, run_dir: Path) -> list[dict]:
             f"({protocol.get('train_examples', '?')} train / {protocol.get('test_examples', '?')} "
             f"test images): the encoder at every {protocol.get('patch_size', '?')}-pixel patch "
             "position (stride 1) after the run's patch preprocessing, nonlinearity "
-            f"`{protocol.get('nonlinearity', '?')}`, sum-pooled over four quadrants, "
+            f"`{protocol.get('nonlinearity', '?')}` (threshold {protocol.get('threshold', 0):g}), sum-pooled over four quadrants, "
             "standardised, L2 logistic regression with the penalty chosen on a validation part "
             "of the training split; the test split scored once. Mean ± standard deviation over "
             f"{protocol.get('seeds', '?')} seeds."),
         Table(["features", "K", "features per image", "test accuracy"],
               [[r["features"], str(r["k"]), str(r.get("feature_count", "")),
-                f"{100 * r['accuracy_mean']:.2f}% ± {100 * r['accuracy_std']:.2f}"] for r in rows]))
+                f"{100 * r['accuracy_mean']:.2f}% ± {100 * r['accuracy_std']:.2f}"
+                if r["accuracy_mean"] is not None else "not scored (validation only)"]
+               for r in rows]))
     return [{key: r[key] for key in ("features", "k", "accuracy_mean", "accuracy_std")} for r in rows]
 
 

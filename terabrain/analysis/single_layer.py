@@ -14,6 +14,11 @@ by ``images_per_batch x positions x K``. Features are written to a float16 memor
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,7 +32,7 @@ from terabrain.errors import ConfigError
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 """Rows of whitened patches (N, D) -> features (N, K)."""
 
-NONLINEARITIES = ("abs", "relu", "none")
+NONLINEARITIES = ("abs", "relu", "none", "split")
 
 
 def nonlinearity(name: str, inplace: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -35,14 +40,64 @@ def nonlinearity(name: str, inplace: bool = False) -> Callable[[torch.Tensor], t
     pooled linear codes are a linear function of the pixels, so some nonlinearity is needed.
     ``relu`` (the default) keeps the sign that ``abs`` (RICA's |Wx| penalty) discards: on
     Fashion-MNIST's validation split it was 1.6 points better for RICA, 0.9 for random
-    filters (docs/analysis.md). For non-negative codes (triangle, sigmoid) both change nothing."""
+    filters (docs/analysis.md). For non-negative codes (triangle, sigmoid) both change nothing.
+    ``split`` is not an element-wise function (it doubles the codes): see ``Encoding``."""
     if name == "abs":
         return torch.abs_ if inplace else torch.abs
-    if name == "relu":
+    if name in ("relu", "split"):
         return torch.relu_ if inplace else torch.relu
     if name == "none":
         return lambda x: x
     raise ConfigError(f"--nonlinearity {name!r}; allowed: {', '.join(NONLINEARITIES)}")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """The nonlinearity applied to a filter's code ``s`` at extraction, with a threshold
+    ``t`` (Coates & Ng 2011, "The importance of encoding versus training"):
+
+    - ``relu``: ``max(0, s - t)`` (t = 0: the plain rectifier; t > 0: one-sided soft threshold);
+    - ``abs``: ``max(0, |s| - t)``;
+    - ``split``: the polarity split ``max(0, s - t), max(0, -s - t)``: two features per filter,
+      so K filters give 2K maps (8K pooled features); K stays the filter count;
+    - ``none``: ``s`` (threshold must be 0).
+
+    The same encoding is given to every filter set that has linear codes (the run's encoder
+    and the random filters); k-means keeps its own triangle activation."""
+
+    name: str = "relu"
+    threshold: float = 0.0
+
+    def __post_init__(self):
+        nonlinearity(self.name)  # the name's check
+        if self.threshold < 0 or (self.name == "none" and self.threshold != 0):
+            raise ConfigError(f"--threshold {self.threshold:g}: must be >= 0, and 0 with "
+                              "--nonlinearity none")
+
+    @property
+    def outputs_per_filter(self) -> int:
+        return 2 if self.name == "split" else 1
+
+    def affine(self, matrix: torch.Tensor, offset: torch.Tensor) -> Encoder:
+        """The encoder ``rows -> encoding(rows @ matrix + offset)`` as one product: the split
+        as the filters and their negatives, the threshold folded into the offset."""
+        if self.name == "split":
+            matrix, offset = torch.cat([matrix, -matrix], 1), torch.cat([offset, -offset])
+        if self.name == "abs":
+            return affine_encoder(matrix, offset, self)
+        return affine_encoder(matrix.contiguous(), offset - self.threshold,
+                              nonlinearity(self.name, inplace=True))
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        """The encoding of (rows, K) codes -> (rows, K * outputs_per_filter), in place where
+        it can be."""
+        if self.name == "split":
+            codes = torch.cat([codes, -codes], 1)
+        elif self.name == "abs":
+            codes = codes.abs_()
+        if self.name == "none":
+            return codes
+        return codes.sub_(self.threshold).relu_() if self.threshold else codes.relu_()
 
 
 def affine_form(encoder: Encoder, dims: int, seed: int = 0
@@ -65,10 +120,52 @@ def affine_form(encoder: Encoder, dims: int, seed: int = 0
     return matrix, offset
 
 
+class ThreadBuffers:
+    """One reusable tensor per thread and (rows, columns, dtype): the encoder's (rows, K)
+    codes are written into the same memory at every batch instead of a fresh allocation
+    each time (a fresh mapping of tens of MB costs a page fault per 4 KB page: 122 million
+    minor faults, 242 s of system time in one full-split evaluation before this)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        key = (rows, columns, dtype)
+        if key not in buffers:
+            buffers.clear()  # the last batch is smaller: keep one buffer per thread
+            buffers[key] = torch.empty(rows, columns, dtype=dtype)
+        return buffers[key]
+
+
+class AffineEncoder:
+    """rows -> activation(rows @ matrix + offset), the activation applied in place, written
+    into this thread's reused buffer: the result is overwritten by the thread's next call.
+    Under CPU autocast the product runs in the autocast type (bfloat16) with float32
+    accumulation, as autocast's own addmm would (autocast does not apply to ``out=``)."""
+
+    def __init__(self, matrix: torch.Tensor, offset: torch.Tensor,
+                 activation: Callable[[torch.Tensor], torch.Tensor]):
+        self.matrix, self.offset, self.activation = matrix.contiguous(), offset, activation
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers = ThreadBuffers()
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                 else rows.dtype)
+        if dtype not in self._cast:
+            self._cast[dtype] = self.matrix.to(dtype), self.offset.to(dtype)
+        matrix, offset = self._cast[dtype]
+        codes = self._buffers.get(rows.shape[0], matrix.shape[1], dtype)
+        with torch.autocast("cpu", enabled=False):
+            torch.addmm(offset, rows.to(dtype), matrix, out=codes)
+        return self.activation(codes)
+
+
 def affine_encoder(matrix: torch.Tensor, offset: torch.Tensor,
                    activation: Callable[[torch.Tensor], torch.Tensor]) -> Encoder:
     """rows -> activation(rows @ matrix + offset), the activation applied in place."""
-    return lambda rows: activation(torch.addmm(offset, rows, matrix))
+    return AffineEncoder(matrix, offset, activation)
 
 
 class WhitenedPatches:
@@ -112,6 +209,7 @@ def quadrant_bounds(size: int) -> tuple[slice, slice]:
     return slice(0, middle), slice(middle, size)
 
 
+@functools.lru_cache(maxsize=8)
 def quadrant_matrix(height: int, width: int) -> torch.Tensor:
     """(4, height * width): row q is 1 at the positions of quadrant q (top-left, top-right,
     bottom-left, bottom-right), 0 elsewhere."""
@@ -156,19 +254,47 @@ def pooled_features(images: torch.Tensor, patches: WhitenedPatches, encoder: Enc
     return quadrant_pool(codes.reshape(b, h, w, -1))
 
 
-def images_per_batch(positions: int, features: int, budget_bytes: int = 256 * 2**20) -> int:
+CODE_BUDGET = 8 * 2**20
+"""Bytes of (positions x K) float32 codes per batch and worker: 2 images at K = 1,600. Small
+batches whose buffers are reused beat large fresh ones: at K = 1,600 with relu, 60 CPU s per
+70,000 images against 245 s with 256 MB batches of fresh buffers, and 62 s with 32 MB
+(bench/single_layer_extraction.py, docs/analysis.md "Time")."""
+
+
+def images_per_batch(positions: int, features: int, budget_bytes: int = CODE_BUDGET) -> int:
     """How many images to encode at once so the (positions x K) codes stay within budget."""
     return max(1, budget_bytes // (4 * positions * max(features, 1)))
 
 
-@torch.no_grad()
+def default_workers() -> int:
+    """Extraction threads: one per core torch may use (each runs its ops on one thread)."""
+    return max(1, torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def single_threaded_ops():
+    """torch's intra-op parallelism off for the duration: the extraction's products are small
+    (rows of 36 values), and a team of OpenMP threads per product cost more than it gained
+    on the shared 2-core machine; the images are split across worker threads instead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def extract(images: np.ndarray, patches: WhitenedPatches, encoder: Encoder, features: int,
-            out: Optional[Path] = None, budget_bytes: int = 256 * 2**20,
-            precision: str = "fp32") -> np.ndarray:
+            out: Optional[Path] = None, budget_bytes: int = CODE_BUDGET,
+            precision: str = "fp32", workers: Optional[int] = None) -> np.ndarray:
     """Pooled features of (N, H, W) images as an (N, 4K) float16 array: in memory, or a
     memory map at ``out`` (what a large set needs). Each quadrant's sum is divided by its
     number of positions before storing (a constant per feature, which the probe's
-    standardisation removes) so that float16 does not overflow."""
+    standardisation removes) so that float16 does not overflow.
+
+    ``workers`` threads (default: torch's thread count) take every ``workers``-th batch, each
+    running its ops single-threaded and writing its own rows; the encoder is called from
+    several threads at once (AffineEncoder and the triangle keep one buffer per thread)."""
     n, height, width = images.shape
     ph, pw = patches.positions(height, width)
     if ph < 1 or pw < 1:
@@ -181,12 +307,25 @@ def extract(images: np.ndarray, patches: WhitenedPatches, encoder: Encoder, feat
     result = (np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=shape)
               if out is not None else np.empty(shape, np.float16))
     step = images_per_batch(ph * pw, features, budget_bytes)
-    for start in range(0, n, step):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + step], np.float32))
-        pooled = pooled_features(batch, patches, encoder, precision) / counts
-        if not torch.isfinite(pooled).all() or pooled.abs().max() > 6e4:
-            raise ValueError("features overflow float16 (|value| > 6e4)")
-        result[start:start + len(batch)] = pooled.numpy().astype(np.float16)
+    starts = list(range(0, n, step))
+    workers = max(1, min(workers or default_workers(), len(starts)))
+
+    def work(mine: list[int]) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            for start in mine:
+                batch = torch.from_numpy(
+                    np.ascontiguousarray(images[start:start + step], np.float32))
+                pooled = pooled_features(batch, patches, encoder, precision).div_(counts)
+                if not torch.isfinite(pooled).all() or pooled.abs().max() > 6e4:
+                    raise ValueError("features overflow float16 (|value| > 6e4)")
+                result[start:start + len(batch)] = pooled.numpy().astype(np.float16)
+
+    with single_threaded_ops():
+        if workers == 1:
+            work(starts)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(work, [starts[i::workers] for i in range(workers)]))
     if isinstance(result, np.memmap):
         result.flush()
     return result

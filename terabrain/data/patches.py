@@ -22,8 +22,13 @@ def sample_patches(
     channels = 1 if usable[0].ndim == 2 else usable[0].shape[2]
     dtype = usable[0].dtype if all(im.dtype == usable[0].dtype for im in usable) else np.float32
     out = np.empty((count, size * size * channels), dtype=dtype)
+    # Each image's rows in increasing order, as np.flatnonzero(which == index) would give,
+    # from one stable sort instead of one scan of ``which`` per image (60,000 scans of every
+    # row for Fashion-MNIST's training images).
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(len(usable) + 1))
     for index, image in enumerate(usable):
-        rows = np.flatnonzero(which == index)
+        rows = order[bounds[index]:bounds[index + 1]]
         if rows.size == 0:
             continue
         top = rng.integers(0, image.shape[0] - size + 1, size=rows.size)
