@@ -157,6 +157,19 @@ def test_a_model_too_large_for_this_machine_is_refused_before_allocating(tmp_pat
     assert_one_line_error(code, err, "data.num_patches=1000000000000")
 
 
+def test_a_model_too_large_for_a_64_bit_size_is_one_line_in_train_and_plan(tmp_path, capsys):
+    # Found by the random --set test: 7.5e14 hidden units x 3,072 inputs overflow torch's
+    # storage size even on the meta device, before any memory estimate can be made.
+    hidden = "model.hidden=750599937895083"
+    code, _, err = terabrain(capsys, "train", "lbann-ae-small", "--out", str(tmp_path / "run"),
+                             "--set", hidden)
+    assert_one_line_error(code, err, hidden, "64-bit")
+    assert not (tmp_path / "run").exists()
+    code, _, err = terabrain(capsys, "plan", "lbann-ae-small", "--gpus", "2",
+                             "--gpu-memory", "80GB", "--set", hidden)
+    assert_one_line_error(code, err, hidden, "64-bit")
+
+
 def test_a_patch_larger_than_every_photograph(tmp_path, capsys):
     code, _, err = terabrain(
         capsys, "train", "natural-patches-rica", "--out", str(tmp_path / "run"),

@@ -48,10 +48,12 @@ def machine_memory(device: str) -> tuple[int, str]:
 def estimated_bytes(config: ExperimentConfig, ranks: int) -> int | None:
     """Memory per rank of the configured split, or None when the planner cannot say (a
     streamed collection without a batch size, a split the ranks do not make)."""
-    from terabrain.capacity.planner import plan_experiment
+    from terabrain.capacity.planner import UnaddressableModel, plan_experiment
 
     try:
         plan = plan_experiment(config, ranks, 1, find_savings=False)
+    except UnaddressableModel:
+        raise
     except (ConfigError, ValueError, ArithmeticError, OverflowError):
         return None
     chosen = [s for s in plan.splits if s.configured] or (plan.splits if ranks == 1 else [])

@@ -166,6 +166,22 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2)
 
 
+class UnaddressableModel(ConfigError):
+    """A size so large that torch cannot form even a meta tensor of it: no machine holds it,
+    so `train` refuses it as it refuses a model too large for this one."""
+
+
+def _largest_sizes(config: "ExperimentConfig", count: int = 1) -> str:
+    """``section.field=value`` for the largest integer field(s) of the model and data sections,
+    the ones that set the tensors' sizes."""
+    found = []
+    for section in ("model", "data"):
+        for name, value in getattr(config, section).model_dump().items():
+            if type(value) is int:
+                found.append((value, f"{section}.{name}={value}"))
+    return ", ".join(text for _, text in sorted(found, reverse=True)[:count])
+
+
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
@@ -232,7 +248,14 @@ def plan_experiment(
         batch = config.train.batch_size or train_rows
         if train_rows is not None:
             batch = min(batch, train_rows)
-    capacity = learner_of(config).capacity(config, shape)
+    try:
+        capacity = learner_of(config).capacity(config, shape)
+    except RuntimeError as error:  # torch's "Storage size calculation overflowed", even on meta
+        if "overflow" not in str(error):
+            raise
+        raise UnaddressableModel(
+            f"the model's tensors are too large for a 64-bit size ({_largest_sizes(config)}); "
+            "make them smaller") from None
     dataset = source_of(config.data).resident_bytes(config.data)
     configured = configured_split(config, devices)
 
