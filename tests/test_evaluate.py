@@ -337,3 +337,14 @@ def test_a_bfloat16_probe_reaches_the_float32_optimum():
 
         assert objective(fast) <= 1.01 * objective(exact)
         assert abs(fast.accuracy(x, y) - exact.accuracy(x, y)) <= 0.01
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it_in_hardware(monkeypatch):
+    from terabrain.analysis import single_layer
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert single_layer.resolved_precision("auto") == "fp32"  # emulated: 25x slower here
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert single_layer.resolved_precision("auto") == "bf16"
+    assert single_layer.resolved_precision("fp32") == "fp32"

@@ -147,3 +147,43 @@ def test_dropout_is_active_in_training_only():
     assert not torch.equal(model.encode(x), model.encode(x))
     model.eval()
     assert torch.equal(model.encode(x), model.encode(x))
+
+
+def test_a_fixed_rica_scale_is_the_tight_frame_scale_and_never_moves():
+    over, under = RICA(8, 32, seed=1, learn_scale=False), RICA(8, 4, seed=1, learn_scale=False)
+    assert over.alpha.item() == pytest.approx(0.25) and under.alpha.item() == 1.0
+    assert not over.alpha.requires_grad
+    objective, x = RICAObjective(0.1, 0.01), torch.randn(64, 8)
+    optimizer = build_optimizer(OptimizerConfig(name="lbfgs", lr=1.0, max_iter=5),
+                                [p for p in over.parameters() if p.requires_grad])
+    before = over.weight.detach().clone()
+    _step(optimizer, objective, over, x)
+    assert over.alpha.item() == pytest.approx(0.25) and over.alpha.grad is None
+    assert not torch.equal(over.weight.detach(), before)
+
+
+def _ica_recovery(learn_scale: bool) -> float:
+    """RICA 40x overcomplete on rotated Laplacian sources, 4 L-BFGS steps: the median over
+    filters of the largest |cosine| with a source axis (1 = every filter is a source)."""
+    inputs, hidden = 8, 320
+    generator = torch.Generator().manual_seed(0)
+    sources = torch.distributions.Laplace(0.0, 1.0).sample((2000, inputs))
+    mixing = torch.linalg.qr(torch.randn(inputs, inputs, generator=generator))[0]
+    model = RICA(inputs, hidden, seed=1, learn_scale=learn_scale)
+    objective, x = RICAObjective(1.0, 1e-5), sources @ mixing.T
+    optimizer = build_optimizer(
+        OptimizerConfig(name="lbfgs", lr=1.0, max_iter=25, history_size=20, line_search="strong_wolfe"),
+        [p for p in model.parameters() if p.requires_grad])
+    for _ in range(4):
+        _step(optimizer, objective, model, x)
+        objective.after_step(model)
+    in_sources = model.weight.detach() @ mixing  # unit rows in the sources' coordinates
+    return in_sources.abs().max(dim=1).values.median().item()
+
+
+def test_a_fixed_scale_lets_lbfgs_train_a_very_overcomplete_rica():
+    # Learned, alpha's curvature (~|W^T W x|^2, 40x overcomplete) dominates L-BFGS's scaling
+    # and the filters stay part-way; fixed at inputs / hidden they find the sources' axes.
+    fixed, learned = _ica_recovery(False), _ica_recovery(True)
+    assert fixed > 0.99
+    assert learned < fixed - 0.03

@@ -253,9 +253,10 @@ def add_parsers(commands) -> None:
                           "(default 1e-5,1e-4,1e-3,1e-2)")
     evaluate.add_argument("--probe-iterations", type=int, default=50,
                           help="L-BFGS iterations of each probe fit (default 50; warm-started)")
-    evaluate.add_argument("--precision", default="bf16",
+    evaluate.add_argument("--precision", default="auto",
                           help="the matrix products of the encoder at extraction and of the "
-                          "probe: bf16 (default; float32 sums, weights and loss) or fp32")
+                          "probe: bf16 (float32 sums, weights and loss), fp32, or auto "
+                          "(default: bf16 where the CPU has bfloat16 in hardware, else fp32)")
     evaluate.add_argument("--kmeans-steps", type=int, default=300,
                           help="mini-batch k-means steps of 1,000 patches (default 300)")
     evaluate.add_argument("--max-examples", type=int, default=None,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,7 +29,8 @@ from terabrain.analysis.datasets import load_analysis_data
 from terabrain.analysis.loaded_run import LoadedRun, load_run
 from terabrain.analysis.probe import choose_weight_decay_path, fit_logistic
 from terabrain.analysis.single_layer import (
-    Encoding, ThreadBuffers, WhitenedPatches, affine_form, extract, random_unit_filters, sample_whitened_patches,
+    Encoding, ThreadBuffers, WhitenedPatches, affine_form, extract, random_unit_filters,
+    resolved_precision, sample_whitened_patches,
 )
 from terabrain.data.embedded import to_grey
 from terabrain.errors import ConfigError
@@ -56,9 +57,10 @@ class EvaluateOptions:
     weight_decays: tuple[float, ...] = PENALTIES
     validation_fraction: float = 0.2
     probe_iterations: int = 50
-    precision: str = "bf16"
+    precision: str = "auto"
     """The matrix products of the extraction's encoder and of the probe: bf16 (float32
-    accumulation, float32 weights and sums) or fp32."""
+    accumulation, float32 weights and sums), fp32, or auto (bf16 where the CPU multiplies
+    bfloat16 in hardware: single_layer.resolved_precision)."""
     kmeans_patches: int = 50000
     kmeans_steps: int = 300
     kmeans_batch: int = 1000
@@ -211,6 +213,7 @@ def _row(features: str, k: int, dims: int, runs: list[dict], penalty: Penalty,
 
 def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
+    options = replace(options, precision=resolved_precision(options.precision))
     run = load_run(run_dir)
     patches = patch_pipeline(run)
     k = learner_of(run.config).feature_width(run.config, run.model)

@@ -233,7 +233,22 @@ def quadrant_pool(maps: torch.Tensor) -> torch.Tensor:
     return pooled.reshape(b, 4 * k).float()
 
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX).
+    Without it torch emulates them: on an AVX2 AMD EPYC here a bfloat16 extraction ran 25x
+    slower than float32 (27 s against 1.1 s for 1,000 images at K = 1,600)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolved_precision(precision: str) -> str:
+    """``auto``: bf16 where the CPU has bfloat16 products in hardware, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16() else "fp32"
 
 
 def pooled_features(images: torch.Tensor, patches: WhitenedPatches, encoder: Encoder,

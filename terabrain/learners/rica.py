@@ -16,6 +16,11 @@ class RICAModel(HiddenUnitSection):
 
     kind: Literal["rica"] = Field(
         "rica", description="The feature learner (terabrain.learners): rica, autoencoder, deep, kmeans.")
+    scale: Literal["learned", "fixed"] = Field(
+        "learned", description="The codes' scale alpha: learned with W (Ni et al. 2015), or fixed "
+        "at min(1, inputs / hidden), where unit rows forming a tight frame reconstruct. Fixed "
+        "lets L-BFGS train very overcomplete layers (hidden >> inputs), where the learned "
+        "scalar's curvature stalls the weights (docs/analysis.md).")
 
 
 class RICALearner(HiddenUnitLearner):
@@ -23,7 +28,8 @@ class RICALearner(HiddenUnitLearner):
     normalisation_streams = 6  # row norms, divide, and their backward: passes over W per step
 
     def build_module(self, model, inputs, seed):
-        return RICA(inputs, model.hidden, model.dropout, seed=seed)
+        return RICA(inputs, model.hidden, model.dropout, seed=seed,
+                    learn_scale=model.scale == "learned")
 
     def gradient_copies(self, config, name):
         # The encoder, the decoder and the row normalisation all add into W's one gradient

@@ -57,7 +57,8 @@ _ACTIVATIONS = {
 
 class RICA(UnitInitialized):
     """Reconstruction ICA with scale and offset (Ni et al. 2015, eq. 1):
-    codes ``h = alpha W x``, reconstruction ``W^T h + b``, rows of ``W`` of unit norm.
+    codes ``h = alpha W x``, reconstruction ``W^T h + b``, rows of ``W`` of unit norm;
+    ``alpha`` learned, or held at ``min(1, inputs / hidden)`` (``learn_scale`` False).
 
     The forward pass uses ``W`` with each row divided by its norm. The stored rows are kept
     at unit norm after every step (``normalize_``), so this changes no value, but it makes
@@ -70,11 +71,18 @@ class RICA(UnitInitialized):
 
     hidden_unit_dims = {"weight": 0}
 
-    def __init__(self, inputs: int, hidden: int, dropout: float = 0.0, seed: Optional[int] = None):
+    def __init__(self, inputs: int, hidden: int, dropout: float = 0.0, seed: Optional[int] = None,
+                 learn_scale: bool = True):
         super().__init__()
         self.init_seed = _draw_seed(seed)
+        # With learn_scale False, alpha stays at min(1, inputs / hidden): the scale at which
+        # unit rows forming a tight frame (W^T W = (hidden / inputs) I) reconstruct. Learned
+        # together with W by L-BFGS, this one scalar's curvature (about |W^T W x|^2) dwarfs
+        # every weight's once hidden >> inputs, and the shared inverse-Hessian scale then
+        # leaves W where it started (docs/analysis.md, "RICA at K = 1,600").
+        self.fixed_scale = None if learn_scale else min(1.0, inputs / hidden)
         self.weight = nn.Parameter(torch.empty(hidden, inputs))
-        self.alpha = nn.Parameter(torch.empty(()))
+        self.alpha = nn.Parameter(torch.empty(()), requires_grad=learn_scale)
         self.bias = nn.Parameter(torch.empty(inputs))
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
@@ -85,7 +93,7 @@ class RICA(UnitInitialized):
             init_by_unit_(tensor, 0, first_unit, self.init_seed, 0, "normal", 1.0)
             normalize_rows_(tensor)
         elif name == "alpha":
-            tensor.fill_(1.0)
+            tensor.fill_(1.0 if self.fixed_scale is None else self.fixed_scale)
         else:
             tensor.zero_()
 
