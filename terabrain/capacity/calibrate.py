@@ -94,18 +94,6 @@ def timed(fn: Callable[[], object], device: torch.device, seconds: float = 0.3,
     call, untimed."""
     fn()
     _sync(device)
-    if _THROUGHPUT:
-        calls, spent, began = 0, 0.0, time.perf_counter()
-        while calls < at_least or time.perf_counter() - began < seconds:
-            if between is not None:
-                between()
-                _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            spent += time.perf_counter() - start
-            calls += 1
-        return spent / calls
     times = []
     began = time.perf_counter()
     while len(times) < at_least or time.perf_counter() - began < seconds:
@@ -116,9 +104,9 @@ def timed(fn: Callable[[], object], device: torch.device, seconds: float = 0.3,
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-        if len(times) >= 200:
+        if len(times) >= 200 and not _THROUGHPUT:  # the window must stay full when shared
             break
-    return statistics.median(times)
+    return statistics.fmean(times) if _THROUGHPUT else statistics.median(times)
 
 
 FLUSH_BYTES = 64 * 2**20  # more than the last-level cache of most CPUs and GPUs
