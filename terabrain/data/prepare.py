@@ -15,7 +15,7 @@ import torch
 from terabrain.data.contrast import normalize_contrast
 from terabrain.data.eight_bit import unit_float_array
 from terabrain.data.patches import remove_patch_mean
-from terabrain.data.sources import DataSection, source_of
+from terabrain.data.sources import DataSection, preprocessed, source_of
 from terabrain.data.whitening import ZCA
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def prepare_data(config: DataSection, seed: int, replicas=None) -> PreparedData:
     # 8-bit training pixels stay 8-bit unless preprocessing needs floats; the held-out set
     # is small and read whole by the callbacks, so it is always float32.
     holdout = unit_float_array(holdout)
-    if config.remove_mean or config.lcn is not None or config.whitening == "zca":
+    if preprocessed(config):
         train = unit_float_array(train)
 
     channels = shape[2] if len(shape) == 3 else 1

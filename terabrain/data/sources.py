@@ -360,7 +360,7 @@ class Loaded:
     labels: Optional[tuple[np.ndarray, np.ndarray]] = None
 
 
-def _preprocessed(config: DataSection) -> bool:
+def preprocessed(config: DataSection) -> bool:
     """Whether the examples are transformed after loading (then they are floats)."""
     return config.remove_mean or config.lcn is not None or config.whitening == "zca"
 
@@ -464,7 +464,7 @@ class PhotosSource(DataSource):
 
     def resident_bytes(self, config: PhotosData) -> int:
         """Held as 8-bit pixels unless preprocessed (terabrain.data.eight_bit)."""
-        per_value = FP32 if _preprocessed(config) else 1
+        per_value = FP32 if preprocessed(config) else 1
         return per_value * config.num_patches * math.prod(self.example_shape(config))
 
     def load(self, config: PhotosData, rng: np.random.Generator) -> Loaded:
@@ -472,7 +472,7 @@ class PhotosSource(DataSource):
         from terabrain.data.patches import sample_patches
 
         # Without preprocessing the set is kept as its 8-bit pixels (terabrain.data.eight_bit).
-        eight_bit = not _preprocessed(config)
+        eight_bit = not preprocessed(config)
         images = [load_photo(name, config.color, eight_bit) for name in config.photos]
         if len({image.dtype for image in images}) > 1:  # a grey photograph among colour ones
             images = [unit_float_array(image) for image in images]
