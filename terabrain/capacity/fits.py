@@ -21,7 +21,7 @@ size and points to streaming.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from terabrain.errors import ConfigError
 from terabrain.units import format_bytes
@@ -72,13 +72,12 @@ def _halved(config: ExperimentConfig, section: str, name: str) -> ExperimentConf
 
 def driving_fields(config: ExperimentConfig, ranks: int, total: int) -> list[str]:
     """``section.field=value`` for the integer fields whose halving shrinks the estimate."""
+    from terabrain.capacity.planner import integer_fields
+
     found: list[tuple[float, str]] = []
-    candidates: list[tuple[str, str, Any]] = []
-    for section in ("model", "data", "train"):
-        values = getattr(config, section).model_dump()
-        for name, value in values.items():
-            if type(value) is int and value >= 2 and (section != "train" or name == "batch_size"):
-                candidates.append((section, name, value))
+    candidates = [(section, name, value)
+                  for section, name, value in integer_fields(config, ("model", "data", "train"))
+                  if value >= 2 and (section != "train" or name == "batch_size")]
     for section, name, value in candidates:
         smaller = _halved(config, section, name)
         estimate = estimated_bytes(smaller, ranks) if smaller is not None else None

@@ -171,15 +171,19 @@ class UnaddressableModel(ConfigError):
     so `train` refuses it as it refuses a model too large for this one."""
 
 
-def _largest_sizes(config: "ExperimentConfig", count: int = 1) -> str:
-    """``section.field=value`` for the largest integer field(s) of the model and data sections,
+def integer_fields(config: "ExperimentConfig", sections: tuple[str, ...]
+                   ) -> list[tuple[str, str, int]]:
+    """``(section, name, value)`` for every integer field of ``sections``: the sizes."""
+    return [(section, name, value) for section in sections
+            for name, value in getattr(config, section).model_dump().items()
+            if type(value) is int]
+
+
+def _largest_size(config: "ExperimentConfig") -> str:
+    """``section.field=value`` for the largest integer field of the model and data sections,
     the ones that set the tensors' sizes."""
-    found = []
-    for section in ("model", "data"):
-        for name, value in getattr(config, section).model_dump().items():
-            if type(value) is int:
-                found.append((value, f"{section}.{name}={value}"))
-    return ", ".join(text for _, text in sorted(found, reverse=True)[:count])
+    section, name, value = max(integer_fields(config, ("model", "data")), key=lambda f: f[2])
+    return f"{section}.{name}={value}"
 
 
 def _divisors(n: int) -> list[int]:
@@ -254,7 +258,7 @@ def plan_experiment(
         if "overflow" not in str(error):
             raise
         raise UnaddressableModel(
-            f"the model's tensors are too large for a 64-bit size ({_largest_sizes(config)}); "
+            f"the model's tensors are too large for a 64-bit size ({_largest_size(config)}); "
             "make them smaller") from None
     dataset = source_of(config.data).resident_bytes(config.data)
     configured = configured_split(config, devices)
