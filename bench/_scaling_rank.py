@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 
 from terabrain.config.schema import OptimizerConfig, TrainConfig
+from terabrain.config.sections import ParallelConfig
 from terabrain.nn.autoencoder import RICA, Autoencoder
 from terabrain.objectives import ReconstructionObjective, RICAObjective
 from terabrain.parallel import (
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: keep)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overlap-block-mb", type=float, default=4.0,
+                        help="parallel.overlap_block_mb; 0: parallel.overlap=false (one flat "
+                        "all-reduce after the backward pass)")
     parser.add_argument("--profile", default="", help="write a torch.profiler table here")
     parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args(argv)
@@ -271,7 +275,9 @@ def main(argv=None) -> int:
         init_distributed(env, backend="nccl" if args.device == "cuda" else "gloo",
                          timeout_s=600)
         data_ranks, model_ranks = (int(n) for n in args.mesh.split("x"))
-        parallel = Parallelism(build_mesh(data_ranks, model_ranks, env))
+        overlap = (ParallelConfig(overlap=True, overlap_block_mb=args.overlap_block_mb)
+                   if args.overlap_block_mb > 0 else ParallelConfig(overlap=False))
+        parallel = Parallelism(build_mesh(data_ranks, model_ranks, env), overlap)
         model, objective, optimizer, data = build(args, parallel, device)
         clock = StepClock(device)
         trainer = build_trainer(

@@ -152,3 +152,13 @@ def test_terabrain_launch_exits_with_the_ranks_code_and_their_one_line_messages(
         f"terabrain: error: rank {rank}: parallel.data × parallel.model = 3 × 1 = 3 ranks, but "
         "the world size 2 (WORLD_SIZE, set by torchrun): change one of them, or set one to -1"
         for rank in (0, 1)], result.stderr
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_gradients_reduced_during_the_backward_pass_equal_the_flat_all_reduce(nproc):
+    """parallel.overlap: blockwise (tied autoencoder, RICA, L-BFGS) and whole-parameter
+    (weight decay through autograd, untied) reductions give the flat exchange's losses and
+    weights, bit for bit on 2 ranks; a graph that changes after the first step stops."""
+    result = _ok(torchrun(nproc, str(SCRIPTS / "overlap_equivalence.py")))
+    for rank in range(nproc):
+        assert f"rank {rank}: all cases ok" in result.stdout

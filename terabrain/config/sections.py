@@ -282,6 +282,22 @@ class ParallelConfig(Section):
         "three use reduce-scatter + all-gather with re-quantization and error feedback; their "
         "per-column values and the vectors (biases) go in bf16, also with error feedback.",
     )
+    overlap: bool = Field(
+        True,
+        description="Start averaging each gradient while the backward pass still runs (the "
+        "large weight of a tied autoencoder or RICA block by block, other parameters whole) "
+        "instead of in one buffer after it. The same results for 2 replicas; with more, to "
+        "rounding (the ring sums in another order). false: one flat all-reduce after the "
+        "backward pass.",
+        json_schema_extra=applies_when("compression", "none"),
+    )
+    overlap_block_mb: PositiveFloat = Field(
+        4.0, le=1024.0,
+        description="overlap: about this many MiB of the large weight's gradient per "
+        "all-reduce. Smaller blocks start sooner and leave less after the backward pass; "
+        "each costs the collective's latency.",
+        json_schema_extra=applies_when("compression", "none"),
+    )
     error_feedback: bool = Field(
         True,
         description="onebit / threshold / adaptive: carry what quantization left out to the "

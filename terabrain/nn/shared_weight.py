@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from terabrain.nn import gradient_blocks
 from terabrain.nn.unit_rows import EPS
 
 
@@ -54,6 +55,7 @@ class _TiedPair(torch.autograd.Function):
     def forward(ctx, x, weight, bias, activation):
         codes = _ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
         ctx.activation = activation
+        ctx.listening = gradient_blocks.listener_for(weight)
         ctx.save_for_backward(x, weight, codes)
         ctx.set_materialize_grads(False)
         return codes, codes @ weight
@@ -62,9 +64,8 @@ class _TiedPair(torch.autograd.Function):
     def backward(ctx, grad_codes, grad_codes_w):
         x, weight, codes = _like_weight(ctx.saved_tensors)
         grad_codes, grad_codes_w = _like_weight((grad_codes, grad_codes_w), weight.dtype)
-        grad_weight = grad_codes_total = None
+        grad_codes_total = None
         if grad_codes_w is not None:
-            grad_weight = codes.t() @ grad_codes_w            # the decoder's contribution
             grad_codes_total = grad_codes_w @ weight.t()
         if grad_codes is not None:
             grad_codes_total = grad_codes if grad_codes_total is None else grad_codes_total + grad_codes
@@ -72,13 +73,29 @@ class _TiedPair(torch.autograd.Function):
             return None, None, None, None
         derivative = _derivative_from_output(ctx.activation, codes)
         grad_z = grad_codes_total if derivative is None else grad_codes_total * derivative
-        if grad_weight is None:
-            grad_weight = grad_z.t() @ x
-        else:
-            grad_weight.addmm_(grad_z.t(), x)                 # the encoder's, into the same buffer
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            def fill(out, start, stop):
+                if grad_codes_w is None:
+                    torch.mm(grad_z[:, start:stop].t(), x, out=out)
+                    return
+                torch.mm(codes[:, start:stop].t(), grad_codes_w, out=out)  # the decoder's
+                out.addmm_(grad_z[:, start:stop].t(), x)      # the encoder's, into the same rows
+            grad_weight = _weight_gradient(weight, ctx.listening, fill)
         grad_x = grad_z @ weight if ctx.needs_input_grad[0] else None
         grad_bias = grad_z.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight if ctx.needs_input_grad[1] else None, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _weight_gradient(weight, listening, fill):
+    """The weight's gradient, written by ``fill(out, start, stop)`` (rows ``[start, stop)``):
+    in one call (one product per term, as fast as it gets alone), or block by block for a
+    listener (terabrain.nn.gradient_blocks) that acts on the rows while the rest are computed."""
+    if listening is None:
+        gradient = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        fill(gradient, 0, weight.shape[0])
+        return gradient
+    return gradient_blocks.rows_in_blocks(weight, listening, fill)
 
 
 def tied_pair(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str):
@@ -97,6 +114,7 @@ class _UnitRowPair(torch.autograd.Function):
         scale = 1.0 / norms.clamp_min(EPS)
         projected = (x @ weight.t()) * scale                  # x Wn^T
         codes = alpha * projected
+        ctx.listening = gradient_blocks.listener_for(weight)
         ctx.save_for_backward(x, weight, alpha, norms, scale, projected)
         ctx.set_materialize_grads(False)
         return codes, (codes * scale) @ weight
@@ -106,11 +124,11 @@ class _UnitRowPair(torch.autograd.Function):
         x, weight, alpha, norms, scale, projected = _like_weight(ctx.saved_tensors)
         grad_codes, grad_codes_w = _like_weight((grad_codes, grad_codes_w), weight.dtype)
         codes = alpha * projected
-        grad_weight = None
+        scaled_codes = None
         grad_scale = torch.zeros_like(scale)
         grad_codes_total = grad_codes
         if grad_codes_w is not None:
-            grad_weight = (codes * scale).t() @ grad_codes_w   # the decoder's contribution
+            scaled_codes = codes * scale
             grad_v = grad_codes_w @ weight.t()
             grad_scale = (grad_v * codes).sum(0)
             from_decoder = grad_v * scale
@@ -121,14 +139,20 @@ class _UnitRowPair(torch.autograd.Function):
         grad_projected = alpha * grad_codes_total
         grad_scale = grad_scale + (grad_projected * (projected / scale)).sum(0)  # u = y s
         grad_y = grad_projected * scale
-        if grad_weight is None:
-            grad_weight = grad_y.t() @ x
-        else:
-            grad_weight.addmm_(grad_y.t(), x)                  # the encoder's
-        # s = 1 / max(|W_j|, EPS): ds/dW_j = -W_j / |W_j|^3 where |W_j| > EPS, else 0.
-        row_factor = torch.where(norms > EPS, -grad_scale * scale * scale * scale,
-                                 torch.zeros_like(grad_scale))
-        grad_weight.addcmul_(weight, row_factor.unsqueeze(1))  # the normalisation's, in place
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # s = 1 / max(|W_j|, EPS): ds/dW_j = -W_j / |W_j|^3 where |W_j| > EPS, else 0.
+            row_factor = torch.where(norms > EPS, -grad_scale * scale * scale * scale,
+                                     torch.zeros_like(grad_scale)).unsqueeze(1)
+
+            def fill(out, start, stop):
+                if scaled_codes is None:
+                    torch.mm(grad_y[:, start:stop].t(), x, out=out)
+                else:
+                    torch.mm(scaled_codes[:, start:stop].t(), grad_codes_w, out=out)  # decoder's
+                    out.addmm_(grad_y[:, start:stop].t(), x)   # the encoder's
+                out.addcmul_(weight[start:stop], row_factor[start:stop])  # the normalisation's
+            grad_weight = _weight_gradient(weight, ctx.listening, fill)
         grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
         return grad_x, grad_weight, grad_alpha
 

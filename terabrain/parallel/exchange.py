@@ -42,6 +42,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from terabrain.parallel.compressors import Compressor, Layout, PackedBfloat16, as_columns
+from terabrain.parallel.overlap import OverlappedAllReduce
 
 
 def column_ranges(columns: int, ranks: int) -> list[tuple[int, int]]:
@@ -77,10 +78,13 @@ class GradientExchange:
     position in the list (the trainer passes parameters in model order)."""
 
     def __init__(self, compressor: Compressor, group: Optional[dist.ProcessGroup], rank: int,
-                 size: int, mesh: Optional[DeviceMesh] = None, tag: str = ""):
+                 size: int, mesh: Optional[DeviceMesh] = None, tag: str = "",
+                 overlap_block_bytes: Optional[int] = None):
         """``tag``: prefix of this exchange's checkpoint keys. With model parallelism each
         model rank's data group exchanges its own shards, and saves them under its own keys
-        (``model<i>.``), since DCP would merge equal keys from different groups."""
+        (``model<i>.``), since DCP would merge equal keys from different groups.
+        ``overlap_block_bytes``: uncompressed gradients are reduced during the backward pass
+        in blocks of about this size (terabrain.parallel.overlap); None: after it, flat."""
         self.tag = tag
         self.compressor = compressor
         self.group = group
@@ -93,12 +97,27 @@ class GradientExchange:
         self.second: dict[int, torch.Tensor] = {}  # residual of the re-quantized range it owns
         self.bytes_sent = 0        # since the last ``take_bytes``
         self.fp32_bytes = 0        # what an fp32 all-reduce of the same tensors would send
+        self.overlap: Optional[OverlappedAllReduce] = None
+        if overlap_block_bytes is not None and compressor.name == "none":
+            self.overlap = OverlappedAllReduce(group, size, overlap_block_bytes,
+                                               self._all_reduce_plain, self._count_fp32)
+
+    def _count_fp32(self, elements: int) -> None:
+        self.bytes_sent += all_reduce_bytes(elements, 4, self.size)
+
+    def watch(self, model: torch.nn.Module) -> None:
+        """Prepare ``model``'s gradients to be reduced while the backward pass runs (with
+        overlap; otherwise nothing to do)."""
+        if self.overlap is not None:
+            self.overlap.watch(model)
 
     def reset(self) -> None:
         """Forget the residuals: a new training stage has other gradients."""
         self.first.clear()
         self.second.clear()
         self.bytes_sent = self.fp32_bytes = 0
+        if self.overlap is not None:
+            self.overlap.reset()
 
     def take_bytes(self) -> tuple[int, int]:
         """(bytes sent, bytes an fp32 all-reduce would have sent) since the last call."""
@@ -113,6 +132,9 @@ class GradientExchange:
         gradient_elements = sum(g.numel() for g in gradients)
         self.fp32_bytes += all_reduce_bytes(gradient_elements + sum(v.numel() for v in values),
                                             4, self.size)
+        if self.overlap is not None:
+            self.overlap.finish(gradients, values)
+            return
         if self.compressor.collective == "all_reduce":
             self._all_reduce(gradients, values)
             return

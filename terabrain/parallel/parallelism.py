@@ -50,8 +50,10 @@ class Parallelism:
                 proportion=settings.adaptive_proportion, error_feedback=settings.error_feedback,
             )
             tag = f"model{mesh.get_local_rank('model')}." if model_ranks > 1 else ""
+            block_bytes = (round(settings.overlap_block_mb * 2**20) if settings.overlap
+                           else None)
             self.exchange = GradientExchange(compressor, self.data.group, self.data.rank,
-                                             self.data.size, mesh["data"], tag)
+                                             self.data.size, mesh["data"], tag, block_bytes)
 
     @property
     def model_ranks(self) -> int:
@@ -70,6 +72,12 @@ class Parallelism:
                 model.reset_parameters()  # the root initialises every parameter by name
             return model
         return apply_hidden_unit_plan(model, self.model_mesh, device)
+
+    def watch(self, model: nn.Module) -> None:
+        """Prepare ``model``'s gradients for ``synchronize`` (parallel.overlap: reduced while
+        the backward pass runs)."""
+        if self.exchange is not None:
+            self.exchange.watch(model)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """This replica's share of a global batch's row indices (same for a model group)."""

@@ -110,6 +110,7 @@ class Trainer:
         self.log_every = log_every
         self.callbacks = list(callbacks)
         self.parallel = parallel or Parallelism(None)
+        self.parallel.watch(self.model)
         self.step = 0
         self.stop_reason: Optional[str] = None
         self.times = StepTimes()
