@@ -86,12 +86,41 @@ def test_alpha_beta_links_and_nodes():
     # Not overlapped: all of it is exposed and adds to the step.
     assert inside.exposed_s == inside.communication_s
     assert inside.step_s == pytest.approx(inside.compute_s + inside.exposed_s)
+    # Overlapped: hidden behind the weight-gradient products, exposed only beyond them.
     hidden = StepWork(rows=1, transfers=[Transfer("all_reduce", "data", 1e9, overlapped=True)])
-    assert predict(h100, hidden, 8, 1).exposed_s < inside.exposed_s
+    assert predict(h100, hidden, 8, 1).exposed_s == pytest.approx(inside.exposed_s)
+    gradient = Gemm(4096, 4096, 2048, layout="tn")  # well under the all-reduce on an H100
+    hidden.gemms = [gradient]
+    behind = predict(h100, StepWork(rows=1, gemms=[gradient]), 8, 1).compute_s - h100.compute.step_overhead_s
+    assert 0 < behind < inside.exposed_s
+    assert predict(h100, hidden, 8, 1).exposed_s == pytest.approx(inside.exposed_s - behind)
+    hidden.gemms = [Gemm(4096, 4096, 2048, layout="nn")]  # a forward product: nothing to hide behind
+    assert predict(h100, hidden, 8, 1).exposed_s == pytest.approx(inside.exposed_s)
     # alpha: a tiny all-reduce costs 2 (k-1) steps of latency.
     tiny = StepWork(rows=1, transfers=[Transfer("all_reduce", "data", 4)])
     seconds = predict(h100, tiny, 8, 1).communication_s
     assert seconds == pytest.approx(14 * h100.network.intra_node.all_reduce.alpha_s, rel=0.01)
+
+
+def test_overlapped_exchange_on_a_shared_cpu_node_costs_its_cpu_time(tmp_path):
+    """gloo's copies and sums run on the cores that compute: hidden is not free there."""
+    raw = yaml.safe_load(load_profile("llnl-catalyst").to_yaml())
+    for links in ("intra_node", "inter_node"):
+        raw["network"][links]["all_reduce"]["cpu_fraction"] = 0.75
+    path = tmp_path / "cpu.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cpu = load_profile(str(path))
+    assert cpu.compute.ranks_share_device
+    gradient = Gemm(4096, 4096, 128, layout="tn")
+    flat = StepWork(rows=1, gemms=[gradient], transfers=[Transfer("all_reduce", "data", 64e6)])
+    overlapped = StepWork(rows=1, gemms=[gradient],
+                          transfers=[Transfer("all_reduce", "data", 64e6, overlapped=True)])
+    before, during = predict(cpu, flat, 2, 1), predict(cpu, overlapped, 2, 1)
+    assert during.compute_s == pytest.approx(before.compute_s + 0.75 * before.communication_s)
+    assert during.exposed_s < before.exposed_s
+    # Without the measurement (a GPU's copy engines), overlapping costs no compute.
+    assert predict(load_profile("llnl-catalyst"), overlapped, 2, 1).compute_s == pytest.approx(
+        before.compute_s)
 
 
 def test_plan_with_profile_recommends_the_fastest_split_that_fits(capsys):

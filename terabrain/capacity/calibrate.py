@@ -358,6 +358,7 @@ def measure_collective(collective: str, group, device: torch.device, sizes: list
     ranks = dist.get_world_size(group)
     me = dist.get_rank()
     points = []
+    cpu_fraction = None
     for size in sizes:
         elements = size // 4
         if collective == "all_reduce":
@@ -381,13 +382,28 @@ def measure_collective(collective: str, group, device: torch.device, sizes: list
                 elif me == receiver:
                     dist.recv(tensor, sender)
         dist.barrier()
+        cpu_began, wall_began = time.process_time(), time.perf_counter()
         seconds = timed_fixed(fn, device, repeats)
-        # The slowest rank decides: take the maximum over ranks.
-        worst = torch.tensor([seconds], device=device)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        points.append((_ring_sent(collective, ranks, size), float(worst)))
+        if device.type == "cpu" and size == max(sizes):
+            # The process's CPU time (every thread: gloo's included) per second of the
+            # collective, at the largest size, where the bytes dominate.
+            busy = (time.process_time() - cpu_began) / (time.perf_counter() - wall_began)
+            cpu_fraction = _max_over_ranks(busy, device)
+        points.append((_ring_sent(collective, ranks, size), _max_over_ranks(seconds, device)))
     alpha, bandwidth = fit_alpha_beta(points, _steps(collective, ranks))
-    return {"alpha_s": alpha, "bandwidth": bandwidth}
+    link = {"alpha_s": alpha, "bandwidth": bandwidth}
+    if cpu_fraction is not None:
+        link["cpu_fraction"] = round(cpu_fraction, 3)
+    return link
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    """The slowest rank decides (every rank calls this)."""
+    import torch.distributed as dist
+
+    worst = torch.tensor([value], device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
 
 
 def measure_links(device: torch.device, sizes: list[int], local: int) -> tuple[dict, dict, str, str]:
@@ -560,8 +576,10 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
         sizes = QUICK_LINK_SIZES if quick else LINK_SIZES
         intra, inter, backend, how = measure_links(device, sizes, local_ranks)
         for collective in COLLECTIVES:
+            cpu_share = intra[collective].get("cpu_fraction")
             log(f"  {collective}: intra {intra[collective]['alpha_s'] * 1e6:.0f} us/step, "
-                f"{intra[collective]['bandwidth'] / 1e9:.2f} GB/s")
+                f"{intra[collective]['bandwidth'] / 1e9:.2f} GB/s"
+                + (f", {cpu_share:.2f} CPU s per s" if cpu_share is not None else ""))
     else:
         fallback = {"alpha_s": 5e-5, "bandwidth": 1e9}
         intra = inter = {c: dict(fallback) for c in COLLECTIVES}

@@ -127,6 +127,12 @@ class Compute(_Strict):
 class Link(_Strict):
     alpha_s: float = Field(ge=0, description="Seconds per algorithm step (latency).")
     bandwidth: PositiveFloat = Field(description="Bytes/s each rank sends.")
+    cpu_fraction: float | None = Field(
+        None, ge=0, le=8,
+        description="CPU seconds a rank's process spends per second of the collective (gloo "
+                    "copies through the kernel's sockets and sums on the cores that compute). "
+                    "Where ranks share a CPU node, an overlapped collective still takes this "
+                    "much from the compute. None: none (a GPU's copy engines and NICs).")
 
 
 class Links(_Strict):

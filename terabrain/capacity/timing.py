@@ -13,10 +13,14 @@ and a machine profile (terabrain.capacity.profile).
   its group crosses. The mesh is (data, model) row-major, so a model-axis group of m ranks is
   inside a node when m <= ranks per node, and a data-axis group crosses nodes when d x m >
   ranks per node. Across nodes the ranks of a node share its adapters.
-- exposed communication: what does not overlap with compute. terabrain's data-parallel
-  all-reduce starts after the whole backward pass and the model-axis collectives sit on the
-  critical path of the forward and backward passes, so today all of it is exposed;
-  collectives marked ``overlapped`` are hidden up to the compute time.
+- exposed communication: what does not overlap with compute. The model-axis collectives sit
+  on the critical path of the forward and backward passes, and so does the data-parallel
+  all-reduce without ``parallel.overlap`` (it starts after the whole backward pass).
+  Collectives marked ``overlapped`` (the data-parallel gradients with ``parallel.overlap``)
+  run while the weight gradients are computed (the ``tn``/``tn+`` products, whose blocks
+  they reduce) and are exposed only beyond that time. Where the ranks of a node share its
+  CPU, an overlapped collective still costs the cores its ``cpu_fraction`` of its time
+  (gloo's socket copies and sums), added to the compute: hidden, not free.
 - reading: examples not resident on the device are read by the node (decoded from JPEG or
   pre-decoded pixels); readers overlap with the step unless the profile says they share its
   cores. Every rank of a replica reads that replica's rows, so model parallelism does not
@@ -152,7 +156,15 @@ def transfer_seconds(profile: MachineProfile, transfer: Transfer, data: int, mod
     return transfer.count * (link.alpha_s * steps + transfer.sent_bytes / bandwidth)
 
 
-def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16: bool) -> float:
+# The products that compute weight gradients (terabrain.learners.hidden_unit_work): an
+# overlapped data-parallel exchange reduces their blocks while the next ones are computed.
+WEIGHT_GRADIENT_LAYOUTS = ("tn", "tn+")
+
+
+def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16: bool,
+                    weight_gradients: list | None = None) -> float:
+    """Seconds of compute per step; ``weight_gradients``, if given, receives the seconds of
+    the weight-gradient products (what an overlapped exchange can hide behind)."""
     compute = profile.compute
     rates = rank_rates(profile, per_node)
     seconds = 0.0
@@ -166,6 +178,8 @@ def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16
                              gemm.layout)
             rate *= rates.gemm_scale * (compute.local_efficiency if gemm.local else 1.0)
         seconds += gemm.flops / rate
+        if weight_gradients is not None and gemm.layout in WEIGHT_GRADIENT_LAYOUTS:
+            weight_gradients.append(gemm.flops / rate * rates.slowdown)
     seconds += work.elementwise_bytes / rates.elementwise
     seconds += work.fresh_bytes / rates.fresh
     seconds += work.optimizer_bytes / rates.optimizer
@@ -194,15 +208,20 @@ def predict(profile: MachineProfile, work: StepWork, data: int, model: int, *,
             reading: tuple[str, float] = ("resident", 0.0), bf16: bool = False) -> StepTime:
     """Seconds per step of the (data x model) split whose rank does ``work``."""
     per_node = ranks_per_node(profile, data * model, gpus_per_node)
-    compute = compute_seconds(profile, work, per_node, bf16)
-    exposed = hidden = 0.0
+    weight_gradients: list[float] = []
+    compute = compute_seconds(profile, work, per_node, bf16, weight_gradients)
+    exposed = hidden = cpu = 0.0
     for transfer in work.transfers:
         seconds = transfer_seconds(profile, transfer, data, model, per_node)
-        if transfer.overlapped:
-            hidden += seconds
-        else:
+        if not transfer.overlapped:
             exposed += seconds
-    exposed += max(0.0, hidden - compute)  # overlapped transfers longer than the compute
+            continue
+        hidden += seconds
+        if profile.compute.ranks_share_device:
+            link = profile.link(transfer.collective, crosses_nodes(transfer, data, model, per_node))
+            cpu += seconds * (link.cpu_fraction or 0.0)
+    compute += cpu
+    exposed += max(0.0, hidden - sum(weight_gradients))  # longer than what it hides behind
     communication = sum(transfer_seconds(profile, t, data, model, per_node) for t in work.transfers)
     read = read_seconds(profile, work.rows, reading, per_node)
     busy = compute + exposed

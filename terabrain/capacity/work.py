@@ -84,6 +84,9 @@ def optimizer_streams(optimizer) -> float:
 # (2 streams each, into pages that fault in on first touch), the copy back does not.
 DATA_PARALLEL_FRESH_STREAMS = 4
 DATA_PARALLEL_STREAMS = 2
+# parallel.overlap (terabrain.parallel.overlap): each gradient is all-reduced in place and
+# divided in place (2 streams), nothing is written into new buffers.
+DATA_PARALLEL_OVERLAP_STREAMS = 2
 # Compress + decompress passes over the whole gradient per exchange: half precision casts
 # once each way; a lossy scheme quantizes the gradient, decompresses and sums the pieces of
 # its column range, re-quantizes that range and decompresses the gathered sum (~ 2 passes).
@@ -95,8 +98,9 @@ def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
                                                      tuple[str, float] | None]:
     """The data axis's collectives per step for ``elements`` local gradient values and the
     ``scalars`` logged with them, the (elementwise, fresh-buffer) bytes around them, and the
-    compressor's work (StepWork.compression). Not overlapped: terabrain.parallel.exchange
-    reduces after the whole backward pass."""
+    compressor's work (StepWork.compression). Uncompressed sync exchanges with
+    ``parallel.overlap`` run during the backward pass (terabrain.parallel.overlap); the
+    others after it (terabrain.parallel.exchange)."""
     if data_ranks == 1 or parallel.mode == "hogwild":
         return [], (0.0, 0.0), None
     per_step = evaluations / parallel.average_every if parallel.mode == "localsgd" else evaluations
@@ -105,6 +109,9 @@ def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
               DATA_PARALLEL_FRESH_STREAMS * FP32 * elements * per_step)
     if compression == "none":
         sent = ring_all_reduce(data_ranks, FP32 * (elements + scalars))
+        if parallel.mode == "sync" and parallel.overlap:
+            in_place = (DATA_PARALLEL_OVERLAP_STREAMS * FP32 * elements * per_step, 0.0)
+            return [Transfer("all_reduce", "data", sent, per_step, overlapped=True)], in_place, None
         return [Transfer("all_reduce", "data", sent, per_step)], copies, None
     work = (compression, COMPRESSION_PASSES[compression] * FP32 * elements * per_step)
     if compression in ("fp16", "bf16"):
