@@ -13,10 +13,12 @@ What is measured, on the device given (``--device cpu|cuda``), with this process
 - memory bandwidth: a large copy (read + write).
 - the locally connected layer (terabrain.nn.local): its forward + backward rate over the
   GEMM rate of the same per-location shape.
-- elementwise bandwidth: ``torch.add(a, b, out=c)`` on activation-sized tensors (3 streams).
+- elementwise bandwidth: an out-of-place ``torch.mul`` of a 1 MB activation from memory.
 - fresh-buffer bandwidth: the data-parallel exchange's cat and divide into new buffers.
-- optimizer bandwidth: ``torch.optim.SGD`` with momentum over a 16 MB parameter (5 streams).
-- step overhead: a training step of a 16 x 16 linear layer (framework time, no work).
+- optimizer bandwidth: ``torch.optim.SGD`` with momentum over a 16 MB parameter (5 streams),
+  its state from memory.
+- step overhead: terabrain's trainer stepping a 16 x 16 tied autoencoder (the framework's
+  fixed cost per step, logging included).
 - gradient compression: compress + decompress of a 1024 x 1024 gradient by each
   ``parallel.compression`` scheme's compressor (terabrain.parallel.compressors).
 - reader: JPEG decoding (PIL) of a 300 x 300 image on one core, times the node's cores;
@@ -139,17 +141,24 @@ def measure_copy_bandwidth(device: torch.device, seconds: float) -> float:
 
 
 def measure_elementwise(device: torch.device, seconds: float) -> float:
-    elements = 2**20  # 4 MB: an activation of batch 256 x 4096
+    """Bytes/s of an elementwise kernel as a step runs them: out of place (autograd's kernels
+    allocate their results), on a 1 MB activation (batch 64 x 4096) that comes from memory
+    (a step's products and passes move more than the cache holds). Warm operands in a reused
+    buffer ran 4-6x faster here than the step's kernels do."""
+    elements = 2**18
     a, b = torch.rand(elements, device=device), torch.rand(elements, device=device)
-    c = torch.empty_like(a)
-    return 3.0 * 4 * elements / timed(lambda: torch.add(a, b, out=c), device, seconds)
+    flush = torch.empty(FLUSH_BYTES // 4, device=device)
+    return 3.0 * 4 * elements / timed(lambda: torch.mul(a, b), device, seconds,
+                                      between=lambda: flush.add_(1.0))
 
 
 def measure_optimizer(device: torch.device, seconds: float) -> float:
     parameter = torch.nn.Parameter(torch.rand(4 * 2**20, device=device))
     parameter.grad = torch.rand_like(parameter)
     optimizer = torch.optim.SGD([parameter], lr=1e-6, momentum=0.9)
-    return 5.0 * 4 * parameter.numel() / timed(optimizer.step, device, seconds)
+    flush = torch.empty(FLUSH_BYTES // 4, device=device)  # the update finds its state in memory
+    return 5.0 * 4 * parameter.numel() / timed(optimizer.step, device, seconds,
+                                               between=lambda: flush.add_(1.0))
 
 
 def measure_fresh(device: torch.device, seconds: float) -> float:
@@ -188,17 +197,31 @@ def measure_compression(device: torch.device, seconds: float) -> dict[str, float
 
 
 def measure_step_overhead(device: torch.device, seconds: float) -> float:
-    layer = torch.nn.Linear(16, 16).to(device)
-    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.rand(8, 16, device=device)
+    """The fixed cost of one training step: terabrain's own trainer on a tied autoencoder of
+    16 units over 16 inputs (batch 8, SGD with momentum, metrics written every 5 steps), so
+    that everything but the work is there: Python, the dispatch of the step's few dozen
+    kernels, autograd, the loop and its logging. (A bare layer's step measured a third of
+    it here.)"""
+    from terabrain.config.schema import OptimizerConfig, TrainConfig
+    from terabrain.nn.autoencoder import Autoencoder
+    from terabrain.objectives import ReconstructionObjective
+    from terabrain.train.callbacks import MetricsLogger
+    from terabrain.train.stage import build_trainer
 
-    def step():
-        optimizer.zero_grad()
-        loss = ((layer(x) - x) ** 2).mean()
-        loss.backward()
-        optimizer.step()
+    steps = 100
+    with tempfile.TemporaryDirectory(prefix="terabrain-calibrate-") as scratch:
+        trainer = build_trainer(
+            Autoencoder(16, 16, tied=True, seed=0), ReconstructionObjective(),
+            optimizer=OptimizerConfig(name="sgd", lr=1e-3, momentum=0.9),
+            train=TrainConfig(steps=steps, batch_size=8, log_every=5, progress=False), seed=0,
+            inputs=torch.rand(64, 16), device=device,
+            callbacks=[MetricsLogger(Path(scratch) / "metrics.jsonl", "calibrate")])
 
-    return timed(step, device, seconds)
+        def run_steps():
+            trainer.steps += steps
+            trainer.fit()
+
+        return timed(run_steps, device, seconds, at_least=3) / steps
 
 
 # (batch, channels, input side, kernel, stride, maps) of deep networks' locally connected
