@@ -13,7 +13,9 @@ machine, for small built-ins on 1, 2 and 4 real ranks.
    case's (data, model) split: compute + exposed communication (+ reading).
 
 Cases: lbann-ae-small (tied autoencoder 3,072 -> 1,024, batch 40) on 1 rank, model 1x2 and
-1x4, data 2x1 and 4x1, the 2x2 mesh, data 2x1 with one-bit compression, and streamed from a
+1x4, data 2x1 and 4x1 (gradients reduced during the backward pass, the default), data 2x1
+with the flat all-reduce after it (parallel.overlap=false), the 2x2 mesh, data 2x1 with
+one-bit compression, and streamed from a
 .npy memory map (1 and 2 ranks); yfcc-15b-small (3 layers: 2 locally connected + dense) with
 the pipelined schedule on 1 rank and model 1x2. Then: is the recommended split the fastest
 measured one among the 2-rank and the 4-rank splits?
@@ -22,6 +24,7 @@ The CPU may be shared with other work: each case prints how many cores other pro
 used while it ran ("other"); with other load the measured figures are not reliable.
 
     python bench/plan_accuracy.py                 # everything, ~10 min on 2 idle cores
+    python bench/plan_accuracy.py --repeats 3     # each case 3 times, interleaved: median and range
     python bench/plan_accuracy.py --cases ae-1,ae-model-2 --steps 20
     python bench/plan_accuracy.py --profile profile.yaml   # skip calibration
 """
@@ -56,6 +59,7 @@ class Case:
     model: int
     sets: list[str] = field(default_factory=list)
     measured_s: float | None = None
+    runs_s: list[float] = field(default_factory=list)  # one median per repeat
     predicted: dict | None = None
     other_cores: float | None = None
     error: str | None = None
@@ -91,6 +95,7 @@ def cases(npy: Path, steps: int) -> list[Case]:
         Case("ae-model-4", AE, 1, 4),
         Case("ae-data-4", AE, 4, 1),
         Case("ae-2x2", AE, 2, 2),
+        Case("ae-data-2-flat", AE, 2, 1, ["parallel.overlap=false"]),
         Case("ae-data-2-onebit", AE, 2, 1, ["parallel.compression=onebit"]),
         Case("ae-streamed-1", AE, 1, 1, streamed),
         Case("ae-streamed-data-2", AE, 2, 1, streamed),
@@ -133,7 +138,7 @@ def sets_for(case: Case, args) -> list[str]:
 
 def measure(case: Case, args, scratch: Path) -> None:
     cores = os.cpu_count() or 1
-    out = scratch / f"run-{case.name}"
+    out = scratch / f"run-{case.name}-{len(case.runs_s)}"
     train = ["train", case.experiment, "--out", str(out)]
     for item in sets_for(case, args):
         train += ["--set", item]
@@ -146,7 +151,7 @@ def measure(case: Case, args, scratch: Path) -> None:
     began = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=args.timeout,
                             env=clean_environ(max(1, cores // case.ranks)))
-    case.other_cores = load.cores()
+    case.other_cores = max(load.cores() or 0.0, case.other_cores or 0.0)
     if result.returncode != 0:
         case.error = f"exit {result.returncode}: " + (result.stderr.strip().splitlines() or ["?"])[-1]
         print(f" FAILED {case.error}")
@@ -159,8 +164,9 @@ def measure(case: Case, args, scratch: Path) -> None:
         case.error = "no logged steps after the warm-up"
         print(f" FAILED {case.error}")
         return
-    case.measured_s = statistics.median(times)
-    print(f" {case.measured_s * 1e3:.1f} ms/step ({time.perf_counter() - began:.0f} s, other "
+    case.runs_s.append(statistics.median(times))
+    case.measured_s = statistics.median(case.runs_s)
+    print(f" {case.runs_s[-1] * 1e3:.1f} ms/step ({time.perf_counter() - began:.0f} s, other "
           f"processes {case.other_cores if case.other_cores is not None else float('nan'):.2f} cores)",
           flush=True)
 
@@ -191,6 +197,9 @@ def cause(case: Case) -> str:
     profiling real steps with torch.profiler; docs/scaling.md has the figures)."""
     p = case.predicted
     reasons = []
+    if len(case.runs_s) > 1 and min(case.runs_s) <= p["step_s"] <= max(case.runs_s):
+        reasons.append("the prediction lies inside the range of the repeated runs: this "
+                       "machine's own spread")
     if case.other_cores is not None and case.other_cores > 0.2:
         reasons.append(f"other processes used {case.other_cores:.1f} of the cores during the run "
                        "(and others may have run during calibration)")
@@ -225,10 +234,15 @@ def main(argv=None) -> int:
     parser.add_argument("--save-profile", type=Path, help="keep the calibrated profile here")
     parser.add_argument("--quick-calibration", action="store_true")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every case, interleaved; the table shows their median and "
+                        "range (this machine's run-to-run spread is itself 10-30%%)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.steps <= args.skip:
         parser.error("--steps must exceed --skip")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     import torch
 
@@ -252,8 +266,15 @@ def main(argv=None) -> int:
         if args.profile is None:
             calibrate(profile_path, args.quick_calibration)
         profile = load_profile(str(profile_path))
+        for repeat in range(args.repeats):
+            if args.repeats > 1:
+                print(f"round {repeat + 1} of {args.repeats}", flush=True)
+            for case in all_cases:
+                if case.error is None:
+                    measure(case, args, scratch)
         for case in all_cases:
-            measure(case, args, scratch)
+            if case.error is not None:
+                case.measured_s = None  # a failed repeat: no figure rather than a partial one
             if case.measured_s is not None:
                 predict(case, args, profile)
         checks = []
@@ -267,7 +288,7 @@ def main(argv=None) -> int:
 
     print()
     print(f"{'case':<20}{'mesh':>6}{'predicted ms':>14}{'compute':>9}{'exposed':>9}{'read':>7}"
-          f"{'measured ms':>13}{'pred/meas':>10}{'ok':>4}{'other':>7}")
+          f"{'measured ms':>13}{'range ms':>13}{'pred/meas':>10}{'ok':>4}{'other':>7}")
     misses = []
     for case in all_cases:
         mesh = f"{case.data}x{case.model}"
@@ -280,9 +301,10 @@ def main(argv=None) -> int:
         if not ok:
             misses.append(case)
         other = "-" if case.other_cores is None else f"{case.other_cores:.2f}"
+        spread = f"{min(case.runs_s) * 1e3:.1f}-{max(case.runs_s) * 1e3:.1f}"
         print(f"{case.name:<20}{mesh:>6}{p['step_s'] * 1e3:>14.1f}{p['compute_s'] * 1e3:>9.1f}"
               f"{p['exposed_s'] * 1e3:>9.1f}{p['read_s'] * 1e3:>7.1f}{case.measured_s * 1e3:>13.1f}"
-              f"{ratio:>10.2f}{'yes' if ok else 'no':>4}{other:>7}")
+              f"{spread:>13}{ratio:>10.2f}{'yes' if ok else 'no':>4}{other:>7}")
     within = sum(1 for c in all_cases if c.measured_s is not None) - len(misses)
     print(f"\nwithin {TARGET:.0%}: {within} of {sum(1 for c in all_cases if c.measured_s is not None)}")
     for case in misses:

@@ -9,7 +9,8 @@ import torch
 
 from terabrain.analysis import evaluate as evaluation
 from terabrain.analysis.single_layer import (
-    WhitenedPatches, extract, pooled_features, quadrant_pool, random_unit_filters,
+    WhitenedPatches, extract, grid_bounds, grid_pool, pooled_features, quadrant_bounds,
+    quadrant_pool, random_unit_filters,
 )
 from terabrain.data.patches import remove_patch_mean
 
@@ -148,6 +149,25 @@ def test_a_warm_started_probe_reaches_the_optimum_of_a_cold_one():
     assert warm.iterations < cold.iterations
 
 
+def test_grid_pooling_sums_the_right_positions_and_two_is_the_quadrants():
+    """A 7 x 5 grid of positions: 3 x 3 cells of rows [0, 3) [3, 5) [5, 7) and columns
+    [0, 2) [2, 4) [4, 5); one cell sums everything; 2 x 2 equals quadrant_pool."""
+    assert [(s.start, s.stop) for s in grid_bounds(7, 3)] == [(0, 3), (3, 5), (5, 7)]
+    assert [(s.start, s.stop) for s in grid_bounds(5, 3)] == [(0, 2), (2, 4), (4, 5)]
+    assert grid_bounds(23, 2) == quadrant_bounds(23) == [slice(0, 12), slice(12, 23)]
+    for y in range(7):
+        for x in range(5):
+            maps = torch.zeros(1, 7, 5, 2)
+            maps[0, y, x, 0] = 1.0
+            pooled = grid_pool(maps, 3)[0].reshape(9, 2)
+            cell = 3 * (0 if y < 3 else 1 if y < 5 else 2) + (0 if x < 2 else 1 if x < 4 else 2)
+            assert pooled[:, 0].tolist() == [float(q == cell) for q in range(9)]
+            assert pooled[:, 1].abs().sum() == 0
+            assert grid_pool(maps, 1)[0].tolist() == [1.0, 0.0]
+    maps = torch.rand(3, 7, 5, 4)
+    assert torch.equal(grid_pool(maps, 2), quadrant_pool(maps))
+
+
 def test_quadrant_pooling_sums_the_right_positions():
     # 5 x 4 positions, K = 2: feature 0 is 1 at one position, feature 1 counts every position.
     for y in range(5):
@@ -238,6 +258,19 @@ def test_evaluate_command_prints_the_table_and_refuses_bad_options(tiny_run, cap
     assert "--features sift; allowed" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_run), "--nonlinearity", "tanh"]) == 2
     assert "--nonlinearity tanh; allowed" in capsys.readouterr().err
+    # Another pooling grid: 9K features, recorded with the rows and named in the report.
+    assert main(["evaluate", str(tiny_run), "--data", "digits", "--max-examples", "200",
+                 "--seeds", "1", "--features", "learned,random", "--pool-grid", "3",
+                 "--probe-iterations", "5", "--validation-only"]) == 0
+    rows = json.loads((tiny_run / "evaluation.json").read_text())
+    assert [r["feature_count"] for r in rows] == [9 * 12, 9 * 12]
+    assert rows[0]["protocol"]["pool_grid"] == 3
+    capsys.readouterr()
+    for bad in ("0", "9"):  # 8x8 digits, 3x3 patches: 6x6 positions
+        assert main(["evaluate", str(tiny_run), "--data", "digits", "--max-examples", "200",
+                     "--features", "learned", "--pool-grid", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--pool-grid" in err[0], err
 
 
 def test_a_labelled_folder_is_one_sub_folder_per_class(tmp_path):

@@ -138,7 +138,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nonlinearity {args.nonlinearity}; allowed: {', '.join(NONLINEARITIES)}")
     if args.precision not in PRECISIONS:
         raise ConfigError(f"--precision {args.precision}; allowed: {', '.join(PRECISIONS)}")
-    for name in ("seeds", "kmeans_steps", "probe_iterations"):
+    for name in ("seeds", "kmeans_steps", "probe_iterations", "pool_grid"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     try:
@@ -151,7 +151,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         weight_decays=decays, probe_iterations=args.probe_iterations,
         kmeans_steps=args.kmeans_steps, max_examples=args.max_examples, root=args.root,
         image_size=args.image_size, precision=args.precision, threshold=args.threshold,
-        score_test=not args.validation_only)
+        pool_grid=args.pool_grid, score_test=not args.validation_only)
     summary = evaluate(args.run_dir, options)
     print(f"{'features':<8} {'K':>5} {'dims':>6}  {'L2':>6}  validation  test accuracy "
           f"(mean ± std over the seeds that draw filters: {options.seeds})")
@@ -245,6 +245,10 @@ def add_parsers(commands) -> None:
     evaluate.add_argument("--threshold", type=float, default=0.0,
                           help="the encoding's threshold t: relu gives max(0, s - t) "
                           "(default 0)")
+    evaluate.add_argument("--pool-grid", type=int, default=2,
+                          help="sum pooling over an N x N grid of the positions: 2 (default) "
+                          "is the protocol's quadrants, 4K features; 1 or 3 to measure the "
+                          "choice (K or 9K features)")
     evaluate.add_argument("--validation-only", action="store_true",
                           help="choose and report on the training split's validation part "
                           "only; the test split is not loaded into any fit (for sweeps)")

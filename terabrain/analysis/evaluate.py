@@ -53,6 +53,9 @@ class EvaluateOptions:
     nonlinearity: str = "relu"
     threshold: float = 0.0
     """The encoding's threshold (terabrain.analysis.single_layer.Encoding)."""
+    pool_grid: int = 2
+    """Sum pooling over a pool_grid x pool_grid grid of the positions: 2 is the protocol's
+    quadrants (4K features); 1 and 3 are there to measure what the choice does."""
     features: tuple[str, ...] = FEATURE_SETS
     weight_decays: tuple[float, ...] = PENALTIES
     validation_fraction: float = 0.2
@@ -251,8 +254,9 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
     penalties: dict[str, Penalty] = {}
     seconds = dict.fromkeys(options.features, 0.0)
     pixel_dims = int(np.prod(images.train.shape[1:]))
+    cells = options.pool_grid * options.pool_grid
     widths = {name: pixel_dims if name == "pixels" else
-              4 * k * (encoding.outputs_per_filter if name in LINEAR_CODES else 1)
+              cells * k * (encoding.outputs_per_filter if name in LINEAR_CODES else 1)
               for name in options.features}
     splits = (images.train, "train"), (images.test, "test")
     try:
@@ -267,8 +271,9 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
                     train, test = (a.reshape(len(a), -1) for a in (images.train, images.test))
                 else:
                     encode = encoder(name, seed)
-                    train, test = (extract(split, patches, encode, widths[name] // 4,
-                                           work / f"{name}-{part}.npy", precision=options.precision)
+                    train, test = (extract(split, patches, encode, widths[name] // cells,
+                                           work / f"{name}-{part}.npy", precision=options.precision,
+                                           cells=options.pool_grid)
                                    if options.score_test or part == "train" else None
                                    for split, part in splits)
                 extracted = time.perf_counter()
@@ -306,7 +311,7 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
         "data": options.data, "train_examples": len(images.train),
         "test_examples": len(images.test), "patch_size": patches.side, "k": k,
         "nonlinearity": options.nonlinearity, "threshold": options.threshold,
-        "seeds": options.seeds, "score_test": options.score_test,
+        "pool_grid": options.pool_grid, "seeds": options.seeds, "score_test": options.score_test,
         "precision": options.precision,
         "weight_decays": list(options.weight_decays),
         "validation_fraction": options.validation_fraction,

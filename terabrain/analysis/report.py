@@ -269,7 +269,8 @@ def _evaluation_section(document: Document, run_dir: Path) -> list[dict]:
             f"({protocol.get('train_examples', '?')} train / {protocol.get('test_examples', '?')} "
             f"test images): the encoder at every {protocol.get('patch_size', '?')}-pixel patch "
             "position (stride 1) after the run's patch preprocessing, nonlinearity "
-            f"`{protocol.get('nonlinearity', '?')}` (threshold {protocol.get('threshold', 0):g}), sum-pooled over four quadrants, "
+            f"`{protocol.get('nonlinearity', '?')}` (threshold {protocol.get('threshold', 0):g}), "
+            f"{_pooling(protocol.get('pool_grid', 2))}, "
             "standardised, L2 logistic regression with the penalty chosen on a validation part "
             "of the training split; the test split scored once. Mean ± standard deviation over "
             f"{protocol.get('seeds', '?')} seeds."),
@@ -346,3 +347,11 @@ def _concept_section(document: Document, run: LoadedRun, options: AnalyzeOptions
 
 def _describe(model: torch.nn.Module, config) -> str:
     return learner_of(config).describe(config)
+
+
+def _pooling(cells: int) -> str:
+    if cells == 2:
+        return "sum-pooled over four quadrants"
+    if cells == 1:
+        return "summed over every position (no grid)"
+    return f"sum-pooled over a {cells} x {cells} grid (not the protocol's quadrants)"

@@ -203,34 +203,47 @@ class WhitenedPatches:
         return patches.float() @ weight.T + self.bias
 
 
-def quadrant_bounds(size: int) -> tuple[slice, slice]:
-    """Coates et al.'s pooling halves of ``size`` positions: [0, ceil(size/2)) and the rest."""
-    middle = (size + 1) // 2
-    return slice(0, middle), slice(middle, size)
+def grid_bounds(size: int, cells: int = 2) -> list[slice]:
+    """``size`` positions split into ``cells`` ranges, the earlier ones no shorter: cell i is
+    [ceil(i size / cells), ceil((i + 1) size / cells)). For 2, Coates et al.'s pooling
+    halves: [0, ceil(size/2)) and the rest."""
+    edges = [-(-i * size // cells) for i in range(cells + 1)]
+    return [slice(edges[i], edges[i + 1]) for i in range(cells)]
+
+
+def quadrant_bounds(size: int) -> list[slice]:
+    """The protocol's pooling halves (``grid_bounds(size, 2)``)."""
+    return grid_bounds(size, 2)
 
 
 @functools.lru_cache(maxsize=8)
-def quadrant_matrix(height: int, width: int) -> torch.Tensor:
-    """(4, height * width): row q is 1 at the positions of quadrant q (top-left, top-right,
-    bottom-left, bottom-right), 0 elsewhere."""
-    rows, cols = quadrant_bounds(height), quadrant_bounds(width)
-    matrix = torch.zeros(4, height, width)
+def pool_matrix(height: int, width: int, cells: int = 2) -> torch.Tensor:
+    """(cells^2, height * width): row q is 1 at the positions of grid cell q (row-major:
+    for 2, top-left, top-right, bottom-left, bottom-right), 0 elsewhere."""
+    rows, cols = grid_bounds(height, cells), grid_bounds(width, cells)
+    matrix = torch.zeros(cells * cells, height, width)
     for q, (r, c) in enumerate((r, c) for r in rows for c in cols):
         matrix[q, r, c] = 1.0
-    return matrix.reshape(4, height * width)
+    return matrix.reshape(cells * cells, height * width)
 
 
-def quadrant_pool(maps: torch.Tensor) -> torch.Tensor:
-    """(B, H', W', K) -> (B, 4K) float32: sums over the top-left, top-right, bottom-left and
-    bottom-right quadrants of the positions, in that order (each block of K features).
+def grid_pool(maps: torch.Tensor, cells: int = 2) -> torch.Tensor:
+    """(B, H', W', K) -> (B, cells^2 K) float32: sums over a cells x cells grid of the
+    positions, row-major (each block of K features); ``cells`` 2 is the protocol's
+    quadrants (top-left, top-right, bottom-left, bottom-right), 1 sums every position.
 
-    One (4 x positions) @ (positions x K) product per image: it reads the codes once, in
-    their own type. Four strided slice sums cost 8x as much (measured on bfloat16 codes:
+    One (cells^2 x positions) @ (positions x K) product per image: it reads the codes once,
+    in their own type. Four strided slice sums cost 8x as much (measured on bfloat16 codes:
     0.18 vs 0.023 CPU s per 40 images at K = 1,600), more than the encoding itself. For
     bfloat16 codes the product accumulates in float32 and rounds each sum once (2^-9)."""
     b, h, w, k = maps.shape
-    pooled = torch.matmul(quadrant_matrix(h, w).to(maps.dtype), maps.reshape(b, h * w, k))
-    return pooled.reshape(b, 4 * k).float()
+    pooled = torch.matmul(pool_matrix(h, w, cells).to(maps.dtype), maps.reshape(b, h * w, k))
+    return pooled.reshape(b, cells * cells * k).float()
+
+
+def quadrant_pool(maps: torch.Tensor) -> torch.Tensor:
+    """The protocol's pooling: ``grid_pool(maps, 2)``, (B, H', W', K) -> (B, 4K)."""
+    return grid_pool(maps, 2)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -252,8 +265,9 @@ def resolved_precision(precision: str) -> str:
 
 
 def pooled_features(images: torch.Tensor, patches: WhitenedPatches, encoder: Encoder,
-                    precision: str = "fp32") -> torch.Tensor:
-    """(B, H, W) images -> (B, 4K) sum-pooled encoder outputs at every position.
+                    precision: str = "fp32", cells: int = 2) -> torch.Tensor:
+    """(B, H, W) images -> (B, cells^2 K) encoder outputs at every position, sum-pooled over a
+    cells x cells grid (2: the protocol's quadrants, 4K features).
 
     ``precision="bf16"`` runs the encoder under CPU autocast: its matrix products (the
     whole cost: positions x D x K multiply-adds per image) in bfloat16 with float32
@@ -266,7 +280,7 @@ def pooled_features(images: torch.Tensor, patches: WhitenedPatches, encoder: Enc
     b, h, w, d = whitened.shape
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         codes = encoder(whitened.reshape(b * h * w, d))
-    return quadrant_pool(codes.reshape(b, h, w, -1))
+    return grid_pool(codes.reshape(b, h, w, -1), cells)
 
 
 CODE_BUDGET = 8 * 2**20
@@ -301,9 +315,11 @@ def single_threaded_ops():
 
 def extract(images: np.ndarray, patches: WhitenedPatches, encoder: Encoder, features: int,
             out: Optional[Path] = None, budget_bytes: int = CODE_BUDGET,
-            precision: str = "fp32", workers: Optional[int] = None) -> np.ndarray:
-    """Pooled features of (N, H, W) images as an (N, 4K) float16 array: in memory, or a
-    memory map at ``out`` (what a large set needs). Each quadrant's sum is divided by its
+            precision: str = "fp32", workers: Optional[int] = None,
+            cells: int = 2) -> np.ndarray:
+    """Pooled features of (N, H, W) images as an (N, cells^2 K) float16 array (a cells x
+    cells pooling grid; 2: the protocol's quadrants): in memory, or a memory map at ``out``
+    (what a large set needs). Each grid cell's sum is divided by its
     number of positions before storing (a constant per feature, which the probe's
     standardisation removes) so that float16 does not overflow.
 
@@ -315,10 +331,13 @@ def extract(images: np.ndarray, patches: WhitenedPatches, encoder: Encoder, feat
     if ph < 1 or pw < 1:
         raise ConfigError(f"the run's {patches.side}x{patches.side} patches do not fit "
                           f"{height}x{width} images")
-    rows, cols = quadrant_bounds(ph), quadrant_bounds(pw)
+    if not 1 <= cells <= min(ph, pw):
+        raise ConfigError(f"--pool-grid {cells}: allowed 1 to {min(ph, pw)} (the {ph}x{pw} "
+                          "patch positions of these images)")
+    rows, cols = grid_bounds(ph, cells), grid_bounds(pw, cells)
     counts = torch.tensor([len(range(ph)[r]) * len(range(pw)[c]) for r in rows for c in cols],
                           dtype=torch.float32).repeat_interleave(features)
-    shape = (n, 4 * features)
+    shape = (n, cells * cells * features)
     result = (np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=shape)
               if out is not None else np.empty(shape, np.float16))
     step = images_per_batch(ph * pw, features, budget_bytes)
@@ -330,7 +349,7 @@ def extract(images: np.ndarray, patches: WhitenedPatches, encoder: Encoder, feat
             for start in mine:
                 batch = torch.from_numpy(
                     np.ascontiguousarray(images[start:start + step], np.float32))
-                pooled = pooled_features(batch, patches, encoder, precision).div_(counts)
+                pooled = pooled_features(batch, patches, encoder, precision, cells).div_(counts)
                 if not torch.isfinite(pooled).all() or pooled.abs().max() > 6e4:
                     raise ValueError("features overflow float16 (|value| > 6e4)")
                 result[start:start + len(batch)] = pooled.numpy().astype(np.float16)
