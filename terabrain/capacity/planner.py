@@ -444,8 +444,10 @@ def _notes(plan: Plan, config: "ExperimentConfig", learner_notes: list[str]) -> 
             f"step: predicted seconds per step on profile {plan.profile} "
             f"({plan.gpus_per_node} ranks per node) = compute + exposed communication "
             "(+ reading where it is not hidden); comm: all collectives, alpha-beta per link; "
-            "exposed: the part not overlapped with compute. Today's data-parallel all-reduce "
-            "starts after the whole backward pass, so it is all exposed",
+            "exposed: the part not overlapped with compute. The data-parallel all-reduce runs "
+            "during the backward pass (parallel.overlap), hidden behind the weight-gradient "
+            "products, its CPU share counted as compute on CPU nodes; with "
+            "parallel.overlap=false it starts after the backward pass and is all exposed",
             "epoch: " + (f"{plan.dataset_size:,} examples / images per second"
                          if plan.dataset_size else "give --dataset-size (the source is streamed)"),
         ]
