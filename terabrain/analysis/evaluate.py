@@ -254,9 +254,9 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
     penalties: dict[str, Penalty] = {}
     seconds = dict.fromkeys(options.features, 0.0)
     pixel_dims = int(np.prod(images.train.shape[1:]))
-    cells = options.pool_grid * options.pool_grid
+    grid_cells = options.pool_grid * options.pool_grid
     widths = {name: pixel_dims if name == "pixels" else
-              cells * k * (encoding.outputs_per_filter if name in LINEAR_CODES else 1)
+              grid_cells * k * (encoding.outputs_per_filter if name in LINEAR_CODES else 1)
               for name in options.features}
     splits = (images.train, "train"), (images.test, "test")
     try:
@@ -271,7 +271,7 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
                     train, test = (a.reshape(len(a), -1) for a in (images.train, images.test))
                 else:
                     encode = encoder(name, seed)
-                    train, test = (extract(split, patches, encode, widths[name] // cells,
+                    train, test = (extract(split, patches, encode, widths[name] // grid_cells,
                                            work / f"{name}-{part}.npy", precision=options.precision,
                                            cells=options.pool_grid)
                                    if options.score_test or part == "train" else None

@@ -349,9 +349,10 @@ def _describe(model: torch.nn.Module, config) -> str:
     return learner_of(config).describe(config)
 
 
-def _pooling(cells: int) -> str:
-    if cells == 2:
+def _pooling(grid: int) -> str:
+    """The pooling of an evaluation with ``--pool-grid grid``, in words."""
+    if grid == 2:
         return "sum-pooled over four quadrants"
-    if cells == 1:
+    if grid == 1:
         return "summed over every position (no grid)"
-    return f"sum-pooled over a {cells} x {cells} grid (not the protocol's quadrants)"
+    return f"sum-pooled over a {grid} x {grid} grid (not the protocol's quadrants)"

@@ -210,9 +210,10 @@ def predict(profile: MachineProfile, work: StepWork, data: int, model: int, *,
     per_node = ranks_per_node(profile, data * model, gpus_per_node)
     weight_gradients: list[float] = []
     compute = compute_seconds(profile, work, per_node, bf16, weight_gradients)
-    exposed = hidden = cpu = 0.0
+    communication = exposed = hidden = cpu = 0.0
     for transfer in work.transfers:
         seconds = transfer_seconds(profile, transfer, data, model, per_node)
+        communication += seconds
         if not transfer.overlapped:
             exposed += seconds
             continue
@@ -222,7 +223,6 @@ def predict(profile: MachineProfile, work: StepWork, data: int, model: int, *,
             cpu += seconds * (link.cpu_fraction or 0.0)
     compute += cpu
     exposed += max(0.0, hidden - sum(weight_gradients))  # longer than what it hides behind
-    communication = sum(transfer_seconds(profile, t, data, model, per_node) for t in work.transfers)
     read = read_seconds(profile, work.rows, reading, per_node)
     busy = compute + exposed
     step = busy + read if not profile.reader.overlaps_compute else max(busy, read)

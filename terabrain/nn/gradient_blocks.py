@@ -12,10 +12,11 @@ The functions that compute a weight's gradient themselves (terabrain.nn.shared_w
 :func:`listener_for` in the forward pass and, where there is one, compute the gradient
 through :func:`rows_in_blocks`; without one they compute it as before, in one product.
 
-A block handed to the listener is a view of a detached alias of the gradient: it shares
-the memory that autograd then stores as ``parameter.grad``, and holds no reference to the
-gradient tensor itself (a view of it would, and autograd then stores a copy instead of the
-tensor, which would leave the listener working on a buffer nobody reads).
+The listener gets each block's rows and the whole gradient, as a detached alias of the
+gradient and a view of it: they share the memory that autograd then stores as
+``parameter.grad``, and hold no reference to the gradient tensor itself (a view of it would,
+and autograd then stores a copy instead of the tensor, which would leave the listener
+working on a buffer nobody reads).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
-BlockListener = Callable[[torch.Tensor], None]
+BlockListener = Callable[[torch.Tensor, torch.Tensor], None]
+"""Called with (the block's rows, the whole gradient), both detached aliases."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def forget(parameter: torch.Tensor) -> None:
 def listener_for(weight: torch.Tensor) -> Optional[Listening]:
     """The listening registered for ``weight`` (called in the forward pass, where ``weight``
     is the parameter itself), or None."""
-    if not isinstance(weight, torch.Tensor) or not supports_blocks(weight):
+    if not supports_blocks(weight):
         return None
     entry = _listening.get(id(weight))
     return entry[1] if entry is not None and entry[0]() is weight else None
@@ -84,11 +86,11 @@ def rows_in_blocks(like: torch.Tensor, listening: Listening,
                    fill: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
     """A new gradient shaped like ``like``, filled block by block: ``fill(out, start, stop)``
     writes the final rows ``[start, stop)`` into ``out`` (a view of those rows), and the
-    listener gets them right after."""
+    listener gets them, with the whole gradient, right after."""
     gradient = torch.empty_like(like, memory_format=torch.contiguous_format)
     alias = gradient.detach()
     row_bytes = gradient.stride(0) * gradient.element_size()
     for start, stop in block_rows(gradient.shape[0], row_bytes, listening.block_bytes):
         fill(gradient[start:stop], start, stop)
-        listening.listener(alias[start:stop])
+        listening.listener(alias[start:stop], alias)
     return gradient

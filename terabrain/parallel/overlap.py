@@ -96,7 +96,8 @@ class OverlappedAllReduce:
         self.probes: dict[int, tuple[int, int]] = {}   # id -> the blocks' buffer, first pass
         self.stored_directly: set[int] = set()
         for key, (_, parameter) in self.watched.items():
-            gradient_blocks.listen(parameter, lambda block, key=key: self._probe(key, block),
+            gradient_blocks.listen(parameter,
+                                   lambda block, whole, key=key: self._probe(key, block, whole),
                                    self.block_bytes)
         self._clear()
 
@@ -105,10 +106,10 @@ class OverlappedAllReduce:
         self.started.clear()
         self.probe_blocks: list[torch.Tensor] = []
 
-    def _probe(self, key: int, block: torch.Tensor) -> None:
+    def _probe(self, key: int, block: torch.Tensor, whole: torch.Tensor) -> None:
         """First pass: where the blocks go (held until the pass ends, so that autograd,
         finding the storage shared, would sum into a new buffer as it will then)."""
-        self.probes[key] = _address(block._base if block._base is not None else block)
+        self.probes[key] = _address(whole)
         self.probe_blocks.append(block)
 
     # --- during the backward pass ---------------------------------------------------------
@@ -141,19 +142,15 @@ class OverlappedAllReduce:
             return
         gradient = _local(parameter.grad)
         if gradient.is_contiguous():
-            self._start(key, gradient)
+            self._start(key, gradient, gradient)
 
-    def _block(self, key: int, block: torch.Tensor) -> None:
-        whole = block._base if block._base is not None else block
+    def _start(self, key: int, piece: torch.Tensor, whole: torch.Tensor) -> None:
+        """Start reducing ``piece`` of parameter ``key``'s gradient ``whole`` (a block of its
+        rows, or all of it)."""
         if key not in self.started:
             self.started[key] = (whole, [])
-        self.started[key][1].append(dist.all_reduce(block, group=self.group, async_op=True))
-        self.count_bytes(block.numel())
-
-    def _start(self, key: int, gradient: torch.Tensor) -> None:
-        work = dist.all_reduce(gradient, group=self.group, async_op=True)
-        self.started[key] = (gradient, [work])
-        self.count_bytes(gradient.numel())
+        self.started[key][1].append(dist.all_reduce(piece, group=self.group, async_op=True))
+        self.count_bytes(piece.numel())
 
     # --- after it -------------------------------------------------------------------------
 
@@ -187,7 +184,8 @@ class OverlappedAllReduce:
         self.contributions = dict(self.arrived)
         for key, (_, parameter) in self.watched.items():
             if key in self.stored_directly and self.contributions.get(key) == 1:
-                gradient_blocks.listen(parameter, lambda block, key=key: self._block(key, block),
+                gradient_blocks.listen(parameter,
+                                       lambda block, whole, key=key: self._start(key, block, whole),
                                        self.block_bytes)
             else:
                 gradient_blocks.forget(parameter)
