@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from terabrain.config.schema import OptimizerConfig, TrainConfig
+from terabrain.nn import gradient_buffers
 from terabrain.nn.autoencoder import RICA, Autoencoder
 from terabrain.nn.filter_maps import ConvMap, DenseMap, LocalMap
 from terabrain.nn.local import locally_connected, locally_connected_transpose
@@ -17,6 +19,8 @@ from terabrain.nn.shared_weight import (
     tied_pair, unit_row_map_codes, unit_row_map_pair, unit_row_pair,
 )
 from terabrain.nn.unit_rows import unit_rows
+from terabrain.objectives import ReconstructionObjective, RICAObjective
+from terabrain.train.stage import build_trainer
 
 
 def _inputs(rows=5, inputs=7, hidden=4, seed=0):
@@ -103,6 +107,75 @@ def test_models_train_as_with_autograd():
     torch.testing.assert_close(codes, rica.alpha * x @ unit.T)
     torch.testing.assert_close(reconstruction, codes @ unit + rica.bias)
     torch.testing.assert_close(rica.encode(x), codes)
+
+
+# --- the weight's gradient written into the last step's memory ---------------------------------
+
+def _train(model, objective, optimizer, monkeypatch, reuse):
+    """Train 6 steps: the weight gradient's memory address at every backward pass, how many
+    gradients were written into kept memory, the parameters after."""
+    if not reuse:  # without the use count nothing is reused: the previous behaviour
+        monkeypatch.setattr(gradient_buffers, "_use_count", None)
+    weight = model.weights()[0] if hasattr(model, "weights") else model.weight
+    addresses = []
+    weight.register_post_accumulate_grad_hook(
+        lambda p: addresses.append(p.grad.untyped_storage().data_ptr()))
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
+    trainer = build_trainer(model, objective, optimizer=optimizer,
+                            train=TrainConfig(steps=6, batch_size=16, progress=False),
+                            seed=0, inputs=x)
+    trainer.fit()
+    monkeypatch.undo()
+    reused = gradient_buffers.buffer_for(weight).reused
+    return addresses, reused, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["tied", "rica"])
+def test_the_weight_gradient_reuses_its_memory_and_trains_identically(kind, monkeypatch):
+    """Every step after the first writes the weight's gradient into the first step's memory
+    (no new pages to fault in), and training is bit for bit what new buffers give."""
+    def run(reuse):
+        if kind == "tied":
+            model = Autoencoder(48, 20, tied=True, seed=3)
+            optimizer = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9)
+            return _train(model, ReconstructionObjective(), optimizer, monkeypatch, reuse)
+        optimizer = OptimizerConfig(name="lbfgs", lr=1.0, max_iter=3)
+        return _train(RICA(48, 20, seed=3), RICAObjective(0.1, 1e-2), optimizer, monkeypatch,
+                      reuse)
+
+    reused, reuses, reused_parameters = run(True)
+    fresh, no_reuses, fresh_parameters = run(False)
+    assert len(reused) >= 6 and len(set(reused)) == 1 and reuses == len(reused) - 1
+    assert len(fresh) == len(reused) and no_reuses == 0
+    for a, b in zip(reused_parameters, fresh_parameters):
+        assert torch.equal(a, b)
+
+
+def test_a_gradient_still_held_is_never_overwritten():
+    """A gradient someone kept (a variable, a view, a pending collective) keeps its values:
+    the next backward pass writes elsewhere; and a gradient accumulated over two passes
+    (no zero_grad in between) is their sum."""
+    ae = Autoencoder(12, 5, tied=True, seed=3)
+    x = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(8, 12, generator=torch.Generator().manual_seed(1))
+    weight = ae.encoder.weight
+
+    def gradient(inputs):
+        weight.grad = None
+        ae(inputs)[1].pow(2).sum().backward()
+        return weight.grad
+
+    first = gradient(x)
+    kept = first.clone()
+    view = first[:2]
+    second = gradient(y)  # `first` and its view are still referenced
+    assert second.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+    assert torch.equal(first, kept) and torch.equal(view, kept[:2])
+    del first, view
+    third = gradient(x)  # nothing holds `first`'s memory now: reused, and correct
+    torch.testing.assert_close(third, kept, rtol=0, atol=0)
+    ae(y)[1].pow(2).sum().backward()  # accumulated into .grad, which is the kept memory
+    torch.testing.assert_close(weight.grad, kept + second)
 
 
 # --- the deep network's filter maps -------------------------------------------------------------

@@ -10,7 +10,7 @@ block ``i`` while block ``i + 1`` is computed.
 Model code stays free of parallelism: it only knows that someone may want the rows early.
 The functions that compute a weight's gradient themselves (terabrain.nn.shared_weight) ask
 :func:`listener_for` in the forward pass and, where there is one, compute the gradient
-through :func:`rows_in_blocks`; without one they compute it as before, in one product.
+through :func:`fill_in_blocks`; without one they compute it as before, in one product.
 
 The listener gets each block's rows and the whole gradient, as a detached alias of the
 gradient and a view of it: they share the memory that autograd then stores as
@@ -82,12 +82,11 @@ def block_rows(rows: int, row_bytes: int, block_bytes: int) -> list[tuple[int, i
     return [(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
 
 
-def rows_in_blocks(like: torch.Tensor, listening: Listening,
+def fill_in_blocks(gradient: torch.Tensor, listening: Listening,
                    fill: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
-    """A new gradient shaped like ``like``, filled block by block: ``fill(out, start, stop)``
-    writes the final rows ``[start, stop)`` into ``out`` (a view of those rows), and the
-    listener gets them, with the whole gradient, right after."""
-    gradient = torch.empty_like(like, memory_format=torch.contiguous_format)
+    """``gradient`` (uninitialised, contiguous) filled block by block: ``fill(out, start,
+    stop)`` writes the final rows ``[start, stop)`` into ``out`` (a view of those rows), and
+    the listener gets them, with the whole gradient, right after."""
     alias = gradient.detach()
     row_bytes = gradient.stride(0) * gradient.element_size()
     for start, stop in block_rows(gradient.shape[0], row_bytes, listening.block_bytes):

@@ -4,7 +4,8 @@ decoder), written so that the weight's gradient is ONE buffer.
 Autograd's default gives each use of a weight its own full-size gradient and sums them
 (a transient second copy of the largest tensor), and RICA's row normalisation adds a
 normalised copy of W plus the gradient of the normalisation (two more). Here the backward
-pass writes the decoder's contribution into a fresh buffer and adds the encoder's (and the
+pass writes the decoder's contribution into one buffer (the last step's memory, where it is
+free: terabrain.nn.gradient_buffers) and adds the encoder's (and the
 normalisation's) into the same buffer in place (``addmm_``, ``addcmul_``), so the peak of
 a step is weights + one gradient + optimizer state, plus batch-sized activations.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from terabrain.nn import gradient_blocks
+from terabrain.nn import gradient_blocks, gradient_buffers
 from terabrain.nn.unit_rows import EPS
 
 
@@ -56,6 +57,7 @@ class _TiedPair(torch.autograd.Function):
         codes = _ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
         ctx.activation = activation
         ctx.listening = gradient_blocks.listener_for(weight)
+        ctx.buffer = gradient_buffers.buffer_for(weight)
         ctx.save_for_backward(x, weight, codes)
         ctx.set_materialize_grads(False)
         return codes, codes @ weight
@@ -81,21 +83,22 @@ class _TiedPair(torch.autograd.Function):
                     return
                 torch.mm(codes[:, start:stop].t(), grad_codes_w, out=out)  # the decoder's
                 out.addmm_(grad_z[:, start:stop].t(), x)      # the encoder's, into the same rows
-            grad_weight = _weight_gradient(weight, ctx.listening, fill)
+            grad_weight = _weight_gradient(weight, ctx.listening, ctx.buffer, fill)
         grad_x = grad_z @ weight if ctx.needs_input_grad[0] else None
         grad_bias = grad_z.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None
 
 
-def _weight_gradient(weight, listening, fill):
-    """The weight's gradient, written by ``fill(out, start, stop)`` (rows ``[start, stop)``):
-    in one call (one product per term, as fast as it gets alone), or block by block for a
+def _weight_gradient(weight, listening, buffer, fill):
+    """The weight's gradient, written by ``fill(out, start, stop)`` (rows ``[start, stop)``)
+    into the memory of the last one where that is free (terabrain.nn.gradient_buffers): in
+    one call (one product per term, as fast as it gets alone), or block by block for a
     listener (terabrain.nn.gradient_blocks) that acts on the rows while the rest are computed."""
+    gradient = gradient_buffers.new_gradient(weight, buffer)
     if listening is None:
-        gradient = torch.empty_like(weight, memory_format=torch.contiguous_format)
         fill(gradient, 0, weight.shape[0])
         return gradient
-    return gradient_blocks.rows_in_blocks(weight, listening, fill)
+    return gradient_blocks.fill_in_blocks(gradient, listening, fill)
 
 
 def tied_pair(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str):
@@ -115,6 +118,7 @@ class _UnitRowPair(torch.autograd.Function):
         projected = (x @ weight.t()) * scale                  # x Wn^T
         codes = alpha * projected
         ctx.listening = gradient_blocks.listener_for(weight)
+        ctx.buffer = gradient_buffers.buffer_for(weight)
         ctx.save_for_backward(x, weight, alpha, norms, scale, projected)
         ctx.set_materialize_grads(False)
         return codes, (codes * scale) @ weight
@@ -152,7 +156,7 @@ class _UnitRowPair(torch.autograd.Function):
                     torch.mm(scaled_codes[:, start:stop].t(), grad_codes_w, out=out)  # decoder's
                     out.addmm_(grad_y[:, start:stop].t(), x)   # the encoder's
                 out.addcmul_(weight[start:stop], row_factor[start:stop])  # the normalisation's
-            grad_weight = _weight_gradient(weight, ctx.listening, fill)
+            grad_weight = _weight_gradient(weight, ctx.listening, ctx.buffer, fill)
         grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
         return grad_x, grad_weight, grad_alpha
 
