@@ -22,6 +22,18 @@ def test_fit_alpha_beta_recovers_latency_and_bandwidth():
     assert fitted_bandwidth == pytest.approx(bandwidth, rel=1e-6)
 
 
+def test_fit_alpha_beta_keeps_the_latency_when_large_messages_are_noisy():
+    """A few percent of noise on the largest message's milliseconds is more than the whole
+    latency: the fit must still find it from the small messages (relative error)."""
+    alpha, bandwidth, steps = 50e-6, 2e9, 1
+    sizes = (64, 4e3, 256e3, 4e6, 32e6)
+    noise = (1.0, 1.02, 0.98, 1.03, 0.97)
+    points = [(size, (steps * alpha + size / bandwidth) * f) for size, f in zip(sizes, noise)]
+    fitted_alpha, fitted_bandwidth = fit_alpha_beta(points, steps)
+    assert fitted_alpha == pytest.approx(alpha, rel=0.05)
+    assert fitted_bandwidth == pytest.approx(bandwidth, rel=0.05)
+
+
 def test_shared_rank_counts_double_up_to_the_cores_and_oversubscribe_small_nodes():
     assert shared_rank_counts(1) == [1, 2]
     assert shared_rank_counts(2) == [1, 2, 4]

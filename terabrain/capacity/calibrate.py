@@ -74,8 +74,9 @@ QUICK_SHAPES = [*_hidden_unit_products(40, 1024, 3072), *_hidden_unit_products(2
 # --quick: each figure from a 0.05 s window (at least 3 calls): a profile in ~15 s on 2
 # cores, for tests and a first look; noisier than the default 0.4 s.
 QUICK_SECONDS = 0.05
-LINK_SIZES = [4 * 1024, 256 * 1024, 4 * 2**20, 32 * 2**20]
-QUICK_LINK_SIZES = [4 * 1024, 1 * 2**20, 8 * 2**20]
+# The smallest message fixes the latency (fit_alpha_beta), the largest the bandwidth.
+LINK_SIZES = [64, 4 * 1024, 256 * 1024, 4 * 2**20, 32 * 2**20]
+QUICK_LINK_SIZES = [64, 4 * 1024, 1 * 2**20, 8 * 2**20]
 
 
 def _sync(device: torch.device) -> None:
@@ -349,11 +350,20 @@ def _steps(collective: str, ranks: int) -> int:
 
 
 def fit_alpha_beta(points: list[tuple[float, float]], steps: int) -> tuple[float, float]:
-    """Least squares of time = a + sent / bandwidth over (sent bytes, seconds) points;
-    alpha = a / steps (never below 0)."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
+    """time = a + sent / bandwidth over (sent bytes, seconds) points, fitted in relative
+    error (least squares weighted by 1 / time^2); alpha = a / steps (never below 0).
+
+    An unweighted fit is decided by the largest messages, whose milliseconds of noise swamp a
+    latency of tens of microseconds: on this loopback it returned alpha = 0 for gloo's
+    point-to-point, and the deep network's hundreds of few-kB halo messages cost nothing in
+    the model. Weighted by relative error, the smallest message (LINK_SIZES starts at 64
+    bytes) fixes the latency and the largest the bandwidth."""
+    weights = [1.0 / max(y, 1e-12) ** 2 for _, y in points]
+    total = sum(weights)
+    mean_x = sum(w * x for w, (x, _) in zip(weights, points)) / total
+    mean_y = sum(w * y for w, (_, y) in zip(weights, points)) / total
+    slope = (sum(w * (x - mean_x) * (y - mean_y) for w, (x, y) in zip(weights, points))
+             / sum(w * (x - mean_x) ** 2 for w, (x, _) in zip(weights, points)))
     slope = max(slope, 1e-15)
     intercept = max(0.0, mean_y - slope * mean_x)
     return intercept / max(1, steps), 1.0 / slope
