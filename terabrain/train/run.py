@@ -45,7 +45,7 @@ from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.train.checkpoint import CheckpointManager
 from terabrain.train.export import WholeWeights, export_weights, load_exported
-from terabrain.train.malloc import map_large_buffers
+from terabrain.train.malloc import map_large_buffers, releases_freed_buffers
 from terabrain.train.network_stage import (
     downstream_monitors,
     network_stage,
@@ -100,6 +100,12 @@ def _check_divisible(train: TrainConfig, rows: int, parallel: Parallelism) -> No
         )
 
 
+def _local_parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's parameters (a sharded parameter's local shard)."""
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in local)
+
+
 def _feature_stage(
     config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
     results: Results, parallel: Parallelism, monitors: Sequence[Callback] = (),
@@ -129,6 +135,8 @@ def _feature_stage(
             stage="features", run_dir=run_dir, manager=manager, train=train, config=config,
             parallel=parallel, training=training)],
     )
+    if releases_freed_buffers(train.release_freed_buffers, _local_parameter_bytes(stage.network)):
+        map_large_buffers()  # freed batch-sized tensors leave the resident set (train/malloc.py)
     fit_stage(stage.trainer, "features", manager, config)
     trainer, training, network = stage.trainer, stage.training, stage.network
     summary = {
@@ -207,7 +215,6 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Train ``config`` in ``run_dir``; continues from its checkpoints if it has any.
     ``mesh``: the (data, model) mesh when launched on several ranks (see terabrain.parallel)."""
-    map_large_buffers()  # freed batch-sized tensors leave the resident set (train/malloc.py)
     parallel = Parallelism(mesh, config.parallel)
     device = resolve_device(config.device)
     if device.type == "cuda" and dist.is_initialized():
