@@ -82,3 +82,5 @@ def test_calibrate_under_torchrun_measures_the_links_and_ranks_at_once(tmp_path)
     for collective in ("all_reduce", "all_gather", "reduce_scatter", "point_to_point"):
         assert getattr(links, collective).bandwidth > 1e6  # loopback TCP moves more than 1 MB/s
     assert profile.network.backend == "gloo"
+    # A model-parallel evaluation's dispatch, measured on a tiny layer split over the ranks.
+    assert profile.compute.sharded_evaluation_s > 0

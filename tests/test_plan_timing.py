@@ -213,6 +213,28 @@ def test_a_slow_compressor_costs_compute_time(tmp_path):
         2 * 4 * elements * (1 / 1e8 - 1 / 1e12), rel=1e-6)
 
 
+def test_a_model_parallel_split_pays_the_sharded_dispatch_per_evaluation(tmp_path):
+    """Units split over the model axis run as DTensors: each closure evaluation costs the
+    profile's sharded_evaluation_s beyond its work; data-parallel splits do not pay it."""
+    raw = yaml.safe_load(load_profile("h100-sxm").to_yaml())
+    splits = {}
+    for extra in (0.0, 0.004):
+        raw["compute"]["sharded_evaluation_s"] = extra
+        path = tmp_path / f"p{extra:g}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        for optimizer, evaluations in (("sgd", 1), ("lbfgs", None)):
+            sets = [f"optimizer.name={optimizer}"] + (["optimizer.max_iter=5"] if evaluations is None else [])
+            plan = plan_experiment(load_experiment("lbann-ae-small", sets), 2, 10**11,
+                                   profile=load_profile(str(path)))
+            for split in plan.splits:
+                splits[(extra, optimizer, split.data, split.model)] = split.compute_s
+    assert splits[(0.004, "sgd", 1, 2)] - splits[(0.0, "sgd", 1, 2)] == pytest.approx(0.004)
+    assert splits[(0.004, "sgd", 2, 1)] == pytest.approx(splits[(0.0, "sgd", 2, 1)])
+    # L-BFGS evaluates the closure several times per step, each one sharded.
+    lbfgs_extra = splits[(0.004, "lbfgs", 1, 2)] - splits[(0.0, "lbfgs", 1, 2)]
+    assert lbfgs_extra > 0.004 * 1.5
+
+
 def test_cli_plan_needs_a_memory_size_or_a_profile(capsys):
     assert main(["plan", "lbann-ae-50k", "--gpus", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

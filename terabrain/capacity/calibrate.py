@@ -197,32 +197,75 @@ def measure_compression(device: torch.device, seconds: float) -> dict[str, float
     return rates
 
 
-def measure_step_overhead(device: torch.device, seconds: float) -> float:
-    """The fixed cost of one training step: terabrain's own trainer on a tied autoencoder of
-    16 units over 16 inputs (batch 8, SGD with momentum, metrics written every 5 steps), so
-    that everything but the work is there: Python, the dispatch of the step's few dozen
-    kernels, autograd, the loop and its logging. (A bare layer's step measured a third of
-    it here.)"""
+TINY_STEPS = 100
+
+
+def _tiny_trainer(device: torch.device, scratch: Path, parallel=None, hidden: int = 16):
+    """terabrain's own trainer on a tied autoencoder of ``hidden`` units over 16 inputs (batch
+    8, SGD with momentum, metrics written every 5 steps): everything of a step but its work.
+    With ``parallel``, the units split over its model axis (DTensors)."""
     from terabrain.config.schema import OptimizerConfig, TrainConfig
     from terabrain.nn.autoencoder import Autoencoder
     from terabrain.objectives import ReconstructionObjective
     from terabrain.train.callbacks import MetricsLogger
     from terabrain.train.stage import build_trainer
 
-    steps = 100
+    scratch.mkdir(parents=True, exist_ok=True)
+    if parallel is None:
+        model = Autoencoder(16, hidden, tied=True, seed=0)
+    else:
+        with torch.device("meta"):
+            unplaced = Autoencoder(16, hidden, tied=True, seed=0)
+        model = parallel.parallelize(unplaced, device)
+    trainer = build_trainer(
+        model, ReconstructionObjective(),
+        optimizer=OptimizerConfig(name="sgd", lr=1e-3, momentum=0.9),
+        train=TrainConfig(steps=TINY_STEPS, batch_size=8, log_every=5, progress=False), seed=0,
+        inputs=torch.rand(64, 16), device=device, parallel=parallel,
+        callbacks=[MetricsLogger(scratch / "metrics.jsonl", "calibrate")])
+
+    def run_steps():
+        trainer.steps += TINY_STEPS
+        trainer.fit()
+
+    return run_steps
+
+
+def measure_step_overhead(device: torch.device, seconds: float) -> float:
+    """The fixed cost of one training step: terabrain's own trainer on a tied autoencoder of
+    16 units over 16 inputs, so that everything but the work is there: Python, the dispatch
+    of the step's few dozen kernels, autograd, the loop and its logging. (A bare layer's step
+    measured a third of it here.)"""
     with tempfile.TemporaryDirectory(prefix="terabrain-calibrate-") as scratch:
-        trainer = build_trainer(
-            Autoencoder(16, 16, tied=True, seed=0), ReconstructionObjective(),
-            optimizer=OptimizerConfig(name="sgd", lr=1e-3, momentum=0.9),
-            train=TrainConfig(steps=steps, batch_size=8, log_every=5, progress=False), seed=0,
-            inputs=torch.rand(64, 16), device=device,
-            callbacks=[MetricsLogger(Path(scratch) / "metrics.jsonl", "calibrate")])
+        run_steps = _tiny_trainer(device, Path(scratch))
+        return timed(run_steps, device, seconds, at_least=3) / TINY_STEPS
 
-        def run_steps():
-            trainer.steps += steps
-            trainer.fit()
 
-        return timed(run_steps, device, seconds, at_least=3) / steps
+def measure_sharded_evaluation(device: torch.device, all_reduce: dict, repeats: int = 5) -> float:
+    """What a closure evaluation of a model-parallel layer costs beyond its work and its
+    collectives (every rank of the launcher calls this): the tiny trainer's step with its 16 x
+    ranks units split over all ranks (DTensors), less the same step on plain tensors run on
+    every rank at once, less the model's cost of the step's all-reduce of the (8 x 16)
+    reconstruction over ``all_reduce`` (the link just measured)."""
+    import torch.distributed as dist
+
+    from terabrain.config.sections import ParallelConfig
+    from terabrain.parallel.parallelism import Parallelism
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ranks = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (1, ranks), mesh_dim_names=("data", "model"))
+    with tempfile.TemporaryDirectory(prefix="terabrain-calibrate-") as scratch:
+        sharded = _tiny_trainer(device, Path(scratch) / "sharded",
+                                Parallelism(mesh, ParallelConfig(data=1, model=ranks)), 16 * ranks)
+        plain = _tiny_trainer(device, Path(scratch) / "plain", hidden=16 * ranks)
+        dist.barrier()
+        sharded_s = _max_over_ranks(timed_fixed(sharded, device, repeats) / TINY_STEPS, device)
+        dist.barrier()
+        plain_s = _max_over_ranks(timed_fixed(plain, device, repeats) / TINY_STEPS, device)
+    collective = (all_reduce["alpha_s"] * _steps("all_reduce", ranks)
+                  + _ring_sent("all_reduce", ranks, 4 * 8 * 16) / all_reduce["bandwidth"])
+    return max(0.0, sharded_s - plain_s - collective)
 
 
 # (batch, channels, input side, kernel, stride, maps) of deep networks' locally connected
@@ -613,7 +656,11 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
             log(f"  {collective}: intra {intra[collective]['alpha_s'] * 1e6:.0f} us/step, "
                 f"{intra[collective]['bandwidth'] / 1e9:.2f} GB/s"
                 + (f", {cpu_share:.2f} CPU s per s" if cpu_share is not None else ""))
+        sharded_evaluation = measure_sharded_evaluation(device, intra["all_reduce"])
+        log(f"  a model-parallel evaluation's dispatch (DTensor): "
+            f"{sharded_evaluation * 1e3:.2f} ms beyond its kernels and collectives")
     else:
+        sharded_evaluation = 0.0  # not measured: no ranks to split a layer over
         fallback = {"alpha_s": 5e-5, "bandwidth": 1e9}
         intra = inter = {c: dict(fallback) for c in COLLECTIVES}
         backend = "gloo" if device.type == "cpu" else "nccl"
@@ -639,6 +686,7 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
             "optimizer_bandwidth": rates["optimizer_bandwidth"],
             "fresh_bandwidth": rates["fresh_bandwidth"],
             "step_overhead_s": rates["step_overhead_s"],
+            "sharded_evaluation_s": sharded_evaluation,
             "compression_bandwidth": rates["compression_bandwidth"],
             "ranks_share_device": cpu, "shared": rates["shared"],
         },

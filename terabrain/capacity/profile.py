@@ -113,6 +113,11 @@ class Compute(_Strict):
                           "on first touch); None: elementwise_bandwidth.")
     step_overhead_s: float = Field(
         0.0, ge=0, description="Fixed seconds per training step (framework, launches).")
+    sharded_evaluation_s: float = Field(
+        0.0, ge=0, description="Seconds one closure evaluation of a model-parallel layer "
+        "(DTensor) costs beyond the same evaluation on plain tensors: the sharding "
+        "propagation and redistributions of its few dozen operations (terabrain calibrate "
+        "under a launcher); 0: not measured.")
     ranks_share_device: bool = Field(
         False, description="True on CPU nodes: the ranks of a node share its cores, so each "
                            "gets 1/ranks-per-node of the rates above (unless ``shared`` "

@@ -57,6 +57,9 @@ class StepWork:
     transfers: list[Transfer] = field(default_factory=list)
     compression: tuple[str, float] | None = None
     """(parallel.compression scheme, fp32 gradient bytes its compressor passes over per step)."""
+    sharded_evaluations: float = 0.0
+    """Closure evaluations per step that run on sharded (DTensor) parameters: each costs the
+    profile's ``sharded_evaluation_s`` of dispatch beyond its kernels."""
 
     @property
     def flops(self) -> float:

@@ -15,6 +15,8 @@ Per closure evaluation, with b = batch / data rows, n inputs, h' = hidden / mode
 - collectives: on the model axis the forward all-reduce of the (b x n) partial
   reconstruction (and the summed scalars); on the data axis the gradient exchange
   (terabrain.capacity.work.gradient_exchange), after the backward pass.
+- split over the model axis, each evaluation also pays DTensor's dispatch of its operations
+  (``StepWork.sharded_evaluations``; the profile's ``sharded_evaluation_s``).
 """
 
 from __future__ import annotations
@@ -73,7 +75,10 @@ def hidden_unit_work(learner, config, inputs: int, params: list, logged: int):
                 sharded = sum(p.numel for p in params if p.sharded)
                 transfers.append(Transfer("all_gather", "model",
                                           ring_all_gather(model_ranks, FP32 * sharded), evaluations))
-        return assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations, local,
+        step = assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations, local,
                              logged, transfers)
+        if model_ranks > 1:  # the units split over the model axis are DTensors
+            step.sharded_evaluations = evaluations
+        return step
 
     return work
