@@ -18,7 +18,7 @@ import torch.distributed as dist
 from sklearn.datasets import load_digits
 
 from terabrain.config.schema import OptimizerConfig, ParallelConfig, TrainConfig
-from terabrain.nn import gradient_blocks
+from terabrain.nn import gradient_blocks, gradient_buffers
 from terabrain.nn.autoencoder import RICA, Autoencoder
 from terabrain.objectives import ReconstructionObjective, RICAObjective
 from terabrain.parallel import build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed
@@ -75,6 +75,9 @@ def check_case(case: str, mesh, x, exact: bool) -> None:
     weight = next(p for p in model.parameters() if p.dim() == 2)
     blocks = gradient_blocks.listener_for(weight) is not None
     assert blocks == CASES[case][3], f"{case}: blocks {blocks}"
+    if blocks:  # the exchange lets go of each step's gradient: the next one reuses its memory
+        reused = gradient_buffers.buffer_for(weight).reused
+        assert reused >= STEPS - 1, f"{case}: the gradient's memory reused {reused} times"
     if exact:
         assert losses == flat_losses, f"{case}: {losses} != {flat_losses}"
     else:
