@@ -4,8 +4,9 @@ and a machine profile (terabrain.capacity.profile).
 - compute = sum over GEMMs of FLOPs / gemm_rate (locally connected ones at local_efficiency
   of it) + elementwise bytes / elementwise bandwidth + optimizer bytes / optimizer bandwidth
   + the gradient compressor's passes at its measured rate + the profile's fixed step
-  overhead + the dispatch of sharded (DTensor) operations per model-parallel evaluation. Where the ranks of a node share one device (CPU nodes), each rank computes at
-  the rates ``terabrain calibrate`` measured with that many ranks computing at once
+  overhead + the dispatch of sharded (DTensor) operations per model-parallel evaluation.
+  Where the ranks of a node share one device (CPU nodes), each rank computes at the rates
+  ``terabrain calibrate`` measured with that many ranks computing at once
   (``compute.shared``: thin GEMMs do not speed up with threads as square ones do, and two
   hardware threads of one core share its units), or, without such a measurement, at
   1 / (ranks on the node) of the device's rates.

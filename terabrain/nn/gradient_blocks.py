@@ -21,11 +21,12 @@ working on a buffer nobody reads).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from terabrain.nn.parameter_table import ParameterTable
 
 BlockListener = Callable[[torch.Tensor, torch.Tensor], None]
 """Called with (the block's rows, the whole gradient), both detached aliases."""
@@ -38,9 +39,7 @@ class Listening:
     """Rows per block are chosen so that a block holds about this many bytes."""
 
 
-# id(parameter) -> (a weak reference to it, its listening). Not a WeakKeyDictionary: that
-# compares keys with ==, which for tensors is elementwise.
-_listening: dict[int, tuple[weakref.ref, Listening]] = {}
+_listening: ParameterTable[Listening] = ParameterTable()
 
 
 def listen(parameter: torch.Tensor, listener: BlockListener, block_bytes: int) -> None:
@@ -49,24 +48,17 @@ def listen(parameter: torch.Tensor, listener: BlockListener, block_bytes: int) -
     blocks; see :func:`supports_blocks`)."""
     if block_bytes <= 0:
         raise ValueError(f"block_bytes must be positive, got {block_bytes}")
-    key = id(parameter)
-    _listening[key] = (weakref.ref(parameter, lambda _: _listening.pop(key, None)),
-                       Listening(listener, block_bytes))
+    _listening.set(parameter, Listening(listener, block_bytes))
 
 
 def forget(parameter: torch.Tensor) -> None:
-    entry = _listening.get(id(parameter))
-    if entry is not None and entry[0]() is parameter:
-        del _listening[id(parameter)]
+    _listening.remove(parameter)
 
 
 def listener_for(weight: torch.Tensor) -> Optional[Listening]:
     """The listening registered for ``weight`` (called in the forward pass, where ``weight``
     is the parameter itself), or None."""
-    if not supports_blocks(weight):
-        return None
-    entry = _listening.get(id(weight))
-    return entry[1] if entry is not None and entry[0]() is weight else None
+    return _listening.get(weight) if supports_blocks(weight) else None
 
 
 def supports_blocks(weight: torch.Tensor) -> bool:

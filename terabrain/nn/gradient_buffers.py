@@ -18,10 +18,11 @@ anyway); between steps the memory stays mapped instead of being returned.
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
+
+from terabrain.nn.parameter_table import ParameterTable
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 """The number of references to a storage (tensors, views, storages). Private in torch; where
@@ -52,8 +53,7 @@ class GradientBuffer:
         return gradient
 
 
-# id(parameter) -> (a weak reference to it, its buffer): the entry goes with the parameter.
-_buffers: dict[int, tuple[weakref.ref, GradientBuffer]] = {}
+_buffers: ParameterTable[GradientBuffer] = ParameterTable()
 
 
 def buffer_for(weight: torch.Tensor) -> Optional[GradientBuffer]:
@@ -63,12 +63,10 @@ def buffer_for(weight: torch.Tensor) -> Optional[GradientBuffer]:
     if type(weight) not in (torch.Tensor, torch.nn.Parameter) or not (
             weight.is_leaf and weight.requires_grad):
         return None
-    key = id(weight)
-    entry = _buffers.get(key)
-    if entry is not None and entry[0]() is weight:
-        return entry[1]
-    buffer = GradientBuffer()
-    _buffers[key] = (weakref.ref(weight, lambda _: _buffers.pop(key, None)), buffer)
+    buffer = _buffers.get(weight)
+    if buffer is None:
+        buffer = GradientBuffer()
+        _buffers.set(weight, buffer)
     return buffer
 
 

@@ -42,7 +42,7 @@ from terabrain.learners.registry import learner_of
 from terabrain.nn.autoencoder import SupervisedHead
 from terabrain.objectives import build_supervised_objective
 from terabrain.parallel.launch import is_main_rank
-from terabrain.parallel.parallelism import Parallelism, full
+from terabrain.parallel.parallelism import Parallelism, full, local
 from terabrain.train.checkpoint import CheckpointManager
 from terabrain.train.export import WholeWeights, export_weights, load_exported
 from terabrain.train.malloc import map_large_buffers, releases_freed_buffers
@@ -102,8 +102,7 @@ def _check_divisible(train: TrainConfig, rows: int, parallel: Parallelism) -> No
 
 def _local_parameter_bytes(model: torch.nn.Module) -> int:
     """Bytes of this rank's parameters (a sharded parameter's local shard)."""
-    local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
-    return sum(t.numel() * t.element_size() for t in local)
+    return sum(t.numel() * t.element_size() for t in map(local, model.parameters()))
 
 
 def _feature_stage(
