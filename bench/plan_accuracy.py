@@ -215,10 +215,10 @@ def cause(case: Case) -> str:
                        "step (LCN, losses, Adam per parameter, layer-wise bookkeeping), whose "
                        "dispatch cost the model does not count")
     if case.experiment == DEEP and case.model > 1:
-        reasons.append("split deep layers: each step's halo gathers and scatters run "
-                       "hundreds of point-to-point messages and Python-level autograd "
-                       "functions that wait for the other rank (profiled: ~7 ms in the gather's "
-                       "own code and waits, ~6 ms in sends and receives per 80 ms step)")
+        reasons.append("split deep layers: each step's halo gathers and scatters (about 15 "
+                       "point-to-point messages) run in Python-level autograd functions that "
+                       "wait for the other rank (profiled: ~7 ms in the gather's own code and "
+                       "waits, ~6 ms in sends and receives per 80 ms step)")
     if case.ranks > (os.cpu_count() or 1) and case.experiment != DEEP:
         reasons.append("more ranks than cores: calibrate's 4-rank rates are the mean over a "
                        "window; a step waits for the slowest rank at every collective")
