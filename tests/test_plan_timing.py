@@ -67,6 +67,13 @@ def test_a_wrong_profile_field_is_named(tmp_path):
         load_profile(str(path))
     with pytest.raises(ConfigError, match="built-in: .*h100-sxm"):
         load_profile("no-such-machine")
+    # An infinite figure is named too, not left to divide by zero in the step-time model.
+    for field in ("step_overhead_s", "sharded_evaluation_s"):
+        raw = yaml.safe_load(load_profile("a100-80gb").to_yaml())
+        raw["compute"][field] = float("inf")
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match=f"compute.{field}"):
+            load_profile(str(path))
 
 
 def test_cli_bad_profile_exits_2_with_one_line(capsys, tmp_path):

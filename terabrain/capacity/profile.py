@@ -43,7 +43,9 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "point_to_point")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every figure of a profile is a finite number: an infinite rate or overhead would only
+    # surface as a division by zero (or inf - inf) deep in the step-time model.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 GEMM_LAYOUTS = ("nn", "nt", "tn", "tn+")
