@@ -255,8 +255,9 @@ def add_parsers(commands) -> None:
     evaluate.add_argument("--weight-decays", default="0.00001,0.0001,0.001,0.01",
                           help="L2 penalties the validation split chooses from "
                           "(default 1e-5,1e-4,1e-3,1e-2)")
-    evaluate.add_argument("--probe-iterations", type=int, default=50,
-                          help="L-BFGS iterations of each probe fit (default 50; warm-started)")
+    evaluate.add_argument("--probe-iterations", type=int, default=20,
+                          help="L-BFGS iterations of each probe fit, preconditioned by the "
+                          "features' correlation (default 20)")
     evaluate.add_argument("--precision", default="auto",
                           help="the matrix products of the encoder at extraction and of the "
                           "probe: bf16 (float32 sums, weights and loss), fp32, or auto "

@@ -27,7 +27,7 @@ import torch
 
 from terabrain.analysis.datasets import load_analysis_data
 from terabrain.analysis.loaded_run import LoadedRun, load_run
-from terabrain.analysis.probe import choose_weight_decay_path, fit_logistic
+from terabrain.analysis.probe import FeatureCorrelation, choose_weight_decay, fit_logistic
 from terabrain.analysis.single_layer import (
     Encoding, ThreadBuffers, WhitenedPatches, affine_form, extract, random_unit_filters,
     resolved_precision, sample_whitened_patches,
@@ -44,6 +44,11 @@ LABELLED_FOLDER = "labelled-folder"
 PENALTIES = (1e-5, 1e-4, 1e-3, 1e-2)
 """The L2 penalties the validation split chooses from. 1e-5 was added when every feature set
 at K = 1,600 chose 1e-4, the smallest of (1e-4, 1e-3, 1e-2)."""
+PROBE_ITERATIONS = 20
+"""L-BFGS iterations per probe fit. Preconditioned (terabrain.analysis.probe.Preconditioner),
+20 iterations end within 0.1 points of 30 and 50 on Fashion-MNIST at K = 1,600 (validation
+and test accuracy of the run's own encoder, docs/analysis.md); unpreconditioned, 50 had been
+far from the optimum."""
 
 
 @dataclass
@@ -59,7 +64,7 @@ class EvaluateOptions:
     features: tuple[str, ...] = FEATURE_SETS
     weight_decays: tuple[float, ...] = PENALTIES
     validation_fraction: float = 0.2
-    probe_iterations: int = 50
+    probe_iterations: int = PROBE_ITERATIONS
     precision: str = "auto"
     """The matrix products of the extraction's encoder and of the probe: bf16 (float32
     accumulation, float32 weights and sums), fp32, or auto (bf16 where the CPU multiplies
@@ -165,32 +170,36 @@ def train_kmeans(images: np.ndarray, patches: WhitenedPatches, k: int, seed: int
 @dataclass
 class Penalty:
     """The L2 penalty chosen for one feature set on the training split's validation part
-    (seed 0's features and split), every penalty's validation accuracy, and the probe fitted
-    there."""
+    (seed 0's features and split), every penalty's validation accuracy, the probe fitted
+    there and the features' correlation (the refit's preconditioner)."""
     weight_decay: float
     validation: dict[str, float]
     probe: object
+    correlation: Optional[FeatureCorrelation]
 
 
 def choose_penalty(train: np.ndarray, y_train: np.ndarray, classes: int,
                    options: EvaluateOptions) -> Penalty:
-    """The regularisation path on the validation split cut from the training split (seeded
-    with 0, the same rows for every feature set): only training images are seen."""
-    best, scores, probe = choose_weight_decay_path(
+    """Every penalty fitted on the training split less a validation part (seeded with 0, the
+    same rows for every feature set) and scored there: only training images are seen."""
+    choice = choose_weight_decay(
         torch.from_numpy(np.asarray(train)), torch.from_numpy(y_train), classes,
         options.weight_decays, options.validation_fraction, 0, options.probe_iterations,
-        warm_start=True, precision=options.precision)
-    return Penalty(best, {str(k): v for k, v in scores.items()}, probe)
+        precision=options.precision)
+    return Penalty(choice.weight_decay, {str(k): v for k, v in choice.scores.items()},
+                   choice.probe, choice.correlation)
 
 
 def probe_features(train: np.ndarray, y_train: np.ndarray, test: np.ndarray,
                    y_test: np.ndarray, penalty: Penalty, options: EvaluateOptions) -> dict:
-    """Refit with the penalty chosen on these features' validation path, on the whole
-    training split, starting from that path's chosen fit; then score the test split once."""
+    """Refit with the penalty chosen on these features' validation part, on the whole
+    training split, starting from the chosen penalty's fit there and preconditioned by the
+    same correlation; then score the test split once."""
     classes = penalty.probe.weight.shape[0]
     probe = fit_logistic(torch.from_numpy(np.asarray(train)), torch.from_numpy(y_train),
                          classes, penalty.weight_decay, options.probe_iterations,
-                         start=penalty.probe, precision=options.precision)
+                         start=penalty.probe, precision=options.precision,
+                         correlation=penalty.correlation)
     test_accuracy = probe.accuracy(torch.from_numpy(np.asarray(test)), torch.from_numpy(y_test))
     return {"weight_decay": penalty.weight_decay, "test_accuracy": test_accuracy,
             "iterations": probe.iterations, "final_gradient": probe.gradient}
@@ -277,13 +286,11 @@ def evaluate(run_dir: Path, options: EvaluateOptions) -> dict:
                                    if options.score_test or part == "train" else None
                                    for split, part in splits)
                 extracted = time.perf_counter()
-                # Each seed's features get their own path on the validation part (the same
-                # rows for every seed): its chosen fit is the refit's warm start, which a fit
-                # on another seed's filters is not (warm-started from seed 0's, seeds 1 and 2
-                # of random filters ended 3.5 points lower within 50 iterations; from zero,
-                # the bfloat16 fits stop well short of the optimum).
+                # Each seed's features get their own penalty choice on the validation part
+                # (the same rows for every seed): its chosen fit is the refit's warm start,
+                # which a fit on another seed's filters is not.
                 penalty = choose_penalty(train, images.train_labels, classes, options)
-                penalties.setdefault(name, penalty)
+                penalties.setdefault(name, replace(penalty, probe=None, correlation=None))
                 chosen = time.perf_counter()
                 if options.score_test:
                     result = probe_features(train, images.train_labels, test, images.test_labels,
