@@ -220,6 +220,26 @@ def test_a_slow_compressor_costs_compute_time(tmp_path):
         2 * 4 * elements * (1 / 1e8 - 1 / 1e12), rel=1e-6)
 
 
+def test_the_packed_exchange_pays_its_own_copies_beside_the_compressor():
+    """The one-bit exchange copies, sums and divides the whole gradient around its
+    compressor (17 streams per value, 9 of them into new buffers) and its own range's
+    residuals (6 per value of a 1/n range): more local traffic than the plain all-reduce's
+    flat buffer, a little less per value on more ranks."""
+    from terabrain.capacity.work import gradient_exchange
+
+    elements = 1_000_000
+    plain = load_experiment("lbann-ae-small", ["parallel.overlap=false"]).parallel
+    onebit = load_experiment("lbann-ae-small", ["parallel.compression=onebit"]).parallel
+    _, (plain_streams, plain_fresh), none = gradient_exchange(plain, 2, elements, 0)
+    assert none is None
+    copies = {n: gradient_exchange(onebit, n, elements, 0)[1] for n in (2, 4)}
+    for n, (in_place, fresh) in copies.items():
+        assert in_place == pytest.approx(4 * elements * (8 + 6 / n))
+        assert fresh == pytest.approx(4 * elements * 9)
+    assert sum(copies[2]) > 3 * (plain_streams + plain_fresh)
+    assert sum(copies[4]) < sum(copies[2])
+
+
 def test_a_model_parallel_split_pays_the_sharded_dispatch_per_evaluation(tmp_path):
     """Units split over the model axis run as DTensors: each closure evaluation costs the
     profile's sharded_evaluation_s beyond its work; data-parallel splits do not pay it."""

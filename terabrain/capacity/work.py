@@ -94,6 +94,18 @@ DATA_PARALLEL_OVERLAP_STREAMS = 2
 # once each way; a lossy scheme quantizes the gradient, decompresses and sums the pieces of
 # its column range, re-quantizes that range and decompresses the gathered sum (~ 2 passes).
 COMPRESSION_PASSES = {"fp16": 1, "bf16": 1, "onebit": 2, "threshold": 2, "adaptive": 2}
+# The bit-packed exchange's own passes around its compressor, in 4-byte streams per gradient
+# value (each read and each write one; terabrain.parallel.exchange._reduce_scatter_all_gather).
+# Into new buffers, as the flat buffer above: the gradient copied (2), the new residual (3),
+# the gathered pieces joined (2) and divided by n (2): 9. In place: the residual added to
+# the copy (3), the n received ranges summed into this rank's range (n additions of 1/n: 3),
+# the result copied back into the gradient (2): 8; and per value of this rank's own range
+# (1/n of them) its second residual added and the new one made (6). Before these were
+# counted the one-bit case was predicted at 0.58 of its measured step (the profiler found
+# 44 ms per step in these copies).
+PACKED_EXCHANGE_FRESH_STREAMS = 9
+PACKED_EXCHANGE_STREAMS = 8
+PACKED_EXCHANGE_RANGE_STREAMS = 6
 
 
 def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
@@ -122,6 +134,9 @@ def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
         return [Transfer("all_reduce", "data", sent, per_step)], copies, work
     # onebit (and, as an estimate, threshold and adaptive): one bit per value, reduced by
     # reduce-scatter, re-quantized and all-gathered (terabrain.parallel.exchange).
+    streams = PACKED_EXCHANGE_STREAMS + PACKED_EXCHANGE_RANGE_STREAMS / data_ranks
+    copies = (streams * FP32 * elements * per_step,
+              PACKED_EXCHANGE_FRESH_STREAMS * FP32 * elements * per_step)
     payload = elements / 8 + 2 * 2 * (elements ** 0.5)  # signs + bf16 values per column
     transfers = [Transfer("reduce_scatter", "data", ring_all_gather(data_ranks, payload), per_step),
                  Transfer("all_gather", "data", ring_all_gather(data_ranks, payload), per_step),
