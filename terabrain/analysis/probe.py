@@ -72,9 +72,11 @@ def standardize(x: torch.Tensor, precision: str = "fp32"
 
 
 LBFGS_HISTORY = 10
+"""Curvature pairs L-BFGS keeps (30 fitted no better at K = 1,600)."""
 CORRELATION_ROWS = 8192
 """Rows of the standardised features whose correlation preconditions the fit (spread over
-the whole matrix): about 8 s of products at 6,400 features on 2 cores."""
+the whole matrix): about 4 s of products at 6,400 features on 2 cores; 16,384 rows took
+twice that and saved less than it cost in iterations."""
 PRECONDITIONED_FEATURES = 16384
 """Above this many features the fit is not preconditioned (the factor is features^2 floats:
 1 GiB here)."""
@@ -200,8 +202,8 @@ def fit_logistic_many(x: torch.Tensor, y: torch.Tensor, classes: int,
                       standardized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                       correlation: FeatureCorrelation | None = None) -> list[LinearProbe]:
     """``fit_logistic`` for each penalty, every fit its own L-BFGS, their evaluations made
-    together (terabrain.analysis.lockstep): four penalties cost about 1.5 of one fit's reads
-    of the features instead of 4."""
+    together (terabrain.analysis.lockstep): a round of four costs about two evaluations of
+    one fit, not four (the products with 10 columns run far below the GEMM rate)."""
     z, mean, scale = standardized if standardized is not None else standardize(x, precision)
     correlation = correlation if correlation is not None else FeatureCorrelation.of(z)
     decays = list(weight_decays)
@@ -252,9 +254,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: f
 
     ``precision="bf16"`` keeps the standardised features in bfloat16 and runs the two
     products per evaluation (logits, weight gradient) in bfloat16 with float32 accumulation;
-    the weights, the loss and the L-BFGS state stay float32. The products read the whole
-    feature matrix and are memory-bound: 0.25 against 0.72 s per evaluation on 48,000 x 6,400
-    features (docs/analysis.md). ``standardized``: (z, mean, scale) of x made already."""
+    the weights, the loss and the L-BFGS state stay float32 (on a CPU with bfloat16 in
+    hardware: 0.25 against 0.72 s per evaluation on 48,000 x 6,400 features, docs/analysis.md).
+    ``standardized``: (z, mean, scale) of x made already."""
     return fit_logistic_many(x, y, classes, [weight_decay], iterations, [start], precision,
                              standardized, correlation)[0]
 

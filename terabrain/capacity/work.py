@@ -91,20 +91,23 @@ DATA_PARALLEL_STREAMS = 2
 # divided in place (2 streams), nothing is written into new buffers.
 DATA_PARALLEL_OVERLAP_STREAMS = 2
 # Compress + decompress passes over the whole gradient per exchange: half precision casts
-# once each way; a lossy scheme quantizes the gradient, decompresses and sums the pieces of
-# its column range, re-quantizes that range and decompresses the gathered sum (~ 2 passes).
+# once each way; a bit-packed scheme compresses the whole gradient and decompresses it for
+# its residual (1), decompresses the n received pieces of its range and the n gathered
+# ranges (a decompress of the whole gradient each: about 1 together), and re-quantizes its
+# own range with its residual (1/n more: PACKED_RANGE_PASSES).
 COMPRESSION_PASSES = {"fp16": 1, "bf16": 1, "onebit": 2, "threshold": 2, "adaptive": 2}
+PACKED_RANGE_PASSES = 1
 # The bit-packed exchange's own passes around its compressor, in 4-byte streams per gradient
 # value (each read and each write one; terabrain.parallel.exchange._reduce_scatter_all_gather).
 # Into new buffers, as the flat buffer above: the gradient copied (2), the new residual (3),
-# the gathered pieces joined (2) and divided by n (2): 9. In place: the residual added to
-# the copy (3), the n received ranges summed into this rank's range (n additions of 1/n: 3),
-# the result copied back into the gradient (2): 8; and per value of this rank's own range
-# (1/n of them) its second residual added and the new one made (6). Before these were
-# counted the one-bit case was predicted at 0.58 of its measured step (the profiler found
-# 44 ms per step in these copies).
-PACKED_EXCHANGE_FRESH_STREAMS = 9
-PACKED_EXCHANGE_STREAMS = 8
+# the gathered pieces joined (2): 7. In place: the residual added to the copy (3), the n
+# received ranges summed into this rank's range (n additions of 1/n: 3), the joined pieces
+# divided by n (2) and copied back into the gradient (2): 10; and per value of this rank's
+# own range (1/n of them) its second residual added and the new one made (6). Before these
+# were counted the one-bit case was predicted at 0.58 of its measured step (the profiler
+# found 44 ms per step in these copies).
+PACKED_EXCHANGE_FRESH_STREAMS = 7
+PACKED_EXCHANGE_STREAMS = 10
 PACKED_EXCHANGE_RANGE_STREAMS = 6
 
 
@@ -128,7 +131,10 @@ def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
             in_place = (DATA_PARALLEL_OVERLAP_STREAMS * FP32 * elements * per_step, 0.0)
             return [Transfer("all_reduce", "data", sent, per_step, overlapped=True)], in_place, None
         return [Transfer("all_reduce", "data", sent, per_step)], copies, None
-    work = (compression, COMPRESSION_PASSES[compression] * FP32 * elements * per_step)
+    passes = COMPRESSION_PASSES[compression]
+    if compression not in ("fp16", "bf16"):
+        passes += PACKED_RANGE_PASSES / data_ranks
+    work = (compression, passes * FP32 * elements * per_step)
     if compression in ("fp16", "bf16"):
         sent = ring_all_reduce(data_ranks, 2 * elements) + ring_all_reduce(data_ranks, FP32 * scalars)
         return [Transfer("all_reduce", "data", sent, per_step)], copies, work

