@@ -205,10 +205,10 @@ def cause(case: Case) -> str:
                        "(and others may have run during calibration)")
     if any("compression" in item for item in case.sets):
         reasons.append("compressed exchange: calibrate times one compress + decompress of a "
-                       "1024 x 1024 gradient; the exchange also clones, casts and concatenates "
-                       "the column ranges, sums the pieces and re-quantizes them (profiled: "
-                       "~44 ms of copies per step in lbann-ae-small's one-bit exchange), not "
-                       "counted")
+                       "1024 x 1024 contiguous gradient; the exchange compresses column ranges "
+                       "of the gradient's transposed view and its copies are counted as "
+                       "streams at the elementwise and fresh-buffer rates "
+                       "(terabrain/capacity/work.py: PACKED_EXCHANGE_*), not timed as such")
     if case.experiment == DEEP:
         reasons.append("deep network: calibrate measures each locally connected layer's "
                        "trained step, but not the hundreds of small kernels around it per "
