@@ -131,15 +131,14 @@ def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
             in_place = (DATA_PARALLEL_OVERLAP_STREAMS * FP32 * elements * per_step, 0.0)
             return [Transfer("all_reduce", "data", sent, per_step, overlapped=True)], in_place, None
         return [Transfer("all_reduce", "data", sent, per_step)], copies, None
-    passes = COMPRESSION_PASSES[compression]
-    if compression not in ("fp16", "bf16"):
-        passes += PACKED_RANGE_PASSES / data_ranks
-    work = (compression, passes * FP32 * elements * per_step)
     if compression in ("fp16", "bf16"):
+        work = (compression, COMPRESSION_PASSES[compression] * FP32 * elements * per_step)
         sent = ring_all_reduce(data_ranks, 2 * elements) + ring_all_reduce(data_ranks, FP32 * scalars)
         return [Transfer("all_reduce", "data", sent, per_step)], copies, work
     # onebit (and, as an estimate, threshold and adaptive): one bit per value, reduced by
     # reduce-scatter, re-quantized and all-gathered (terabrain.parallel.exchange).
+    passes = COMPRESSION_PASSES[compression] + PACKED_RANGE_PASSES / data_ranks
+    work = (compression, passes * FP32 * elements * per_step)
     streams = PACKED_EXCHANGE_STREAMS + PACKED_EXCHANGE_RANGE_STREAMS / data_ranks
     copies = (streams * FP32 * elements * per_step,
               PACKED_EXCHANGE_FRESH_STREAMS * FP32 * elements * per_step)
