@@ -72,6 +72,17 @@ def _check_model_axis_supported(config):
     learner_of(config).check_parallel(config, _ModelAxis())
 
 
+def test_the_planner_charges_every_collective_a_split_step_makes(tmp_path):
+    """Each collective of a split deep network's step is a point where the ranks wait for
+    each other, and the planner charges each call (Link.sync_s): on 2 real gloo ranks, the
+    calls of one pipelined step with every layer training, counted by kind, equal the
+    planner's (terabrain.learners.deep_work)."""
+    result = torchrun(2, str(SCRIPTS / "deep_split_collectives.py"), str(tmp_path / "run"))
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    for rank in range(2):
+        assert f"rank {rank}: ok" in result.stdout, result.stdout + result.stderr[-4000:]
+
+
 def test_unsupported_settings_on_a_model_axis_are_config_errors():
     config = load_experiment("yfcc-15b-small", ["optimizer.name=lbfgs"])
     with pytest.raises(ConfigError, match="optimizer.name: lbfgs is not supported"):

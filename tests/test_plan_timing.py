@@ -109,6 +109,38 @@ def test_alpha_beta_links_and_nodes():
     assert seconds == pytest.approx(14 * h100.network.intra_node.all_reduce.alpha_s, rel=0.01)
 
 
+def test_every_blocking_call_pays_the_links_cost_inside_a_step(tmp_path):
+    """Link.sync_s (what a call costs between phases of compute, beyond alpha and bytes) is
+    charged once per call the step waits for, and not to an overlapped exchange, which is
+    waited for once at the end; a split deep network pays it for each of its collectives."""
+    raw = yaml.safe_load(load_profile("llnl-catalyst").to_yaml())
+    plain = load_profile("llnl-catalyst")
+    for links in ("intra_node", "inter_node"):
+        for collective in raw["network"][links]:
+            raw["network"][links][collective]["sync_s"] = 0.002
+    path = tmp_path / "sync.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    synced = load_profile(str(path))
+    calls = StepWork(rows=1, transfers=[Transfer("point_to_point", "model", 1e4, 5),
+                                        Transfer("all_reduce", "model", 4, 3)])
+    assert predict(synced, calls, 1, 2).exposed_s - predict(plain, calls, 1, 2).exposed_s \
+        == pytest.approx(8 * 0.002)
+    overlapped = StepWork(rows=1, transfers=[Transfer("all_reduce", "data", 1e6, 4, overlapped=True)])
+    assert predict(synced, overlapped, 2, 1).communication_s == pytest.approx(
+        predict(plain, overlapped, 2, 1).communication_s)
+    # yfcc-15b-small's pipelined step split over 2 ranks: 10 halo exchanges, 9 all-reduces
+    # (3 alphas, 2 LCN spreads, the dense layer's reconstruction, the losses' parts and
+    # total, the pre-emption check) and 2 all-gathers, as tests/parallel_scripts/
+    # deep_split_collectives.py counts them in a real run (tests/test_deep_model_parallel.py).
+    sets = ["model.schedule=pipelined", "model.start_after=2"]
+    config = load_experiment("yfcc-15b-small", sets)
+    with_sync = plan_experiment(config, 2, 10**11, profile=synced, gpus_per_node=2)
+    without = plan_experiment(config, 2, 10**11, profile=plain, gpus_per_node=2)
+    split = {(s.data, s.model): s for s in with_sync.splits}
+    alone = {(s.data, s.model): s for s in without.splits}
+    assert split[(1, 2)].exposed_s - alone[(1, 2)].exposed_s == pytest.approx(21 * 0.002)
+
+
 def test_overlapped_exchange_on_a_shared_cpu_node_costs_its_cpu_time(tmp_path):
     """gloo's copies and sums run on the cores that compute: hidden is not free there."""
     raw = yaml.safe_load(load_profile("llnl-catalyst").to_yaml())

@@ -241,12 +241,52 @@ def measure_step_overhead(device: torch.device, seconds: float) -> float:
         return timed(run_steps, device, seconds, at_least=3) / TINY_STEPS
 
 
+# A deep network small enough that its step is all overhead: a local layer with LCN feeding a
+# dense layer, on 8 x 8 images at batch 8, pipelined (both train at every step after the
+# first, the local layer's frozen copy encoding for the dense one).
+TINY_DEEP_LAYERS = [
+    {"kind": "local", "maps": 2, "kernel": 4, "stride": 2, "sparsity_weight": 0.1, "lcn": {"kernel": 3}},
+    {"kind": "dense", "maps": 4, "sparsity_weight": 0.01},
+]
+TINY_DEEP_BUILDS = 3
+
+
+def measure_deep_layer_overhead(device: torch.device, step_overhead_s: float, quick: bool) -> float:
+    """What one layer adds to a deep network's step beyond its work: terabrain's trainer on
+    TINY_DEEP_LAYERS (the layer-wise objective, LCN, the losses, the schedule's bookkeeping,
+    Adam, and the dispatch of their small kernels), less the fixed step overhead, per layer.
+    (A 3-layer network of the same kinds measured the same per layer within 15% here.) The
+    median over a few fresh trainers of 100 steps, each timed over its whole fit."""
+    from terabrain.config.schema import ExperimentConfig
+    from terabrain.train.stage import feature_trainer
+
+    config = ExperimentConfig.model_validate({
+        "name": "calibrate-deep-overhead", "seed": 0, "device": device.type, "precision": "fp32",
+        "data": {"source": "digits"},
+        "model": {"kind": "deep", "schedule": "pipelined", "start_after": 1,
+                  "layers": TINY_DEEP_LAYERS},
+        "objective": {"kind": "rica"}, "optimizer": {"name": "adam", "lr": 1e-3},
+        "train": {"steps": TINY_STEPS, "batch_size": 8, "log_every": TINY_STEPS, "progress": False},
+    })
+    generator = torch.Generator().manual_seed(0)
+    per_step = []
+    for _ in range(2 if quick else TINY_DEEP_BUILDS):
+        trainer = feature_trainer(config, (8, 8, 1), device=device,
+                                  inputs=torch.rand(64, 64, generator=generator).to(device)).trainer
+        _sync(device)
+        began = time.perf_counter()
+        trainer.fit()
+        _sync(device)
+        per_step.append((time.perf_counter() - began) / max(1, trainer.step))
+    return max(0.0, statistics.median(per_step) - step_overhead_s) / len(TINY_DEEP_LAYERS)
+
+
 def measure_sharded_evaluation(device: torch.device, all_reduce: dict, repeats: int = 5) -> float:
     """What a closure evaluation of a model-parallel layer costs beyond its work and its
     collectives (every rank of the launcher calls this): the tiny trainer's step with its 16 x
     ranks units split over all ranks (DTensors), less the same step on plain tensors run on
     every rank at once, less the model's cost of the step's all-reduce of the (8 x 16)
-    reconstruction over ``all_reduce`` (the link just measured)."""
+    reconstruction over ``all_reduce`` (the link just measured: alpha, bytes and sync_s)."""
     import torch.distributed as dist
 
     from terabrain.config.sections import ParallelConfig
@@ -264,7 +304,8 @@ def measure_sharded_evaluation(device: torch.device, all_reduce: dict, repeats: 
         dist.barrier()
         plain_s = _max_over_ranks(timed_fixed(plain, device, repeats) / TINY_STEPS, device)
     collective = (all_reduce["alpha_s"] * _steps("all_reduce", ranks)
-                  + _ring_sent("all_reduce", ranks, 4 * 8 * 16) / all_reduce["bandwidth"])
+                  + _ring_sent("all_reduce", ranks, 4 * 8 * 16) / all_reduce["bandwidth"]
+                  + all_reduce.get("sync_s", 0.0))
     return max(0.0, sharded_s - plain_s - collective)
 
 
@@ -473,13 +514,92 @@ def measure_collective(collective: str, group, device: torch.device, sizes: list
     return link
 
 
-def _max_over_ranks(value: float, device: torch.device) -> float:
+def _max_over_ranks(value: float, device: torch.device, group=None) -> float:
     """The slowest rank decides (every rank calls this)."""
     import torch.distributed as dist
 
     worst = torch.tensor([value], device=device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
     return float(worst)
+
+
+# Compute between two blocking collectives when measuring what one costs inside a step: a
+# split deep network's step synchronises every few milliseconds (about 20 collectives in
+# 80 ms for yfcc-15b-small on 2 ranks).
+SYNC_WORK_S = 2e-3
+SYNC_ROUNDS = 3
+SYNC_MESSAGE_BYTES = 4096
+
+
+def measure_synchronization(device: torch.device, links: dict, group=None,
+                            seconds: float = 0.5) -> dict[str, float]:
+    """What a blocking collective costs inside a training step beyond its link's alpha and
+    bytes: every rank of ``group`` computes about SYNC_WORK_S between two calls, as a step's
+    phases do, and the mean time per call (a step pays every call, the slow ones too) is
+    compared with the same compute alone, all ranks computing at once. ``measure_collective``
+    times the median of back-to-back calls: the link when it goes well. The tail is the
+    machine's: on a 2-core VM with gloo, 16-float all-reduces had a median of 0.66 ms and a
+    mean of 2.1 ms (one call in ten waited 4-8 ms, one or two scheduler ticks), and a split
+    deep network's step spent a third of its time in its 20 collectives. Returns
+    {"all_reduce": s, "point_to_point": s} (point to point as the halo exchange does it: a
+    send to and a receive from each neighbour, posted together)."""
+    import torch.distributed as dist
+
+    ranks = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    a = torch.randn(128, 128, device=device)
+    product = torch.empty_like(a)
+
+    def one_product():
+        torch.mm(a, a, out=product)
+
+    per_product = timed(one_product, device, 0.1)
+    count = torch.tensor([max(1, round(SYNC_WORK_S / per_product))])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    count = int(count)
+    # 4 KB: a step's collectives are rarely single scalars (gloo answered those faster here,
+    # 0.3 against 2 ms beyond alpha); zeros, so that repeated sums stay finite.
+    message = torch.zeros(SYNC_MESSAGE_BYTES // 4, device=device)
+    received = [torch.empty_like(message) for _ in range(2)]
+    after, before = (me + 1) % ranks, (me - 1) % ranks
+
+    def work():
+        for _ in range(count):
+            one_product()
+
+    def all_reduce():
+        dist.all_reduce(message, group=group)
+
+    def exchange():
+        peers = [after] if ranks == 2 else [after, before]
+        ops = [dist.P2POp(dist.isend, message, dist.get_global_rank(group, p) if group else p, group)
+               for p in peers]
+        ops += [dist.P2POp(dist.irecv, buffer, dist.get_global_rank(group, p) if group else p, group)
+                for p, buffer in zip(peers, received)]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+
+    calls = max(20, round(seconds / SYNC_WORK_S))
+    means: dict[str, list[float]] = {"alone": [], "all_reduce": [], "point_to_point": []}
+    for _ in range(SYNC_ROUNDS):  # interleaved: a slow minute of the machine hits all three
+        for name, call in (("alone", None), ("all_reduce", all_reduce), ("point_to_point", exchange)):
+            dist.barrier(group=group)
+            began = time.perf_counter()
+            for _ in range(calls):
+                work()
+                if call is not None:
+                    call()
+            _sync(device)
+            mean = (time.perf_counter() - began) / calls
+            means[name].append(_max_over_ranks(mean, device, group))
+    alone = statistics.median(means["alone"])
+    costs = {}
+    for collective in ("all_reduce", "point_to_point"):
+        link = links[collective]
+        idle = (link["alpha_s"] * _steps(collective, ranks)
+                + _ring_sent(collective, ranks, SYNC_MESSAGE_BYTES) / link["bandwidth"])
+        costs[collective] = max(0.0, statistics.median(means[collective]) - alone - idle)
+    return costs
 
 
 def measure_links(device: torch.device, sizes: list[int], local: int) -> tuple[dict, dict, str, str]:
@@ -490,15 +610,26 @@ def measure_links(device: torch.device, sizes: list[int], local: int) -> tuple[d
     world = dist.get_world_size()
     nodes = max(1, world // max(1, local))
     if nodes == 1:
-        intra = {c: measure_collective(c, None, device, sizes) for c in COLLECTIVES}
+        intra = _with_synchronization(
+            {c: measure_collective(c, None, device, sizes) for c in COLLECTIVES}, device, None)
         how = f"{world} ranks on one node: intra-node links measured, inter-node copied from them"
         return intra, dict(intra), dist.get_backend(), how
-    inter = {c: measure_collective(c, None, device, sizes, peer=(0, local))
-             for c in COLLECTIVES}
+    inter = _with_synchronization(
+        {c: measure_collective(c, None, device, sizes, peer=(0, local)) for c in COLLECTIVES},
+        device, None)
     node_group, _ = dist.new_subgroups(group_size=local)
-    intra = {c: measure_collective(c, node_group, device, sizes) for c in COLLECTIVES}
+    intra = _with_synchronization(
+        {c: measure_collective(c, node_group, device, sizes) for c in COLLECTIVES}, device,
+        node_group)
     how = f"{world} ranks on {nodes} nodes: inter-node over the world, intra-node per node"
     return intra, inter, dist.get_backend(), how
+
+
+def _with_synchronization(links: dict, device: torch.device, group) -> dict:
+    """``links`` with each one's ``sync_s`` (measure_synchronization; the gathers and
+    reductions take the all-reduce's figure)."""
+    costs = measure_synchronization(device, links, group)
+    return {c: {**link, "sync_s": costs.get(c, costs["all_reduce"])} for c, link in links.items()}
 
 
 # --- the profile ----------------------------------------------------------------------------
@@ -532,6 +663,8 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
                           ("compression_bandwidth", measure_compression)):
         sync()
         rates[name] = measure(device, seconds)
+    sync()
+    rates["deep_layer_overhead_s"] = measure_deep_layer_overhead(device, rates["step_overhead_s"], quick)
     return rates
 
 
@@ -565,7 +698,8 @@ def measure_shared(ranks: int, threads: int, quick: bool) -> dict:
                    for scheme in measured[0]["compression_bandwidth"]}
     return {"ranks": ranks, "threads": threads, **points, **slowest,
             "compression_bandwidth": compression,
-            "step_overhead_s": max(m["step_overhead_s"] for m in measured)}
+            "step_overhead_s": max(m["step_overhead_s"] for m in measured),
+            "deep_layer_overhead_s": max(m["deep_layer_overhead_s"] for m in measured)}
 
 
 def shared_rank_counts(cores: int) -> list[int]:
@@ -598,7 +732,8 @@ def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]
         f"{rates['elementwise_bandwidth'] / 1e9:.1f} GB/s, optimizer "
         f"{rates['optimizer_bandwidth'] / 1e9:.1f} GB/s, fresh buffers "
         f"{rates['fresh_bandwidth'] / 1e9:.1f} GB/s, step overhead "
-        f"{rates['step_overhead_s'] * 1e3:.2f} ms, local layer {rates['local']:.0%} of GEMM, "
+        f"{rates['step_overhead_s'] * 1e3:.2f} ms (a deep layer "
+        f"{rates['deep_layer_overhead_s'] * 1e3:.2f} ms more), local layer {rates['local']:.0%} of GEMM, "
         f"JPEG {rates['decode'] / 1e6:.0f} Mpixel/s, pixels {rates['pixel_bytes'] / 1e9:.1f} GB/s")
     log("  compression (compress + decompress): " + ", ".join(
         f"{scheme} {rate / 1e9:.2f} GB/s" for scheme, rate in rates["compression_bandwidth"].items()))
@@ -632,7 +767,8 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
                 "ranks": 1, "threads": cores,
                 **{key: rates[key] for key in ("gemm_points", "local_points", "elementwise_bandwidth",
                                                "optimizer_bandwidth", "fresh_bandwidth",
-                                               "compression_bandwidth", "step_overhead_s")}})
+                                               "compression_bandwidth", "step_overhead_s",
+                                               "deep_layer_overhead_s")}})
             # --quick keeps only the 1-rank entry (more ranks then time-share it): the
             # several-rank measurements start real processes and take most of the time.
             for ranks in ([] if quick else shared_rank_counts(cores)[1:]):
@@ -654,7 +790,8 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
         for collective in COLLECTIVES:
             cpu_share = intra[collective].get("cpu_fraction")
             log(f"  {collective}: intra {intra[collective]['alpha_s'] * 1e6:.0f} us/step, "
-                f"{intra[collective]['bandwidth'] / 1e9:.2f} GB/s"
+                f"{intra[collective]['bandwidth'] / 1e9:.2f} GB/s, "
+                f"{intra[collective]['sync_s'] * 1e6:.0f} us more per call inside a step"
                 + (f", {cpu_share:.2f} CPU s per s" if cpu_share is not None else ""))
         sharded_evaluation = measure_sharded_evaluation(device, intra["all_reduce"])
         log(f"  a model-parallel evaluation's dispatch (DTensor): "
@@ -686,6 +823,7 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
             "optimizer_bandwidth": rates["optimizer_bandwidth"],
             "fresh_bandwidth": rates["fresh_bandwidth"],
             "step_overhead_s": rates["step_overhead_s"],
+            "deep_layer_overhead_s": rates["deep_layer_overhead_s"],
             "sharded_evaluation_s": sharded_evaluation,
             "compression_bandwidth": rates["compression_bandwidth"],
             "ranks_share_device": cpu, "shared": rates["shared"],

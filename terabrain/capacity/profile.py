@@ -80,6 +80,7 @@ class SharedRates(_Strict):
         description="Bytes/s of a copy into a newly allocated buffer (its pages fault in).")
     compression_bandwidth: dict[str, PositiveFloat] = Field(default_factory=dict)
     step_overhead_s: float = Field(0.0, ge=0)
+    deep_layer_overhead_s: float = Field(0.0, ge=0)
 
 
 class Compute(_Strict):
@@ -115,6 +116,11 @@ class Compute(_Strict):
                           "on first touch); None: elementwise_bandwidth.")
     step_overhead_s: float = Field(
         0.0, ge=0, description="Fixed seconds per training step (framework, launches).")
+    deep_layer_overhead_s: float = Field(
+        0.0, ge=0, description="Fixed seconds per layer of a deep network's step beyond "
+        "step_overhead_s: the layer-wise objective's Python, LCN, losses and bookkeeping and "
+        "the dispatch of their small kernels (terabrain calibrate: a 2-layer network on 8 x 8 "
+        "images, where the work is negligible); 0: not measured.")
     sharded_evaluation_s: float = Field(
         0.0, ge=0, description="Seconds one closure evaluation of a model-parallel layer "
         "(DTensor) costs beyond the same evaluation on plain tensors: the sharding "
@@ -140,6 +146,12 @@ class Link(_Strict):
                     "copies through the kernel's sockets and sums on the cores that compute). "
                     "Where ranks share a CPU node, an overlapped collective still takes this "
                     "much from the compute. None: none (a GPU's copy engines and NICs).")
+    sync_s: float = Field(
+        0.0, ge=0,
+        description="Seconds a blocking call costs inside a training step beyond alpha and its "
+                    "bytes: the ranks arrive from compute, not idle (terabrain calibrate times "
+                    "calls between 2 ms phases of compute, mean over calls). Charged to every "
+                    "call a step waits for; 0 where not measured.")
 
 
 class Links(_Strict):

@@ -93,6 +93,7 @@ class RankRates:
     compression: dict
     overhead_s: float
     slowdown: float
+    layer_overhead_s: float = 0.0
 
 
 def rank_rates(profile: MachineProfile, per_node: int) -> RankRates:
@@ -103,7 +104,7 @@ def rank_rates(profile: MachineProfile, per_node: int) -> RankRates:
         return RankRates(None, None, 1 / share, compute.elementwise_bandwidth / share,
                          compute.optimizer_bandwidth / share, fresh / share,
                          {k: v / share for k, v in compute.compression_bandwidth.items()},
-                         compute.step_overhead_s, 1.0)
+                         compute.step_overhead_s, 1.0, compute.deep_layer_overhead_s)
     # The entry measured with as many ranks as run here; else the nearest with more (each
     # rank then gets ranks / per_node more of the node), else the most measured, shared
     # further (time-sharing: per_node / ranks times slower).
@@ -113,7 +114,8 @@ def rank_rates(profile: MachineProfile, per_node: int) -> RankRates:
     return RankRates(entry.gemm_points, entry.local_points or None, 1.0,
                      entry.elementwise_bandwidth, entry.optimizer_bandwidth,
                      entry.fresh_bandwidth, entry.compression_bandwidth, entry.step_overhead_s,
-                     per_node / entry.ranks)
+                     per_node / entry.ranks,
+                     entry.deep_layer_overhead_s or compute.deep_layer_overhead_s)
 
 
 @dataclass
@@ -140,7 +142,7 @@ def crosses_nodes(transfer: Transfer, data: int, model: int, per_node: int) -> b
 
 
 def group_size(transfer: Transfer, data: int, model: int) -> int:
-    return model if transfer.axis == "model" else data
+    return {"model": model, "data": data}.get(transfer.axis, data * model)  # "world": every rank
 
 
 def transfer_seconds(profile: MachineProfile, transfer: Transfer, data: int, model: int,
@@ -154,7 +156,10 @@ def transfer_seconds(profile: MachineProfile, transfer: Transfer, data: int, mod
     if inter:  # the ranks of a node share its adapters
         bandwidth *= min(profile.network.nics_per_node, per_node) / per_node
     steps = ALGORITHM_STEPS[transfer.collective](ranks)
-    return transfer.count * (link.alpha_s * steps + transfer.sent_bytes / bandwidth)
+    # A call the step waits for also pays what a collective costs between phases of compute
+    # (Link.sync_s); an overlapped one is waited for once, at the end, not call by call.
+    sync = 0.0 if transfer.overlapped else link.sync_s
+    return transfer.count * (link.alpha_s * steps + transfer.sent_bytes / bandwidth + sync)
 
 
 # The products that compute weight gradients (terabrain.learners.hidden_unit_work): an
@@ -189,6 +194,7 @@ def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16
         rate = rates.compression.get(scheme, rates.elementwise / 8)
         seconds += processed / rate
     seconds += work.sharded_evaluations * compute.sharded_evaluation_s
+    seconds += work.deep_layers * rates.layer_overhead_s
     return (seconds + rates.overhead_s) * rates.slowdown
 
 

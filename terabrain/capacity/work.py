@@ -39,7 +39,7 @@ class Transfer:
     (ring factors already applied). ``overlapped``: it runs while compute goes on."""
 
     collective: str  # all_reduce, all_gather, reduce_scatter, point_to_point
-    axis: str  # model or data
+    axis: str  # model, data or world (every rank)
     sent_bytes: float
     count: float = 1.0
     overlapped: bool = False
@@ -60,6 +60,9 @@ class StepWork:
     sharded_evaluations: float = 0.0
     """Closure evaluations per step that run on sharded (DTensor) parameters: each costs the
     profile's ``sharded_evaluation_s`` of dispatch beyond its kernels."""
+    deep_layers: float = 0.0
+    """Layer steps of a deep network per step (layers x evaluations): each costs the
+    profile's ``deep_layer_overhead_s`` beyond its work."""
 
     @property
     def flops(self) -> float:
@@ -162,5 +165,10 @@ def assemble_step(config, data_ranks: int, rows: int, gemms: list[Gemm], element
         rows=rows, gemms=gemms,
         elementwise_bytes=evaluations * elementwise + copies[0], fresh_bytes=copies[1],
         optimizer_bytes=FP32 * optimizer_streams(config.optimizer) * local_elements,
-        transfers=transfers + exchange, compression=compression,
+        transfers=transfers + exchange + [PREEMPTION_CHECK], compression=compression,
     )
+
+
+# After every step the ranks agree whether any of them was told to stop (terabrain.train.
+# preemption: one MAX all-reduce of a flag over every rank); free on one rank.
+PREEMPTION_CHECK = Transfer("all_reduce", "world", 4)

@@ -13,9 +13,10 @@ Per layer, b = batch / data rows, its share of the output rows on the model axis
 - elementwise: 18 values moved per input value, 12 per code, 20 per pooled/normalised
   output value (LCN's two windowed passes), and the weight passes of a layer (its one
   gradient buffer and its row normalisation, ``WEIGHT_STREAMS``).
-- collectives: the halo exchanges and dense-layer collectives of
-  terabrain.learners.deep_capacity (point-to-point on the model axis), then the data axis's
-  gradient exchange.
+- collectives: on the model axis every call of the split network (halo exchanges, the
+  dense layer's gathers and reduction, the replicated alphas' gradients, LCN's spreads,
+  the losses' sums), each charged its bytes (terabrain.learners.deep_capacity) and what a
+  call costs the step (Link.sync_s); then the data axis's gradient exchange.
 """
 
 from __future__ import annotations
@@ -61,6 +62,31 @@ def _layer_gemms(spec, info: dict, model_ranks: int, rows: int, share: float, tr
     return [Gemm(rows * locations, maps, field, count)]  # conv: replicated on the model axis
 
 
+def _split_layer_transfers(spec, sent: float, rows: int, feeds_next: bool) -> list[Transfer]:
+    """One layer's collectives per step on the model axis, call by call, as
+    terabrain.parallel.spatial_network makes them: each is a point where the ranks wait for
+    each other, which costs more than its bytes (Link.sync_s). ``sent``: the layer's bytes
+    (terabrain.learners.deep_capacity); ``feeds_next``: its frozen forward copy encodes the
+    batch for the layer above (with its pooling and LCN)."""
+    if spec.kind == "conv":  # not split on the model axis (the planner refuses the split)
+        return []
+    alpha = Transfer("all_reduce", "model", FP32, 1)  # the replicated alpha's gradient
+    if spec.kind == "dense":
+        # All-gather of the input rows (and of the reconstruction's gradient, backward),
+        # all-reduce of the partial reconstruction: ``sent`` is half gathers, half reduction.
+        gathers = 2 + (1 if feeds_next else 0)
+        return [Transfer("all_gather", "model", sent / 2 / 2, gathers),
+                Transfer("all_reduce", "model", sent / 2, 1), alpha]
+    # Halo messages: the input's gather, the reconstruction's scatter-add and its backward;
+    # the frozen copy's gather, its pooling's and LCN's (each a send and a receive per
+    # neighbour, posted together).
+    halos = 3 + ((1 + (1 if spec.pool else 0) + (1 if spec.lcn else 0)) if feeds_next else 0)
+    transfers = [Transfer("point_to_point", "model", sent / halos, halos), alpha]
+    if spec.lcn and feeds_next:  # its per-image spread, summed over the rows of every rank
+        transfers.append(Transfer("all_reduce", "model", FP32 * rows, 1))
+    return transfers
+
+
 def deep_work(config, table: list[dict]):
     """(data ranks, model ranks, rows per replica) -> StepWork for the layers of ``table``
     (terabrain.learners.deep_capacity.layer_table)."""
@@ -85,10 +111,14 @@ def deep_work(config, table: list[dict]):
                                           + VALUES_PER_OUTPUT * out_values)
             elementwise += FP32 * WEIGHT_STREAMS * split["local"]
             local_total += split["local"]
-            if split["sent"]:
-                calls = 3 if spec.kind == "dense" else 4 + (1 if spec.pool else 0) + (2 if spec.lcn else 0)
-                transfers.append(Transfer("point_to_point", "model", split["sent"] / calls, calls))
-        return assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations,
+            if model_ranks > 1:
+                transfers += _split_layer_transfers(spec, split["sent"], rows, index < top)
+        if model_ranks > 1:
+            # The layer-wise objective sums every rank's losses: the logged parts and the total.
+            transfers.append(Transfer("all_reduce", "model", FP32 * 2 * len(table), 2))
+        step = assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations,
                              local_total, 3 * len(table) + 1, transfers)
+        step.deep_layers = evaluations * len(table)  # the pipelined steady state: every layer
+        return step
 
     return work
