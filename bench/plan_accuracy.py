@@ -209,16 +209,21 @@ def cause(case: Case) -> str:
                        "of the gradient's transposed view and its copies are counted as "
                        "streams at the elementwise and fresh-buffer rates "
                        "(terabrain/capacity/work.py: PACKED_EXCHANGE_*), not timed as such")
+    if case.ranks == 1 and case.experiment == AE:
+        reasons.append("one rank on all cores: calibrate's rates for batch-40 GEMMs with 2 "
+                       "threads moved by up to 45% between calibrations on this machine (the "
+                       "same point 57 and 103 GFLOP/s), more than for one thread per rank")
     if case.experiment == DEEP:
-        reasons.append("deep network: calibrate measures each locally connected layer's "
-                       "trained step, but not the hundreds of small kernels around it per "
-                       "step (LCN, losses, Adam per parameter, layer-wise bookkeeping), whose "
-                       "dispatch cost the model does not count")
+        reasons.append("deep network: calibrate measures each locally connected layer's step "
+                       "and a deep layer's fixed cost (compute.deep_layer_overhead_s, a tiny "
+                       "2-layer network); LCN's windows and RICA's losses are counted as "
+                       "streams at the elementwise rate, which their small kernels do not "
+                       "reach (profiled: 13 ms of them per 70 ms step against 8 counted)")
     if case.experiment == DEEP and case.model > 1:
-        reasons.append("split deep layers: each step's halo gathers and scatters (about 15 "
-                       "point-to-point messages) run in Python-level autograd functions that "
-                       "wait for the other rank (profiled: ~7 ms in the gather's own code and "
-                       "waits, ~6 ms in sends and receives per 80 ms step)")
+        reasons.append("split deep layers: each of the step's 21 collectives is charged what "
+                       "a call costs inside a step (Link.sync_s, the mean between phases of "
+                       "compute); the waits for the slower rank at each of them vary with "
+                       "this machine's scheduling (the same case 67-106 ms between runs)")
     if case.ranks > (os.cpu_count() or 1) and case.experiment != DEEP:
         reasons.append("more ranks than cores: calibrate's 4-rank rates are the mean over a "
                        "window; a step waits for the slowest rank at every collective")
