@@ -170,5 +170,6 @@ def assemble_step(config, data_ranks: int, rows: int, gemms: list[Gemm], element
 
 
 # After every step the ranks agree whether any of them was told to stop (terabrain.train.
-# preemption: one MAX all-reduce of a flag over every rank); free on one rank.
-PREEMPTION_CHECK = Transfer("all_reduce", "world", 4)
+# preemption: one MAX all-reduce of a flag over every rank, read a step later, so no step
+# waits for it); free on one rank.
+PREEMPTION_CHECK = Transfer("all_reduce", "world", 4, overlapped=True)

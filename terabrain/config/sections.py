@@ -248,8 +248,9 @@ class TrainConfig(Section):
     progress: bool = Field(True, description="Show a progress bar on an interactive terminal.")
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT"]] = Field(
         ["SIGTERM", "SIGUSR1"],
-        description="Signals that stop the run at the next step boundary with a checkpoint "
-        "and exit code 75 (pre-emption; SLURM: --signal=B:USR1@120). []: none (the signals keep their default action). "
+        description="Signals that stop the run at a step boundary with a checkpoint and exit code 75 "
+        "(pre-emption; SLURM: --signal=B:USR1@120): the next one, on several ranks the one after "
+        "(they agree a step behind). []: none (the signals keep their default action). "
         "Read from the feature stage's train section; it covers the whole run.",
     )
 
