@@ -142,6 +142,24 @@ def test_every_blocking_call_pays_the_links_cost_inside_a_step(tmp_path):
     assert split[(1, 2)].exposed_s - alone[(1, 2)].exposed_s == pytest.approx(20 * 0.002)
 
 
+def test_a_deep_network_pays_its_layers_fixed_cost_per_evaluation(tmp_path):
+    """compute.deep_layer_overhead_s: each layer of the pipelined step, each closure
+    evaluation; a hidden-unit learner does not pay it."""
+    raw = yaml.safe_load(load_profile("llnl-catalyst").to_yaml())
+    computes = {}
+    for overhead in (0.0, 0.003):
+        raw["compute"]["deep_layer_overhead_s"] = overhead
+        path = tmp_path / f"deep{overhead:g}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        profile = load_profile(str(path))
+        for name, sets in (("yfcc-15b-small", ["model.schedule=pipelined"]),
+                           ("lbann-ae-small", [])):
+            plan = plan_experiment(load_experiment(name, sets), 1, 10**11, profile=profile)
+            computes[(overhead, name)] = plan.splits[0].compute_s
+    assert computes[(0.003, "yfcc-15b-small")] - computes[(0.0, "yfcc-15b-small")] == pytest.approx(3 * 0.003)
+    assert computes[(0.003, "lbann-ae-small")] == pytest.approx(computes[(0.0, "lbann-ae-small")])
+
+
 def test_overlapped_exchange_on_a_shared_cpu_node_costs_its_cpu_time(tmp_path):
     """gloo's copies and sums run on the cores that compute: hidden is not free there."""
     raw = yaml.safe_load(load_profile("llnl-catalyst").to_yaml())
