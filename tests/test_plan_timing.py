@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from terabrain.capacity.planner import plan_experiment
-from terabrain.capacity.profile import builtin_profiles, load_profile, numeric_fields
+from terabrain.capacity.profile import MachineProfile, builtin_profiles, load_profile, numeric_fields
 from terabrain.capacity.timing import gemm_rate, predict, roofline
 from terabrain.capacity.work import Gemm, StepWork, Transfer
 from terabrain.cli import main
@@ -84,6 +84,15 @@ def test_cli_bad_profile_exits_2_with_one_line(capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("terabrain: error: --profile")
 
 
+def _compute_edited(tmp_path, base: str, **fields) -> MachineProfile:
+    """The built-in profile ``base`` with ``fields`` of its compute section replaced."""
+    raw = yaml.safe_load(load_profile(base).to_yaml())
+    raw["compute"].update(fields)
+    path = tmp_path / (base + "".join(f"-{name}{value:g}" for name, value in fields.items()) + ".yaml")
+    path.write_text(yaml.safe_dump(raw))
+    return load_profile(str(path))
+
+
 def test_alpha_beta_links_and_nodes():
     h100 = load_profile("h100-sxm")
     work = StepWork(rows=1, transfers=[Transfer("all_reduce", "data", 1e9)])
@@ -145,13 +154,9 @@ def test_every_blocking_call_pays_the_links_cost_inside_a_step(tmp_path):
 def test_a_deep_network_pays_its_layers_fixed_cost_per_evaluation(tmp_path):
     """compute.deep_layer_overhead_s: each layer of the pipelined step, each closure
     evaluation; a hidden-unit learner does not pay it."""
-    raw = yaml.safe_load(load_profile("llnl-catalyst").to_yaml())
     computes = {}
     for overhead in (0.0, 0.003):
-        raw["compute"]["deep_layer_overhead_s"] = overhead
-        path = tmp_path / f"deep{overhead:g}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        profile = load_profile(str(path))
+        profile = _compute_edited(tmp_path, "llnl-catalyst", deep_layer_overhead_s=overhead)
         for name, sets in (("yfcc-15b-small", ["model.schedule=pipelined"]),
                            ("lbann-ae-small", [])):
             plan = plan_experiment(load_experiment(name, sets), 1, 10**11, profile=profile)
@@ -295,16 +300,13 @@ def test_the_packed_exchange_pays_its_own_copies_beside_the_compressor():
 def test_a_model_parallel_split_pays_the_sharded_dispatch_per_evaluation(tmp_path):
     """Units split over the model axis run as DTensors: each closure evaluation costs the
     profile's sharded_evaluation_s beyond its work; data-parallel splits do not pay it."""
-    raw = yaml.safe_load(load_profile("h100-sxm").to_yaml())
     splits = {}
     for extra in (0.0, 0.004):
-        raw["compute"]["sharded_evaluation_s"] = extra
-        path = tmp_path / f"p{extra:g}.yaml"
-        path.write_text(yaml.safe_dump(raw))
+        profile = _compute_edited(tmp_path, "h100-sxm", sharded_evaluation_s=extra)
         for optimizer, evaluations in (("sgd", 1), ("lbfgs", None)):
             sets = [f"optimizer.name={optimizer}"] + (["optimizer.max_iter=5"] if evaluations is None else [])
             plan = plan_experiment(load_experiment("lbann-ae-small", sets), 2, 10**11,
-                                   profile=load_profile(str(path)))
+                                   profile=profile)
             for split in plan.splits:
                 splits[(extra, optimizer, split.data, split.model)] = split.compute_s
     assert splits[(0.004, "sgd", 1, 2)] - splits[(0.0, "sgd", 1, 2)] == pytest.approx(0.004)
