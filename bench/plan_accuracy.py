@@ -220,7 +220,7 @@ def cause(case: Case) -> str:
                        "streams at the elementwise rate, which their small kernels do not "
                        "reach (profiled: 13 ms of them per 70 ms step against 8 counted)")
     if case.experiment == DEEP and case.model > 1:
-        reasons.append("split deep layers: each of the step's 21 collectives is charged what "
+        reasons.append("split deep layers: each of the 19 collectives a step waits for is charged what "
                        "a call costs inside a step (Link.sync_s, the mean between phases of "
                        "compute); the waits for the slower rank at each of them vary with "
                        "this machine's scheduling (the same case 67-106 ms between runs)")

@@ -114,8 +114,9 @@ def deep_work(config, table: list[dict]):
             if model_ranks > 1:
                 transfers += _split_layer_transfers(spec, split["sent"], rows, index < top)
         if model_ranks > 1:
-            # The layer-wise objective sums every rank's losses: the logged parts and the total.
-            transfers.append(Transfer("all_reduce", "model", FP32 * 2 * len(table), 2))
+            # The layer-wise objective sums every rank's losses, the total and the logged
+            # parts, in one call.
+            transfers.append(Transfer("all_reduce", "model", FP32 * (2 * len(table) + 1), 1))
         step = assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations,
                              local_total, 3 * len(table) + 1, transfers)
         step.deep_layers = evaluations * len(table)  # the pipelined steady state: every layer

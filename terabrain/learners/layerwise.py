@@ -35,7 +35,6 @@ import copy
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from terabrain.hooks import Callback, Plateau
@@ -233,5 +232,5 @@ class SpatialLayerwiseObjective(LayerwiseObjective):
         total, parts = super().__call__(model, images[:, :, start:stop], y)
         names = list(parts)
         flat = torch.stack([parts[n].float() for n in names]) if names else total.new_zeros(0)
-        dist.all_reduce(flat, group=axis.group)
-        return sum_of_parts(total, axis), {n: flat[i] for i, n in enumerate(names)}
+        total, flat = sum_of_parts(total, flat, axis)
+        return total, {n: flat[i] for i, n in enumerate(names)}

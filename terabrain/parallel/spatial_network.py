@@ -55,18 +55,23 @@ from terabrain.parallel.spatial import (
 
 
 class _SumOfParts(torch.autograd.Function):
-    """Forward: the sum of every rank's part of a loss. Backward: identity, since each rank
-    differentiates its own part (the halo exchanges carry the cross-rank terms)."""
+    """Forward: the sum of every rank's part of a loss, and of ``logged`` (values logged
+    beside it) in the same all-reduce: each collective a step waits for costs it more than
+    its bytes (Link.sync_s). Backward: identity, since each rank differentiates its own part
+    (the halo exchanges carry the cross-rank terms); ``logged`` has no gradient."""
 
     @staticmethod
-    def forward(ctx, part, axis):
-        total = part.detach().clone()
-        dist.all_reduce(total, group=axis.group)
-        return total
+    def forward(ctx, part, logged, axis):
+        dtype = torch.promote_types(part.dtype, logged.dtype)
+        both = torch.cat([part.detach().reshape(1).to(dtype), logged.detach().to(dtype)])
+        dist.all_reduce(both, group=axis.group)
+        summed = both[1:].to(logged.dtype, copy=True)
+        ctx.mark_non_differentiable(summed)
+        return both[0].to(part.dtype, copy=True).reshape(part.shape), summed
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    def backward(ctx, grad, _):
+        return grad, None, None
 
 
 class _SummedGradient(torch.autograd.Function):
@@ -378,10 +383,11 @@ def model_axis(network: DeepNetwork) -> Optional[Axis]:
     return layer.axis if isinstance(layer, _SplitLayer) else None
 
 
-def sum_of_parts(part: torch.Tensor, axis: Axis) -> torch.Tensor:
-    """The sum over the model axis of every rank's ``part`` of a loss (forward); backward is
-    the identity, since each rank differentiates its own part."""
-    return _SumOfParts.apply(part, axis)
+def sum_of_parts(part: torch.Tensor, logged: torch.Tensor, axis: Axis) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums over the model axis of every rank's ``part`` of a loss and of its
+    ``logged`` values (one all-reduce); the loss's backward is the identity, since each
+    rank differentiates its own part."""
+    return _SumOfParts.apply(part, logged, axis)
 
 
 def whole_tensor_count(network: DeepNetwork) -> int:
