@@ -556,7 +556,7 @@ def measure_synchronization(device: torch.device, links: dict, group=None,
         torch.mm(a, a, out=product)
 
     per_product = timed(one_product, device, 0.1)
-    count = torch.tensor([max(1, round(SYNC_WORK_S / per_product))])
+    count = torch.tensor([max(1, round(SYNC_WORK_S / per_product))], device=device)  # NCCL: on it
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
     count = int(count)
     # 4 KB: a step's collectives are rarely single scalars (gloo answered those faster here,
