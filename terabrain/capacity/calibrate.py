@@ -545,6 +545,8 @@ def measure_synchronization(device: torch.device, links: dict, group=None,
     send to and a receive from each neighbour, posted together)."""
     import torch.distributed as dist
 
+    from terabrain.parallel.halo import exchange_messages
+
     ranks = dist.get_world_size(group)
     if ranks < 2:  # a node of one rank: nothing to wait for inside it
         return {"all_reduce": 0.0, "point_to_point": 0.0}
@@ -572,14 +574,12 @@ def measure_synchronization(device: torch.device, links: dict, group=None,
     def all_reduce():
         dist.all_reduce(message, group=group)
 
+    peers = [after] if ranks == 2 else [after, before]
+    outgoing, incoming = [(p, message) for p in peers], list(zip(peers, received))
+    world = group if group is not None else dist.group.WORLD
+
     def exchange():
-        peers = [after] if ranks == 2 else [after, before]
-        ops = [dist.P2POp(dist.isend, message, dist.get_global_rank(group, p) if group else p, group)
-               for p in peers]
-        ops += [dist.P2POp(dist.irecv, buffer, dist.get_global_rank(group, p) if group else p, group)
-                for p, buffer in zip(peers, received)]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        exchange_messages(outgoing, incoming, world)
 
     calls = max(20, round(seconds / SYNC_WORK_S))
     means: dict[str, list[float]] = {"alone": [], "all_reduce": [], "point_to_point": []}

@@ -152,6 +152,12 @@ def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
     return transfers, copies, work
 
 
+# After every step the ranks agree whether any of them was told to stop (terabrain.train.
+# preemption: one MAX all-reduce of a flag over every rank, read a step later, so no step
+# waits for it); free on one rank.
+PREEMPTION_CHECK = Transfer("all_reduce", "world", 4, overlapped=True)
+
+
 def assemble_step(config, data_ranks: int, rows: int, gemms: list[Gemm], elementwise: float,
                   evaluations: int, local_elements: int, scalars: int,
                   transfers: list[Transfer]) -> StepWork:
@@ -168,8 +174,3 @@ def assemble_step(config, data_ranks: int, rows: int, gemms: list[Gemm], element
         transfers=transfers + exchange + [PREEMPTION_CHECK], compression=compression,
     )
 
-
-# After every step the ranks agree whether any of them was told to stop (terabrain.train.
-# preemption: one MAX all-reduce of a flag over every rank, read a step later, so no step
-# waits for it); free on one rank.
-PREEMPTION_CHECK = Transfer("all_reduce", "world", 4, overlapped=True)

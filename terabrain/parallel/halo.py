@@ -133,9 +133,10 @@ def halo_bytes(input_size: tuple[int, int], channels: int, kernel_size: int, str
 # --- the exchange ----------------------------------------------------------------------------
 
 
-def _exchange(outgoing: list[tuple[int, torch.Tensor]], incoming: list[tuple[int, torch.Tensor]],
-              group: dist.ProcessGroup) -> None:
-    """Post every send and receive at once (no ordering deadlock), then wait for all."""
+def exchange_messages(outgoing: list[tuple[int, torch.Tensor]],
+                      incoming: list[tuple[int, torch.Tensor]], group: dist.ProcessGroup) -> None:
+    """Post every send and receive at once (no ordering deadlock), then wait for all; peers
+    are ranks of ``group``. (terabrain calibrate times this call as the halo makes it.)"""
     ops = [dist.P2POp(dist.isend, tensor, dist.get_global_rank(group, peer), group)
            for peer, tensor in outgoing]
     ops += [dist.P2POp(dist.irecv, tensor, dist.get_global_rank(group, peer), group)
@@ -160,7 +161,7 @@ def _gather(x: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> torch
         _rows(needed, mine, block.needed_rows[0]).copy_(_rows(x, mine, block.owned_rows[0]))
     outgoing = [(peer, _rows(x, rows, block.owned_rows[0])) for peer, rows in block.sends]
     incoming = [(peer, _rows(needed, rows, block.needed_rows[0])) for peer, rows in block.receives]
-    _exchange(outgoing, incoming, group)
+    exchange_messages(outgoing, incoming, group)
     return needed
 
 
@@ -174,7 +175,7 @@ def _scatter_add(needed: torch.Tensor, block: RowBlock, group: dist.ProcessGroup
     outgoing = [(peer, _rows(needed, rows, block.needed_rows[0])) for peer, rows in block.receives]
     incoming = [(peer, needed.new_empty((rows[1] - rows[0], *needed.shape[1:])))
                 for peer, rows in block.sends]
-    _exchange(outgoing, incoming, group)
+    exchange_messages(outgoing, incoming, group)
     for (_, rows), (_, values) in zip(block.sends, incoming):
         _rows(owned, rows, block.owned_rows[0]).add_(values)
     return owned
@@ -238,10 +239,10 @@ def scatter_rows(x: Optional[torch.Tensor], blocks: Sequence[Rows], group: dist.
     if rank == src:
         outgoing = [(peer, batch_last(x[:, :, a:b]).contiguous())
                     for peer, (a, b) in enumerate(blocks) if peer != src]
-        _exchange(outgoing, [], group)
+        exchange_messages(outgoing, [], group)
         return x[:, :, start:stop].clone()
     local = torch.empty(stop - start, w, c, n, dtype=dtype)
-    _exchange([], [(src, local)], group)
+    exchange_messages([], [(src, local)], group)
     return batch_first(local)
 
 
