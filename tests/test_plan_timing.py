@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -74,6 +75,24 @@ def test_a_wrong_profile_field_is_named(tmp_path):
         path.write_text(yaml.safe_dump(raw))
         with pytest.raises(ConfigError, match=f"compute.{field}"):
             load_profile(str(path))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\xe0\xff binary", "not a text (UTF-8) file"),
+    (b"name: a\nname: b\n", "duplicate key 'name'"),
+    (b"a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+     "aliases are expanded"),
+    (b"", "expected a mapping of profile fields"),
+])
+def test_a_profile_file_that_is_not_one_is_one_line(tmp_path, content, message):
+    """Profiles are read as experiment files are (terabrain.config.loader.read_yaml_file)."""
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        load_profile(str(path))
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
 
 
 def test_cli_bad_profile_exits_2_with_one_line(capsys, tmp_path):

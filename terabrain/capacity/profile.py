@@ -36,6 +36,7 @@ from pydantic import (
     ValidationError,
 )
 
+from terabrain.config.loader import read_yaml_file
 from terabrain.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -230,10 +231,9 @@ def load_profile(name_or_path: str) -> MachineProfile:
                 f"--profile: no file {name_or_path!r} and no built-in profile of that name; "
                 f"built-in: {', '.join(builtin_profiles())}")
         path = builtin
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--profile {path}: not YAML ({str(error).splitlines()[0]})") from None
+    # As experiment files are read: a binary file, a key written twice or a bomb of aliases
+    # is one line, not a traceback or a silent choice.
+    raw = read_yaml_file(path, f"--profile {path}", "a profile")
     if not isinstance(raw, dict):
         raise ConfigError(f"--profile {path}: expected a mapping of profile fields")
     try:

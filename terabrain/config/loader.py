@@ -127,25 +127,32 @@ def _parse_yaml(text: str, source: str) -> Any:
             loader.dispose()
 
 
+def read_yaml_file(path: Path, source: str, what: str = "an experiment file") -> Any:
+    """The YAML document in the file ``path`` (``source`` in messages), read as experiment
+    files are: at most FILE_LIMIT_BYTES, UTF-8, no key written twice, aliases bounded; a
+    ConfigError of one line otherwise. ``what`` names the kind of file in the size message."""
+    size = path.stat().st_size
+    if size > FILE_LIMIT_BYTES:
+        raise ConfigError(f"{source}: {size} bytes; {what} is a few KB "
+                          f"(at most {FILE_LIMIT_BYTES})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{source}: not a text (UTF-8) file: byte {error.start} "
+                          "cannot be decoded") from None
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot be read: {error.strerror or error}") from None
+    return _parse_yaml(text, source)
+
+
 def _read_source(source: str) -> dict[str, Any]:
     path = Path(source)
     if source.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
             raise ConfigError(f"experiment file not found: {source}")
-        size = path.stat().st_size
-        if size > FILE_LIMIT_BYTES:
-            raise ConfigError(f"{source}: {size} bytes; an experiment file is a few KB "
-                              f"(at most {FILE_LIMIT_BYTES})")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"{source}: not a text (UTF-8) file: byte {error.start} "
-                              "cannot be decoded") from None
-        except OSError as error:
-            raise ConfigError(f"{source}: cannot be read: {error.strerror or error}") from None
+        raw = read_yaml_file(path, source)
     else:
-        text = builtin_text(source)
-    raw = _parse_yaml(text, source)
+        raw = _parse_yaml(builtin_text(source), source)
     if raw is None:
         raise ConfigError(f"{source}: the file is empty; an experiment is a YAML mapping "
                           "(`terabrain show natural-patches-rica` prints one)")
