@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import SCRIPTS, torchrun
-from terabrain.capacity.calibrate import fit_alpha_beta, shared_rank_counts
+from terabrain.capacity.calibrate import fit_alpha_beta, median_of_rounds, shared_rank_counts
 from terabrain.capacity.planner import plan_experiment
 from terabrain.capacity.profile import load_profile
 from terabrain.config.loader import load_experiment
@@ -41,6 +41,15 @@ def test_shared_rank_counts_double_up_to_the_cores_and_oversubscribe_small_nodes
     assert shared_rank_counts(64) == [1, 2, 4, 8, 16, 32, 64]
 
 
+def test_a_point_keeps_its_median_round_so_one_slow_moment_does_not_set_it():
+    # Round 2 ran while the machine was slow for a few seconds (every point low), round 3
+    # was slow for the second point only.
+    rounds = iter([[100.0, 50.0], [60.0, 30.0], [105.0, 20.0]])
+    points = median_of_rounds(lambda: [{"m": 40, "flops_per_s": v} for v in next(rounds)], 3)
+    assert [p["flops_per_s"] for p in points] == [100.0, 30.0]
+    assert all(p["m"] == 40 for p in points)
+
+
 def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):
     out = tmp_path / "machine.yaml"
     result = cli("calibrate", "--quick", "--out", str(out), "--name", "here")
@@ -52,6 +61,13 @@ def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):
     assert "not measured" in profile.sources["network"]  # one process: no links
     assert set(profile.compute.compression_bandwidth) == {"fp16", "bf16", "onebit", "threshold",
                                                           "adaptive"}
+    # Each locally connected shape trained one step (nn) and encoded alone (encode, a frozen
+    # forward copy): one product with its copies takes less than six with theirs.
+    trained = {(p.m, p.n, p.k): p for p in profile.compute.local_points if p.layout == "nn"}
+    encoded = {(p.m, p.n, p.k): p for p in profile.compute.local_points if p.layout == "encode"}
+    assert trained and set(encoded) == set(trained)
+    for shape, point in trained.items():
+        assert 1 / encoded[shape].flops_per_s < 6 / point.flops_per_s
     # --quick: only the one-rank entry (all cores in one process); the full run measures
     # 1, 2, 4 ... ranks at once (the slow test below).
     assert [(e.ranks, e.threads) for e in profile.compute.shared] == [(1, os.cpu_count() or 1)]

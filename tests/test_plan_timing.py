@@ -107,7 +107,7 @@ def _compute_edited(tmp_path, base: str, **fields) -> MachineProfile:
     """The built-in profile ``base`` with ``fields`` of its compute section replaced."""
     raw = yaml.safe_load(load_profile(base).to_yaml())
     raw["compute"].update(fields)
-    path = tmp_path / (base + "".join(f"-{name}{value:g}" for name, value in fields.items()) + ".yaml")
+    path = tmp_path / f"{base}-{len(list(tmp_path.iterdir()))}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return load_profile(str(path))
 
@@ -247,6 +247,26 @@ def test_data_parallel_exchange_grows_with_replicas_and_shrinks_when_compressed(
     config16 = load_experiment("lbann-ae-small", ["parallel.compression=bf16"])
     half = {s.data: s for s in plan_experiment(config16, 8, 10**11, profile=h100).splits}
     assert half[8].communication_s < by_data[8].communication_s
+
+
+def test_a_pipelined_networks_forward_copies_run_at_the_measured_encode_rate(tmp_path):
+    """local_points of layout encode (a local layer's codes alone) price the frozen forward
+    copies; the layers trained run at the nn points. Without encode points, the copies are
+    priced at the trained rate, as profiles measured before these points were."""
+    trained = {"m": 192, "n": 8, "k": 192, "flops_per_s": 2e10, "layout": "nn"}
+
+    def compute(schedule: str, *encode_rates: float) -> float:
+        points = [trained] + [{**trained, "layout": "encode", "flops_per_s": rate} for rate in encode_rates]
+        profile = _compute_edited(tmp_path, "llnl-catalyst", local_points=points)
+        config = load_experiment("yfcc-15b-small", [f"model.schedule={schedule}"])
+        return plan_experiment(config, 1, 10**11, profile=profile).splits[0].compute_s
+
+    slow, fast = compute("pipelined", 5e9), compute("pipelined", 1e10)
+    assert slow > fast
+    # Halving the rate doubles the copies' time: what they cost at 1e10 is slow - fast.
+    faster = compute("pipelined", 2e10)
+    assert faster == pytest.approx(fast - (slow - fast) / 2)
+    assert compute("pipelined") == pytest.approx(faster)
 
 
 def test_deep_networks_are_timed_and_local_layers_are_slower_than_gemms():

@@ -321,11 +321,17 @@ def measure_local_points(device: torch.device, quick: bool, seconds: float) -> l
     shared_weight.unit_row_map_pair through terabrain.nn.filter_maps.LocalMap: the codes,
     the reconstruction and their backward, with the patch copies, the batch-last layout and
     the row normalisation), as a rate of its per-location products: 6 x 2 x batch x field x
-    maps FLOP per location. Points (m batch, n maps, k field), like GEMM points: at small
-    map counts the patch copies, not the products, take most of the time."""
+    maps FLOP per location (layout nn). Points (m batch, n maps, k field), like GEMM points:
+    at small map counts the patch copies, not the products, take most of the time.
+
+    And the same layer's codes alone, as a pipelined network's frozen forward copy encodes
+    (unit_row_map_codes without a graph): 2 x batch x field x maps FLOP per location (layout
+    encode). Counting it as a sixth of a trained step predicted 3.5 ms for the 8-map layer
+    of bench/plan_accuracy.py's deep network, which took 7.0 ms in its steps: its one patch
+    copy and the input's batch-last copy are a larger share of one product than of six."""
     from terabrain.nn.filter_maps import LocalMap
     from terabrain.nn.local import output_length
-    from terabrain.nn.shared_weight import unit_row_map_pair
+    from terabrain.nn.shared_weight import unit_row_map_codes, unit_row_map_pair
 
     points = []
     for batch, channels, size, kernel, stride, maps in (QUICK_LOCAL_SHAPES if quick else LOCAL_SHAPES):
@@ -343,8 +349,15 @@ def measure_local_points(device: torch.device, quick: bool, seconds: float) -> l
             codes, decoded = unit_row_map_pair(fmap, x, weight, None, alpha)
             torch.autograd.backward([codes, decoded], list(grads))
 
-        flops = 6 * 2.0 * batch * field * maps * side * side
-        points.append({"m": batch, "n": maps, "k": field, "flops_per_s": flops / timed(step, device, seconds)})
+        @torch.no_grad()
+        def encode(fmap=fmap, x=x, weight=weight, alpha=alpha):
+            return unit_row_map_codes(fmap, x, weight, alpha)
+
+        flops = 2.0 * batch * field * maps * side * side
+        points.append({"m": batch, "n": maps, "k": field, "layout": "nn",
+                       "flops_per_s": 6 * flops / timed(step, device, seconds)})
+        points.append({"m": batch, "n": maps, "k": field, "layout": "encode",
+                       "flops_per_s": flops / timed(encode, device, seconds)})
     return points
 
 
@@ -643,6 +656,22 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# The GEMM and local points are measured in rounds, all of them once per round, and each
+# point keeps its median round. This machine's speed moves by 20-45 % for seconds at a time
+# (other tenants of the VM); one 0.4 s window per point let such a dip set a point for good
+# (bench/plan_accuracy.py: a 40 x 1024 x 3072 point at 72 GFLOP/s in one calibration, 93-97
+# in the three others, and the one-rank autoencoder predicted at 1.19 of its measured step).
+POINT_ROUNDS = 3
+
+
+def median_of_rounds(measure_round: Callable[[], list[dict]], rounds: int) -> list[dict]:
+    """``measure_round`` (a list of points) run ``rounds`` times; each point with the median
+    of its ``flops_per_s``."""
+    measured = [measure_round() for _ in range(rounds)]
+    return [{**point, "flops_per_s": statistics.median(r[i]["flops_per_s"] for r in measured)}
+            for i, point in enumerate(measured[0])]
+
+
 def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] = lambda: None) -> dict:
     """What one rank computes at, with this process's threads: GEMM points, elementwise,
     optimizer and fresh-buffer bandwidth, each compressor, the fixed step overhead.
@@ -650,14 +679,22 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
     so that they compete as they do in training)."""
     seconds = QUICK_SECONDS if quick else 0.4
     shapes = QUICK_SHAPES if quick else GEMM_SHAPES
-    points = []
-    for m, n, k, layout in shapes:
+    rounds = 1 if quick else POINT_ROUNDS
+
+    def gemm_round() -> list[dict]:
+        points = []
+        for m, n, k, layout in shapes:
+            sync()
+            points.append({"m": m, "n": n, "k": k, "layout": layout,
+                           "flops_per_s": measure_gemm(m, n, k, device, seconds / rounds, layout)})
+        return points
+
+    def local_round() -> list[dict]:
         sync()
-        points.append({"m": m, "n": n, "k": k, "layout": layout,
-                       "flops_per_s": measure_gemm(m, n, k, device, seconds, layout)})
-    sync()
-    rates = {"gemm_points": points,
-             "local_points": measure_local_points(device, quick, seconds)}
+        return measure_local_points(device, quick, seconds / rounds)
+
+    rates = {"gemm_points": median_of_rounds(gemm_round, rounds),
+             "local_points": median_of_rounds(local_round, rounds)}
     for name, measure in (("elementwise_bandwidth", measure_elementwise),
                           ("optimizer_bandwidth", measure_optimizer),
                           ("fresh_bandwidth", measure_fresh),
@@ -724,7 +761,8 @@ def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]
         log(f"  gemm {point['m']} x {point['n']} x {point['k']} {point['layout']}: "
             f"{point['flops_per_s'] / 1e9:.1f} GFLOP/s")
     for point in rates["local_points"]:
-        log(f"  local layer, batch {point['m']}, {point['n']} maps, field {point['k']}: "
+        what = "trained" if point["layout"] == "nn" else "codes alone"
+        log(f"  local layer {what}, batch {point['m']}, {point['n']} maps, field {point['k']}: "
             f"{point['flops_per_s'] / 1e9:.1f} GFLOP/s")
     rates["peak"] = max(p["flops_per_s"] for p in rates["gemm_points"])
     rates["memory"] = measure_copy_bandwidth(device, seconds)

@@ -57,13 +57,14 @@ class GemmPoint(_Strict):
     nn both operands row-major; nt the second transposed (x W^T, as torch.nn.functional.linear
     runs it); tn the first transposed, into a new buffer (a weight gradient h^T g, whose pages
     fault in on first touch); tn+ the same added into an existing buffer (addmm_: the second
-    gradient of a tied weight)."""
+    gradient of a tied weight). A local point (``local_points``) is ``nn`` for a layer trained
+    one step and ``encode`` for its codes alone (a frozen forward copy)."""
 
     m: PositiveInt
     n: PositiveInt
     k: PositiveInt
     flops_per_s: PositiveFloat
-    layout: Literal["nn", "nt", "tn", "tn+"] = "nn"
+    layout: Literal["nn", "nt", "tn", "tn+", "encode"] = "nn"
 
 
 class SharedRates(_Strict):
@@ -100,7 +101,8 @@ class Compute(_Strict):
         "where no local_points were measured.")
     local_points: list[GemmPoint] = Field(
         default_factory=list,
-        description="A deep network's locally connected layer trained one step, as FLOP/s of "
+        description="A deep network's locally connected layer trained one step (layout nn), "
+                    "and its codes alone (layout encode: a frozen forward copy), as FLOP/s of "
                     "its per-location products (m batch, n maps, k field), copies included; "
                     "interpolated by shape like gemm_points.")
     elementwise_bandwidth: PositiveFloat = Field(

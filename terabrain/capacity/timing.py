@@ -177,7 +177,7 @@ def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16
     for gemm in work.gemms:
         local_points = rates.local_points or compute.local_points
         if gemm.local and local_points:  # the layer's measured rate, copies included
-            rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16, local_points)
+            rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16, local_points, gemm.layout)
             rate *= rates.gemm_scale if rates.local_points is None else 1.0
         else:
             rate = gemm_rate(profile, gemm.m, gemm.n, gemm.k, bf16, rates.gemm_points,

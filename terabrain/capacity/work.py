@@ -19,7 +19,8 @@ class Gemm:
     """``count`` products of (m x k) @ (k x n) per step. ``local``: a locally connected
     layer's per-location product (it runs at the profile's ``local_efficiency``).
     ``layout``: how the operands lie (terabrain.capacity.profile.GemmPoint): nt for x W^T,
-    nn for h W, tn for a weight gradient into a new buffer, tn+ for one added into it."""
+    nn for h W, tn for a weight gradient into a new buffer, tn+ for one added into it; for a
+    local one, nn for the layer trained and encode for its codes alone (a forward copy)."""
 
     m: int
     n: int

@@ -57,8 +57,9 @@ def _layer_gemms(spec, info: dict, model_ranks: int, rows: int, share: float, tr
                 Gemm(local_hidden, inputs, rows, 1, layout="tn+")]
     locations = out_h * out_w
     field = max(1, round(encode_macs / (maps * locations)))
-    if spec.kind == "local":
-        return [Gemm(rows, maps, field, count * math.ceil(locations * share), local=True)]
+    if spec.kind == "local":  # trained: the profile's nn points; a forward copy: its encode ones
+        return [Gemm(rows, maps, field, count * math.ceil(locations * share), local=True,
+                     layout="nn" if trains else "encode")]
     return [Gemm(rows * locations, maps, field, count)]  # conv: replicated on the model axis
 
 
