@@ -63,6 +63,9 @@ def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):
                                                           "adaptive"}
     # Each locally connected shape trained one step (nn) and encoded alone (encode, a frozen
     # forward copy): one product with its copies takes less than six with theirs.
+    # A deep layer's activation work (losses, LCN) is measured as such.
+    assert profile.compute.activation_bandwidth > 0
+    assert profile.compute.shared[0].activation_bandwidth == profile.compute.activation_bandwidth
     trained = {(p.m, p.n, p.k): p for p in profile.compute.local_points if p.layout == "nn"}
     encoded = {(p.m, p.n, p.k): p for p in profile.compute.local_points if p.layout == "encode"}
     assert trained and set(encoded) == set(trained)

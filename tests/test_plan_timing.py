@@ -198,8 +198,17 @@ def test_overlapped_exchange_on_a_shared_cpu_node_costs_its_cpu_time(tmp_path):
     overlapped = StepWork(rows=1, gemms=[gradient],
                           transfers=[Transfer("all_reduce", "data", 64e6, overlapped=True)])
     before, during = predict(cpu, flat, 2, 1), predict(cpu, overlapped, 2, 1)
-    assert during.compute_s == pytest.approx(before.compute_s + 0.75 * before.communication_s)
-    assert during.exposed_s < before.exposed_s
+    assert 0 < during.exposed_s < before.exposed_s
+    # The part beside the products takes its share of the cores; the exposed rest is the
+    # wait itself, not counted twice.
+    beside = during.communication_s - during.exposed_s
+    assert during.compute_s == pytest.approx(before.compute_s + 0.75 * beside)
+    # All of it hidden behind a longer gradient: all of its CPU time is compute.
+    longer = [Gemm(4096, 4096, 4096, layout="tn")]
+    plain = predict(cpu, StepWork(rows=1, gemms=longer), 2, 1)
+    hidden = predict(cpu, StepWork(rows=1, gemms=longer, transfers=overlapped.transfers), 2, 1)
+    assert hidden.exposed_s == 0
+    assert hidden.compute_s == pytest.approx(plain.compute_s + 0.75 * hidden.communication_s)
     # Without the measurement (a GPU's copy engines), overlapping costs no compute.
     assert predict(load_profile("llnl-catalyst"), overlapped, 2, 1).compute_s == pytest.approx(
         before.compute_s)
@@ -247,6 +256,24 @@ def test_data_parallel_exchange_grows_with_replicas_and_shrinks_when_compressed(
     config16 = load_experiment("lbann-ae-small", ["parallel.compression=bf16"])
     half = {s.data: s for s in plan_experiment(config16, 8, 10**11, profile=h100).splits}
     assert half[8].communication_s < by_data[8].communication_s
+
+
+def test_a_deep_networks_activation_work_runs_at_its_own_measured_rate(tmp_path):
+    """compute.activation_bandwidth prices a deep layer's losses, LCN and pooling (small
+    kernels); unset, they run at the elementwise rate. Hidden-unit learners do not use it."""
+    def compute(name: str, **fields) -> float:
+        profile = _compute_edited(tmp_path, "llnl-catalyst", **fields)
+        return plan_experiment(load_experiment(name, []), 1, 10**11, profile=profile).splits[0].compute_s
+
+    elementwise = load_profile("llnl-catalyst").compute.elementwise_bandwidth
+    at_elementwise = compute("yfcc-15b-small")
+    assert compute("yfcc-15b-small", activation_bandwidth=elementwise) == pytest.approx(at_elementwise)
+    slower = compute("yfcc-15b-small", activation_bandwidth=elementwise / 2)
+    slowest = compute("yfcc-15b-small", activation_bandwidth=elementwise / 4)
+    # Each halving adds the activation work's time at the rate before it: 1, then 2 units.
+    assert slower > at_elementwise and slowest - slower == pytest.approx(2 * (slower - at_elementwise))
+    assert compute("lbann-ae-small", activation_bandwidth=elementwise / 4) == pytest.approx(
+        compute("lbann-ae-small"))
 
 
 def test_a_pipelined_networks_forward_copies_run_at_the_measured_encode_rate(tmp_path):

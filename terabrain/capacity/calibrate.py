@@ -153,6 +153,52 @@ def measure_elementwise(device: torch.device, seconds: float) -> float:
                                       between=lambda: flush.add_(1.0))
 
 
+# One deep layer's activation work (batch, channels, size, kernel, stride, maps, LCN kernel):
+# a locally connected layer's shapes, not those of any built-in experiment.
+ACTIVATION_LAYER = (128, 3, 40, 8, 4, 8, 5)
+
+
+def measure_activation_bandwidth(device: torch.device, seconds: float) -> float:
+    """Bytes/s of a deep layer's activation work, in the bytes the planner counts for it
+    (terabrain.learners.deep_work.activation_values): the layer-wise objective's RICA loss on
+    its codes and its biased reconstruction, forward and backward, and LCN over its codes
+    without a graph (what a frozen copy feeds the layer above). Many small kernels,
+    reductions and windowed passes: here 9-16 GB/s, against 21-31 for the plain elementwise
+    kernel (measure_elementwise), at which the planner left 4-5 ms of a 52-63 ms step of
+    bench/plan_accuracy.py's deep network out. Warm operands: a step's loss and LCN read
+    what the layer's maps have just written.
+
+    The whole layer's time, its kernels' dispatch included, which the deep layer's fixed
+    cost (measure_deep_layer_overhead) also holds: counted twice, a few per cent of it at
+    this size. (The marginal rate between two batch sizes avoids that, but as a difference of
+    two noisy timings it moved between 13 and 44 GB/s here.) A layer whose activations stay
+    in the cache streams faster (8 x 11 x 11 inputs: 40-45 GB/s): the one rate overcharges
+    small layers."""
+    from terabrain.learners.deep_work import activation_values
+    from terabrain.nn.local import output_length
+    from terabrain.nn.normalization import LocalContrastNorm
+    from terabrain.objectives import rica_loss
+
+    batch, channels, size, kernel, stride, maps, lcn_kernel = ACTIVATION_LAYER
+    side = output_length(size, kernel, stride)
+    lcn = LocalContrastNorm(lcn_kernel)
+    x = torch.rand(batch, channels, size, size, device=device)
+    codes = torch.randn(batch, maps, side, side, device=device, requires_grad=True)
+    decoded = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
+    bias = torch.zeros(channels, size, size, device=device, requires_grad=True)
+
+    def layer():
+        codes.grad = decoded.grad = bias.grad = None
+        loss, _ = rica_loss(codes, decoded + bias, x, 0.1, 1e-2)
+        loss.backward()
+        with torch.no_grad():
+            lcn(codes)
+
+    code_values = maps * side * side
+    moved = 4.0 * batch * activation_values(channels * size * size, code_values, code_values)
+    return moved / timed(layer, device, seconds)
+
+
 def measure_optimizer(device: torch.device, seconds: float) -> float:
     parameter = torch.nn.Parameter(torch.rand(4 * 2**20, device=device))
     parameter.grad = torch.rand_like(parameter)
@@ -696,6 +742,7 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
     rates = {"gemm_points": median_of_rounds(gemm_round, rounds),
              "local_points": median_of_rounds(local_round, rounds)}
     for name, measure in (("elementwise_bandwidth", measure_elementwise),
+                          ("activation_bandwidth", measure_activation_bandwidth),
                           ("optimizer_bandwidth", measure_optimizer),
                           ("fresh_bandwidth", measure_fresh),
                           ("step_overhead_s", measure_step_overhead),
@@ -732,7 +779,8 @@ def measure_shared(ranks: int, threads: int, quick: bool) -> dict:
                      for i, point in enumerate(measured[0][kind])]
               for kind in ("gemm_points", "local_points")}
     slowest = {key: min(m[key] for m in measured)
-               for key in ("elementwise_bandwidth", "optimizer_bandwidth", "fresh_bandwidth")}
+               for key in ("elementwise_bandwidth", "activation_bandwidth", "optimizer_bandwidth",
+                           "fresh_bandwidth")}
     compression = {scheme: min(m["compression_bandwidth"][scheme] for m in measured)
                    for scheme in measured[0]["compression_bandwidth"]}
     return {"ranks": ranks, "threads": threads, **points, **slowest,
@@ -769,7 +817,8 @@ def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]
     rates["local"] = measure_local_efficiency(device, seconds)
     rates["decode"], rates["pixel_bytes"] = measure_reader(seconds)
     log(f"  memory {rates['memory'] / 1e9:.1f} GB/s, elementwise "
-        f"{rates['elementwise_bandwidth'] / 1e9:.1f} GB/s, optimizer "
+        f"{rates['elementwise_bandwidth'] / 1e9:.1f} GB/s (a deep layer's activations "
+        f"{rates['activation_bandwidth'] / 1e9:.1f}), optimizer "
         f"{rates['optimizer_bandwidth'] / 1e9:.1f} GB/s, fresh buffers "
         f"{rates['fresh_bandwidth'] / 1e9:.1f} GB/s, step overhead "
         f"{rates['step_overhead_s'] * 1e3:.2f} ms (a deep layer "
@@ -806,7 +855,8 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
             rates["shared"].append({
                 "ranks": 1, "threads": cores,
                 **{key: rates[key] for key in ("gemm_points", "local_points", "elementwise_bandwidth",
-                                               "optimizer_bandwidth", "fresh_bandwidth",
+                                               "activation_bandwidth", "optimizer_bandwidth",
+                                               "fresh_bandwidth",
                                                "compression_bandwidth", "step_overhead_s",
                                                "deep_layer_overhead_s")}})
             # --quick keeps only the 1-rank entry (more ranks then time-share it): the
@@ -860,6 +910,7 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
             "gemm_points": rates["gemm_points"], "local_efficiency": rates["local"],
             "local_points": rates["local_points"],
             "elementwise_bandwidth": rates["elementwise_bandwidth"],
+            "activation_bandwidth": rates["activation_bandwidth"],
             "optimizer_bandwidth": rates["optimizer_bandwidth"],
             "fresh_bandwidth": rates["fresh_bandwidth"],
             "step_overhead_s": rates["step_overhead_s"],

@@ -83,6 +83,7 @@ class SharedRates(_Strict):
     compression_bandwidth: dict[str, PositiveFloat] = Field(default_factory=dict)
     step_overhead_s: float = Field(0.0, ge=0)
     deep_layer_overhead_s: float = Field(0.0, ge=0)
+    activation_bandwidth: PositiveFloat | None = None
 
 
 class Compute(_Strict):
@@ -117,6 +118,11 @@ class Compute(_Strict):
     fresh_bandwidth: PositiveFloat | None = Field(
         None, description="Bytes/s of a copy into a newly allocated buffer (pages fault in "
                           "on first touch); None: elementwise_bandwidth.")
+    activation_bandwidth: PositiveFloat | None = Field(
+        None, description="Bytes/s a deep network's activation work streams (its losses, bias, "
+                          "LCN and pooling: many small kernels, counted as terabrain.learners."
+                          "deep_work.activation_values; terabrain calibrate runs one layer's); "
+                          "None: elementwise_bandwidth.")
     step_overhead_s: float = Field(
         0.0, ge=0, description="Fixed seconds per training step (framework, launches).")
     deep_layer_overhead_s: float = Field(

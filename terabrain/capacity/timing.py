@@ -3,7 +3,8 @@ and a machine profile (terabrain.capacity.profile).
 
 - compute = sum over GEMMs of FLOPs / gemm_rate (locally connected ones at local_efficiency
   of it) + elementwise bytes / elementwise bandwidth + optimizer bytes / optimizer bandwidth
-  + the gradient compressor's passes at its measured rate + the profile's fixed step
+  + a deep network's activation bytes at the activation bandwidth (its losses' and LCN's
+  small kernels) + the gradient compressor's passes at its measured rate + the profile's fixed step
   overhead + the dispatch of sharded (DTensor) operations per model-parallel evaluation.
   Where the ranks of a node share one device (CPU nodes), each rank computes at the rates
   ``terabrain calibrate`` measured with that many ranks computing at once
@@ -20,8 +21,8 @@ and a machine profile (terabrain.capacity.profile).
   Collectives marked ``overlapped`` (the data-parallel gradients with ``parallel.overlap``)
   run while the weight gradients are computed (the ``tn``/``tn+`` products, whose blocks
   they reduce) and are exposed only beyond that time. Where the ranks of a node share its
-  CPU, an overlapped collective still costs the cores its ``cpu_fraction`` of its time
-  (gloo's socket copies and sums), added to the compute: hidden, not free.
+  CPU, an overlapped collective still costs the cores its ``cpu_fraction`` of the time it
+  runs beside them (gloo's socket copies and sums), added to the compute: hidden, not free.
 - reading: examples not resident on the device are read by the node (decoded from JPEG or
   pre-decoded pixels); readers overlap with the step unless the profile says they share its
   cores. Every rank of a replica reads that replica's rows, so model parallelism does not
@@ -94,6 +95,7 @@ class RankRates:
     overhead_s: float
     slowdown: float
     layer_overhead_s: float = 0.0
+    activation: float = 0.0
 
 
 def rank_rates(profile: MachineProfile, per_node: int) -> RankRates:
@@ -104,7 +106,8 @@ def rank_rates(profile: MachineProfile, per_node: int) -> RankRates:
         return RankRates(None, None, 1 / share, compute.elementwise_bandwidth / share,
                          compute.optimizer_bandwidth / share, fresh / share,
                          {k: v / share for k, v in compute.compression_bandwidth.items()},
-                         compute.step_overhead_s, 1.0, compute.deep_layer_overhead_s)
+                         compute.step_overhead_s, 1.0, compute.deep_layer_overhead_s,
+                         (compute.activation_bandwidth or compute.elementwise_bandwidth) / share)
     # The entry measured with as many ranks as run here; else the nearest with more (each
     # rank then gets ranks / per_node more of the node), else the most measured, shared
     # further (time-sharing: per_node / ranks times slower).
@@ -115,7 +118,8 @@ def rank_rates(profile: MachineProfile, per_node: int) -> RankRates:
                      entry.elementwise_bandwidth, entry.optimizer_bandwidth,
                      entry.fresh_bandwidth, entry.compression_bandwidth, entry.step_overhead_s,
                      per_node / entry.ranks,
-                     entry.deep_layer_overhead_s or compute.deep_layer_overhead_s)
+                     entry.deep_layer_overhead_s or compute.deep_layer_overhead_s,
+                     entry.activation_bandwidth or entry.elementwise_bandwidth)
 
 
 @dataclass
@@ -187,6 +191,7 @@ def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16
         if weight_gradients is not None and gemm.layout in WEIGHT_GRADIENT_LAYOUTS:
             weight_gradients.append(gemm.flops / rate * rates.slowdown)
     seconds += work.elementwise_bytes / rates.elementwise
+    seconds += work.activation_bytes / rates.activation
     seconds += work.fresh_bytes / rates.fresh
     seconds += work.optimizer_bytes / rates.optimizer
     if work.compression is not None:
@@ -229,8 +234,12 @@ def predict(profile: MachineProfile, work: StepWork, data: int, model: int, *,
         if profile.compute.ranks_share_device:
             link = profile.link(transfer.collective, crosses_nodes(transfer, data, model, per_node))
             cpu += seconds * (link.cpu_fraction or 0.0)
-    compute += cpu
-    exposed += max(0.0, hidden - sum(weight_gradients))  # longer than what it hides behind
+    behind = min(hidden, sum(weight_gradients))
+    exposed += hidden - behind  # longer than what it hides behind
+    # Only the part that runs beside the products takes their cores; the rest is the exposed
+    # wait itself, when the cores have nothing else to do (counting its CPU time as compute
+    # too charged it twice: ae-data-2 predicted at 1.17-1.31 of its step here).
+    compute += cpu * (behind / hidden if hidden > 0 else 0.0)
     read = read_seconds(profile, work.rows, reading, per_node)
     busy = compute + exposed
     step = busy + read if not profile.reader.overlaps_compute else max(busy, read)

@@ -64,6 +64,9 @@ class StepWork:
     deep_layers: float = 0.0
     """Layer steps of a deep network per step (layers x evaluations): each costs the
     profile's ``deep_layer_overhead_s`` beyond its work."""
+    activation_bytes: float = 0.0
+    """Bytes a deep network's layers move around their maps (the losses, the bias, LCN and
+    pooling: many small kernels over activations), at the profile's activation bandwidth."""
 
     @property
     def flops(self) -> float:

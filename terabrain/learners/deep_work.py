@@ -10,9 +10,11 @@ Per layer, b = batch / data rows, its share of the output rows on the model axis
   the encoder and the reconstruction, forward and twice backward (6 per location, at the
   profile's ``local_efficiency``); conv: one (b x locations) x field x maps product, 6 times;
   dense: the five products of a hidden-unit layer (terabrain.learners.hidden_unit_work).
-- elementwise: 18 values moved per input value, 12 per code, 20 per pooled/normalised
-  output value (LCN's two windowed passes), and the weight passes of a layer (its one
-  gradient buffer and its row normalisation, ``WEIGHT_STREAMS``).
+- activations: 18 values moved per input value, 12 per code, 20 per pooled/normalised
+  output value (LCN's two windowed passes), at the profile's activation bandwidth (their
+  small kernels, measured as such: ``activation_values``); and at the elementwise rate the
+  weight passes of a layer (its one gradient buffer and its row normalisation,
+  ``WEIGHT_STREAMS``).
 - collectives: on the model axis every call of the split network (halo exchanges, the
   dense layer's gathers and reduction, the replicated alphas' gradients, LCN's spreads,
   the losses' sums), each charged its bytes (terabrain.learners.deep_capacity) and what a
@@ -34,6 +36,15 @@ from terabrain.learners.deep_capacity import _layer_split
 from terabrain.learners.hidden_unit_work import VALUES_PER_HIDDEN, VALUES_PER_INPUT
 
 VALUES_PER_OUTPUT = 20
+
+
+def activation_values(in_values: float, code_values: float, out_values: float) -> float:
+    """Values a layer's activation work moves per example (its loss, bias, LCN and pooling:
+    small kernels around its maps) for its input, code and output values: what StepWork.
+    activation_bytes counts and what terabrain calibrate's activation bandwidth is measured
+    in."""
+    return VALUES_PER_INPUT * in_values + VALUES_PER_HIDDEN * code_values + VALUES_PER_OUTPUT * out_values
+
 # Passes over a layer's weights beyond its GEMMs (terabrain.nn.shared_weight.
 # unit_row_map_pair): its row norms (1); one gradient buffer, the decoder's share written
 # (1), the encoder's added (2), the normalisation's added (3); decay (1); renormalising
@@ -94,7 +105,7 @@ def deep_work(config, table: list[dict]):
     evaluations = evaluations_per_step(config.optimizer)
 
     def work(data_ranks: int, model_ranks: int, rows: int) -> StepWork:
-        gemms, elementwise, transfers, local_total = [], 0.0, [], 0
+        gemms, elementwise, activation, transfers, local_total = [], 0.0, 0.0, [], 0
         top = len(table) - 1
         for index, (spec, info) in enumerate(zip(config.model.layers, table)):
             split = _layer_split(spec, info, model_ranks, rows)
@@ -108,8 +119,7 @@ def deep_work(config, table: list[dict]):
             code_values = maps * out_h * out_w * (share if spec.kind != "dense" else 1 / model_ranks)
             in_values = math.prod(info["input"]) * (share if spec.kind == "local" else 1.0)
             out_values = math.prod(info["output"]) * share
-            elementwise += FP32 * rows * (VALUES_PER_INPUT * in_values + VALUES_PER_HIDDEN * code_values
-                                          + VALUES_PER_OUTPUT * out_values)
+            activation += FP32 * rows * activation_values(in_values, code_values, out_values)
             elementwise += FP32 * WEIGHT_STREAMS * split["local"]
             local_total += split["local"]
             if model_ranks > 1:
@@ -121,6 +131,7 @@ def deep_work(config, table: list[dict]):
         step = assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations,
                              local_total, 3 * len(table) + 1, transfers)
         step.deep_layers = evaluations * len(table)  # the pipelined steady state: every layer
+        step.activation_bytes = evaluations * activation
         return step
 
     return work
