@@ -63,6 +63,14 @@ class Case:
     predicted: dict | None = None
     other_cores: float | None = None
     error: str | None = None
+    machine: list[float] = field(default_factory=list)  # probe seconds before each run
+
+    def slowdown(self, reference: float | None) -> float | None:
+        """How much slower the machine ran the reference mix just before this case's runs
+        than just after calibrating (median over the runs)."""
+        if not reference or not self.machine:
+            return None
+        return statistics.median(self.machine) / reference
 
     @property
     def ranks(self) -> int:
@@ -136,7 +144,28 @@ def sets_for(case: Case, args) -> list[str]:
     ]
 
 
+def machine_probe() -> float:
+    """Seconds of a fixed mix on all cores: a batch-40 product, a strided copy like a locally
+    connected layer's patches, an elementwise pass (each the median over ~0.1 s). Probed
+    right after calibrating and before every run: this VM's speed moves by 20-45 % over
+    minutes, and a miss that follows the machine is the machine's, not the model's."""
+    import torch
+
+    from terabrain.capacity.calibrate import timed
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 3072, generator=generator), torch.randn(3072, 1024, generator=generator)
+    image = torch.randn(48, 48, 3 * 192, generator=generator)
+    patches = image.unfold(0, 8, 4).unfold(1, 8, 4)
+    x, y = torch.rand(2**20, generator=generator), torch.rand(2**20, generator=generator)
+    cpu = torch.device("cpu")
+    return sum(timed(fn, cpu, 0.1) for fn in (lambda: a @ b, lambda: patches.contiguous(),
+                                               lambda: x * y))
+
+
 def measure(case: Case, args, scratch: Path) -> None:
+    case.machine.append(machine_probe())
     cores = os.cpu_count() or 1
     out = scratch / f"run-{case.name}-{len(case.runs_s)}"
     train = ["train", case.experiment, "--out", str(out)]
@@ -192,11 +221,17 @@ def recommended(experiment: str, ranks: int, args, profile, sets: list[str]) -> 
     return (plan.recommended.data, plan.recommended.model)
 
 
-def cause(case: Case) -> str:
+def cause(case: Case, reference: float | None = None) -> str:
     """Why a point misses, from what the run and the model say (the causes were found by
     profiling real steps with torch.profiler; docs/scaling.md has the figures)."""
     p = case.predicted
     reasons = []
+    slowdown = case.slowdown(reference)
+    if slowdown is not None and abs(slowdown - 1) > 0.1 and (slowdown > 1) == (
+            p["step_s"] < case.measured_s):
+        reasons.append(f"the machine itself ran a fixed reference mix {slowdown:.2f}x as long "
+                       "just before these runs as just after calibrating, in the direction "
+                       "of the miss")
     if len(case.runs_s) > 1 and min(case.runs_s) <= p["step_s"] <= max(case.runs_s):
         reasons.append("the prediction lies inside the range of the repeated runs: this "
                        "machine's own spread")
@@ -214,11 +249,13 @@ def cause(case: Case) -> str:
                        "threads moved by up to 45% between calibrations on this machine (the "
                        "same point 57 and 103 GFLOP/s), more than for one thread per rank")
     if case.experiment == DEEP:
-        reasons.append("deep network: calibrate measures each locally connected layer's step "
-                       "and a deep layer's fixed cost (compute.deep_layer_overhead_s, a tiny "
-                       "2-layer network); LCN's windows and RICA's losses are counted as "
-                       "streams at the elementwise rate, which their small kernels do not "
-                       "reach (profiled: 13 ms of them per 70 ms step against 8 counted)")
+        reasons.append("deep network: calibrate measures each locally connected layer trained "
+                       "and encoding alone (local_points nn / encode), a layer's activation "
+                       "work (losses, LCN: activation_bandwidth) and its fixed cost "
+                       "(deep_layer_overhead_s); the step is mostly patch copies and small "
+                       "kernels, the memory-bound work whose speed moves most on this VM (the "
+                       "8-map layer trained at 15-21 GFLOP/s between calibrations, the same "
+                       "case 51-68 ms within one run)")
     if case.experiment == DEEP and case.model > 1:
         reasons.append("split deep layers: each of the 19 collectives a step waits for is charged what "
                        "a call costs inside a step (Link.sync_s, the mean between phases of "
@@ -275,6 +312,7 @@ def main(argv=None) -> int:
         if args.profile is None:
             calibrate(profile_path, args.quick_calibration)
         profile = load_profile(str(profile_path))
+        reference = machine_probe()  # the machine's speed as the profile saw it
         for repeat in range(args.repeats):
             if args.repeats > 1:
                 print(f"round {repeat + 1} of {args.repeats}", flush=True)
@@ -297,7 +335,8 @@ def main(argv=None) -> int:
 
     print()
     print(f"{'case':<20}{'mesh':>6}{'predicted ms':>14}{'compute':>9}{'exposed':>9}{'read':>7}"
-          f"{'measured ms':>13}{'range ms':>13}{'pred/meas':>10}{'ok':>4}{'other':>7}")
+          f"{'measured ms':>13}{'range ms':>13}{'pred/meas':>10}{'ok':>4}{'other':>7}"
+          f"{'machine':>9}")
     misses = []
     for case in all_cases:
         mesh = f"{case.data}x{case.model}"
@@ -310,24 +349,29 @@ def main(argv=None) -> int:
         if not ok:
             misses.append(case)
         other = "-" if case.other_cores is None else f"{case.other_cores:.2f}"
+        slowdown = case.slowdown(reference)
+        machine = "-" if slowdown is None else f"{slowdown:.2f}"
         spread = f"{min(case.runs_s) * 1e3:.1f}-{max(case.runs_s) * 1e3:.1f}"
         print(f"{case.name:<20}{mesh:>6}{p['step_s'] * 1e3:>14.1f}{p['compute_s'] * 1e3:>9.1f}"
               f"{p['exposed_s'] * 1e3:>9.1f}{p['read_s'] * 1e3:>7.1f}{case.measured_s * 1e3:>13.1f}"
-              f"{spread:>13}{ratio:>10.2f}{'yes' if ok else 'no':>4}{other:>7}")
+              f"{spread:>13}{ratio:>10.2f}{'yes' if ok else 'no':>4}{other:>7}{machine:>9}")
     within = sum(1 for c in all_cases if c.measured_s is not None) - len(misses)
     print(f"\nwithin {TARGET:.0%}: {within} of {sum(1 for c in all_cases if c.measured_s is not None)}")
     for case in misses:
         print(f"  miss {case.name}: predicted/measured {case.predicted['step_s'] / case.measured_s:.2f}"
-              f" - {cause(case)}")
+              f" - {cause(case, reference)}")
     for ranks, advice, fastest in checks:
         verdict = "yes" if advice == fastest else "no"
         print(f"{ranks} ranks: recommended {advice[0]}x{advice[1]}, measured fastest "
               f"{fastest[0]}x{fastest[1]}: {verdict}")
     print("other: cores used by other processes during the run; with other load the measured "
-          "times (and the calibration) are not reliable.")
+          "times (and the calibration) are not reliable. machine: how long a fixed reference "
+          "mix took just before the case's runs over just after calibrating (with --profile: "
+          "at the start of this run; 1.20: the "
+          "machine was 20% slower than the profile saw it).")
     if args.json:
         print(json.dumps({"cases": [case.__dict__ for case in all_cases],
-                          "recommendation_checks": checks}))
+                          "reference_probe_s": reference, "recommendation_checks": checks}))
     return 0
 
 

@@ -702,8 +702,8 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-# The GEMM and local points are measured in rounds, all of them once per round, and each
-# point keeps its median round. This machine's speed moves by 20-45 % for seconds at a time
+# The GEMM and local points and the bandwidths are measured in rounds, all of them once per
+# round, and each keeps its median round. This machine's speed moves by 20-45 % for seconds at a time
 # (other tenants of the VM); one 0.4 s window per point let such a dip set a point for good
 # (bench/plan_accuracy.py: a 40 x 1024 x 3072 point at 72 GFLOP/s in one calibration, 93-97
 # in the three others, and the one-rank autoencoder predicted at 1.19 of its measured step).
@@ -739,13 +739,24 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
         sync()
         return measure_local_points(device, quick, seconds / rounds)
 
+    def bandwidth_round() -> dict[str, float]:
+        measured = {}
+        for name, measure in (("elementwise_bandwidth", measure_elementwise),
+                              ("activation_bandwidth", measure_activation_bandwidth),
+                              ("optimizer_bandwidth", measure_optimizer),
+                              ("fresh_bandwidth", measure_fresh)):
+            sync()
+            measured[name] = measure(device, seconds / rounds)
+        return measured
+
     rates = {"gemm_points": median_of_rounds(gemm_round, rounds),
              "local_points": median_of_rounds(local_round, rounds)}
-    for name, measure in (("elementwise_bandwidth", measure_elementwise),
-                          ("activation_bandwidth", measure_activation_bandwidth),
-                          ("optimizer_bandwidth", measure_optimizer),
-                          ("fresh_bandwidth", measure_fresh),
-                          ("step_overhead_s", measure_step_overhead),
+    # In rounds too: with 4 ranks time-sharing 2 cores, the elementwise rate of 7 of 8
+    # calibrations here was 2.4-4.0 GB/s per rank, and 13.0 in one, which predicted the
+    # 4-rank steps at 0.74-0.83 of their measured time.
+    measured = [bandwidth_round() for _ in range(rounds)]
+    rates.update({name: statistics.median(m[name] for m in measured) for name in measured[0]})
+    for name, measure in (("step_overhead_s", measure_step_overhead),
                           ("compression_bandwidth", measure_compression)):
         sync()
         rates[name] = measure(device, seconds)
