@@ -751,9 +751,12 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
 
     rates = {"gemm_points": median_of_rounds(gemm_round, rounds),
              "local_points": median_of_rounds(local_round, rounds)}
-    # In rounds too: with 4 ranks time-sharing 2 cores, the elementwise rate of 7 of 8
-    # calibrations here was 2.4-4.0 GB/s per rank, and 13.0 in one, which predicted the
-    # 4-rank steps at 0.74-0.83 of their measured time.
+    # In rounds too, against a moment's dip. (With 4 ranks time-sharing 2 cores the
+    # elementwise rate per rank is bimodal here, 2.4-4.0 GB/s in 6 of 9 calibrations and
+    # 7.9-13.1 in the others, the same in every round of one calibration: which mode the
+    # ranks' placement on the cores gives; the fast one predicted the 4-rank steps at
+    # 0.70-0.83 of their measured time. Rotating the operands instead of flushing the
+    # cache between calls gave a steady 17-20 GB/s, which would predict them faster still.)
     measured = [bandwidth_round() for _ in range(rounds)]
     rates.update({name: statistics.median(m[name] for m in measured) for name in measured[0]})
     for name, measure in (("step_overhead_s", measure_step_overhead),
