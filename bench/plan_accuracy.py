@@ -2,9 +2,10 @@
 """How well `terabrain plan --profile` predicts step time: predicted against measured on this
 machine, for small built-ins on 1, 2 and 4 real ranks.
 
-1. ``terabrain calibrate`` runs once, under torchrun with 2 ranks (rank 0 measures the
-   device with all cores; both measure the gloo links), and writes the profile. The same
-   profile predicts every run below: nothing is tuned per experiment.
+1. ``terabrain calibrate --repeats 3`` runs once, under torchrun with 2 ranks (rank 0 measures the
+   device with all cores; both measure the gloo links; three rounds, each figure their
+   median), and writes the profile. The same profile predicts every run below: nothing is
+   tuned per experiment.
 2. Every case is a real `terabrain train` (``terabrain launch --nproc R`` for R > 1, which
    gives each rank cores // R threads; 1 rank uses all cores) for ``--steps`` steps; the
    measured step time is the median of the logged ``step_time_s`` (metrics.jsonl, rank 0,
@@ -124,13 +125,13 @@ def clean_environ(threads: int) -> dict[str, str]:
             "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
 
 
-def calibrate(out: Path, quick: bool) -> None:
+def calibrate(out: Path, quick: bool, repeats: int) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                "2", "--max-restarts", "0", "-m", "terabrain", "calibrate", "--out", str(out),
-               "--name", "this-machine"] + (["--quick"] if quick else [])
+               "--name", "this-machine", "--repeats", str(repeats)] + (["--quick"] if quick else [])
     print("calibrating (torchrun, 2 ranks) ...", flush=True)
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                            env=clean_environ(1), timeout=900)
+                            env=clean_environ(1), timeout=900 * repeats)
     if result.returncode != 0:
         sys.exit(f"calibrate failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     print("\n".join("  " + line for line in result.stdout.splitlines() if line.startswith("  ")))
@@ -281,6 +282,9 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=Path, help="a profile to use instead of calibrating")
     parser.add_argument("--save-profile", type=Path, help="keep the calibrated profile here")
     parser.add_argument("--quick-calibration", action="store_true")
+    parser.add_argument("--calibrate-repeats", type=int, default=3, metavar="N",
+                        help="terabrain calibrate --repeats N: every figure the median of N "
+                        "rounds (this VM's speed moves for minutes; default 3)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of every case, interleaved; the table shows their median and "
@@ -312,7 +316,7 @@ def main(argv=None) -> int:
             all_cases = [c for c in all_cases if c.name in wanted]
         profile_path = args.profile or args.save_profile or scratch / "profile.yaml"
         if args.profile is None:
-            calibrate(profile_path, args.quick_calibration)
+            calibrate(profile_path, args.quick_calibration, args.calibrate_repeats)
         profile = load_profile(str(profile_path))
         machine_probe()  # this process's first probe pays its allocations
         reference = machine_probe()  # the machine's speed as the profile saw it

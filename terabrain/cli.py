@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--name", help="the profile's name (default: this host's)")
     calibrate.add_argument("--quick", action="store_true",
                            help="fewer shapes and repeats (seconds instead of a minute)")
+    calibrate.add_argument("--repeats", type=int, default=1, metavar="N",
+                           help="measure everything N times, one after the other, and keep each "
+                                "figure's median (for machines whose speed moves, such as shared "
+                                "VMs; N times as long)")
     calibrate.set_defaults(handler=_calibrate)
 
     from terabrain.analysis.commands import add_parsers as add_analysis_parsers

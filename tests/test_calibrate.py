@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import SCRIPTS, torchrun
-from terabrain.capacity.calibrate import fit_alpha_beta, median_of_rounds, shared_rank_counts
+from terabrain.capacity.calibrate import fit_alpha_beta, median_of_rounds, merge_medians, shared_rank_counts
 from terabrain.capacity.planner import plan_experiment
 from terabrain.capacity.profile import load_profile
 from terabrain.config.loader import load_experiment
@@ -48,6 +48,26 @@ def test_a_point_keeps_its_median_round_so_one_slow_moment_does_not_set_it():
     points = median_of_rounds(lambda: [{"m": 40, "flops_per_s": v} for v in next(rounds)], 3)
     assert [p["flops_per_s"] for p in points] == [100.0, 30.0]
     assert all(p["m"] == 40 for p in points)
+
+
+def test_repeated_calibrations_merge_figure_by_figure():
+    rounds = [{"name": "a", "points": [{"m": 40, "rate": 10.0}], "bw": {"fp16": 1.0}, "x": None},
+              {"name": "b", "points": [{"m": 40, "rate": 30.0}], "bw": {"fp16": 5.0}, "x": None},
+              {"name": "c", "points": [{"m": 40, "rate": 12.0}], "bw": {"fp16": 2.0}, "x": None}]
+    assert merge_medians(rounds) == {"name": "a", "points": [{"m": 40, "rate": 12.0}],
+                                     "bw": {"fp16": 2.0}, "x": None}
+    assert merge_medians([{"ranks": 2}, {"ranks": 2}]) == {"ranks": 2}  # stays an int
+
+
+def test_calibrate_repeats_keeps_the_median_of_its_rounds(cli, tmp_path):
+    out = tmp_path / "twice.yaml"
+    result = cli("calibrate", "--quick", "--repeats", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("round ") == 2
+    assert "median of 2 rounds" in load_profile(str(out)).sources["compute"]
+    bad = cli("calibrate", "--quick", "--repeats", "0", "--out", str(tmp_path / "no.yaml"))
+    assert bad.returncode == 2 and "--repeats 0" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_calibrate_writes_a_profile_that_plan_reads(cli, tmp_path):

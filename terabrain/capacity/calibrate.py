@@ -843,61 +843,93 @@ def measure_device(device: torch.device, quick: bool, log: Callable[[str], None]
     return rates
 
 
+def measure_node(device: torch.device, quick: bool, log: Callable[[str], None]) -> dict:
+    """Every compute and reader figure of the node: the device with all its cores, and on
+    CPU what each rank gets with 2, 4 ... ranks computing at once (``compute.shared``):
+    multiplying one core's rate by the cores predicted half the measured step times on a
+    quiet 2-core machine (thin batch-40 GEMMs do not speed up with a second thread, and two
+    hardware threads share one core)."""
+    threads = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if device.type == "cpu":
+        torch.set_num_threads(cores)
+    try:
+        rates = measure_device(device, quick, log)
+    finally:
+        torch.set_num_threads(threads)
+    rates["shared"] = []
+    if device.type == "cpu":
+        rates["shared"].append({
+            "ranks": 1, "threads": cores,
+            **{key: rates[key] for key in ("gemm_points", "local_points", "elementwise_bandwidth",
+                                           "activation_bandwidth", "optimizer_bandwidth",
+                                           "fresh_bandwidth",
+                                           "compression_bandwidth", "step_overhead_s",
+                                           "deep_layer_overhead_s")}})
+        # --quick keeps only the 1-rank entry (more ranks then time-share it): the
+        # several-rank measurements start real processes and take most of the time.
+        for ranks in ([] if quick else shared_rank_counts(cores)[1:]):
+            entry = measure_shared(ranks, max(1, cores // ranks), quick)
+            rates["shared"].append(entry)
+            thin = entry["gemm_points"][0]
+            log(f"  {ranks} ranks at once, {entry['threads']} thread(s) each: gemm "
+                f"{thin['m']} x {thin['n']} x {thin['k']} {thin['layout']} "
+                f"{thin['flops_per_s'] / 1e9:.1f} GFLOP/s per rank, "
+                f"elementwise {entry['elementwise_bandwidth'] / 1e9:.1f} GB/s, "
+                f"fresh {entry['fresh_bandwidth'] / 1e9:.1f} GB/s")
+    return rates
+
+
+def merge_medians(measured: list):
+    """Figure by figure, the median of several measurements of the same structure (dicts,
+    lists of points, numbers); what is not a number (names, None) from the first."""
+    first = measured[0]
+    if isinstance(first, dict):
+        return {key: merge_medians([m[key] for m in measured]) for key in first}
+    if isinstance(first, list):
+        return [merge_medians([m[i] for m in measured]) for i in range(len(first))]
+    if isinstance(first, bool) or not isinstance(first, (int, float)) or all(m == first for m in measured):
+        return first
+    return statistics.median(measured)
+
+
 def calibrate(device: torch.device, *, quick: bool = False, name: str | None = None,
-              local_ranks: int = 1, log: Callable[[str], None] = print) -> MachineProfile | None:
+              local_ranks: int = 1, log: Callable[[str], None] = print,
+              repeats: int = 1) -> MachineProfile | None:
     """Measure this machine (and, inside an initialised process group, the links); None on
-    ranks other than 0."""
+    ranks other than 0. ``repeats``: every measurement that many times, one after the other,
+    each figure the median (a shared VM's speed moves for minutes at a time: on the 2-core
+    machine of docs/scaling.md, one calibration's 2-rank elementwise rate was 20.7 GB/s
+    against 11.5-15.8 in eight others, and it predicted the 2-rank steps at 0.79-0.84)."""
+    if repeats < 1:
+        raise ValueError(f"repeats {repeats}; allowed: 1 or more")
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    # Under a launcher rank 0 measures the device alone while the other ranks wait. On CPU it
-    # measures with all the node's cores, and then what each rank gets with 2, 4 ... ranks
-    # computing at once (``compute.shared``): multiplying one core's rate by the cores
-    # predicted half the measured step times on a quiet 2-core machine (thin batch-40 GEMMs
-    # do not speed up with a second thread, and two hardware threads share one core).
-    if not distributed or dist.get_rank() == 0:
-        threads = torch.get_num_threads()
-        cores = os.cpu_count() or 1
-        if device.type == "cpu":
-            torch.set_num_threads(cores)
-        try:
-            rates = measure_device(device, quick, log)
-        finally:
-            torch.set_num_threads(threads)
-        rates["shared"] = []
-        if device.type == "cpu":
-            rates["shared"].append({
-                "ranks": 1, "threads": cores,
-                **{key: rates[key] for key in ("gemm_points", "local_points", "elementwise_bandwidth",
-                                               "activation_bandwidth", "optimizer_bandwidth",
-                                               "fresh_bandwidth",
-                                               "compression_bandwidth", "step_overhead_s",
-                                               "deep_layer_overhead_s")}})
-            # --quick keeps only the 1-rank entry (more ranks then time-share it): the
-            # several-rank measurements start real processes and take most of the time.
-            for ranks in ([] if quick else shared_rank_counts(cores)[1:]):
-                entry = measure_shared(ranks, max(1, cores // ranks), quick)
-                rates["shared"].append(entry)
-                thin = entry["gemm_points"][0]
-                log(f"  {ranks} ranks at once, {entry['threads']} thread(s) each: gemm "
-                    f"{thin['m']} x {thin['n']} x {thin['k']} {thin['layout']} "
-                    f"{thin['flops_per_s'] / 1e9:.1f} GFLOP/s per rank, "
-                    f"elementwise {entry['elementwise_bandwidth'] / 1e9:.1f} GB/s, "
-                    f"fresh {entry['fresh_bandwidth'] / 1e9:.1f} GB/s")
-    else:
-        rates = {}
+    # Under a launcher rank 0 measures the node (measure_node) while the other ranks wait,
+    # then all of them the links; round by round, so that no rank waits for more than one.
+    sizes = QUICK_LINK_SIZES if quick else LINK_SIZES
+    node_rounds, link_rounds = [], []
+    for index in range(repeats):
+        if repeats > 1:
+            log(f"  round {index + 1} of {repeats}")
+        if not distributed or dist.get_rank() == 0:
+            node_rounds.append(measure_node(device, quick, log))
+        if distributed:
+            dist.barrier()
+            link_rounds.append(measure_links(device, sizes, local_ranks))
+    rates = merge_medians(node_rounds) if node_rounds else {}
     if distributed:
-        dist.barrier()
-    if distributed:
-        sizes = QUICK_LINK_SIZES if quick else LINK_SIZES
-        intra, inter, backend, how = measure_links(device, sizes, local_ranks)
+        intra, inter = (merge_medians([links[i] for links in link_rounds]) for i in (0, 1))
+        backend, how = link_rounds[0][2:]
         for collective in COLLECTIVES:
             cpu_share = intra[collective].get("cpu_fraction")
             log(f"  {collective}: intra {intra[collective]['alpha_s'] * 1e6:.0f} us/step, "
                 f"{intra[collective]['bandwidth'] / 1e9:.2f} GB/s, "
                 f"{intra[collective]['sync_s'] * 1e6:.0f} us more per call inside a step"
                 + (f", {cpu_share:.2f} CPU s per s" if cpu_share is not None else ""))
-        sharded_evaluation = measure_sharded_evaluation(device, intra["all_reduce"])
+        sharded_evaluation = statistics.median(
+            measure_sharded_evaluation(device, intra["all_reduce"]) for _ in range(repeats))
         log(f"  a model-parallel evaluation's dispatch (DTensor): "
             f"{sharded_evaluation * 1e3:.2f} ms beyond its kernels and collectives")
     else:
@@ -912,7 +944,8 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
     threads = os.cpu_count() if cpu else torch.get_num_threads()
     device_name = (f"{platform.processor() or platform.machine()}, {threads} threads"
                    if cpu else torch.cuda.get_device_name(device))
-    measured = "terabrain calibrate: measured on this machine"
+    measured = "terabrain calibrate: measured on this machine" + (
+        f", each figure the median of {repeats} rounds" if repeats > 1 else "")
     profile = MachineProfile(
         name=name or f"{socket.gethostname()}-{device.type}",
         description=f"measured by terabrain calibrate on {socket.gethostname()} ({device_name})",
@@ -962,6 +995,8 @@ def calibrate_command(args) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available; allowed: cpu")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: allowed: 1 or more")
     env = detect_launch_env()
     device = torch.device("cpu")
     if args.device == "cuda":
@@ -973,7 +1008,7 @@ def calibrate_command(args) -> int:
     try:
         if rank0:
             print(f"terabrain calibrate: {args.device}, {env.world_size} rank(s)", flush=True)
-        profile = calibrate(device, quick=args.quick, name=args.name,
+        profile = calibrate(device, quick=args.quick, name=args.name, repeats=args.repeats,
                             local_ranks=env.local_world_size, log=print if rank0 else (lambda _: None))
         if rank0:
             out = Path(args.out)
