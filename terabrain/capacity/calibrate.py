@@ -163,7 +163,7 @@ def measure_activation_bandwidth(device: torch.device, seconds: float) -> float:
     (terabrain.learners.deep_work.activation_values): the layer-wise objective's RICA loss on
     its codes and its biased reconstruction, forward and backward, and LCN over its codes
     without a graph (what a frozen copy feeds the layer above). Many small kernels,
-    reductions and windowed passes: here 9-16 GB/s, against 21-31 for the plain elementwise
+    reductions and windowed passes: here 9-20 GB/s, against 21-31 for the plain elementwise
     kernel (measure_elementwise), at which the planner left 4-5 ms of a 52-63 ms step of
     bench/plan_accuracy.py's deep network out. Warm operands: a step's loss and LCN read
     what the layer's maps have just written.
