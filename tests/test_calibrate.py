@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import SCRIPTS, torchrun
-from terabrain.capacity.calibrate import fit_alpha_beta, median_of_rounds, merge_medians, shared_rank_counts
+from terabrain.capacity.calibrate import fit_alpha_beta, merge_medians, shared_rank_counts
 from terabrain.capacity.planner import plan_experiment
 from terabrain.capacity.profile import load_profile
 from terabrain.config.loader import load_experiment
@@ -44,10 +44,10 @@ def test_shared_rank_counts_double_up_to_the_cores_and_oversubscribe_small_nodes
 def test_a_point_keeps_its_median_round_so_one_slow_moment_does_not_set_it():
     # Round 2 ran while the machine was slow for a few seconds (every point low), round 3
     # was slow for the second point only.
-    rounds = iter([[100.0, 50.0], [60.0, 30.0], [105.0, 20.0]])
-    points = median_of_rounds(lambda: [{"m": 40, "flops_per_s": v} for v in next(rounds)], 3)
+    rounds = [[100.0, 50.0], [60.0, 30.0], [105.0, 20.0]]
+    points = merge_medians([[{"m": 40, "layout": "nt", "flops_per_s": v} for v in r] for r in rounds])
     assert [p["flops_per_s"] for p in points] == [100.0, 30.0]
-    assert all(p["m"] == 40 for p in points)
+    assert all(p["m"] == 40 and p["layout"] == "nt" for p in points)
 
 
 def test_repeated_calibrations_merge_figure_by_figure():

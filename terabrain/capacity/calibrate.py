@@ -703,19 +703,12 @@ def device_memory(device: torch.device) -> int:
 
 
 # The GEMM and local points and the bandwidths are measured in rounds, all of them once per
-# round, and each keeps its median round. This machine's speed moves by 20-45 % for seconds at a time
-# (other tenants of the VM); one 0.4 s window per point let such a dip set a point for good
-# (bench/plan_accuracy.py: a 40 x 1024 x 3072 point at 72 GFLOP/s in one calibration, 93-97
-# in the three others, and the one-rank autoencoder predicted at 1.19 of its measured step).
+# round, and each keeps its median round (merge_medians). This machine's speed moves by
+# 20-45 % for seconds at a time (other tenants of the VM); one 0.4 s window per point let
+# such a dip set a point for good (bench/plan_accuracy.py: a 40 x 1024 x 3072 point at 72
+# GFLOP/s in one calibration, 93-97 in the three others, and the one-rank autoencoder
+# predicted at 1.19 of its measured step).
 POINT_ROUNDS = 3
-
-
-def median_of_rounds(measure_round: Callable[[], list[dict]], rounds: int) -> list[dict]:
-    """``measure_round`` (a list of points) run ``rounds`` times; each point with the median
-    of its ``flops_per_s``."""
-    measured = [measure_round() for _ in range(rounds)]
-    return [{**point, "flops_per_s": statistics.median(r[i]["flops_per_s"] for r in measured)}
-            for i, point in enumerate(measured[0])]
 
 
 def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] = lambda: None) -> dict:
@@ -749,16 +742,14 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
             measured[name] = measure(device, seconds / rounds)
         return measured
 
-    rates = {"gemm_points": median_of_rounds(gemm_round, rounds),
-             "local_points": median_of_rounds(local_round, rounds)}
+    rates = {"gemm_points": merge_medians([gemm_round() for _ in range(rounds)]),
+             "local_points": merge_medians([local_round() for _ in range(rounds)])}
     # In rounds too, against a moment's dip. (With 4 ranks time-sharing 2 cores the
-    # elementwise rate per rank is bimodal here, 2.4-4.0 GB/s in 6 of 9 calibrations and
-    # 7.9-13.1 in the others, the same in every round of one calibration: which mode the
-    # ranks' placement on the cores gives; the fast one predicted the 4-rank steps at
-    # 0.70-0.83 of their measured time. Rotating the operands instead of flushing the
-    # cache between calls gave a steady 17-20 GB/s, which would predict them faster still.)
-    measured = [bandwidth_round() for _ in range(rounds)]
-    rates.update({name: statistics.median(m[name] for m in measured) for name in measured[0]})
+    # elementwise rate per rank moved here from 2.4 to 16 GB/s between calibrations and
+    # between the rounds of one; near 13 it predicted the 4-rank steps at 0.70-0.83 of their
+    # measured time, near 3 within 15 %. Rotating the operands instead of flushing the cache
+    # between calls gave a steady 17-20 GB/s, which would predict them faster still.)
+    rates.update(merge_medians([bandwidth_round() for _ in range(rounds)]))
     for name, measure in (("step_overhead_s", measure_step_overhead),
                           ("compression_bandwidth", measure_compression)):
         sync()
