@@ -295,6 +295,8 @@ def main(argv=None) -> int:
         parser.error("--steps must exceed --skip")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.calibrate_repeats < 1:
+        parser.error("--calibrate-repeats must be at least 1")
 
     import torch
 
