@@ -121,10 +121,11 @@ def test_digits_sae_features_classify_digits(tmp_path):
 
 
 def test_freed_buffers_are_released_for_large_models_only(tmp_path, monkeypatch):
-    """``train.release_freed_buffers``: auto fixes the mmap threshold only where the model's
-    floor is a large share of memory; always and never do what they say; the results are the
-    same either way (it changes where buffers come from, not what is computed)."""
-    from terabrain.train import malloc, run
+    """``train.release_freed_buffers``: auto releases freed buffers only where the model's
+    floor is a large share of memory and keeps them otherwise; always and never do what they
+    say; the results are the same either way (it changes where buffers come from, not what
+    is computed)."""
+    from terabrain.train import malloc
 
     gib = 2**30
     assert malloc.releases_freed_buffers("auto", 100 * 2**20, memory=16 * gib)  # 300 MiB of 16 GiB
@@ -135,12 +136,13 @@ def test_freed_buffers_are_released_for_large_models_only(tmp_path, monkeypatch)
     assert not malloc.releases_freed_buffers("never", 1 * gib, memory=16 * gib)
 
     calls = []
-    monkeypatch.setattr(run, "map_large_buffers", lambda: calls.append(1) or True)
+    monkeypatch.setattr(malloc, "map_large_buffers", lambda: calls.append("release") or True)
+    monkeypatch.setattr(malloc, "keep_freed_buffers", lambda: calls.append("keep") or True)
     small = SMALL_RICA + ["train.steps=2", "train.checkpoint_every=0"]
     for setting in ("auto", "always", "never"):
         calls.clear()
         run_experiment(load_experiment(None, small + [f"train.release_freed_buffers={setting}"]),
                        tmp_path / setting)
-        assert len(calls) == (1 if setting == "always" else 0), setting
+        assert calls == (["release"] if setting == "always" else ["keep"]), setting
     weights = [load_file(str(tmp_path / s / "model.safetensors")) for s in ("auto", "always")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

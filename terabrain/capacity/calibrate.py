@@ -759,9 +759,19 @@ def measure_rank(device: torch.device, quick: bool, sync: Callable[[], object] =
     return rates
 
 
+def _as_training_allocates() -> None:
+    """Keep freed buffers for reuse, as ``terabrain train`` does for every model that takes
+    under 1/64 of memory (terabrain/train/malloc.py): the figures are then those of a step
+    that does not fault its buffers in again."""
+    from terabrain.train.malloc import keep_freed_buffers
+
+    keep_freed_buffers()
+
+
 def _shared_worker(threads: int, quick: bool, barrier, results) -> None:
     global _THROUGHPUT
     _THROUGHPUT = True
+    _as_training_allocates()
     torch.set_num_threads(threads)
     results.put(measure_rank(torch.device("cpu"), quick, barrier.wait))
 
@@ -894,6 +904,8 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
     if repeats < 1:
         raise ValueError(f"repeats {repeats}; allowed: 1 or more")
     import torch.distributed as dist
+
+    _as_training_allocates()
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     # Under a launcher rank 0 measures the node (measure_node) while the other ranks wait,

@@ -240,10 +240,10 @@ class TrainConfig(Section):
     release_freed_buffers: Literal["auto", "always", "never"] = Field(
         "auto",
         description="always: every freed buffer above 1 MB goes back to the operating system "
-        "at once (the lowest peak; each new one then faults its pages in); never: the "
-        "allocator keeps freed buffers for reuse (faster steps); auto: always where the "
-        "model's weights, gradient and one optimizer state take at least 1/64 of physical "
-        "memory (docs/memory.md).",
+        "at once (the lowest peak; each new one then faults its pages in); never: freed "
+        "buffers up to 1 GiB stay in the heap for reuse (faster steps, a few % higher peak); "
+        "auto: always where the model's weights, gradient and one optimizer state take at "
+        "least 1/64 of physical memory, never elsewhere (docs/memory.md).",
     )
     progress: bool = Field(True, description="Show a progress bar on an interactive terminal.")
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT"]] = Field(

@@ -45,7 +45,7 @@ from terabrain.parallel.launch import is_main_rank
 from terabrain.parallel.parallelism import Parallelism, full, local
 from terabrain.train.checkpoint import CheckpointManager
 from terabrain.train.export import WholeWeights, export_weights, load_exported
-from terabrain.train.malloc import map_large_buffers, releases_freed_buffers
+from terabrain.train.malloc import apply_buffer_policy
 from terabrain.train.network_stage import (
     downstream_monitors,
     network_stage,
@@ -134,8 +134,9 @@ def _feature_stage(
             stage="features", run_dir=run_dir, manager=manager, train=train, config=config,
             parallel=parallel, training=training)],
     )
-    if releases_freed_buffers(train.release_freed_buffers, _local_parameter_bytes(stage.network)):
-        map_large_buffers()  # freed batch-sized tensors leave the resident set (train/malloc.py)
+    # Freed batch-sized tensors leave the resident set (a large model) or are kept for the
+    # next step (train/malloc.py).
+    apply_buffer_policy(train.release_freed_buffers, _local_parameter_bytes(stage.network))
     fit_stage(stage.trainer, "features", manager, config)
     trainer, training, network = stage.trainer, stage.training, stage.network
     summary = {
