@@ -45,8 +45,9 @@ from terabrain.objectives import ReconstructionObjective, RICAObjective
 from terabrain.parallel import (
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
-from terabrain.parallel.parallelism import Parallelism
+from terabrain.parallel.parallelism import Parallelism, local
 from terabrain.parallel.hidden_unit_plan import check_divisible
+from terabrain.train.malloc import apply_buffer_policy
 from terabrain.train.optim import build_optimizer
 from terabrain.train.stage import build_trainer
 from terabrain.train.trainer import Callback, Trainer
@@ -73,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overlap-block-mb", type=float, default=4.0,
                         help="parallel.overlap_block_mb; 0: parallel.overlap=false (one flat "
                         "all-reduce after the backward pass)")
+    parser.add_argument("--release-freed-buffers", choices=["auto", "always", "never"],
+                        default="auto", help="train.release_freed_buffers (terabrain/train/malloc.py)")
     parser.add_argument("--profile", default="", help="write a torch.profiler table here")
     parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args(argv)
@@ -279,6 +282,9 @@ def main(argv=None) -> int:
                    if args.overlap_block_mb > 0 else ParallelConfig(overlap=False))
         parallel = Parallelism(build_mesh(data_ranks, model_ranks, env), overlap)
         model, objective, optimizer, data = build(args, parallel, device)
+        # Freed buffers kept or released as `terabrain train` would (train.release_freed_buffers).
+        apply_buffer_policy(args.release_freed_buffers,
+                            sum(local(p).numel() * p.element_size() for p in model.parameters()))
         clock = StepClock(device)
         trainer = build_trainer(
             model, objective, optimizer=optimizer,
