@@ -45,7 +45,7 @@ from terabrain.objectives import ReconstructionObjective, RICAObjective
 from terabrain.parallel import (
     build_mesh, detect_launch_env, fail_fast, init_distributed, shutdown_distributed,
 )
-from terabrain.parallel.parallelism import Parallelism, local
+from terabrain.parallel.parallelism import Parallelism
 from terabrain.parallel.hidden_unit_plan import check_divisible
 from terabrain.train.malloc import apply_buffer_policy
 from terabrain.train.optim import build_optimizer
@@ -283,8 +283,7 @@ def main(argv=None) -> int:
         parallel = Parallelism(build_mesh(data_ranks, model_ranks, env), overlap)
         model, objective, optimizer, data = build(args, parallel, device)
         # Freed buffers kept or released as `terabrain train` would (train.release_freed_buffers).
-        apply_buffer_policy(args.release_freed_buffers,
-                            sum(local(p).numel() * p.element_size() for p in model.parameters()))
+        apply_buffer_policy(args.release_freed_buffers, model)
         clock = StepClock(device)
         trainer = build_trainer(
             model, objective, optimizer=optimizer,

@@ -144,5 +144,11 @@ def test_freed_buffers_are_released_for_large_models_only(tmp_path, monkeypatch)
         run_experiment(load_experiment(None, small + [f"train.release_freed_buffers={setting}"]),
                        tmp_path / setting)
         assert calls == (["release"] if setting == "always" else ["keep"]), setting
+    calls.clear()  # each stage allocates by its own setting, in the order the stages train
+    run_experiment(load_experiment("digits-sae", [
+        "train.progress=false", "train.steps=2", "train.release_freed_buffers=always",
+        "supervised.train.steps=2", "supervised.train.release_freed_buffers=never"]),
+        tmp_path / "stages")
+    assert calls == ["release", "keep"]
     weights = [load_file(str(tmp_path / s / "model.safetensors")) for s in ("auto", "always")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

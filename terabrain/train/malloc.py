@@ -37,6 +37,10 @@ import ctypes.util
 import os
 import sys
 
+import torch
+
+from terabrain.parallel.parallelism import local
+
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 THRESHOLD_BYTES = 1 << 20
@@ -93,11 +97,17 @@ def keep_freed_buffers(limit: int = KEEP_BYTES) -> bool:
     return _mallopt({M_MMAP_THRESHOLD: limit, M_TRIM_THRESHOLD: limit})
 
 
-def apply_buffer_policy(setting: str, parameter_bytes: int) -> str:
-    """Release or keep freed buffers for a model of ``parameter_bytes`` (this rank's) under
+def local_parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's parameters (a sharded parameter's local shard)."""
+    return sum(t.numel() * t.element_size() for t in map(local, model.parameters()))
+
+
+def apply_buffer_policy(setting: str, model: torch.nn.Module) -> str:
+    """Release or keep freed buffers while training ``model`` (this rank's share of it) under
     ``train.release_freed_buffers``; returns which ("release" / "keep"). The setting lasts
-    for the rest of the process: glibc cannot report its thresholds to restore them."""
-    if releases_freed_buffers(setting, parameter_bytes):
+    for the rest of the process (glibc cannot report its thresholds to restore them); each
+    stage of a run applies its own before it trains."""
+    if releases_freed_buffers(setting, local_parameter_bytes(model)):
         map_large_buffers()
         return "release"
     keep_freed_buffers()

@@ -91,7 +91,7 @@ def _train_network(config: ExperimentConfig, network: nn.Module, data: PreparedD
         callbacks=run_callbacks(stage=STAGE, run_dir=run_dir, manager=manager,
                                 train=settings.train, config=config, parallel=_alone()),
     )
-    fit_stage(trainer, STAGE, manager, config)
+    fit_stage(trainer, STAGE, manager, config, settings.train.release_freed_buffers)
     network.to("cpu").eval()
     export_weights(network, directory)
     logits = network_outputs(LayerTap(network, section.layer), data.holdout_x,

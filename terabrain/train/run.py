@@ -42,10 +42,9 @@ from terabrain.learners.registry import learner_of
 from terabrain.nn.autoencoder import SupervisedHead
 from terabrain.objectives import build_supervised_objective
 from terabrain.parallel.launch import is_main_rank
-from terabrain.parallel.parallelism import Parallelism, full, local
+from terabrain.parallel.parallelism import Parallelism, full
 from terabrain.train.checkpoint import CheckpointManager
 from terabrain.train.export import WholeWeights, export_weights, load_exported
-from terabrain.train.malloc import apply_buffer_policy
 from terabrain.train.network_stage import (
     downstream_monitors,
     network_stage,
@@ -100,11 +99,6 @@ def _check_divisible(train: TrainConfig, rows: int, parallel: Parallelism) -> No
         )
 
 
-def _local_parameter_bytes(model: torch.nn.Module) -> int:
-    """Bytes of this rank's parameters (a sharded parameter's local shard)."""
-    return sum(t.numel() * t.element_size() for t in map(local, model.parameters()))
-
-
 def _feature_stage(
     config: ExperimentConfig, data: PreparedData, run_dir: Path, device: torch.device,
     results: Results, parallel: Parallelism, monitors: Sequence[Callback] = (),
@@ -134,10 +128,7 @@ def _feature_stage(
             stage="features", run_dir=run_dir, manager=manager, train=train, config=config,
             parallel=parallel, training=training)],
     )
-    # Freed batch-sized tensors leave the resident set (a large model) or are kept for the
-    # next step (train/malloc.py).
-    apply_buffer_policy(train.release_freed_buffers, _local_parameter_bytes(stage.network))
-    fit_stage(stage.trainer, "features", manager, config)
+    fit_stage(stage.trainer, "features", manager, config, train.release_freed_buffers)
     trainer, training, network = stage.trainer, stage.training, stage.network
     summary = {
         "steps": trainer.step,
@@ -199,7 +190,7 @@ def _supervised_stage(
         callbacks=run_callbacks(stage="supervised", run_dir=run_dir, manager=manager,
                                 train=train, config=config, parallel=parallel),
     )
-    fit_stage(trainer, "supervised", manager, config)
+    fit_stage(trainer, "supervised", manager, config, train.release_freed_buffers)
     export_weights(model, run_dir / "supervised")
     evaluation = _evaluate(
         model, parallel.inputs(data.holdout_x.to(device)), data.holdout_y.to(device), settings.task

@@ -35,6 +35,7 @@ from terabrain.parallel.parallelism import Parallelism
 from terabrain.train import callbacks as cb
 from terabrain.train.checkpoint import CheckpointManager, restore
 from terabrain.train.hogwild import fit_hogwild
+from terabrain.train.malloc import apply_buffer_policy
 from terabrain.train.optim import build_optimizer
 from terabrain.train.preemption import PreemptionStop
 from terabrain.train.trainer import BatchSource, Trainer
@@ -175,8 +176,11 @@ def run_callbacks(
 
 
 def fit_stage(trainer: Trainer, stage: str, manager: CheckpointManager,
-              config: ExperimentConfig) -> None:
-    """Continue from the stage's newest checkpoint, if any, and train to the end."""
+              config: ExperimentConfig, release_freed_buffers: str = "auto") -> None:
+    """Continue from the stage's newest checkpoint, if any, and train to the end. Freed
+    batch-sized tensors leave the resident set (a large model) or are kept for the next step
+    (``release_freed_buffers``, the stage's own train setting: terabrain/train/malloc.py)."""
+    apply_buffer_policy(release_freed_buffers, trainer.model)
     latest, skipped = manager.restorable()  # the newest checkpoint that verifies
     if skipped and is_main_rank():
         print(f"[{stage}] {skipped}")
