@@ -2,8 +2,9 @@
 """How well `terabrain plan --profile` predicts step time: predicted against measured on this
 machine, for small built-ins on 1, 2 and 4 real ranks.
 
-1. ``terabrain calibrate --repeats 3`` runs once, under torchrun with 2 ranks (rank 0 measures the
-   device with all cores; both measure the gloo links; three rounds, each figure their
+1. ``terabrain calibrate --repeats 3`` runs once, under torchrun with as many ranks as the
+   largest case (4; rank 0 measures the device with all cores; all measure the gloo links,
+   and the first 2 again alone, as a 2-rank run has them; three rounds, each figure their
    median), and writes the profile. The same profile predicts every run below: nothing is
    tuned per experiment.
 2. Every case is a real `terabrain train` (``terabrain launch --nproc R`` for R > 1, which
@@ -125,11 +126,11 @@ def clean_environ(threads: int) -> dict[str, str]:
             "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
 
 
-def calibrate(out: Path, quick: bool, repeats: int) -> None:
+def calibrate(out: Path, quick: bool, repeats: int, ranks: int) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "2", "--max-restarts", "0", "-m", "terabrain", "calibrate", "--out", str(out),
+               str(ranks), "--max-restarts", "0", "-m", "terabrain", "calibrate", "--out", str(out),
                "--name", "this-machine", "--repeats", str(repeats)] + (["--quick"] if quick else [])
-    print("calibrating (torchrun, 2 ranks) ...", flush=True)
+    print(f"calibrating (torchrun, {ranks} ranks) ...", flush=True)
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                             env=clean_environ(1), timeout=900 * repeats)
     if result.returncode != 0:
@@ -318,7 +319,10 @@ def main(argv=None) -> int:
             all_cases = [c for c in all_cases if c.name in wanted]
         profile_path = args.profile or args.save_profile or scratch / "profile.yaml"
         if args.profile is None:
-            calibrate(profile_path, args.quick_calibration, args.calibrate_repeats)
+            # As many ranks as the largest case: the links of every smaller one are measured
+            # too (a time-shared node's links depend on how many ranks share it).
+            calibrate(profile_path, args.quick_calibration, args.calibrate_repeats,
+                      max(2, max(c.ranks for c in all_cases)))
         profile = load_profile(str(profile_path))
         machine_probe()  # this process's first probe pays its allocations
         reference = machine_probe()  # the machine's speed as the profile saw it

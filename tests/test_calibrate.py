@@ -139,3 +139,12 @@ def test_the_in_step_cost_of_a_call_follows_what_each_call_costs():
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     for rank in range(2):
         assert f"rank {rank}: ok" in result.stdout, result.stdout
+
+
+def test_one_node_of_4_ranks_also_measures_2_of_them_alone():
+    """calibrate under 4 ranks on one node: the first 2 ranks' links and sharded dispatch are
+    measured while the other 2 wait idle (network.by_ranks_per_node)."""
+    result = torchrun(4, str(SCRIPTS / "smaller_groups.py"), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    for rank in range(4):
+        assert f"rank {rank}: ok" in result.stdout, result.stdout

@@ -416,3 +416,46 @@ def test_ranks_sharing_a_cpu_node_compute_at_the_rates_measured_with_that_many_a
     assert seconds(4) == pytest.approx(flops / 2e10, rel=1e-6)
     assert seconds(8) == pytest.approx(2 * flops / 2e10, rel=1e-6)  # 8 ranks share 4's rate
     assert seconds(3) == pytest.approx(0.75 * flops / 2e10, rel=1e-6)  # 4's entry, 4/3 the share
+
+
+def test_links_and_sharded_dispatch_follow_the_ranks_on_the_node(tmp_path):
+    """network.by_ranks_per_node: a split with R ranks on a node pays the links (and the
+    sharded dispatch) measured with R there, else the nearest measured above, else the
+    largest; inter-node links and profiles without entries are as before."""
+    raw = yaml.safe_load(load_profile("llnl-catalyst").to_yaml())
+    plain = load_profile("llnl-catalyst")
+
+    def links(alpha):
+        return {c: {"alpha_s": alpha, "bandwidth": 1e9} for c in
+                ("all_reduce", "all_gather", "reduce_scatter", "point_to_point")}
+
+    raw["network"]["by_ranks_per_node"] = [
+        {"ranks_per_node": 2, "links": links(1e-4), "sharded_evaluation_s": 0.001},
+        {"ranks_per_node": 4, "links": links(1e-3), "sharded_evaluation_s": 0.005}]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    profile = load_profile(str(path))
+    calls = StepWork(rows=1, transfers=[Transfer("all_reduce", "world", 4, 3)],
+                     sharded_evaluations=1)
+
+    def step(ranks, per_node, chosen=profile):
+        return predict(chosen, calls, 1, ranks, gpus_per_node=per_node)
+
+    # 3 all-reduces of 4 bytes: alpha x 2(R-1) ring steps each, plus the bytes.
+    def ring(alpha, ranks):
+        return 3 * (alpha * 2 * (ranks - 1) + 4 * 2 * (ranks - 1) / ranks / 1e9)
+
+    assert step(2, 2).exposed_s == pytest.approx(ring(1e-4, 2), rel=1e-6)
+    assert step(4, 4).exposed_s == pytest.approx(ring(1e-3, 4), rel=1e-6)
+    # A 2 x 2 mesh: groups of 2, but 4 ranks on the node share it.
+    model_axis = StepWork(rows=1, transfers=[Transfer("all_reduce", "model", 4, 3)])
+    assert predict(profile, model_axis, 2, 2, gpus_per_node=4).exposed_s == pytest.approx(
+        ring(1e-3, 2), rel=1e-6)
+    assert step(3, 3).exposed_s == pytest.approx(ring(1e-3, 3), rel=1e-6)  # the entry above
+    assert step(8, 8).exposed_s == pytest.approx(ring(1e-3, 8), rel=1e-6)  # the largest
+    assert step(2, 2).compute_s - step(2, 2, plain).compute_s == pytest.approx(
+        0.001 - plain.compute.sharded_evaluation_s)
+    assert step(4, 4).compute_s - step(4, 4, plain).compute_s == pytest.approx(
+        0.005 - plain.compute.sharded_evaluation_s)
+    # Across nodes (4 ranks, 2 a node): the inter-node links, as without entries.
+    assert step(4, 2).exposed_s == pytest.approx(step(4, 2, plain).exposed_s)

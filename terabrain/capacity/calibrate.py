@@ -327,28 +327,38 @@ def measure_deep_layer_overhead(device: torch.device, step_overhead_s: float, qu
     return max(0.0, statistics.median(per_step) - step_overhead_s) / len(TINY_DEEP_LAYERS)
 
 
-def measure_sharded_evaluation(device: torch.device, all_reduce: dict, repeats: int = 5) -> float:
+def measure_sharded_evaluation(device: torch.device, all_reduce: dict, repeats: int = 5,
+                               ranks: int | None = None) -> float:
     """What a closure evaluation of a model-parallel layer costs beyond its work and its
     collectives (every rank of the launcher calls this): the tiny trainer's step with its 16 x
-    ranks units split over all ranks (DTensors), less the same step on plain tensors run on
-    every rank at once, less the model's cost of the step's all-reduce of the (8 x 16)
-    reconstruction over ``all_reduce`` (the link just measured: alpha, bytes and sync_s)."""
+    ranks units split over the first ``ranks`` ranks (all by default; the others wait),
+    less the same step on plain tensors run on those ranks at once, less the model's cost of
+    the step's all-reduce of the (8 x 16) reconstruction over ``all_reduce`` (the link just
+    measured: alpha, bytes and sync_s). 0.0 on ranks outside the group."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
 
     from terabrain.config.sections import ParallelConfig
     from terabrain.parallel.parallelism import Parallelism
-    from torch.distributed.device_mesh import init_device_mesh
 
-    ranks = dist.get_world_size()
-    mesh = init_device_mesh(device.type, (1, ranks), mesh_dim_names=("data", "model"))
+    ranks = ranks or dist.get_world_size()
+    # Every rank takes part in creating the mesh's groups; only its members time.
+    mesh = DeviceMesh(device.type, torch.arange(ranks).reshape(1, ranks),
+                      mesh_dim_names=("data", "model"))
+    if dist.get_rank() >= ranks:
+        dist.barrier()
+        return 0.0
+    group = mesh.get_group("model")
     with tempfile.TemporaryDirectory(prefix="terabrain-calibrate-") as scratch:
         sharded = _tiny_trainer(device, Path(scratch) / "sharded",
                                 Parallelism(mesh, ParallelConfig(data=1, model=ranks)), 16 * ranks)
         plain = _tiny_trainer(device, Path(scratch) / "plain", hidden=16 * ranks)
-        dist.barrier()
-        sharded_s = _max_over_ranks(timed_fixed(sharded, device, repeats) / TINY_STEPS, device)
-        dist.barrier()
-        plain_s = _max_over_ranks(timed_fixed(plain, device, repeats) / TINY_STEPS, device)
+        dist.barrier(group=group)
+        sharded_s = _max_over_ranks(timed_fixed(sharded, device, repeats) / TINY_STEPS, device,
+                                    group)
+        dist.barrier(group=group)
+        plain_s = _max_over_ranks(timed_fixed(plain, device, repeats) / TINY_STEPS, device, group)
+    dist.barrier()
     collective = (all_reduce["alpha_s"] * _steps("all_reduce", ranks)
                   + _ring_sent("all_reduce", ranks, 4 * 8 * 16) / all_reduce["bandwidth"]
                   + all_reduce.get("sync_s", 0.0))
@@ -557,15 +567,16 @@ def measure_collective(collective: str, group, device: torch.device, sizes: list
                     dist.send(tensor, receiver)
                 elif me == receiver:
                     dist.recv(tensor, sender)
-        dist.barrier()
+        dist.barrier(group=group)
         cpu_began, wall_began = time.process_time(), time.perf_counter()
         seconds = timed_fixed(fn, device, repeats)
         if device.type == "cpu" and size == max(sizes):
             # The process's CPU time (every thread: gloo's included) per second of the
             # collective, at the largest size, where the bytes dominate.
             busy = (time.process_time() - cpu_began) / (time.perf_counter() - wall_began)
-            cpu_fraction = _max_over_ranks(busy, device)
-        points.append((_ring_sent(collective, ranks, size), _max_over_ranks(seconds, device)))
+            cpu_fraction = _max_over_ranks(busy, device, group)
+        points.append((_ring_sent(collective, ranks, size),
+                       _max_over_ranks(seconds, device, group)))
     alpha, bandwidth = fit_alpha_beta(points, _steps(collective, ranks))
     link = {"alpha_s": alpha, "bandwidth": bandwidth}
     if cpu_fraction is not None:
@@ -663,27 +674,63 @@ def measure_synchronization(device: torch.device, links: dict, group=None,
     return costs
 
 
-def measure_links(device: torch.device, sizes: list[int], local: int) -> tuple[dict, dict, str, str]:
-    """(intra-node links, inter-node links, backend, how) measured over the launcher's ranks,
-    ``local`` of them per node."""
+def _links_over(group, device: torch.device, sizes: list[int]) -> dict:
+    """Every collective's link over ``group`` (every rank of it calls this)."""
+    return _with_synchronization(
+        {c: measure_collective(c, group, device, sizes) for c in COLLECTIVES}, device, group)
+
+
+def smaller_group_sizes(world: int, local: int) -> list[int]:
+    """2, 4 ... below ``world``, where all the launcher's ranks are on one node (``local``
+    per node): the rank counts whose links calibrate also measures."""
+    if world // max(1, local) > 1:
+        return []
+    return [2 ** power for power in range(1, world.bit_length()) if 2 ** power < world]
+
+
+def measure_smaller_groups(device: torch.device, sizes: list[int],
+                           local: int) -> dict[int, dict]:
+    """{g: links} for the first g ranks, g in smaller_group_sizes, each measured while the
+    node's other ranks wait, as a run with g ranks on this node would have them. On rank 0
+    (in every group); {} elsewhere."""
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    measured = {}
+    for size in smaller_group_sizes(dist.get_world_size(), local):
+        group = dist.new_group(list(range(size)))  # every rank takes part in creating it
+        if me < size:
+            links = _links_over(group, device, sizes)
+            if me == 0:
+                measured[size] = links
+        dist.barrier()  # the others wait here, blocked in gloo's receive, not computing
+    return measured
+
+
+def measure_links(device: torch.device, sizes: list[int],
+                  local: int) -> tuple[dict, dict, str, str, dict]:
+    """(intra-node links, inter-node links, backend, how, {ranks per node: intra-node links
+    of smaller groups}) measured over the launcher's ranks, ``local`` of them per node."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
     nodes = max(1, world // max(1, local))
     if nodes == 1:
-        intra = _with_synchronization(
-            {c: measure_collective(c, None, device, sizes) for c in COLLECTIVES}, device, None)
+        # A time-shared node's links depend on how many ranks share it: on 2 cores, gloo's
+        # all-reduce took 0.26 ms a ring step with 2 ranks and 0.91 ms with 4.
+        smaller = measure_smaller_groups(device, sizes, local)
+        intra = _links_over(None, device, sizes)
         how = f"{world} ranks on one node: intra-node links measured, inter-node copied from them"
-        return intra, dict(intra), dist.get_backend(), how
+        if smaller:
+            how += f"; also with {', '.join(map(str, smaller))} of them (by_ranks_per_node)"
+        return intra, dict(intra), dist.get_backend(), how, smaller
     inter = _with_synchronization(
         {c: measure_collective(c, None, device, sizes, peer=(0, local)) for c in COLLECTIVES},
         device, None)
     node_group, _ = dist.new_subgroups(group_size=local)
-    intra = _with_synchronization(
-        {c: measure_collective(c, node_group, device, sizes) for c in COLLECTIVES}, device,
-        node_group)
+    intra = _links_over(node_group, device, sizes)
     how = f"{world} ranks on {nodes} nodes: inter-node over the world, intra-node per node"
-    return intra, inter, dist.get_backend(), how
+    return intra, inter, dist.get_backend(), how, {}
 
 
 def _with_synchronization(links: dict, device: torch.device, group) -> dict:
@@ -922,22 +969,35 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
             link_rounds.append(measure_links(device, sizes, local_ranks))
     rates = merge_medians(node_rounds) if node_rounds else {}
     if distributed:
-        intra, inter = (merge_medians([links[i] for links in link_rounds]) for i in (0, 1))
-        backend, how = link_rounds[0][2:]
-        for collective in COLLECTIVES:
-            cpu_share = intra[collective].get("cpu_fraction")
-            log(f"  {collective}: intra {intra[collective]['alpha_s'] * 1e6:.0f} us/step, "
-                f"{intra[collective]['bandwidth'] / 1e9:.2f} GB/s, "
-                f"{intra[collective]['sync_s'] * 1e6:.0f} us more per call inside a step"
-                + (f", {cpu_share:.2f} CPU s per s" if cpu_share is not None else ""))
-        sharded_evaluation = statistics.median(
-            measure_sharded_evaluation(device, intra["all_reduce"]) for _ in range(repeats))
-        log(f"  a model-parallel evaluation's dispatch (DTensor): "
-            f"{sharded_evaluation * 1e3:.2f} ms beyond its kernels and collectives")
+        intra, inter, smaller = (merge_medians([links[i] for links in link_rounds])
+                                 for i in (0, 1, 4))
+        backend, how = link_rounds[0][2:4]
+        world = dist.get_world_size()
+        evaluations = {}
+        for ranks in [*smaller_group_sizes(world, local_ranks), world]:
+            # Rank 0 holds the measured links (the others' results are not written).
+            all_reduce = smaller.get(ranks, intra)["all_reduce"]
+            evaluations[ranks] = statistics.median(
+                measure_sharded_evaluation(device, all_reduce, ranks=ranks)
+                for _ in range(repeats))
+        sharded_evaluation = evaluations[world]
+        by_ranks = ({ranks: {"links": links, "sharded_evaluation_s": evaluations[ranks]}
+                     for ranks, links in {**smaller, world: intra}.items()} if smaller else {})
+        for ranks, links in {**smaller, world: intra}.items():
+            for collective in COLLECTIVES:
+                link = links[collective]
+                cpu_share = link.get("cpu_fraction")
+                log(f"  {collective}, {ranks} ranks: intra {link['alpha_s'] * 1e6:.0f} us/step, "
+                    f"{link['bandwidth'] / 1e9:.2f} GB/s, "
+                    f"{link['sync_s'] * 1e6:.0f} us more per call inside a step"
+                    + (f", {cpu_share:.2f} CPU s per s" if cpu_share is not None else ""))
+            log(f"  a model-parallel evaluation's dispatch (DTensor), {ranks} ranks: "
+                f"{evaluations[ranks] * 1e3:.2f} ms beyond its kernels and collectives")
     else:
         sharded_evaluation = 0.0  # not measured: no ranks to split a layer over
         fallback = {"alpha_s": 5e-5, "bandwidth": 1e9}
         intra = inter = {c: dict(fallback) for c in COLLECTIVES}
+        by_ranks = {}
         backend = "gloo" if device.type == "cpu" else "nccl"
         how = "not measured (one process): run `terabrain calibrate` under a launcher with N ranks"
     if distributed and dist.get_rank() != 0:
@@ -971,7 +1031,9 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
             "compression_bandwidth": rates["compression_bandwidth"],
             "ranks_share_device": cpu, "shared": rates["shared"],
         },
-        network={"backend": backend, "intra_node": intra, "inter_node": inter, "nics_per_node": 1},
+        network={"backend": backend, "intra_node": intra, "inter_node": inter, "nics_per_node": 1,
+                 "by_ranks_per_node": [{"ranks_per_node": ranks, **entry}
+                                       for ranks, entry in sorted(by_ranks.items())]},
         reader={"decode_pixels_per_s": rates["decode"], "pixel_bytes_per_s": rates["pixel_bytes"],
                 "overlaps_compute": not cpu},
         sources={

@@ -170,12 +170,38 @@ class Links(_Strict):
     point_to_point: Link
 
 
+class NodeLinks(_Strict):
+    """Intra-node links measured with ``ranks_per_node`` ranks on the node."""
+
+    ranks_per_node: PositiveInt
+    links: Links
+    sharded_evaluation_s: float | None = Field(
+        None, ge=0, description="compute.sharded_evaluation_s measured with these ranks.")
+
+
 class Network(_Strict):
     backend: str = Field(description="nccl, gloo, mpi.")
     intra_node: Links
     inter_node: Links
     nics_per_node: PositiveInt = Field(
         1, description="Inter-node adapters per node: the ranks of a node share them.")
+    by_ranks_per_node: list[NodeLinks] = Field(
+        default_factory=list,
+        description="Intra-node links measured with 2, 4 ... ranks on the node (terabrain "
+                    "calibrate under a launcher with more than 2 ranks on one node: each "
+                    "group while the node's other ranks wait). Where ranks time-share a CPU "
+                    "node, every step of a collective waits for a process to be scheduled. "
+                    "The planner takes the entry for the ranks per node, else the nearest "
+                    "measured above, else the largest; intra_node where there are none.")
+
+
+def nearest_measured(entries: list, count: int, ranks_of):
+    """The entry measured with ``count`` ranks; else the nearest with more; else the one
+    with the most (``ranks_of(entry)``: its rank count). None where there are no entries."""
+    if not entries:
+        return None
+    above = [e for e in entries if ranks_of(e) >= count]
+    return min(above, key=ranks_of) if above else max(entries, key=ranks_of)
 
 
 class Reader(_Strict):
@@ -200,8 +226,13 @@ class MachineProfile(_Strict):
     measured: dict[str, str] = Field(
         default_factory=dict, description="How `terabrain calibrate` measured (host, torch, when).")
 
-    def link(self, collective: str, inter_node: bool) -> Link:
+    def link(self, collective: str, inter_node: bool, per_node: int | None = None) -> Link:
+        """A collective's link between nodes, or inside a node of ``per_node`` ranks."""
         links = self.network.inter_node if inter_node else self.network.intra_node
+        if not inter_node and per_node is not None:
+            entry = nearest_measured(self.network.by_ranks_per_node, per_node,
+                                     lambda e: e.ranks_per_node)
+            links = entry.links if entry is not None else links
         return getattr(links, collective)
 
     def to_yaml(self) -> str:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from terabrain.capacity.profile import Link, MachineProfile
+from terabrain.capacity.profile import Link, MachineProfile, nearest_measured
 from terabrain.capacity.work import StepWork, Transfer
 
 ALGORITHM_STEPS = {
@@ -111,9 +111,7 @@ def rank_rates(profile: MachineProfile, per_node: int) -> RankRates:
     # The entry measured with as many ranks as run here; else the nearest with more (each
     # rank then gets ranks / per_node more of the node), else the most measured, shared
     # further (time-sharing: per_node / ranks times slower).
-    above = [e for e in compute.shared if e.ranks >= per_node]
-    entry = (min(above, key=lambda e: e.ranks) if above
-             else max(compute.shared, key=lambda e: e.ranks))
+    entry = nearest_measured(compute.shared, per_node, lambda e: e.ranks)
     return RankRates(entry.gemm_points, entry.local_points or None, 1.0,
                      entry.elementwise_bandwidth, entry.optimizer_bandwidth,
                      entry.fresh_bandwidth, entry.compression_bandwidth, entry.step_overhead_s,
@@ -155,7 +153,7 @@ def transfer_seconds(profile: MachineProfile, transfer: Transfer, data: int, mod
     if ranks <= 1 or transfer.count == 0:
         return 0.0
     inter = crosses_nodes(transfer, data, model, per_node)
-    link: Link = profile.link(transfer.collective, inter)
+    link: Link = profile.link(transfer.collective, inter, per_node)
     bandwidth = link.bandwidth
     if inter:  # the ranks of a node share its adapters
         bandwidth *= min(profile.network.nics_per_node, per_node) / per_node
@@ -169,6 +167,17 @@ def transfer_seconds(profile: MachineProfile, transfer: Transfer, data: int, mod
 # The products that compute weight gradients (terabrain.learners.hidden_unit_work): an
 # overlapped data-parallel exchange reduces their blocks while the next ones are computed.
 WEIGHT_GRADIENT_LAYOUTS = ("tn", "tn+")
+
+
+def sharded_evaluation_seconds(profile: MachineProfile, per_node: int) -> float:
+    """A model-parallel evaluation's dispatch with ``per_node`` ranks on the node: as measured
+    with that many (network.by_ranks_per_node, the entry the links come from), else the
+    profile's one figure."""
+    entry = nearest_measured(profile.network.by_ranks_per_node, per_node,
+                             lambda e: e.ranks_per_node)
+    if entry is not None and entry.sharded_evaluation_s is not None:
+        return entry.sharded_evaluation_s
+    return profile.compute.sharded_evaluation_s
 
 
 def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16: bool,
@@ -198,7 +207,7 @@ def compute_seconds(profile: MachineProfile, work: StepWork, per_node: int, bf16
         scheme, processed = work.compression
         rate = rates.compression.get(scheme, rates.elementwise / 8)
         seconds += processed / rate
-    seconds += work.sharded_evaluations * compute.sharded_evaluation_s
+    seconds += work.sharded_evaluations * sharded_evaluation_seconds(profile, per_node)
     seconds += work.deep_layers * rates.layer_overhead_s
     return (seconds + rates.overhead_s) * rates.slowdown
 
@@ -232,7 +241,8 @@ def predict(profile: MachineProfile, work: StepWork, data: int, model: int, *,
             continue
         hidden += seconds
         if profile.compute.ranks_share_device:
-            link = profile.link(transfer.collective, crosses_nodes(transfer, data, model, per_node))
+            link = profile.link(transfer.collective,
+                                crosses_nodes(transfer, data, model, per_node), per_node)
             cpu += seconds * (link.cpu_fraction or 0.0)
     behind = min(hidden, sum(weight_gradients))
     exposed += hidden - behind  # longer than what it hides behind
