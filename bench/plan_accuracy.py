@@ -25,7 +25,7 @@ measured one among the 2-rank and the 4-rank splits?
 The CPU may be shared with other work: each case prints how many cores other processes
 used while it ran ("other"); with other load the measured figures are not reliable.
 
-    python bench/plan_accuracy.py                 # everything, ~15 min on 2 idle cores
+    python bench/plan_accuracy.py                 # everything, ~15 min on 2 idle cores (9 of them calibrating)
     python bench/plan_accuracy.py --repeats 3     # each case 3 times, interleaved: median and range
     python bench/plan_accuracy.py --cases ae-1,ae-model-2 --steps 20
     python bench/plan_accuracy.py --profile profile.yaml   # skip calibration
