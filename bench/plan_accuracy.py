@@ -258,8 +258,8 @@ def cause(case: Case, reference: float | None = None) -> str:
                        "work (losses, LCN: activation_bandwidth) and its fixed cost "
                        "(deep_layer_overhead_s); the step is mostly patch copies and small "
                        "kernels, the memory-bound work whose speed moves most on this VM (the "
-                       "8-map layer trained at 15-21 GFLOP/s between calibrations, the same "
-                       "case 51-68 ms within one run)")
+                       "8-map layer trained at 15-26 GFLOP/s between calibrations; with its "
+                       "buffers kept, the same case 44-80 ms between runs)")
     if case.experiment == DEEP and case.model > 1:
         reasons.append("split deep layers: each of the 19 collectives a step waits for is charged what "
                        "a call costs inside a step (Link.sync_s, the mean between phases of "
