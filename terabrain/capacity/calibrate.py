@@ -981,9 +981,10 @@ def calibrate(device: torch.device, *, quick: bool = False, name: str | None = N
                 measure_sharded_evaluation(device, all_reduce, ranks=ranks)
                 for _ in range(repeats))
         sharded_evaluation = evaluations[world]
+        links_by_ranks = {**smaller, world: intra}
         by_ranks = ({ranks: {"links": links, "sharded_evaluation_s": evaluations[ranks]}
-                     for ranks, links in {**smaller, world: intra}.items()} if smaller else {})
-        for ranks, links in {**smaller, world: intra}.items():
+                     for ranks, links in links_by_ranks.items()} if smaller else {})
+        for ranks, links in links_by_ranks.items():
             for collective in COLLECTIVES:
                 link = links[collective]
                 cpu_share = link.get("cpu_fraction")

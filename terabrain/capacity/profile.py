@@ -194,6 +194,10 @@ class Network(_Strict):
                     "The planner takes the entry for the ranks per node, else the nearest "
                     "measured above, else the largest; intra_node where there are none.")
 
+    def measured_with(self, per_node: int) -> NodeLinks | None:
+        """The by_ranks_per_node entry for a node of ``per_node`` ranks (nearest_measured)."""
+        return nearest_measured(self.by_ranks_per_node, per_node, lambda e: e.ranks_per_node)
+
 
 def nearest_measured(entries: list, count: int, ranks_of):
     """The entry measured with ``count`` ranks; else the nearest with more; else the one
@@ -230,8 +234,7 @@ class MachineProfile(_Strict):
         """A collective's link between nodes, or inside a node of ``per_node`` ranks."""
         links = self.network.inter_node if inter_node else self.network.intra_node
         if not inter_node and per_node is not None:
-            entry = nearest_measured(self.network.by_ranks_per_node, per_node,
-                                     lambda e: e.ranks_per_node)
+            entry = self.network.measured_with(per_node)
             links = entry.links if entry is not None else links
         return getattr(links, collective)
 

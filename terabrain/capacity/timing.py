@@ -173,8 +173,7 @@ def sharded_evaluation_seconds(profile: MachineProfile, per_node: int) -> float:
     """A model-parallel evaluation's dispatch with ``per_node`` ranks on the node: as measured
     with that many (network.by_ranks_per_node, the entry the links come from), else the
     profile's one figure."""
-    entry = nearest_measured(profile.network.by_ranks_per_node, per_node,
-                             lambda e: e.ranks_per_node)
+    entry = profile.network.measured_with(per_node)
     if entry is not None and entry.sharded_evaluation_s is not None:
         return entry.sharded_evaluation_s
     return profile.compute.sharded_evaluation_s
