@@ -459,3 +459,25 @@ def test_links_and_sharded_dispatch_follow_the_ranks_on_the_node(tmp_path):
         0.005 - plain.compute.sharded_evaluation_s)
     # Across nodes (4 ranks, 2 a node): the inter-node links, as without entries.
     assert step(4, 2).exposed_s == pytest.approx(step(4, 2, plain).exposed_s)
+
+
+def test_the_optimizer_streams_follow_the_kernel_that_updates():
+    """Fused updates (one rank, data parallel) move SGD with momentum's 5 streams a
+    parameter; over DTensors (units split over the model axis) SGD runs torch.optim's loop,
+    8 streams; Adam is fused both ways (terabrain.capacity.costs.fused_update)."""
+    from terabrain.capacity.planner import data_shape
+    from terabrain.learners.registry import learner_of
+
+    bytes_per_local = {}
+    for optimizer in ("sgd", "adam"):
+        config = load_experiment("lbann-ae-small", [f"optimizer.name={optimizer}",
+                                                    "optimizer.momentum=0.9" if optimizer == "sgd"
+                                                    else "optimizer.betas=[0.9, 0.999]"])
+        capacity = learner_of(config).capacity(config, data_shape(config)[0])
+        for data, model in ((1, 1), (2, 1), (1, 2)):
+            work = capacity.work(data, model, 40)
+            local = capacity.per_rank(data, model, 40).local_parameters
+            bytes_per_local[(optimizer, data, model)] = work.optimizer_bytes / (4 * local)
+    assert bytes_per_local[("sgd", 1, 1)] == bytes_per_local[("sgd", 2, 1)] == 5
+    assert bytes_per_local[("sgd", 1, 2)] == 8
+    assert bytes_per_local[("adam", 1, 1)] == bytes_per_local[("adam", 1, 2)] == 7

@@ -15,8 +15,8 @@ What is measured, on the device given (``--device cpu|cuda``), with this process
   GEMM rate of the same per-location shape.
 - elementwise bandwidth: an out-of-place ``torch.mul`` of a 1 MB activation from memory.
 - fresh-buffer bandwidth: the data-parallel exchange's cat and divide into new buffers.
-- optimizer bandwidth: ``torch.optim.SGD`` with momentum over a 16 MB parameter (5 streams),
-  its state from memory.
+- optimizer bandwidth: SGD with momentum as training builds it (terabrain.train.optim, fused)
+  over a 16 MB parameter (5 streams), its state from memory.
 - step overhead: terabrain's trainer stepping a 16 x 16 tied autoencoder (the framework's
   fixed cost per step, logging included).
 - gradient compression: compress + decompress of a 1024 x 1024 gradient by each
@@ -200,9 +200,13 @@ def measure_activation_bandwidth(device: torch.device, seconds: float) -> float:
 
 
 def measure_optimizer(device: torch.device, seconds: float) -> float:
+    from terabrain.config.schema import OptimizerConfig
+    from terabrain.train.optim import build_optimizer
+
     parameter = torch.nn.Parameter(torch.rand(4 * 2**20, device=device))
     parameter.grad = torch.rand_like(parameter)
-    optimizer = torch.optim.SGD([parameter], lr=1e-6, momentum=0.9)
+    # The implementation training uses (terabrain.train.optim: torch.optim's fused kernels).
+    optimizer = build_optimizer(OptimizerConfig(name="sgd", lr=1e-6, momentum=0.9), [parameter])
     flush = torch.empty(FLUSH_BYTES // 4, device=device)  # the update finds its state in memory
     return 5.0 * 4 * parameter.numel() / timed(optimizer.step, device, seconds,
                                                between=lambda: flush.add_(1.0))

@@ -43,16 +43,33 @@ def optimizer_state(optimizer, local: int, total_parameters: int) -> int:
     return flat * total_parameters
 
 
-def optimizer_transient(optimizer, largest_local: int, precision: str = "fp32") -> int:
-    """Elements the optimizer step allocates and frees: adam, adamw, rmsprop and adagrad
-    divide by the square root of a running average, a new tensor the size of the parameter
-    (torch.optim's per-parameter path, the default on CPU, so the largest parameter; the
-    multi-tensor path on GPUs takes all at once). Adam's denominator is two of them at once
+# torch.optim's fused kernels update a parameter in one pass; terabrain.train.optim uses them
+# wherever this says they apply, so the trainer and the counts below follow one rule. DTensor
+# has sharding rules for fused Adam and AdamW only (a model split over DTensors keeps the
+# loop for SGD and Adagrad); RMSprop and L-BFGS have no fused kernel.
+FUSED_OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+FUSED_OVER_DTENSORS = ("adam", "adamw")
+
+
+def fused_update(name: str, over_dtensors: bool = False) -> bool:
+    """Whether optimizer ``name`` updates with a fused kernel (parameters all DTensors, or
+    none)."""
+    return name in (FUSED_OVER_DTENSORS if over_dtensors else FUSED_OPTIMIZERS)
+
+
+def optimizer_transient(optimizer, largest_local: int, precision: str = "fp32",
+                        over_dtensors: bool = False) -> int:
+    """Elements the optimizer step allocates and frees. A fused update (:func:`fused_update`)
+    allocates none. Unfused, adam, adamw, rmsprop and adagrad divide by the square root of a
+    running average, a new tensor the size of the parameter (torch.optim's per-parameter
+    path, so the largest parameter). Adam's denominator is two of them at once
     (``exp_avg_sq.sqrt() / bias_correction``). sgd and lbfgs: none beyond their state.
     precision bf16-weights (terabrain.train.bf16_weights): three fp32 pieces of at most
     2^22 values (weight, gradient, rounding noise), whatever the optimizer."""
     if precision == "bf16-weights":
         return 3 * min(largest_local, 1 << 22)
+    if fused_update(optimizer.name, over_dtensors):
+        return 0
     if optimizer.name in ("adam", "adamw"):
         return 2 * largest_local
     if optimizer.name in ("rmsprop", "adagrad"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from terabrain.capacity.costs import FP32, ring_all_gather, ring_all_reduce
+from terabrain.capacity.costs import FP32, fused_update, ring_all_gather, ring_all_reduce
 
 
 @dataclass(frozen=True)
@@ -73,20 +73,25 @@ class StepWork:
         return sum(g.flops for g in self.gemms)
 
 
-def optimizer_streams(optimizer) -> float:
-    """fp32 values the update reads and writes per parameter: sgd 3 (parameter, gradient,
-    parameter), +2 with momentum (its buffer); adam, adamw 7 (+ two moments read and
-    written); rmsprop 5 (+2 with momentum); adagrad 5; lbfgs: its two-loop recursion passes
-    over 2 x history_size flat vectors twice, plus the update and the flat copies (~ 4 h + 10)."""
+def optimizer_streams(optimizer, fused: bool = True) -> float:
+    """fp32 values the update reads and writes per parameter. Fused: sgd 3 (parameter,
+    gradient, parameter), +2 with momentum (its buffer); adam, adamw 7 (+ two moments read
+    and written); adagrad 5. torch.optim's loop of separate kernels moves more: sgd with
+    momentum 8 (buffer scaled, gradient added, parameter updated: 2 + 3 + 3), adagrad 11
+    (the sum, its root into a new buffer, the update), adam 16 (moments, a new denominator,
+    the update); rmsprop 5 (+2 with momentum); lbfgs: its two-loop recursion passes over
+    2 x history_size flat vectors twice, plus the update and the flat copies (~ 4 h + 10)."""
     name = optimizer.name
     if name == "sgd":
-        return 5 if optimizer.momentum > 0 else 3
+        if optimizer.momentum <= 0:
+            return 3
+        return 5 if fused else 8
     if name in ("adam", "adamw"):
-        return 7
+        return 7 if fused else 16
     if name == "rmsprop":
         return 7 if optimizer.momentum > 0 else 5
     if name == "adagrad":
-        return 5
+        return 5 if fused else 11
     return 4 * optimizer.history_size + 10  # lbfgs
 
 
@@ -164,17 +169,19 @@ PREEMPTION_CHECK = Transfer("all_reduce", "world", 4, overlapped=True)
 
 def assemble_step(config, data_ranks: int, rows: int, gemms: list[Gemm], elementwise: float,
                   evaluations: int, local_elements: int, scalars: int,
-                  transfers: list[Transfer]) -> StepWork:
+                  transfers: list[Transfer], over_dtensors: bool = False) -> StepWork:
     """One step of a learner whose gradient evaluation costs ``gemms``, ``elementwise`` bytes
     and the model axis's ``transfers``, evaluated ``evaluations`` times per step: adds the
     data axis's exchange of its ``local_elements`` gradient values (and ``scalars`` logged
-    values) and the optimizer's pass over them."""
+    values) and the optimizer's pass over them (``over_dtensors``: its parameters are
+    DTensors, which decides whether the update is fused)."""
     exchange, copies, compression = gradient_exchange(config.parallel, data_ranks, local_elements,
                                                       scalars, evaluations)
     return StepWork(
         rows=rows, gemms=gemms,
         elementwise_bytes=evaluations * elementwise + copies[0], fresh_bytes=copies[1],
-        optimizer_bytes=FP32 * optimizer_streams(config.optimizer) * local_elements,
+        optimizer_bytes=FP32 * local_elements * optimizer_streams(
+            config.optimizer, fused_update(config.optimizer.name, over_dtensors)),
         transfers=transfers + exchange + [PREEMPTION_CHECK], compression=compression,
     )
 

@@ -11,7 +11,8 @@ Per closure evaluation, with b = batch / data rows, n inputs, h' = hidden / mode
   value (bias, nonlinearity, its gradient, bias gradient); over the weights, summing the
   partial gradients of a weight used k times (3 streams per extra copy) and one pass of the
   weight-decay term; RICA's row normalisation adds 6 passes over W.
-- the optimizer: terabrain.capacity.work.optimizer_streams values per local parameter.
+- the optimizer: terabrain.capacity.work.optimizer_streams values per local parameter
+  (fused on one rank; over DTensors SGD and Adagrad are not).
 - collectives: on the model axis the forward all-reduce of the (b x n) partial
   reconstruction (and the summed scalars); on the data axis the gradient exchange
   (terabrain.capacity.work.gradient_exchange), after the backward pass.
@@ -75,8 +76,10 @@ def hidden_unit_work(learner, config, inputs: int, params: list, logged: int):
                 sharded = sum(p.numel for p in params if p.sharded)
                 transfers.append(Transfer("all_gather", "model",
                                           ring_all_gather(model_ranks, FP32 * sharded), evaluations))
+        # Split over the model axis, every parameter is a DTensor (terabrain.parallel.
+        # hidden_unit_plan), which decides whether the optimizer's update is fused.
         step = assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations, local,
-                             logged, transfers)
+                             logged, transfers, over_dtensors=model_ranks > 1)
         if model_ranks > 1:  # the units split over the model axis are DTensors
             step.sharded_evaluations = evaluations
         return step

@@ -176,7 +176,8 @@ class HiddenUnitLearner(Learner):
                                   else gradient_elements),
                 optimizer=FP32 * (optimizer_state(config.optimizer, local_elements, total)
                                   + optimizer_transient(config.optimizer, max(local_of.values()),
-                                                        config.precision)),
+                                                        config.precision,
+                                                        over_dtensors=model_ranks > 1)),
                 activations=FP32 * rows * per_row,
                 model_axis_sent=round(evaluations * model_sent),
                 data_axis_sent=round(evaluations * data_sent),
