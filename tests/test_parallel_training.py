@@ -162,3 +162,19 @@ def test_gradients_reduced_during_the_backward_pass_equal_the_flat_all_reduce(np
     result = _ok(torchrun(nproc, str(SCRIPTS / "overlap_equivalence.py")))
     for rank in range(nproc):
         assert f"rank {rank}: all cases ok" in result.stdout
+
+
+@pytest.mark.parametrize("sets", [
+    ["model.hidden=256", "parallel.overlap_block_mb=0.5"],  # W reduced in 7 blocks
+    ["model.hidden=128", "objective.weight_decay=0.001"],   # decay's second contribution: W whole
+], ids=["blocks", "whole"])
+def test_the_planner_charges_every_all_reduce_an_overlapped_step_starts(tmp_path, sets):
+    """With parallel.overlap a data-parallel step starts one all-reduce per block of the tied
+    weight and one per other tensor during the backward pass, and waits for one of the
+    logged values after it: on 2 real gloo ranks, counted call by call, the planner's
+    (terabrain.capacity.work.gradient_exchange) are the same."""
+    result = torchrun(2, str(SCRIPTS / "overlap_calls.py"), str(tmp_path / "run"),
+                      "lbann-ae-small", *sets)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    for rank in range(2):
+        assert f"rank {rank}: ok" in result.stdout, result.stdout + result.stderr[-4000:]

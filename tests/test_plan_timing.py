@@ -156,6 +156,14 @@ def test_every_blocking_call_pays_the_links_cost_inside_a_step(tmp_path):
     overlapped = StepWork(rows=1, transfers=[Transfer("all_reduce", "data", 1e6, 4, overlapped=True)])
     assert predict(synced, overlapped, 2, 1).communication_s == pytest.approx(
         predict(plain, overlapped, 2, 1).communication_s)
+    # Started back to back, the overlapped calls' latencies overlap: the chain of 4 pays
+    # alpha once and each call's bytes; 4 blocking calls pay alpha 4 times.
+    link = plain.network.intra_node.all_reduce
+    assert predict(plain, overlapped, 2, 1).communication_s == pytest.approx(
+        2 * link.alpha_s + 4 * 1e6 / link.bandwidth)
+    blocking = StepWork(rows=1, transfers=[Transfer("all_reduce", "data", 1e6, 4)])
+    assert predict(plain, blocking, 2, 1).communication_s == pytest.approx(
+        4 * (2 * link.alpha_s + 1e6 / link.bandwidth + link.sync_s))
     # yfcc-15b-small's pipelined step split over 2 ranks: 10 halo exchanges, 7 all-reduces
     # waited for (3 alphas, 2 LCN spreads, the dense layer's reconstruction, the losses'
     # total and parts in one; the pre-emption check is read a step later) and 2 all-gathers, as

@@ -158,10 +158,17 @@ def transfer_seconds(profile: MachineProfile, transfer: Transfer, data: int, mod
     if inter:  # the ranks of a node share its adapters
         bandwidth *= min(profile.network.nics_per_node, per_node) / per_node
     steps = ALGORITHM_STEPS[transfer.collective](ranks)
+    if transfer.overlapped:
+        # Started back to back without waiting (terabrain.parallel.overlap), the calls run in
+        # gloo's and NCCL's own threads and streams while compute goes on, so their latencies
+        # overlap each other: the chain pays alpha once, then the bytes. Charged call by call,
+        # the 6 calls of a 4-rank lbann-ae-small step (3.7 ms of alpha each with 4 ranks on 2
+        # cores) gave 1.33 of its measured step, once 1.05 (docs/scaling.md, 2026-12-06).
+        # Nor does a chain pay sync_s: it is waited for once, after the backward pass.
+        return link.alpha_s * steps + transfer.count * transfer.sent_bytes / bandwidth
     # A call the step waits for also pays what a collective costs between phases of compute
-    # (Link.sync_s); an overlapped one is waited for once, at the end, not call by call.
-    sync = 0.0 if transfer.overlapped else link.sync_s
-    return transfer.count * (link.alpha_s * steps + transfer.sent_bytes / bandwidth + sync)
+    # (Link.sync_s).
+    return transfer.count * (link.alpha_s * steps + transfer.sent_bytes / bandwidth + link.sync_s)
 
 
 # The products that compute weight gradients (terabrain.learners.hidden_unit_work): an

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from terabrain.capacity.costs import FP32, fused_update, ring_all_gather, ring_all_reduce
+from terabrain.nn.gradient_blocks import block_rows
 
 
 @dataclass(frozen=True)
@@ -123,14 +124,30 @@ PACKED_EXCHANGE_STREAMS = 10
 PACKED_EXCHANGE_RANGE_STREAMS = 6
 
 
+def overlapped_calls(tensors: list[tuple[int, int]], block_bytes: int) -> int:
+    """All-reduces the overlapped exchange starts per evaluation (terabrain.parallel.overlap)
+    for gradient tensors given as (values, values per row if the tensor's gradient is
+    handed out in row blocks (terabrain.nn.gradient_blocks), else 0): one per block of such
+    a tensor, one per other tensor."""
+    calls = 0
+    for values, row_values in tensors:
+        if row_values:
+            calls += len(block_rows(values // row_values, FP32 * row_values, block_bytes))
+        else:
+            calls += 1
+    return calls
+
+
 def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
-                      evaluations: int = 1) -> tuple[list[Transfer], tuple[float, float],
-                                                     tuple[str, float] | None]:
+                      evaluations: int = 1, tensors: list[tuple[int, int]] | None = None
+                      ) -> tuple[list[Transfer], tuple[float, float], tuple[str, float] | None]:
     """The data axis's collectives per step for ``elements`` local gradient values and the
     ``scalars`` logged with them, the (elementwise, fresh-buffer) bytes around them, and the
     compressor's work (StepWork.compression). Uncompressed sync exchanges with
-    ``parallel.overlap`` run during the backward pass (terabrain.parallel.overlap); the
-    others after it (terabrain.parallel.exchange)."""
+    ``parallel.overlap`` run during the backward pass (terabrain.parallel.overlap): one
+    all-reduce per block or tensor of ``tensors`` (:func:`overlapped_calls`; without them,
+    one), and after the pass one the step waits for, of the logged values. The others run
+    after the backward pass (terabrain.parallel.exchange)."""
     if data_ranks == 1 or parallel.mode == "hogwild":
         return [], (0.0, 0.0), None
     per_step = evaluations / parallel.average_every if parallel.mode == "localsgd" else evaluations
@@ -141,7 +158,11 @@ def gradient_exchange(parallel, data_ranks: int, elements: int, scalars: int,
         sent = ring_all_reduce(data_ranks, FP32 * (elements + scalars))
         if parallel.mode == "sync" and parallel.overlap:
             in_place = (DATA_PARALLEL_OVERLAP_STREAMS * FP32 * elements * per_step, 0.0)
-            return [Transfer("all_reduce", "data", sent, per_step, overlapped=True)], in_place, None
+            calls = overlapped_calls(tensors, round(parallel.overlap_block_mb * 2**20)) if tensors else 1
+            gradients = ring_all_reduce(data_ranks, FP32 * elements)
+            return [Transfer("all_reduce", "data", gradients / calls, per_step * calls, overlapped=True),
+                    Transfer("all_reduce", "data", ring_all_reduce(data_ranks, FP32 * scalars),
+                             per_step)], in_place, None
         return [Transfer("all_reduce", "data", sent, per_step)], copies, None
     if compression in ("fp16", "bf16"):
         work = (compression, COMPRESSION_PASSES[compression] * FP32 * elements * per_step)
@@ -169,14 +190,16 @@ PREEMPTION_CHECK = Transfer("all_reduce", "world", 4, overlapped=True)
 
 def assemble_step(config, data_ranks: int, rows: int, gemms: list[Gemm], elementwise: float,
                   evaluations: int, local_elements: int, scalars: int,
-                  transfers: list[Transfer], over_dtensors: bool = False) -> StepWork:
+                  transfers: list[Transfer], over_dtensors: bool = False,
+                  tensors: list[tuple[int, int]] | None = None) -> StepWork:
     """One step of a learner whose gradient evaluation costs ``gemms``, ``elementwise`` bytes
     and the model axis's ``transfers``, evaluated ``evaluations`` times per step: adds the
     data axis's exchange of its ``local_elements`` gradient values (and ``scalars`` logged
     values) and the optimizer's pass over them (``over_dtensors``: its parameters are
-    DTensors, which decides whether the update is fused)."""
+    DTensors, which decides whether the update is fused). ``tensors``: the local gradient
+    tensors as :func:`overlapped_calls` takes them."""
     exchange, copies, compression = gradient_exchange(config.parallel, data_ranks, local_elements,
-                                                      scalars, evaluations)
+                                                      scalars, evaluations, tensors)
     return StepWork(
         rows=rows, gemms=gemms,
         elementwise_bytes=evaluations * elementwise + copies[0], fresh_bytes=copies[1],

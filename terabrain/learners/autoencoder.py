@@ -52,6 +52,12 @@ class AutoencoderLearner(HiddenUnitLearner):
             return 1 + decay
         return 1
 
+    def gradient_in_blocks(self, config, name):
+        # The tied W's two products are written block by block into its one buffer; weight
+        # decay would add a second contribution after them, so W is then reduced whole.
+        return (config.model.tied and name == "encoder.weight"
+                and config.objective.weight_decay == 0)
+
     def activation_values_per_row(self, config, inputs, hidden_local):
         values = super().activation_values_per_row(config, inputs, hidden_local)
         return values + (inputs if config.model.decoder_activation == "sigmoid" else 0)

@@ -96,6 +96,7 @@ def layer_table(config: "ExperimentConfig", example_shape: Optional[tuple[int, .
             "codes": list(out_shape),
             "output": list(network.shapes[index + 1]),
             "parameters": sum(p.numel() for p in layer.parameters()),
+            "tensors": sum(1 for p in layer.parameters() if p.requires_grad),
             "filter_parameters": sum(bank.weight.numel() for bank in layer.banks()),
             "banks": len(layer.banks()),
             # encode + reconstruct, forward; training is about 3x (forward + backward).

@@ -105,7 +105,7 @@ def deep_work(config, table: list[dict]):
     evaluations = evaluations_per_step(config.optimizer)
 
     def work(data_ranks: int, model_ranks: int, rows: int) -> StepWork:
-        gemms, elementwise, activation, transfers, local_total = [], 0.0, 0.0, [], 0
+        gemms, elementwise, activation, transfers, local_total, tensors = [], 0.0, 0.0, [], 0, []
         top = len(table) - 1
         for index, (spec, info) in enumerate(zip(config.model.layers, table)):
             split = _layer_split(spec, info, model_ranks, rows)
@@ -122,6 +122,8 @@ def deep_work(config, table: list[dict]):
             activation += FP32 * rows * activation_values(in_values, code_values, out_values)
             elementwise += FP32 * WEIGHT_STREAMS * split["local"]
             local_total += split["local"]
+            # Each tensor's gradient is reduced whole (none is written in row blocks).
+            tensors += [(split["local"] // max(1, info["tensors"]), 0)] * info["tensors"]
             if model_ranks > 1:
                 transfers += _split_layer_transfers(spec, split["sent"], rows, index < top)
         if model_ranks > 1:
@@ -129,7 +131,7 @@ def deep_work(config, table: list[dict]):
             # parts, in one call.
             transfers.append(Transfer("all_reduce", "model", FP32 * (2 * len(table) + 1), 1))
         step = assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations,
-                             local_total, 3 * len(table) + 1, transfers)
+                             local_total, 3 * len(table) + 1, transfers, tensors=tensors)
         step.deep_layers = evaluations * len(table)  # the pipelined steady state: every layer
         step.activation_bytes = evaluations * activation
         return step

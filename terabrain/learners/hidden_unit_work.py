@@ -15,7 +15,9 @@ Per closure evaluation, with b = batch / data rows, n inputs, h' = hidden / mode
   (fused on one rank; over DTensors SGD and Adagrad are not).
 - collectives: on the model axis the forward all-reduce of the (b x n) partial
   reconstruction (and the summed scalars); on the data axis the gradient exchange
-  (terabrain.capacity.work.gradient_exchange), after the backward pass.
+  (terabrain.capacity.work.gradient_exchange): with parallel.overlap one all-reduce per
+  block of a weight whose gradient the module writes in blocks and per other tensor, during
+  the backward pass, then one of the logged values; without it, after the backward pass.
 - split over the model axis, each evaluation also pays DTensor's dispatch of its operations
   (``StepWork.sharded_evaluations``; the profile's ``sharded_evaluation_s``).
 """
@@ -78,8 +80,11 @@ def hidden_unit_work(learner, config, inputs: int, params: list, logged: int):
                                           ring_all_gather(model_ranks, FP32 * sharded), evaluations))
         # Split over the model axis, every parameter is a DTensor (terabrain.parallel.
         # hidden_unit_plan), which decides whether the optimizer's update is fused.
+        # A weight split over the model axis is a DTensor, reduced whole.
+        tensors = [(local_of[p.name], p.shape[-1] if p.in_blocks and model_ranks == 1 else 0)
+                   for p in params]
         step = assemble_step(config, data_ranks, rows, gemms, elementwise, evaluations, local,
-                             logged, transfers, over_dtensors=model_ranks > 1)
+                             logged, transfers, over_dtensors=model_ranks > 1, tensors=tensors)
         if model_ranks > 1:  # the units split over the model axis are DTensors
             step.sharded_evaluations = evaluations
         return step

@@ -68,6 +68,10 @@ class ParameterInfo:
     """Placement on the model axis: ``Shard(0)``, ``Shard(1)`` or ``Replicate()``."""
     gradient_copies: int
     """Gradient-sized tensors alive at the peak of the backward pass (module docstring)."""
+    in_blocks: bool = False
+    """Its gradient is computed by the module itself in row blocks (terabrain.nn.
+    shared_weight), so a data-parallel exchange with parallel.overlap reduces it block by
+    block (where it is not split over the model axis)."""
 
     @property
     def sharded(self) -> bool:
@@ -88,6 +92,11 @@ class HiddenUnitLearner(Learner):
 
     def gradient_copies(self, config: "ExperimentConfig", name: str) -> int:
         return 1
+
+    def gradient_in_blocks(self, config: "ExperimentConfig", name: str) -> bool:
+        """Whether the module computes parameter ``name``'s gradient itself, in row blocks,
+        as its one contribution (terabrain.parallel.overlap then reduces it block by block)."""
+        return False
 
     def activation_values_per_row(self, config: "ExperimentConfig", inputs: int,
                                   hidden_local: int) -> int:
@@ -142,7 +151,7 @@ class HiddenUnitLearner(Learner):
         plan = hidden_unit_plan(model)
         return [
             ParameterInfo(name, list(p.shape), p.numel(), repr(plan[name]),
-                          self.gradient_copies(config, name))
+                          self.gradient_copies(config, name), self.gradient_in_blocks(config, name))
             for name, p in model.named_parameters() if p.requires_grad
         ]
 

@@ -36,6 +36,9 @@ class RICALearner(HiddenUnitLearner):
         # buffer (terabrain.nn.shared_weight); no normalised copy of W is formed.
         return 1
 
+    def gradient_in_blocks(self, config, name):
+        return name == "weight"  # all of W's contributions are written block by block
+
     def summed_scalars(self, config, rows):
         return rows + 1  # each row's L1 over hidden units, and the gradient of alpha
 
