@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The optimizer update as terabrain builds it (terabrain.train.optim: torch.optim's fused
 kernels where they apply) against torch.optim's default on CPU (a loop of separate kernels),
-and against the memory-bandwidth ceiling of the streams the update must move.
+and against the bandwidth ceiling of the streams the update must move.
 
 Each side updates one parameter of ``--size`` fp32 values whose gradient is set once; the
 update reads and writes its state every step. Repetitions are interleaved (terabrain, loop,
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
           f"\nother processes used {other if other is not None else float('nan'):.2f} cores while measuring")
     if args.json:
         print(json.dumps({"threads": torch.get_num_threads(), "size": args.size,
-                          "copy_bandwidth": bandwidth, "rows": rows, "other_cores": other}))
+                          "in_place_bandwidth": bandwidth, "rows": rows, "other_cores": other}))
     return 0
 
 
