@@ -186,8 +186,11 @@ def measure(case: Case, args, scratch: Path) -> None:
                             env=clean_environ(max(1, cores // case.ranks)))
     case.other_cores = max(load.cores() or 0.0, case.other_cores or 0.0)
     if result.returncode != 0:
-        case.error = f"exit {result.returncode}: " + (result.stderr.strip().splitlines() or ["?"])[-1]
-        print(f" FAILED {case.error}")
+        lines = result.stderr.strip().splitlines() or ["?"]
+        case.error = f"exit {result.returncode}: " + lines[-1]
+        # The ranks' own output before the launcher's line: a rank killed by a signal says
+        # nothing itself, but the runtime that killed it (an abort) usually does just before.
+        print(f" FAILED {case.error}\n    " + "\n    ".join(lines[-15:]), flush=True)
         return
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                if line.strip()]

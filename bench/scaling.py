@@ -9,6 +9,12 @@ CPU (NCCL with ``--device cuda``). Each rank trains the tied sigmoid autoencoder
 
 * model-parallel: mesh 1xR, hidden units split across the R ranks (DTensor plan);
 * data-parallel: mesh Rx1, each rank takes 1/R of the global batch, one gradient all-reduce;
+* alone: the no-communication ceiling of data parallelism, measured in the same run: R
+  independent 1-rank processes started together, each stepping its own copy of the model on
+  1/R of the batch with ``cores // R`` threads, no collective at all. Data parallelism
+  cannot beat it on this host, whatever its exchange does: the ratio of the data row to this
+  one is what the exchange costs, and this row against the baseline is what splitting the
+  cores costs (smaller per-thread products, two processes sharing caches and memory);
 * strong scaling: the problem is fixed (global batch ``--batch``, ``--hidden`` units);
 * weak scaling: the work per rank is fixed: model-parallel grows the hidden layer to
   R x ``--hidden``, data-parallel grows the global batch to R x ``--batch``.
@@ -82,10 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run first")
     parser.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts")
-    parser.add_argument("--modes", default="model,data,flat",
+    parser.add_argument("--modes", default="model,data,flat,alone",
                         help="model, data (gradients reduced during the backward pass, "
-                        "parallel.overlap) and flat (data parallelism with one all-reduce "
-                        "after it, parallel.overlap=false), comma-separated")
+                        "parallel.overlap), flat (data parallelism with one all-reduce "
+                        "after it, parallel.overlap=false) and alone (R independent "
+                        "processes on 1/R of the batch each, no communication: data "
+                        "parallelism's ceiling on this host), comma-separated")
     parser.add_argument("--overlap-block-mb", type=float, default=4.0,
                         help="parallel.overlap_block_mb of the data rows")
     parser.add_argument("--scaling", default="strong,weak", help="strong, weak or both")
@@ -107,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.ranks = sorted({int(r) for r in args.ranks.split(",")})
     args.modes = [m for m in args.modes.split(",") if m]
     args.scaling = [s for s in args.scaling.split(",") if s]
-    for name, values, allowed in (("--modes", args.modes, {"model", "data", "flat"}),
+    for name, values, allowed in (("--modes", args.modes, {"model", "data", "flat", "alone"}),
                                   ("--scaling", args.scaling, {"strong", "weak"})):
         if not values or set(values) - allowed:
             parser.error(f"{name}: allowed values are {', '.join(sorted(allowed))}")
@@ -126,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 @dataclass
 class Run:
     scaling: str  # "baseline", "strong" or "weak"
-    mode: str  # "-", "model", "data" (overlapped) or "flat" (data, one all-reduce after)
+    mode: str  # "-", "model", "data" (overlapped), "flat" (data, one all-reduce after) or
+    # "alone" (R independent 1-rank processes on 1/R of the batch: no communication)
     ranks: int
     data: int
     model_ranks: int
@@ -148,8 +157,16 @@ class Run:
 
     @property
     def label(self) -> str:
-        return ("1 rank, all cores" if self.scaling == "baseline"
-                else f"{self.scaling} {self.mode}-parallel, {self.ranks} ranks")
+        if self.scaling == "baseline":
+            return "1 rank, all cores"
+        if self.mode == "alone":
+            return f"{self.scaling}, {self.ranks} processes alone"
+        return f"{self.scaling} {self.mode}-parallel, {self.ranks} ranks"
+
+    @property
+    def process_batch(self) -> int:
+        """The batch one process of an ``alone`` row steps on (the rest: the global batch)."""
+        return self.batch // self.ranks if self.mode == "alone" else self.batch
 
 
 def plan_runs(args, cores: int) -> list[Run]:
@@ -168,8 +185,8 @@ def plan_runs(args, cores: int) -> list[Run]:
                 weak = scaling == "weak"
                 hidden = args.hidden * ranks if weak and mode == "model" else args.hidden
                 batch = args.batch * ranks if weak and mode != "model" else args.batch
-                data, model = (1, ranks) if mode == "model" else (ranks, 1)
-                target = scaling == "strong" and ranks == 2 and mode in TARGETS
+                data, model = {"model": (1, ranks), "alone": (1, 1)}.get(mode, (ranks, 1))
+                target = scaling == "strong" and ranks == 2 and mode in (*TARGETS, "alone")
                 run = Run(scaling, mode, ranks, data, model, hidden, batch, threads(ranks),
                           repeats=target_repeats if target else args.repeats,
                           profile=args.profile and scaling == "strong" and ranks == 2)
@@ -192,54 +209,82 @@ def clean_environ(threads: int) -> dict[str, str]:
             "PYTHONPATH": repo + (os.pathsep + path if path else "")}
 
 
-def launch(run: Run, args, scratch: Path) -> None:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc-per-node", str(run.ranks), "--max-restarts", "0", str(RANK_SCRIPT),
-        "--inputs", str(args.inputs), "--hidden", str(run.hidden), "--batch", str(run.batch),
-        "--mesh", run.mesh, "--model", args.model, "--warmup", str(args.warmup),
-        "--steps", str(args.steps), "--count-steps", "1", "--threads", str(run.threads),
-        "--device", args.device, "--seed", str(args.seed),
+def rank_arguments(run: Run, args) -> list[str]:
+    return [
+        str(RANK_SCRIPT),
+        "--inputs", str(args.inputs), "--hidden", str(run.hidden),
+        "--batch", str(run.process_batch), "--mesh", run.mesh, "--model", args.model,
+        "--warmup", str(args.warmup), "--steps", str(args.steps), "--count-steps", "1",
+        "--threads", str(run.threads), "--device", args.device, "--seed", str(args.seed),
         "--overlap-block-mb", "0" if run.mode == "flat" else str(args.overlap_block_mb),
     ]
+
+
+def commands(run: Run, args) -> list[list[str]]:
+    """One torchrun for a parallel row; R plain processes, started together, for ``alone``."""
+    if run.mode == "alone":
+        return [[sys.executable, *rank_arguments(run, args)] for _ in range(run.ranks)]
+    return [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc-per-node", str(run.ranks), "--max-restarts", "0",
+             *rank_arguments(run, args)]]
+
+
+def stop(process: subprocess.Popen) -> None:
+    # torchrun stops its workers on SIGTERM (they run in sessions of their own).
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def launch(run: Run, args, scratch: Path) -> None:
     profile_path = scratch / f"profile-{run.scaling}-{run.mode}-{run.ranks}.txt"
-    if run.profile and not run.results:  # the first repeat only
-        command += ["--profile", str(profile_path)]
+    command_lines = commands(run, args)
+    if run.profile and not run.results:  # the first repeat only, the first process
+        command_lines[0] += ["--profile", str(profile_path)]
     print(f"  {run.label}: mesh {run.mesh}, hidden {run.hidden}, batch {run.batch}, "
           f"{run.threads} thread(s)/rank ...", end="", flush=True)
     load = OtherLoad()
     begin = time.perf_counter()
     log = scratch / f"run-{run.scaling}-{run.mode}-{run.ranks}-{len(run.results)}"
-    with open(f"{log}.out", "w+") as out, open(f"{log}.err", "w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=HERE.parent,
-                                   env=clean_environ(run.threads), start_new_session=True)
-        try:
-            process.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            # torchrun stops its workers on SIGTERM (they run in sessions of their own).
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            run.error = f"timed out after {args.timeout:g} s"
-            print(f" {run.error}", flush=True)
-            return
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
+    logs = [(Path(f"{log}-{i}.out"), Path(f"{log}-{i}.err")) for i in range(len(command_lines))]
+    processes = []
+    for command, (out, err) in zip(command_lines, logs):
+        with open(out, "w") as out_file, open(err, "w") as err_file:
+            processes.append(subprocess.Popen(
+                command, stdout=out_file, stderr=err_file, text=True, cwd=HERE.parent,
+                env=clean_environ(run.threads), start_new_session=True))
+    deadline = begin + args.timeout
+    try:
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            if process.poll() is None:
+                stop(process)
+        run.error = f"timed out after {args.timeout:g} s"
+        print(f" {run.error}", flush=True)
+        return
     run.wall_s = time.perf_counter() - begin
     other = load.cores()
     if other is not None:
         run.other_cores.append(other)
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if process.returncode != 0 or not lines:
-        tail = (stdout + stderr).strip().splitlines()[-15:]
-        run.error = f"exit code {process.returncode}"
-        print(f" FAILED ({run.error}):\n    " + "\n    ".join(tail), flush=True)
-        return
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    results = []
+    for process, (out, err) in zip(processes, logs):
+        stdout, stderr = out.read_text(), err.read_text()
+        lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if process.returncode != 0 or not lines:
+            tail = (stdout + stderr).strip().splitlines()[-15:]
+            run.error = f"exit code {process.returncode}"
+            print(f" FAILED ({run.error}):\n    " + "\n    ".join(tail), flush=True)
+            return
+        results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+    result = results[0]
+    if len(results) > 1:  # alone: the processes side by side, as if ranks of one run
+        result = {**result, "ranks": [r["ranks"][0] for r in results],
+                  "loopback_tx_per_rank_step": 0.0}
     run.results.append(result)
     if result["ranks"][0].get("profile_split") and profile_path.exists():
         run.extra["profile"] = profile_path.read_text()
@@ -344,6 +389,23 @@ def print_table(rows: list[dict]) -> None:
               f"{mib(row['loopback_bytes_per_rank_step']):>8}{other:>6}")
 
 
+def print_ceiling(rows: list[dict]) -> None:
+    """Each data-parallel row against the processes-alone row of its scaling and ranks: how
+    much of what this host allows without any communication the exchange leaves."""
+    for alone in rows:
+        if alone["mode"] != "alone" or "step_s" not in alone:
+            continue
+        print(f"\nno-communication ceiling, {alone['scaling']} scaling, {alone['ranks']} "
+              f"processes alone: {alone['speedup']:.1%} of the 1-rank all-cores throughput")
+        for row in rows:
+            if (row["scaling"], row["ranks"]) == (alone["scaling"], alone["ranks"]) and (
+                    row["mode"] in ("data", "flat") and "step_s" in row):
+                print(f"  {row['mode']}-parallel: {row['speedup']:.1%} of the 1-rank "
+                      f"throughput, {row['speedup'] / alone['speedup']:.1%} of the ceiling "
+                      f"(the exchange costs {1e3 * (row['step_s'] - alone['step_s']):.0f} ms "
+                      "a step beyond it)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cores = os.cpu_count() or 1
@@ -414,6 +476,7 @@ def main(argv=None) -> int:
         verdicts[mode] = row["speedup"] >= TARGET * row["ideal_speedup"]
         print(f"\n{line}{row['speedup']:.1%} -> {'PASS' if verdicts[mode] else 'FAIL'}")
     verdict = all(verdicts.values()) if verdicts else None
+    print_ceiling(rows)
     for run in runs:
         if "profile" in run.extra:
             print(f"\n--- profile: rank 0 of {run.label} (3 steps after the timed ones) ---")
