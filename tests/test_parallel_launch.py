@@ -6,6 +6,7 @@ one dies or hangs, to check that the other exits with a message instead of hangi
 """
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -315,6 +316,20 @@ def test_when_a_rank_dies_its_peer_exits_with_a_message_long_before_the_timeout(
     assert "unexpectedly succeeded" not in output_0
     # A dead peer closes its sockets: gloo notices at once, not after the timeout.
     assert "Timed out" not in output_0 and elapsed < 60
+
+
+def test_a_rank_the_runtime_aborts_writes_where_it_was_and_its_peer_one_line():
+    """A rank that dies by SIGABRT (gloo's threads call std::terminate on some teardown
+    races) cannot print a line of its own: Python's stack of every thread, written as it
+    dies (faulthandler, enabled by init_distributed), says where it was."""
+    rank_0, rank_1 = _launch_pair(failing_rank=1, how="abort", timeout_s=20)
+    code_0, output_0 = _finish(rank_0, timeout=60)
+    code_1, output_1 = _finish(rank_1, timeout=30)
+    assert code_1 == -signal.SIGABRT, output_1
+    assert "Fatal Python error: Aborted" in output_1, output_1
+    assert "in abort_like_the_runtime" in output_1 and "in main" in output_1, output_1
+    assert code_0 == 1 and "terabrain: rank 0 failed: " in output_0, output_0
+    assert "Fatal Python error" not in output_0, output_0
 
 
 def test_when_a_rank_hangs_its_peer_exits_after_the_process_group_timeout():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import faulthandler
 import gc
 import os
 import re
@@ -292,6 +293,14 @@ def init_distributed(env: LaunchEnv, backend: str = "auto", timeout_s: float = 3
                                 f"{dist.get_rank()} of {dist.get_world_size()}, not as "
                                 f"rank {env.rank} of {env.world_size}")
         return True
+    # A rank that the runtime aborts (gloo's threads call std::terminate on some teardown
+    # races) or that crashes cannot print its own line; the launcher then says only "rank R
+    # was killed by SIGABRT". Python's stacks of every thread, written as it dies, say
+    # where: in a step, or while the interpreter shut down. Nothing is written otherwise.
+    if not faulthandler.is_enabled():
+        # A stderr without a file descriptor (a notebook's) cannot take them: go on without.
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            faulthandler.enable(all_threads=True)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

@@ -1,8 +1,9 @@
 """One rank of the peer-failure test, started by hand (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
 
-`peer_failure.py FAILING_RANK exit|hang TIMEOUT_S [all_reduce|dtensor|dtensor_backward]`: after
-the process group forms, the failing rank either exits at once with code 3 or hangs without
-ever joining the collective; every other rank runs a collective, which must fail (closed
+`peer_failure.py FAILING_RANK exit|abort|hang TIMEOUT_S [all_reduce|dtensor|dtensor_backward]`:
+after the process group forms, the failing rank either exits at once with code 3, aborts (as
+the C++ runtime does on std::terminate, from a function named ``abort_like_the_runtime``),
+or hangs without ever joining the collective; every other rank runs a collective, which must fail (closed
 connection, or the timeout), so that fail_fast ends it with one line, `terabrain: rank R
 failed: ...`. The collective: a plain all-reduce (default), DTensor's all-gather of a sharded
 tensor (its collectives run as torch ops, not from torch.distributed's Python), or an
@@ -21,6 +22,10 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from terabrain.parallel import detect_launch_env, fail_fast, init_distributed
 
 
+def abort_like_the_runtime() -> None:
+    os.abort()
+
+
 def main(failing_rank: int, how: str, timeout_s: float, collective: str) -> None:
     env = detect_launch_env()
     with fail_fast(env):
@@ -37,6 +42,8 @@ def main(failing_rank: int, how: str, timeout_s: float, collective: str) -> None
         if env.rank == failing_rank:
             if how == "exit":
                 os._exit(3)
+            if how == "abort":
+                abort_like_the_runtime()
             time.sleep(3600)  # alive but stuck; the test kills it
         if collective == "all_reduce":
             dist.all_reduce(torch.ones(1))
