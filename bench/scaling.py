@@ -46,7 +46,7 @@ Analytical minimum per rank and step, mesh d x m, fp32:
 * data axis: one all-reduce of the local gradients, 2(d-1)/d x (hidden x inputs / m +
   hidden / m + inputs) x 4 bytes for the tied autoencoder (the logged loss rides along).
 
-    python bench/scaling.py                          # defaults: 4096 x 4096, batch 256, ~4 min
+    python bench/scaling.py                          # defaults: 4096 x 4096, batch 256, ~6 min
     python bench/scaling.py --ranks 1,2 --modes model --scaling strong --steps 5
     python bench/scaling.py --profile                # + torch.profiler of 1 and 2-rank runs
     python bench/scaling.py --device cuda --json     # NCCL, one GPU per rank
